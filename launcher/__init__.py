@@ -1,0 +1,1 @@
+"""Launcher: flags, model fetch and conversion, process supervision."""

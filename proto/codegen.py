@@ -1,0 +1,45 @@
+"""Generate generate_pb2.py / generate_pb2_grpc.py from generate.proto.
+
+`python -m ember.proto.codegen [OUT_DIR]` writes the stubs into OUT_DIR (the
+proto folder by default). The proto folder is mapped to the import path
+`ember/proto`, so the stubs import each other as `ember.proto.generate_pb2`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STUBS = ("generate_pb2.py", "generate_pb2_grpc.py", "generate_pb2.pyi")
+
+
+def generate(out_dir: Path) -> list[Path]:
+    from grpc_tools import protoc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "protoc",
+            f"-Iember/proto={HERE}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            str(HERE / "generate.proto"),
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed on generate.proto")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in STUBS:
+            target = out_dir / name
+            shutil.copyfile(Path(tmp) / "ember" / "proto" / name, target)
+            written.append(target)
+        return written
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE
+    for path in generate(out):
+        print(path)

@@ -1,0 +1,1 @@
+"""Router: HTTP, validation, queueing and continuous batching. Imports no torch."""

@@ -1,0 +1,37 @@
+"""Session fixtures: tiny models built once per test session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """Build (once per variant and overrides) a tiny model directory."""
+    built: dict[tuple, Path] = {}
+
+    def make(variant: str = "llama", **overrides) -> Path:
+        key = (variant, tuple(sorted(overrides.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{variant}")
+            built[key] = tiny.build_tiny_llama(out, variant=variant, **overrides)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_factory) -> Path:
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return tiny.build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))

@@ -1,0 +1,259 @@
+"""Batches of requests on the shard: the one place protobuf meets model state.
+
+A `GenerationBatch` holds the live requests of one cached batch. `step` runs
+one forward for all of them (the prompt on prefill, one token on decode),
+samples, advances grammar / detokeniser / stopping per request, and returns a
+`Generation` per request. Requests that finish leave the batch at once and
+give their KV blocks back, so the returned `CachedBatch` lists only live ids
+(the router needs FilterBatch only for cancellations).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.proto import generate_pb2 as pb
+from ember.shard.detok import IncrementalDetokenizer
+from ember.shard.grammar import GrammarState
+from ember.shard.runner import ModelRunner, Sequence
+from ember.shard.sampling import BatchSampler, SamplingParams
+from ember.shard.stopping import StopCriteria
+
+
+class BadRequest(ValueError):
+    """A request the shard refuses (maps to gRPC INVALID_ARGUMENT)."""
+
+
+@dataclass
+class RequestState:
+    id: int
+    seq: Sequence
+    prompt_len: int
+    max_new_tokens: int
+    params: SamplingParams
+    stop: StopCriteria
+    detok: IncrementalDetokenizer
+    top_n: int
+    prefill_logprobs: bool
+    grammar: GrammarState | None
+    min_new_tokens: int
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+
+@dataclass
+class StepTimings:
+    forward_ns: int = 0
+    decode_ns: int = 0
+
+
+class Context:
+    """What building a batch needs from the shard: runner, tokenizer, grammar compiler."""
+
+    def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.grammar_compiler = grammar_compiler
+        self.eos_ids = set(runner.info.eos_token_ids)
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.device = getattr(runner, "device", torch.device("cpu"))
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+
+class GenerationBatch:
+    def __init__(self, batch_id: int, requests: list[RequestState], sampler: BatchSampler, ctx: Context) -> None:
+        self.id = batch_id
+        self.requests = requests
+        self.sampler = sampler
+        self.ctx = ctx
+
+    # ---- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pb(cls, batch: pb.Batch, ctx: Context) -> "GenerationBatch":
+        if not batch.requests:
+            raise BadRequest(f"batch {batch.id} has no requests")
+        states = [_request_state(r, ctx) for r in batch.requests]
+        sampler = BatchSampler([s.params for s in states], ctx.device, ctx.runner.info.vocab_size)
+        return cls(batch.id, states, sampler, ctx)
+
+    @classmethod
+    def concatenate(cls, batches: list["GenerationBatch"]) -> "GenerationBatch":
+        if len(batches) == 1:
+            return batches[0]
+        requests = [r for b in batches for r in b.requests]
+        sampler = BatchSampler.concatenate([b.sampler for b in batches])
+        return cls(batches[0].id, requests, sampler, batches[0].ctx)
+
+    def filter(self, keep_ids: list[int]) -> None:
+        """Keep only `keep_ids` (in the batch's order); free everyone else's blocks."""
+        keep = set(keep_ids)
+        indices = [i for i, r in enumerate(self.requests) if r.id in keep]
+        self._keep(indices)
+
+    def _keep(self, indices: list[int]) -> None:
+        if len(indices) == len(self.requests):
+            return
+        kept = set(indices)
+        for i, r in enumerate(self.requests):
+            if i not in kept:
+                self.ctx.runner.free(r.seq)
+        self.requests = [self.requests[i] for i in indices]
+        if self.requests:
+            self.sampler = self.sampler.filter(indices)
+
+    def release(self) -> None:
+        """Free every request's blocks (ClearCache)."""
+        for r in self.requests:
+            self.ctx.runner.free(r.seq)
+        self.requests = []
+
+    def to_pb(self) -> pb.CachedBatch | None:
+        if not self.requests:
+            return None
+        return pb.CachedBatch(
+            id=self.id,
+            request_ids=[r.id for r in self.requests],
+            size=len(self.requests),
+            max_tokens=sum(r.max_tokens for r in self.requests),
+            current_tokens=sum(len(r.seq.token_ids) for r in self.requests),
+        )
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def step(self, prefill: bool) -> tuple[list[pb.Generation], StepTimings]:
+        timings = StepTimings()
+        start = time.perf_counter_ns()
+        want_prompt = prefill and any(r.prefill_logprobs for r in self.requests)
+        out = self.ctx.runner.step([r.seq for r in self.requests], want_prompt_logits=want_prompt)
+        timings.forward_ns = time.perf_counter_ns() - start
+
+        start = time.perf_counter_ns()
+        result = self.sampler(
+            out.logits,
+            [r.seq.token_ids for r in self.requests],
+            [r.prompt_len for r in self.requests],
+            [r.top_n for r in self.requests],
+            [r.grammar.allowed_ids() if r.grammar is not None else None for r in self.requests],
+            [self._banned(r) for r in self.requests],
+        )
+        generations = []
+        live = []
+        for i, r in enumerate(self.requests):
+            gen, finished = self._advance(r, i, result)
+            if prefill and r.prefill_logprobs:
+                gen.prefill_tokens.CopyFrom(self._prefill_tokens(r, out.prompt_logits[i]))
+            generations.append(gen)
+            if not finished:
+                live.append(i)
+        self._keep(live)
+        timings.decode_ns = time.perf_counter_ns() - start
+        return generations, timings
+
+    def _banned(self, r: RequestState) -> list[int]:
+        if len(r.generated) < r.min_new_tokens:
+            return sorted(self.ctx.eos_ids)
+        return []
+
+    def _advance(self, r: RequestState, i: int, result) -> tuple[pb.Generation, bool]:
+        token = result.next_ids[i]
+        r.seq.token_ids.append(token)
+        r.generated.append(token)
+        if r.grammar is not None:
+            r.grammar.advance(token)
+        piece = r.detok.push(token)
+        reason = r.stop.step(token, piece)
+        if reason is None and r.grammar is not None and r.grammar.is_finished():
+            reason = pb.FINISH_REASON_EOS_TOKEN
+        is_special = token in self.ctx.special_ids
+        gen = pb.Generation(
+            request_id=r.id,
+            tokens=pb.Tokens(
+                ids=[token],
+                logprobs=[result.logprobs[i]],
+                texts=[self.ctx.tokenizer.decode([token], skip_special_tokens=False) if is_special else piece],
+                is_special=[is_special],
+            ),
+        )
+        if r.top_n:
+            top_ids = result.top_ids[i]
+            gen.top_tokens.append(
+                pb.Tokens(
+                    ids=top_ids,
+                    logprobs=result.top_logprobs[i],
+                    texts=self.ctx.token_texts(top_ids),
+                    is_special=[t in self.ctx.special_ids for t in top_ids],
+                )
+            )
+        if reason is not None:
+            text = self.ctx.tokenizer.decode(r.generated, skip_special_tokens=True)
+            gen.generated_text.CopyFrom(
+                pb.GeneratedText(
+                    text=text,
+                    generated_tokens=len(r.generated),
+                    finish_reason=reason,
+                    seed=r.params.seed if r.params.do_sample else None,
+                )
+            )
+        return gen, reason is not None
+
+    def _prefill_tokens(self, r: RequestState, logits: torch.Tensor) -> pb.Tokens:
+        """Logprob of each prompt token given the ones before it (the first has none: NaN)."""
+        ids = r.seq.token_ids[: r.prompt_len]
+        logprobs = [math.nan]
+        if len(ids) > 1:
+            lp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            target = torch.tensor(ids[1:], device=lp.device).unsqueeze(1)
+            logprobs += lp.gather(1, target).squeeze(1).tolist()
+        return pb.Tokens(
+            ids=ids,
+            logprobs=logprobs,
+            texts=self.ctx.token_texts(ids),
+            is_special=[t in self.ctx.special_ids for t in ids],
+        )
+
+
+def _request_state(req: pb.Request, ctx: Context) -> RequestState:
+    ids = list(req.input_ids)
+    if not ids:
+        raise BadRequest(f"request {req.id} has no input tokens")
+    vocab = ctx.runner.info.vocab_size
+    if max(ids) >= vocab:
+        raise BadRequest(f"request {req.id} has a token id >= the vocabulary size {vocab}")
+    stopping = req.stopping_parameters
+    max_new = stopping.max_new_tokens or 1
+    grammar = None
+    if req.parameters.grammar_type != pb.GRAMMAR_TYPE_NONE:
+        try:
+            index = ctx.grammar_compiler.compile(req.parameters.grammar_type, req.parameters.grammar)
+        except Exception as exc:  # a grammar the router should have refused
+            raise BadRequest(f"request {req.id}: grammar is not valid: {exc}") from exc
+        grammar = GrammarState(index)
+    return RequestState(
+        id=req.id,
+        seq=Sequence(seq_id=req.id, token_ids=ids),
+        prompt_len=len(ids),
+        max_new_tokens=max_new,
+        params=SamplingParams.from_pb(req.parameters),
+        stop=StopCriteria(
+            eos_token_ids=ctx.eos_ids,
+            max_new_tokens=max_new,
+            stop_sequences=list(stopping.stop_sequences),
+            ignore_eos=stopping.ignore_eos_token,
+            min_new_tokens=stopping.min_new_tokens,
+        ),
+        detok=IncrementalDetokenizer(ctx.tokenizer, ids),
+        top_n=req.top_n_tokens,
+        prefill_logprobs=req.prefill_logprobs,
+        grammar=grammar,
+        min_new_tokens=stopping.min_new_tokens,
+    )

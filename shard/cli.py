@@ -1,0 +1,90 @@
+"""`ember-shard serve`: load one tensor-parallel rank of a model and serve it over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from ember.logs import setup_logging
+
+log = logging.getLogger("ember.shard")
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="ember-shard", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="load the model and serve the gRPC contract on a unix socket")
+    s.add_argument("--model-id", required=True, help="a local model directory, a .gguf file, or 'smollm2'")
+    s.add_argument("--uds-path", default="/tmp/ember-server", help="socket prefix; rank r listens on PREFIX-r")
+    s.add_argument("--rank", type=int, default=int(env("RANK", "0")))
+    s.add_argument("--world-size", type=int, default=int(env("WORLD_SIZE", "1")))
+    s.add_argument("--master-addr", default=env("MASTER_ADDR", "127.0.0.1"))
+    s.add_argument("--master-port", type=int, default=int(env("MASTER_PORT", "29500")))
+    s.add_argument("--dtype", default=env("DTYPE"), choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    s.add_argument("--kv-cache-bytes", type=int, default=int(env("KV_CACHE_BYTES", "0")) or None,
+                   help="CPU: bytes for the KV cache (default: a share of free memory)")
+    s.add_argument("--cuda-memory-fraction", type=float, default=float(env("CUDA_MEMORY_FRACTION", "0.9")))
+    s.add_argument("--json-output", action="store_true", default=env("JSON_OUTPUT", "") in ("1", "true"))
+    s.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    return p
+
+
+def _device(rank: int):
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _dtype(name: str | None, device):
+    import torch
+
+    if name is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    setup_logging(f"shard-{args.rank}", args.json_output, args.log_level)
+    start = time.perf_counter()
+
+    from transformers import AutoTokenizer
+
+    from ember.shard.dist import init_distributed
+    from ember.shard.engine import Engine
+    from ember.shard.grammar import GrammarCompiler
+    from ember.shard.runner import load_runner
+    from ember.shard.server import serve
+
+    model_dir = Path(args.model_id)
+    if not model_dir.is_dir():
+        from ember.launcher.store import resolve_model
+
+        model_dir = resolve_model(args.model_id).path
+    device = _device(args.rank)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(args.cuda_memory_fraction, device)
+    dtype = _dtype(args.dtype, device)
+    log.info("rank %d/%d: loading %s on %s in %s", args.rank, args.world_size, model_dir, device, dtype)
+    group = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
+    runner = load_runner(model_dir, dtype, device, rank=args.rank, world_size=args.world_size, group=group,
+                         kv_cache_bytes=args.kv_cache_bytes)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer), kv_cache_bytes=args.kv_cache_bytes)
+    log.info("rank %d: model loaded in %.2fs (%s attention)", args.rank, time.perf_counter() - start,
+             runner.info.attention_impl)
+    asyncio.run(serve(engine, args.uds_path, args.rank, args.world_size))
+
+
+if __name__ == "__main__":
+    main()

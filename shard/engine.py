@@ -1,0 +1,157 @@
+"""The shard's engine: cached batches by id and the operations the rpcs call.
+
+Everything here runs on the one model thread (see server.py), so it needs no
+locks. Errors are raised as `BadRequest` (caller's fault), `UnknownBatch`, or
+`OutOfBlocks` (from the KV cache); the servicer maps them to gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ember.proto import generate_pb2 as pb
+from ember.shard.batch import BadRequest, Context, GenerationBatch
+from ember.shard.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class UnknownBatch(KeyError):
+    def __str__(self) -> str:
+        return f"batch {self.args[0]} is not cached on this shard"
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, kv_cache_bytes: int | None = None) -> None:
+        self.runner = runner
+        self.ctx = Context(runner, tokenizer, grammar_compiler)
+        self.kv_cache_bytes = kv_cache_bytes
+        self.batches: dict[int, GenerationBatch] = {}
+
+    # ---- cache ----------------------------------------------------------------------------
+
+    def clear(self, batch_id: int | None) -> None:
+        ids = list(self.batches) if batch_id is None else [batch_id]
+        for i in ids:
+            batch = self.batches.pop(i, None)
+            if batch is not None:
+                batch.release()
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch | None:
+        batch = self._take(batch_id)
+        batch.filter(request_ids)
+        return self._store(batch)
+
+    def _take(self, batch_id: int) -> GenerationBatch:
+        try:
+            return self.batches.pop(batch_id)
+        except KeyError:
+            raise UnknownBatch(batch_id) from None
+
+    def _store(self, batch: GenerationBatch) -> pb.CachedBatch | None:
+        cached = batch.to_pb()
+        if cached is not None:
+            self.batches[batch.id] = batch
+        return cached
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def prefill(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
+        start = time.perf_counter_ns()
+        if request.batch.id in self.batches:
+            raise BadRequest(f"batch {request.batch.id} already exists on this shard")
+        batch = GenerationBatch.from_pb(request.batch, self.ctx)
+        try:
+            generations, timings = batch.step(prefill=True)
+        except BaseException:
+            batch.release()
+            raise
+        return pb.PrefillResponse(
+            generations=generations,
+            batch=self._store(batch),
+            forward_ns=timings.forward_ns,
+            decode_ns=timings.decode_ns,
+            total_ns=time.perf_counter_ns() - start,
+        )
+
+    def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        start = time.perf_counter_ns()
+        if not request.batches:
+            raise BadRequest("Decode needs at least one cached batch")
+        missing = [b.id for b in request.batches if b.id not in self.batches]
+        if missing:
+            raise UnknownBatch(missing[0])
+        parts = [self._take(b.id) for b in request.batches]
+        for part, cached in zip(parts, request.batches):
+            # The router may have dropped requests (cancellations) without a FilterBatch.
+            if len(cached.request_ids) != len(part.requests):
+                part.filter(list(cached.request_ids))
+        batch = GenerationBatch.concatenate(parts)
+        concat_ns = time.perf_counter_ns() - start
+        # Stored before the step: if it fails, ClearCache(id) still frees its blocks.
+        self.batches[batch.id] = batch
+        generations, timings = batch.step(prefill=False)
+        self.batches.pop(batch.id)
+        return pb.DecodeResponse(
+            generations=generations,
+            batch=self._store(batch),
+            forward_ns=timings.forward_ns,
+            decode_ns=timings.decode_ns,
+            total_ns=time.perf_counter_ns() - start,
+            concat_ns=concat_ns,
+        )
+
+    # ---- the rest -------------------------------------------------------------------------
+
+    def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        max_prefill = request.max_prefill_tokens or sum(len(r.input_ids) for r in request.batch.requests)
+        max_total = request.max_total_tokens or max_prefill
+        self.clear(None)
+        capacity = self.runner.warmup(max_prefill, max_total, self.kv_cache_bytes)
+        block_size = self.runner.info.block_size
+        log.info("warmup: %d prefill tokens ran; KV cache holds %d tokens", max_prefill, capacity)
+        return pb.WarmupResponse(
+            max_supported_total_tokens=capacity,
+            num_blocks=capacity // block_size if block_size else 0,
+            block_size=block_size,
+        )
+
+    def embed(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        start = time.perf_counter_ns()
+        token_lists = [list(i.input_ids) for i in request.inputs]
+        if not token_lists or any(not t for t in token_lists):
+            raise BadRequest("every embedding input needs at least one token")
+        vectors = self.runner.embed(token_lists)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v) for v in vectors.float().cpu().tolist()],
+            total_ns=time.perf_counter_ns() - start,
+        )
+
+    def health(self) -> None:
+        """A one-token forward that touches no KV cache; raises if the device is broken."""
+        out = self.runner.embed([[self.runner.info.eos_token_ids[0] if self.runner.info.eos_token_ids else 0]])
+        if not torch.isfinite(out).all():
+            raise RuntimeError("health forward produced non-finite values")
+
+    def info(self) -> pb.InfoResponse:
+        i = self.runner.info
+        return pb.InfoResponse(
+            requires_padding=i.requires_padding,
+            dtype=i.dtype,
+            device_type=i.device_type,
+            window_size=i.window_size,
+            speculate=0,
+            block_size=i.block_size,
+            eos_token_ids=sorted(i.eos_token_ids),
+            pad_token_id=i.pad_token_id,
+            vocab_size=i.vocab_size,
+            max_position_embeddings=i.max_position_embeddings,
+            model_type=i.model_type,
+            world_size=i.world_size,
+            attention_impl=i.attention_impl,
+            hidden_size=i.hidden_size,
+            supports_embeddings=True,
+        )

@@ -57,16 +57,67 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
             proc.wait()
 
 
+def start_shard(model_dir: Path, uds_prefix: str, *extra: str, rank: int = 0, world_size: int = 1,
+                env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Spawn `ember-shard serve`; returns the process and the socket path it will listen on."""
+    cmd = [str(BIN / "ember-shard"), "serve", "--model-id", str(model_dir), "--uds-path", uds_prefix,
+           "--rank", str(rank), "--world-size", str(world_size), *extra]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+    return proc, f"{uds_prefix}-{rank}"
+
+
 @contextlib.contextmanager
 def shard_process(model_dir: Path, uds_prefix: str, *extra: str, rank: int = 0, world_size: int = 1,
                   timeout: float = 120.0, env: dict | None = None) -> Iterator[str]:
     """Run `ember-shard serve` and yield its socket path once it answers Health."""
-    cmd = [str(BIN / "ember-shard"), "serve", "--model-id", str(model_dir), "--uds-path", uds_prefix,
-           "--rank", str(rank), "--world-size", str(world_size), *extra]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
-    socket = f"{uds_prefix}-{rank}"
+    proc, socket = start_shard(model_dir, uds_prefix, *extra, rank=rank, world_size=world_size, env=env)
     try:
         wait_for(lambda: shard_healthy(socket), timeout, f"shard {rank}", proc)
         yield socket
     finally:
         stop_process(proc)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_router(shard_socket: str, tokenizer_dir: Path, *extra: str, model_id: str = "tiny",
+                 env: dict | None = None, stderr=None) -> tuple[subprocess.Popen, str]:
+    """Spawn `ember-router` on a free port; returns the process and its base URL."""
+    port = free_port()
+    cmd = [str(BIN / "ember-router"), "--master-shard-uds-path", shard_socket, "--tokenizer-name",
+           str(tokenizer_dir), "--model-id", model_id, "--hostname", "127.0.0.1", "--port", str(port), *extra]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=stderr)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def router_process(shard_socket: str, tokenizer_dir: Path, *extra: str, model_id: str = "tiny",
+                   timeout: float = 60.0, env: dict | None = None, capture: Path | None = None) -> Iterator[str]:
+    """Run `ember-router` against a running shard; yield its base URL once /health answers.
+
+    `capture`: a file receiving the router's stderr (its logs), for log assertions.
+    """
+    log = open(capture, "wb") if capture else None
+    proc, url = start_router(shard_socket, tokenizer_dir, *extra, model_id=model_id, env=env, stderr=log)
+    try:
+        wait_for(lambda: http_ok(f"{url}/health"), timeout, "router", proc)
+        yield url
+    finally:
+        stop_process(proc)
+        if log:
+            log.close()

@@ -15,7 +15,8 @@ from servers import shard_process
 @pytest.fixture(scope="module")
 def shard(tiny_llama_dir, tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("uds") / "shard")
-    with shard_process(tiny_llama_dir, prefix) as socket:
+    # 1 MiB of KV cache: ~2000 tokens of the tiny model, so "out of blocks" is reachable.
+    with shard_process(tiny_llama_dir, prefix, "--kv-cache-bytes", str(1 << 20)) as socket:
         channel = grpc.insecure_channel(f"unix://{socket}")
         yield pb_grpc.TextGenerationServiceStub(channel)
         channel.close()
@@ -154,7 +155,7 @@ def test_bad_calls_get_a_status_and_the_shard_keeps_serving(shard, tokenizer):
         shard.FilterBatch(pb.FilterBatchRequest(batch_id=998, request_ids=[1]))
     assert filt.value.code() == grpc.StatusCode.NOT_FOUND
 
-    huge = [5] * 100_000  # more tokens than the KV cache holds
+    huge = [5] * 5000  # more tokens than the KV cache holds
     with pytest.raises(grpc.RpcError) as full:
         shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=21, requests=[request(1, huge, 4)], size=1)))
     assert full.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)

@@ -1,0 +1,383 @@
+"""Grammar-constrained decoding with outlines-core, on a local tokenizer.
+
+A grammar (a regex, or a JSON schema turned into a regex) is compiled into an
+``outlines_core.Index``: a table from automaton state to the token ids that
+keep the output inside the grammar. Building it walks the whole vocabulary,
+so indices are cached (LRU keyed by grammar) and built once per grammar;
+each request then only carries a `GrammarState` (an int state and a shared
+per-state cache of allowed-id tensors), which is cheap per step.
+
+The vocabulary is built from the tokenizer on disk, never from the hub. The
+automaton runs on bytes, so every token is mapped to its exact bytes:
+byte-level BPE symbols (``Ġthe``) through the inverse of GPT-2's
+byte-to-unicode table, SentencePiece byte-fallback tokens (``<0x0A>``) to
+their byte, ``▁`` to a space. A token holding half of a UTF-8 character keeps
+its raw bytes, so emoji and CJK can be produced under a grammar.
+
+This module imports no torch at module level: the router imports
+`regex_for` to validate grammars before queueing a request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any
+
+import outlines_core
+from outlines_core.json_schema import build_regex_from_schema
+
+from ember.proto import generate_pb2
+
+# Optional single spaces between JSON tokens: an unbounded whitespace pattern
+# lets small models loop on whitespace forever (outlines' advice).
+JSON_WHITESPACE = r"[ ]?"
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_STATE_CACHE_SIZE = 512
+
+
+class GrammarError(ValueError):
+    """The grammar is not a valid regex or JSON schema (the router answers 422)."""
+
+
+def _grammar_kind(grammar_type: int | str) -> str:
+    """Normalise a proto GrammarType or a TGI-style name to "json" / "regex"."""
+    if grammar_type in (generate_pb2.GRAMMAR_TYPE_JSON, "json", "json_object", "json_schema"):
+        return "json"
+    if grammar_type in (generate_pb2.GRAMMAR_TYPE_REGEX, "regex"):
+        return "regex"
+    raise GrammarError(f"unknown grammar type {grammar_type!r}")
+
+
+def _schema_text(value: str | dict) -> str:
+    """Return the schema as JSON text; a Python dict is accepted for convenience."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    try:
+        json.loads(value)
+    except (TypeError, ValueError) as exc:
+        raise GrammarError(f"grammar is not valid JSON: {exc}") from exc
+    return value
+
+
+@lru_cache(maxsize=1)
+def _single_byte_vocabulary() -> outlines_core.Vocabulary:
+    """Every byte as its own token: any valid regex is compatible with it."""
+    return outlines_core.Vocabulary(256, {bytes([b]): [b] for b in range(256)})
+
+
+def _digits_range(lo: str, hi: str) -> str:
+    """Regex for the digit strings between `lo` and `hi` of the same length (inclusive)."""
+    if lo == hi:
+        return lo
+    n = len(lo)
+    if lo == "0" * n and hi == "9" * n:
+        return f"[0-9]{{{n}}}" if n > 1 else "[0-9]"
+    if n == 1:
+        return f"[{lo}-{hi}]"
+    if lo[0] == hi[0]:
+        return lo[0] + f"({_digits_range(lo[1:], hi[1:])})"
+    rest = n - 1
+    parts = [lo[0] + f"({_digits_range(lo[1:], '9' * rest)})"]
+    if int(hi[0]) - int(lo[0]) > 1:
+        parts.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}][0-9]{{{rest}}}")
+    parts.append(hi[0] + f"({_digits_range('0' * rest, hi[1:])})")
+    return "|".join(parts)
+
+
+def _natural_range(lo: int, hi: int | None) -> str:
+    """Regex for the integers lo..hi (hi None = unbounded), 0 <= lo, without leading zeros."""
+    parts = []
+    length = len(str(lo))
+    top = hi if hi is not None else 10 ** length - 1
+    while lo <= top:
+        end = min(top, 10 ** length - 1)
+        parts.append(_digits_range(str(lo), str(end)))
+        lo, length = 10 ** length, length + 1
+    if hi is None:
+        parts.append(f"[1-9][0-9]{{{length - 1},}}")
+    return "|".join(f"({p})" for p in parts)
+
+
+def integer_range_regex(lo: int | None, hi: int | None) -> str:
+    """Regex for the JSON integers in [lo, hi] (None = unbounded on that side)."""
+    if lo is not None and hi is not None and lo > hi:
+        raise GrammarError(f"empty integer range [{lo}, {hi}]")
+    parts = []
+    if hi is None or hi >= 0:
+        parts.append(_natural_range(max(lo, 0) if lo is not None else 0, hi))
+    if lo is None or lo < 0:
+        top_magnitude = None if lo is None else -lo
+        low_magnitude = max(1, -hi) if hi is not None else 1
+        parts.append(f"-({_natural_range(low_magnitude, top_magnitude)})")
+    return "(" + "|".join(f"({p})" for p in parts) + ")"
+
+
+def _integer_bounds(schema: dict) -> tuple[int | None, int | None]:
+    """Integer bounds of a schema from minimum/maximum and their exclusive forms."""
+    lo = hi = None
+    if isinstance(schema.get("minimum"), (int, float)):
+        lo = math.ceil(schema["minimum"])
+    if isinstance(schema.get("exclusiveMinimum"), (int, float)) and not isinstance(schema["exclusiveMinimum"], bool):
+        lo = max(lo if lo is not None else -math.inf, math.floor(schema["exclusiveMinimum"]) + 1)
+    if isinstance(schema.get("maximum"), (int, float)):
+        hi = math.floor(schema["maximum"])
+    if isinstance(schema.get("exclusiveMaximum"), (int, float)) and not isinstance(schema["exclusiveMaximum"], bool):
+        hi = min(hi if hi is not None else math.inf, math.ceil(schema["exclusiveMaximum"]) - 1)
+    return lo, hi
+
+
+def _mark_bounded_integers(node: Any, marks: dict[str, str]) -> Any:
+    """Replace bounded integer subschemas by unique string constants, remembering their regexes.
+
+    outlines-core ignores minimum/maximum on integers, so a constrained model
+    could emit 999 for an age bounded to 0..120. Each such subschema becomes a
+    placeholder constant; its quoted form in the generated regex is then
+    swapped for an exact integer-range regex.
+    """
+    if isinstance(node, list):
+        return [_mark_bounded_integers(item, marks) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "integer" and "enum" not in node and "const" not in node:
+        lo, hi = _integer_bounds(node)
+        if lo is not None or hi is not None:
+            marker = f"__ember_integer_range_{len(marks)}__"
+            marks[f'"{marker}"'] = integer_range_regex(lo, hi)
+            return {"const": marker}
+    return {key: _mark_bounded_integers(value, marks) for key, value in node.items()}
+
+
+def _json_regex(value: str | dict) -> str:
+    """JSON schema -> regex through outlines-core, with exact integer bounds."""
+    schema = json.loads(_schema_text(value))
+    marks: dict[str, str] = {}
+    schema = _mark_bounded_integers(schema, marks)
+    regex = build_regex_from_schema(json.dumps(schema), JSON_WHITESPACE)
+    for placeholder, integer_regex in marks.items():
+        regex = regex.replace(placeholder, integer_regex)
+    return regex
+
+
+def regex_for(grammar_type: int | str, value: str | dict, validate: bool = True) -> str:
+    """The regex a grammar stands for; with `validate`, also check it compiles.
+
+    Validation builds the automaton over a 256-token byte vocabulary, so it uses
+    outlines-core's own regex engine (whose syntax differs from Python's `re`)
+    without needing the model's tokenizer. Raises `GrammarError`.
+    """
+    kind = _grammar_kind(grammar_type)
+    if kind == "json":
+        try:
+            regex = _json_regex(value)
+        except GrammarError:
+            raise
+        except Exception as exc:  # outlines-core raises ValueError/TypeError/RuntimeError
+            raise GrammarError(f"invalid JSON schema: {exc}") from exc
+    else:
+        if not isinstance(value, str) or not value:
+            raise GrammarError("a regex grammar must be a non-empty string")
+        regex = value
+    if validate:
+        try:
+            outlines_core.Index(regex, _single_byte_vocabulary())
+        except Exception as exc:
+            raise GrammarError(f"invalid regex: {exc}") from exc
+    return regex
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used by byte-level BPE."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` behind a transformers fast tokenizer (or itself)."""
+    return getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+
+
+def _decoder_types(backend: Any) -> set[str]:
+    """Types of the tokenizer's decoder, flattening a Sequence decoder."""
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return {p.get("type", "") for p in parts}
+
+
+def _token_bytes_fn(backend: Any):
+    """Return token string -> its bytes in decoded output, for this tokenizer's decoder."""
+    kinds = _decoder_types(backend)
+    if "ByteLevel" in kinds:
+        inverse = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+        def byte_level(token: str) -> bytes | None:
+            if all(ch in inverse for ch in token):
+                return bytes(inverse[ch] for ch in token)
+            return token.encode()  # an added token written in plain text
+
+        return byte_level
+
+    def sentencepiece(token: str) -> bytes | None:
+        if "ByteFallback" in kinds and (m := _BYTE_TOKEN.match(token)):
+            return bytes([int(m.group(1), 16)])
+        return token.replace("\u2581", " ").encode()
+
+    return sentencepiece
+
+
+def build_vocabulary(tokenizer: Any, eos_token_id: int | None = None) -> outlines_core.Vocabulary:
+    """outlines-core Vocabulary from a local tokenizer: token bytes -> ids, special tokens left out.
+
+    `tokenizer` is a transformers fast tokenizer or a `tokenizers.Tokenizer`;
+    `eos_token_id` defaults to the tokenizer's EOS. The EOS (and every other
+    special token) is not a vocabulary entry: outlines-core allows EOS itself
+    in accepting states.
+    """
+    backend = _backend(tokenizer)
+    if eos_token_id is None:
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        raise GrammarError("the tokenizer has no EOS token; pass eos_token_id")
+    special = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
+    to_bytes = _token_bytes_fn(backend)
+    groups: dict[bytes, list[int]] = {}
+    for token, token_id in backend.get_vocab(with_added_tokens=True).items():
+        if token_id in special or token_id == eos_token_id:
+            continue
+        data = to_bytes(token)
+        if data:
+            groups.setdefault(data, []).append(token_id)
+    return outlines_core.Vocabulary(eos_token_id, groups)
+
+
+class GrammarCompiler:
+    """Builds and caches (LRU) the Index of each grammar for one tokenizer."""
+
+    def __init__(self, tokenizer: Any, cache_size: int = 32, eos_token_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._eos_token_id = eos_token_id
+        self._vocabulary: outlines_core.Vocabulary | None = None
+        self._cache: OrderedDict[tuple[str, str], tuple[outlines_core.Index, "_AllowedCache"]] = OrderedDict()
+
+    @property
+    def vocabulary(self) -> outlines_core.Vocabulary:
+        """Built on first use (a pass over the whole vocabulary)."""
+        if self._vocabulary is None:
+            self._vocabulary = build_vocabulary(self.tokenizer, self._eos_token_id)
+        return self._vocabulary
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.vocabulary.get_eos_token_id()
+
+    def compile(self, grammar_type: int | str, value: str | dict) -> outlines_core.Index:
+        """The Index of a grammar, from the cache or built now. Raises `GrammarError`."""
+        return self._entry(grammar_type, value)[0]
+
+    def new_state(self, grammar_type: int | str, value: str | dict) -> "GrammarState":
+        """A fresh per-request state; requests of one grammar share its allowed-id cache."""
+        index, allowed = self._entry(grammar_type, value)
+        return GrammarState(index, self.eos_token_id, allowed)
+
+    def _entry(self, grammar_type: int | str, value: str | dict) -> tuple[outlines_core.Index, "_AllowedCache"]:
+        key = (_grammar_kind(grammar_type), value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        regex = regex_for(key[0], value, validate=False)
+        try:
+            index = outlines_core.Index(regex, self.vocabulary)
+        except Exception as exc:
+            raise GrammarError(f"cannot compile grammar: {exc}") from exc
+        self._cache[key] = (index, _AllowedCache(index))
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return self._cache[key]
+
+
+class _AllowedCache:
+    """Per-Index LRU of (state, device) -> allowed token ids as an int64 tensor.
+
+    Keeping the tensors on the sampling device saves a host-to-device copy of
+    up to a whole vocabulary of ids per request and step.
+    """
+
+    def __init__(self, index: outlines_core.Index, size: int = _STATE_CACHE_SIZE) -> None:
+        self.index = index
+        self.size = size
+        self._tensors: OrderedDict[tuple[int, str], Any] = OrderedDict()
+
+    def get(self, state: int, device: Any = None):
+        key = (state, str(device) if device is not None else "cpu")
+        tensor = self._tensors.get(key)
+        if tensor is not None:
+            self._tensors.move_to_end(key)
+            return tensor
+        import torch
+
+        tensor = torch.tensor(self.index.get_allowed_tokens(state), dtype=torch.int64, device=device)
+        self._tensors[key] = tensor
+        if len(self._tensors) > self.size:
+            self._tensors.popitem(last=False)
+        return tensor
+
+
+def _find_eos(index: outlines_core.Index) -> int:
+    """EOS of an Index: the token allowed in an accepting state that leads nowhere."""
+    for final in index.get_final_states():
+        for token_id in index.get_allowed_tokens(final):
+            if index.get_next_state(final, token_id) is None:
+                return token_id
+    raise GrammarError("grammar has no accepting state")
+
+
+class GrammarState:
+    """One request's position in its grammar's automaton (None once EOS was taken)."""
+
+    def __init__(
+        self,
+        index: outlines_core.Index,
+        eos_token_id: int | None = None,
+        allowed_cache: _AllowedCache | None = None,
+    ) -> None:
+        self.index = index
+        self.eos_token_id = _find_eos(index) if eos_token_id is None else eos_token_id
+        self._allowed = allowed_cache or _AllowedCache(index)
+        self.state: int | None = index.get_initial_state()
+
+    def allowed_ids(self, device: Any = None):
+        """Token ids (int64 tensor, on `device`, CPU by default) that keep the output in the grammar.
+
+        EOS is among them only in an accepting state; once the automaton has
+        ended (EOS taken) only EOS is allowed.
+        """
+        if self.state is None:
+            import torch
+
+            return torch.tensor([self.eos_token_id], dtype=torch.int64, device=device)
+        return self._allowed.get(self.state, device)
+
+    def advance(self, token_id: int) -> None:
+        """Move along `token_id`; EOS, or a token the grammar does not allow, ends the automaton."""
+        if self.state is not None:
+            self.state = None if token_id == self.eos_token_id else self.index.get_next_state(self.state, token_id)
+
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (EOS may be sampled now)."""
+        return self.state is not None and self.index.is_final_state(self.state)
+
+    def is_finished(self) -> bool:
+        """Nothing but EOS can follow: EOS was taken, or the accepting state allows only EOS."""
+        if self.state is None:
+            return True
+        return self.index.is_final_state(self.state) and len(self._allowed.get(self.state)) == 1

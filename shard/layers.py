@@ -1,0 +1,211 @@
+"""Tensor-parallel building blocks: linear layers, vocab-parallel embedding and head, norm, rotary.
+
+Column-parallel layers split output features (no communication); row-parallel
+layers split input features and all-reduce the partial sums, so an attention
+or MLP block costs exactly one all-reduce per rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ember.shard.dist import TRIVIAL_GROUP, Group, all_gather, all_reduce
+from ember.shard.weights import Weights
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """y = x W_rᵀ (+ b_r) with this rank's output rows; several weights may be packed (q|k|v)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def load(cls, weights: Weights, prefixes: list[str], bias: bool = False) -> "ColumnParallelLinear":
+        """Concatenate this rank's slice of each `prefix.weight` along the output dimension."""
+        weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
+        b = torch.cat([weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes]) if bias else None
+        return cls(weight, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(torch.nn.Module):
+    """y = all_reduce(x_r W_rᵀ) + b: input features are split, the bias is added once after the sum."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.group = group
+
+    @classmethod
+    def load(cls, weights: Weights, prefix: str, group: Group, bias: bool = False) -> "RowParallelLinear":
+        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+        b = weights.get(f"{prefix}.bias") if bias else None
+        return cls(weight, b, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        out = all_reduce(out, self.group)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Each rank holds a contiguous vocabulary range; ids outside it read zeros, then all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, group: Group) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.vocab_size = vocab_size
+        self.group = group
+        self.start = group.rank * weight.shape[0]
+        self.stop = self.start + weight.shape[0]
+
+    @classmethod
+    def load(cls, weights: Weights, name: str, group: Group) -> "VocabParallelEmbedding":
+        vocab_size = weights.shape(name)[0]
+        return cls(weights.get_sharded(name, dim=0, allow_padding=True), vocab_size, group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.group.is_trivial:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.start) | (ids >= self.stop)
+        local = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return all_reduce(out, self.group)
+
+
+class ParallelLMHead(torch.nn.Module):
+    """Vocab-sharded output projection; logits of all ranks are all-gathered and unpadded."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, group: Group) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.vocab_size = vocab_size
+        self.group = group
+
+    @classmethod
+    def load(cls, weights: Weights, name: str, group: Group) -> "ParallelLMHead":
+        """`name` is `lm_head.weight`, or `model.embed_tokens.weight` for tied embeddings."""
+        vocab_size = weights.shape(name)[0]
+        return cls(weights.get_sharded(name, dim=0, allow_padding=True), vocab_size, group)
+
+    @classmethod
+    def tied(cls, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
+        """Share the embedding's storage (tied embeddings: no second copy in memory)."""
+        return cls(embedding.weight.data, embedding.vocab_size, embedding.group)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.group.is_trivial:
+            return logits
+        return all_gather(logits, self.group, dim=-1)[..., : self.vocab_size]
+
+
+class RMSNorm(torch.nn.Module):
+    """Root-mean-square norm computed in float32, as the reference implementation does."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    @classmethod
+    def load(cls, weights: Weights, name: str, eps: float) -> "RMSNorm":
+        return cls(weights.get(name), eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_parameters(config: dict) -> dict:
+    """Merge the rope spellings found in configs: `rope_theta` + `rope_scaling`, or transformers-5 `rope_parameters`."""
+    params: dict = {}
+    params.update(config.get("rope_scaling") or {})
+    params.update(config.get("rope_parameters") or {})
+    if "rope_type" not in params:
+        params["rope_type"] = params.get("type", "default")
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    return params
+
+
+def inverse_frequencies(params: dict, head_dim: int, max_position_embeddings: int) -> torch.Tensor:
+    """Rotary inverse frequencies for default, linear and llama3 rope types (float32)."""
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(params["factor"])
+    if kind == "llama3":
+        return _llama3_frequencies(inv_freq, params, max_position_embeddings)
+    raise NotImplementedError(f"rope type {kind!r} is not supported by Ember's model code")
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, params: dict, max_pos: int) -> torch.Tensor:
+    """Llama 3.1 scaling: long wavelengths divided by `factor`, a smooth blend in between."""
+    factor = float(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_len = float(params.get("original_max_position_embeddings", max_pos))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos/sin table indexed by absolute position; grows on demand (long-context configs stay cheap)."""
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device, initial_len: int = 4096):
+        super().__init__()
+        self.inv_freq = inv_freq.to(device)
+        self.dtype = dtype
+        self.cos = torch.empty(0, device=device)
+        self.sin = torch.empty(0, device=device)
+        self._build(initial_len)
+
+    @classmethod
+    def from_config(cls, config: dict, head_dim: int, dtype: torch.dtype, device: torch.device) -> "RotaryEmbedding":
+        max_pos = int(config.get("max_position_embeddings", 4096))
+        inv_freq = inverse_frequencies(rope_parameters(config), head_dim, max_pos)
+        return cls(inv_freq, dtype, device, initial_len=min(max_pos, 8192))
+
+    def _build(self, length: int) -> None:
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos = emb.cos().to(self.dtype)
+        self.sin = emb.sin().to(self.dtype)
+
+    def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, rot_dim] tables for `positions`; `max_position` (a host int) avoids a device sync."""
+        if max_position >= self.cos.shape[0]:
+            self._build(max(2 * self.cos.shape[0], max_position + 1))
+        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rot_dim features of `x` [T, heads, head_dim] (half-split layout, as HF)."""
+    rot_dim = cos.shape[-1]
+    if rot_dim == x.shape[-1]:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
+    r1, r2 = rot.chunk(2, dim=-1)
+    return torch.cat([rot * cos + torch.cat([-r2, r1], dim=-1) * sin, rest], dim=-1)

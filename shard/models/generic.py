@@ -1,0 +1,182 @@
+"""The generic path: any other causal LM through transformers' own modules (TP=1, slower).
+
+Each sequence keeps its own per-layer K/V tensors. A step lays the batch out
+padded, `[pad | past_i | pad | new_i]` per row, so one forward serves prefill,
+decode and mixed steps alike; afterwards the real positions are cut back out.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from ember.shard.runner import (
+    ModelRunner,
+    RunnerInfo,
+    WarmupError,
+    default_cpu_budget,
+    Sequence,
+    StepOutput,
+    dtype_name,
+    eos_token_ids,
+    pad_token_id,
+    read_json,
+)
+
+log = logging.getLogger(__name__)
+
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [1, heads, len, head_dim]
+
+
+class GenericRunner(ModelRunner):
+    """transformers' AutoModelForCausalLM behind the ModelRunner interface, on padded batches."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device, world_size: int = 1):
+        if world_size != 1:
+            raise ValueError(
+                f"the generic transformers path runs on one shard only (TP=1), but world size is {world_size}; "
+                f"use --num-shard 1 for this architecture"
+            )
+        model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        self.model.to(self.device).eval()
+        cfg = self.model.config.get_text_config(decoder=True)
+        config = read_json(model_dir / "config.json")
+        self._kv: dict[int, LayerKV] = {}
+        self.info = RunnerInfo(
+            vocab_size=self.model.get_output_embeddings().weight.shape[0],
+            eos_token_ids=eos_token_ids(model_dir, config),
+            pad_token_id=pad_token_id(model_dir, config),
+            dtype=dtype_name(dtype),
+            device_type=self.device.type,
+            block_size=1,
+            window_size=getattr(cfg, "sliding_window", None),
+            model_type=config.get("model_type", cfg.model_type),
+            max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0)),
+            attention_impl="generic",
+            hidden_size=int(cfg.hidden_size),
+            requires_padding=True,
+            world_size=1,
+        )
+        log.warning("generic path loaded for %s: transformers modules, padded batches, TP=1 (slower)",
+                    self.info.model_type)
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False) -> StepOutput:
+        if not seqs:
+            raise ValueError("step() needs at least one sequence")
+        past_lens = [s.num_cached for s in seqs]
+        new = [s.token_ids[s.num_cached:] for s in seqs]
+        if min(len(n) for n in new) < 1:
+            raise ValueError("every sequence in a step needs at least one uncached token")
+        for s in seqs:
+            if s.num_cached and s.seq_id not in self._kv:
+                raise KeyError(f"sequence {s.seq_id} claims {s.num_cached} cached tokens the runner does not hold")
+        max_past, max_new = max(past_lens), max(len(n) for n in new)
+        input_ids = torch.zeros(len(seqs), max_new, dtype=torch.long)
+        positions = torch.zeros(len(seqs), max_new, dtype=torch.long)
+        mask = torch.zeros(len(seqs), max_past + max_new, dtype=torch.long)
+        for i, (p, ids) in enumerate(zip(past_lens, new)):
+            input_ids[i, max_new - len(ids):] = torch.tensor(ids)
+            positions[i, max_new - len(ids):] = torch.arange(p, p + len(ids))
+            mask[i, max_past - p: max_past] = 1
+            mask[i, max_past + max_new - len(ids):] = 1
+        cache = self._stacked_cache(seqs, max_past) if max_past else DynamicCache()
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self._split_cache(seqs, out.past_key_values, past_lens, [len(n) for n in new], max_past)
+        logits = out.logits.float()
+        prompt = [logits[i, max_new - len(ids):] for i, ids in enumerate(new)] if want_prompt_logits else None
+        return StepOutput(logits=logits[:, -1], prompt_logits=prompt)
+
+    def _stacked_cache(self, seqs: list[Sequence], max_past: int) -> DynamicCache:
+        """Left-pad every sequence's past K/V to `max_past` and stack them into one cache."""
+        rows = [self._kv.get(s.seq_id) if s.num_cached else None for s in seqs]
+        template = next(r for r in rows if r is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            ks, vs = [], []
+            for row in rows:
+                k, v = row[layer] if row is not None else (k0[..., :0, :], v0[..., :0, :])
+                pad = max_past - k.shape[-2]
+                ks.append(F.pad(k, (0, 0, pad, 0)))
+                vs.append(F.pad(v, (0, 0, pad, 0)))
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        return DynamicCache(ddp_cache_data=layers)
+
+    def _split_cache(self, seqs, cache, past_lens, new_lens, max_past) -> None:
+        """Cut each sequence's real past and new positions back out of the padded cache."""
+        max_new = max(new_lens)
+        for i, s in enumerate(seqs):
+            p, n = past_lens[i], new_lens[i]
+            per_layer = []
+            for layer in cache.layers:
+                parts = []
+                for t in (layer.keys, layer.values):
+                    row = t[i: i + 1]
+                    parts.append(torch.cat([row[..., max_past - p: max_past, :], row[..., max_past + max_new - n:, :]], -2))
+                per_layer.append((parts[0], parts[1]))
+            self._kv[s.seq_id] = per_layer
+            s.num_cached = len(s.token_ids)
+
+    def free(self, seq: Sequence) -> None:
+        self._kv.pop(seq.seq_id, None)
+        seq.num_cached = 0
+
+    @torch.inference_mode()
+    def embed(self, token_lists: list[list[int]]) -> torch.Tensor:
+        lens = [len(t) for t in token_lists]
+        if not lens or min(lens) < 1:
+            raise ValueError("embed() needs non-empty token lists")
+        ids = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(token_lists):
+            ids[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = 1
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1].float()
+        m = mask.to(self.device).unsqueeze(-1).float()
+        pooled = (hidden * m).sum(1) / m.sum(1)
+        return F.normalize(pooled, dim=-1)
+
+    def warmup(self, max_prefill_tokens: int, max_total_tokens: int, memory_budget_bytes: int | None = None) -> int:
+        """Run the largest prefill once, then report how many tokens of K/V the budget holds.
+
+        Caches grow per sequence on demand (nothing is preallocated), so the
+        capacity is the budget divided by the K/V bytes one token costs.
+        """
+        limit = self.info.max_position_embeddings or max_total_tokens
+        per_request = max(1, min(max_prefill_tokens, max_total_tokens, limit))
+        n = max(1, max_prefill_tokens // per_request)
+        seqs = [Sequence(seq_id=-1 - i, token_ids=[0] * per_request) for i in range(n)]
+        self.step(seqs)
+        for s in seqs:
+            self.free(s)
+        budget = memory_budget_bytes if memory_budget_bytes is not None else default_cpu_budget()
+        capacity = budget // self._bytes_per_token()
+        if capacity < max_total_tokens:
+            raise WarmupError(
+                f"Not enough memory to handle max_total_tokens={max_total_tokens}: the KV budget of {budget} bytes "
+                f"holds {capacity} tokens ({self._bytes_per_token()} bytes per token)"
+            )
+        return int(capacity)
+
+    def _bytes_per_token(self) -> int:
+        cfg = self.model.config.get_text_config(decoder=True)
+        layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+        heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        itemsize = torch.empty(0, dtype=self.model.dtype).element_size()
+        return 2 * layers * kv_heads * head_dim * itemsize

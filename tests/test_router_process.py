@@ -1,0 +1,96 @@
+"""The router as a process: flags and env, auth, JSON logs, refusal, SIGTERM drain, shard failure."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+
+import httpx
+import pytest
+
+from servers import router_process, shard_healthy, start_router, start_shard, stop_process, wait_for, http_ok
+
+
+@pytest.fixture(scope="module")
+def shard(tiny_llama_dir, tmp_path_factory):
+    proc, socket = start_shard(tiny_llama_dir, str(tmp_path_factory.mktemp("router-proc") / "s"))
+    try:
+        wait_for(lambda: shard_healthy(socket), 120, "shard", proc)
+        yield proc, socket
+    finally:
+        stop_process(proc)
+
+
+def test_refuses_inconsistent_limits(shard, tiny_llama_dir):
+    _, socket = shard
+    proc, _ = start_router(socket, tiny_llama_dir, "--max-input-tokens", "600", "--max-total-tokens", "500",
+                           stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert b"`max_input_tokens` must be < `max_total_tokens`" in err
+
+
+def test_api_key_cors_env_and_json_logs(shard, tiny_llama_dir, tmp_path):
+    _, socket = shard
+    log = tmp_path / "router.log"
+    with router_process(socket, tiny_llama_dir, "--api-key", "s3cret", "--json-output",
+                        "--cors-allow-origin", "https://app.example", capture=log,
+                        env={"MAX_CONCURRENT_REQUESTS": "7"}) as url:
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+        denied = httpx.post(url + "/generate", json=body)
+        assert denied.status_code == 401 and denied.content == b""
+        assert httpx.post(url + "/generate", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.post(url + "/generate", json=body, headers={"authorization": "bearer S3CRET",
+                                                               "x-request-id": "json-1"}, timeout=60)
+        assert ok.status_code == 200
+        info = httpx.get(url + "/info")  # not behind the key
+        assert info.json()["max_concurrent_requests"] == 7
+        pre = httpx.options(url + "/generate", headers={"Origin": "https://app.example",
+                                                        "Access-Control-Request-Method": "POST"})
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    done = next(line for line in lines if line.get("id") == "json-1")
+    assert done["message"].startswith("Success") and done["generated_tokens"] == 2 and done["input_tokens"] == 1
+
+
+def test_sigterm_drains_in_flight_requests(shard, tiny_llama_dir):
+    _, socket = shard
+    proc, url = start_router(socket, tiny_llama_dir)
+    try:
+        wait_for(lambda: http_ok(url + "/health"), 60, "router", proc)
+        result = {}
+
+        def call():
+            body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 300}}
+            result["r"] = httpx.post(url + "/generate", json=body, timeout=60)
+
+        worker = threading.Thread(target=call)
+        worker.start()
+        wait_for(lambda: "tgi_batch_current_size 1" in httpx.get(url + "/metrics").text, 30, "request running")
+        proc.send_signal(signal.SIGTERM)
+        worker.join(60)
+        assert result["r"].status_code == 200 and result["r"].json()["details"]["generated_tokens"] == 300
+        assert proc.wait(30) == 0
+    finally:
+        stop_process(proc)
+
+
+def test_shard_failure_is_424_and_unhealthy(shard, tiny_llama_dir):
+    shard_proc, socket = shard
+    with router_process(socket, tiny_llama_dir) as url:
+        with httpx.stream("POST", url + "/generate_stream", timeout=60,
+                          json={"inputs": "Hello world", "parameters": {"max_new_tokens": 500}}) as resp:
+            lines = resp.iter_lines()
+            first = next(line for line in lines if line.startswith("data:"))
+            assert "token" in json.loads(first[5:])
+            shard_proc.kill()
+            events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+        assert events[-1]["error_type"] == "generation"
+        assert events[-1]["error"].startswith("Request failed during generation: ")
+        r = httpx.post(url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}, timeout=30)
+        assert r.status_code == 424 and r.json()["error_type"] == "generation"
+        health = httpx.get(url + "/health", timeout=30)
+        assert health.status_code == 503 and health.json() == {"error": "unhealthy", "error_type": "healthcheck"}
+        assert httpx.get(url + "/info").status_code == 200  # the router stays up

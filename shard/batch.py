@@ -40,7 +40,6 @@ class RequestState:
     top_n: int
     prefill_logprobs: bool
     grammar: GrammarState | None
-    min_new_tokens: int
     generated: list[int] = field(default_factory=list)
 
     @property
@@ -143,8 +142,8 @@ class GenerationBatch:
             [r.seq.token_ids for r in self.requests],
             [r.prompt_len for r in self.requests],
             [r.top_n for r in self.requests],
-            [r.grammar.allowed_ids() if r.grammar is not None else None for r in self.requests],
-            [self._banned(r) for r in self.requests],
+            [r.grammar.allowed_ids(self.ctx.device) if r.grammar is not None else None for r in self.requests],
+            [r.stop.banned_ids() for r in self.requests],
         )
         generations = []
         live = []
@@ -158,11 +157,6 @@ class GenerationBatch:
         self._keep(live)
         timings.decode_ns = time.perf_counter_ns() - start
         return generations, timings
-
-    def _banned(self, r: RequestState) -> list[int]:
-        if len(r.generated) < r.min_new_tokens:
-            return sorted(self.ctx.eos_ids)
-        return []
 
     def _advance(self, r: RequestState, i: int, result) -> tuple[pb.Generation, bool]:
         token = result.next_ids[i]
@@ -234,10 +228,9 @@ def _request_state(req: pb.Request, ctx: Context) -> RequestState:
     grammar = None
     if req.parameters.grammar_type != pb.GRAMMAR_TYPE_NONE:
         try:
-            index = ctx.grammar_compiler.compile(req.parameters.grammar_type, req.parameters.grammar)
+            grammar = ctx.grammar_compiler.new_state(req.parameters.grammar_type, req.parameters.grammar)
         except Exception as exc:  # a grammar the router should have refused
             raise BadRequest(f"request {req.id}: grammar is not valid: {exc}") from exc
-        grammar = GrammarState(index)
     return RequestState(
         id=req.id,
         seq=Sequence(seq_id=req.id, token_ids=ids),
@@ -255,5 +248,4 @@ def _request_state(req: pb.Request, ctx: Context) -> RequestState:
         top_n=req.top_n_tokens,
         prefill_logprobs=req.prefill_logprobs,
         grammar=grammar,
-        min_new_tokens=stopping.min_new_tokens,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
@@ -36,7 +37,8 @@ from ember.proto import generate_pb2
 # lets small models loop on whitespace forever (outlines' advice).
 JSON_WHITESPACE = r"[ ]?"
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_STATE_CACHE_SIZE = 512
+_STATE_CACHE_SIZE = 512  # allowed-id tensors kept per Index
+_INDEX_TABLES = 64  # indices whose tables are kept
 
 
 class GrammarError(ValueError):
@@ -260,76 +262,135 @@ def build_vocabulary(tokenizer: Any, eos_token_id: int | None = None) -> outline
 
 
 class GrammarCompiler:
-    """Builds and caches (LRU) the Index of each grammar for one tokenizer."""
+    """Builds and caches (LRU) the Index of each grammar for one tokenizer.
+
+    Thread-safe: the shard builds indices on its grammar threads (the
+    CompileGrammar rpc) while the model thread takes them from the cache at
+    Prefill. A lock per grammar makes a second caller wait for the build in
+    progress instead of repeating it; different grammars build in parallel
+    (outlines-core releases the GIL).
+    """
 
     def __init__(self, tokenizer: Any, cache_size: int = 32, eos_token_id: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.cache_size = cache_size
         self._eos_token_id = eos_token_id
         self._vocabulary: outlines_core.Vocabulary | None = None
-        self._cache: OrderedDict[tuple[str, str], tuple[outlines_core.Index, "_AllowedCache"]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], outlines_core.Index] = OrderedDict()
+        self._lock = threading.Lock()  # guards _cache, _building and the vocabulary
+        self._building: dict[tuple[str, str], threading.Lock] = {}
 
     @property
     def vocabulary(self) -> outlines_core.Vocabulary:
         """Built on first use (a pass over the whole vocabulary)."""
-        if self._vocabulary is None:
-            self._vocabulary = build_vocabulary(self.tokenizer, self._eos_token_id)
-        return self._vocabulary
+        with self._lock:
+            if self._vocabulary is None:
+                self._vocabulary = build_vocabulary(self.tokenizer, self._eos_token_id)
+            return self._vocabulary
 
     @property
     def eos_token_id(self) -> int:
         return self.vocabulary.get_eos_token_id()
 
+    def new_state(self, grammar_type: int | str, value: str | dict) -> "GrammarState":
+        """A fresh per-request state for a grammar (compiled or taken from the cache)."""
+        return GrammarState(self.compile(grammar_type, value), self.eos_token_id)
+
+    @staticmethod
+    def _key(grammar_type: int | str, value: str | dict) -> tuple[str, str]:
+        return _grammar_kind(grammar_type), value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+    def _cached(self, key: tuple[str, str]) -> outlines_core.Index | None:
+        with self._lock:
+            index = self._cache.get(key)
+            if index is not None:
+                self._cache.move_to_end(key)
+            return index
+
+    def contains(self, grammar_type: int | str, value: str | dict) -> bool:
+        """Whether the grammar's Index is cached now."""
+        with self._lock:
+            return self._key(grammar_type, value) in self._cache
+
     def compile(self, grammar_type: int | str, value: str | dict) -> outlines_core.Index:
         """The Index of a grammar, from the cache or built now. Raises `GrammarError`."""
-        return self._entry(grammar_type, value)[0]
-
-    def new_state(self, grammar_type: int | str, value: str | dict) -> "GrammarState":
-        """A fresh per-request state; requests of one grammar share its allowed-id cache."""
-        index, allowed = self._entry(grammar_type, value)
-        return GrammarState(index, self.eos_token_id, allowed)
-
-    def _entry(self, grammar_type: int | str, value: str | dict) -> tuple[outlines_core.Index, "_AllowedCache"]:
-        key = (_grammar_kind(grammar_type), value if isinstance(value, str) else json.dumps(value, sort_keys=True))
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        regex = regex_for(key[0], value, validate=False)
+        key = self._key(grammar_type, value)
+        index = self._cached(key)
+        if index is not None:
+            return index
+        with self._lock:
+            building = self._building.setdefault(key, threading.Lock())
         try:
-            index = outlines_core.Index(regex, self.vocabulary)
+            with building:
+                index = self._cached(key)
+                return index if index is not None else self._build(key, value)
+        finally:
+            with self._lock:
+                self._building.pop(key, None)
+
+    def _build(self, key: tuple[str, str], value: str | dict) -> outlines_core.Index:
+        regex = regex_for(key[0], value, validate=False)
+        vocabulary = self.vocabulary
+        try:
+            index = outlines_core.Index(regex, vocabulary)
         except Exception as exc:
             raise GrammarError(f"cannot compile grammar: {exc}") from exc
-        self._cache[key] = (index, _AllowedCache(index))
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return self._cache[key]
+        with self._lock:
+            self._cache[key] = index
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return index
 
 
-class _AllowedCache:
-    """Per-Index LRU of (state, device) -> allowed token ids as an int64 tensor.
+class _IndexTables:
+    """Per-Index tables shared by every request on that Index: EOS id and an LRU of allowed ids.
 
-    Keeping the tensors on the sampling device saves a host-to-device copy of
-    up to a whole vocabulary of ids per request and step.
+    The allowed ids of a state become an int64 tensor once, on the sampling
+    device, instead of converting a list of up to a whole vocabulary per
+    request and step.
     """
 
     def __init__(self, index: outlines_core.Index, size: int = _STATE_CACHE_SIZE) -> None:
-        self.index = index
+        self.index = index  # held, so the registry's id() key cannot be reused
         self.size = size
+        self.eos_token_id = _find_eos(index)
         self._tensors: OrderedDict[tuple[int, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def get(self, state: int, device: Any = None):
+    def allowed(self, state: int, device: Any = None):
         key = (state, str(device) if device is not None else "cpu")
-        tensor = self._tensors.get(key)
-        if tensor is not None:
-            self._tensors.move_to_end(key)
-            return tensor
+        with self._lock:
+            tensor = self._tensors.get(key)
+            if tensor is not None:
+                self._tensors.move_to_end(key)
+                return tensor
         import torch
 
         tensor = torch.tensor(self.index.get_allowed_tokens(state), dtype=torch.int64, device=device)
-        self._tensors[key] = tensor
-        if len(self._tensors) > self.size:
-            self._tensors.popitem(last=False)
+        with self._lock:
+            self._tensors[key] = tensor
+            if len(self._tensors) > self.size:
+                self._tensors.popitem(last=False)
         return tensor
+
+
+_TABLES: OrderedDict[int, _IndexTables] = OrderedDict()
+_TABLES_LOCK = threading.Lock()
+
+
+def _tables_for(index: outlines_core.Index) -> _IndexTables:
+    """The shared tables of an Index (LRU over the most recent indices)."""
+    with _TABLES_LOCK:
+        tables = _TABLES.get(id(index))
+        if tables is not None and tables.index is index:
+            _TABLES.move_to_end(id(index))
+            return tables
+    tables = _IndexTables(index)
+    with _TABLES_LOCK:
+        _TABLES[id(index)] = tables
+        while len(_TABLES) > _INDEX_TABLES:
+            _TABLES.popitem(last=False)
+    return tables
 
 
 def _find_eos(index: outlines_core.Index) -> int:
@@ -344,15 +405,10 @@ def _find_eos(index: outlines_core.Index) -> int:
 class GrammarState:
     """One request's position in its grammar's automaton (None once EOS was taken)."""
 
-    def __init__(
-        self,
-        index: outlines_core.Index,
-        eos_token_id: int | None = None,
-        allowed_cache: _AllowedCache | None = None,
-    ) -> None:
+    def __init__(self, index: outlines_core.Index, eos_token_id: int | None = None) -> None:
         self.index = index
-        self.eos_token_id = _find_eos(index) if eos_token_id is None else eos_token_id
-        self._allowed = allowed_cache or _AllowedCache(index)
+        self._tables = _tables_for(index)
+        self.eos_token_id = self._tables.eos_token_id if eos_token_id is None else eos_token_id
         self.state: int | None = index.get_initial_state()
 
     def allowed_ids(self, device: Any = None):
@@ -365,7 +421,7 @@ class GrammarState:
             import torch
 
             return torch.tensor([self.eos_token_id], dtype=torch.int64, device=device)
-        return self._allowed.get(self.state, device)
+        return self._tables.allowed(self.state, device)
 
     def advance(self, token_id: int) -> None:
         """Move along `token_id`; EOS, or a token the grammar does not allow, ends the automaton."""
@@ -380,4 +436,4 @@ class GrammarState:
         """Nothing but EOS can follow: EOS was taken, or the accepting state allows only EOS."""
         if self.state is None:
             return True
-        return self.index.is_final_state(self.state) and len(self._allowed.get(self.state)) == 1
+        return self.index.is_final_state(self.state) and len(self._tables.allowed(self.state)) == 1

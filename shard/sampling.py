@@ -11,9 +11,10 @@ requests costs an argmax and a log_softmax.
 As in TGI, a request samples when ``do_sample`` is set *or* any warper
 (temperature, top-k, top-p, typical-p, min-p) is set; warpers apply only to
 sampling requests. A temperature of 0 means greedy. Each sampling request owns
-a ``torch.Generator`` seeded with its seed, drawn only by its own row, so its
-tokens do not depend on its batch neighbours; the generator follows the
-request through `filter` and `concatenate`.
+a ``torch.Generator`` seeded with its seed, from which only its own row draws
+(one uniform per step, inverse-CDF), so its tokens do not depend on its batch
+neighbours; the generator follows the request through `filter` and
+`concatenate`.
 
 Penalties need the counts of tokens seen so far. Rebuilding them from token
 lists every step would cost O(sequence length) per step, so the sampler keeps
@@ -383,8 +384,13 @@ class BatchSampler:
                 x[row].masked_fill_(blocked[:vocab], _NEG_INF)
         pairs = [(r, t) for r, ids in enumerate(banned) for t in ids if 0 <= t < vocab]
         if pairs:
+            # A grammar whose only way on is EOS beats min_new_tokens: a row left with
+            # no token at all keeps its grammar-masked scores (checked on device, no sync).
+            before = x.clone() if any(a is not None for a in allowed) else None
             rc = torch.tensor(pairs, dtype=torch.int64).to(x.device, non_blocking=True)
             x[rc[:, 0], rc[:, 1]] = _NEG_INF
+            if before is not None:
+                x.copy_(torch.where(torch.isneginf(x).all(-1, keepdim=True), before, x))
 
     def _sample(self, x: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Warp the sampling rows, draw each with its own generator; greedy rows keep argmax."""

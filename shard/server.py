@@ -4,7 +4,9 @@ Each rpc is a thin translation: hand the request to the engine on the single
 model thread, map the engine's exceptions to a gRPC status with a message for
 that call, and keep serving. Only one model operation runs at a time, so the
 engine needs no locks and every rank runs the same operations in the same
-order (which tensor parallelism's collectives require).
+order (which tensor parallelism's collectives require). CompileGrammar is the
+exception: it only fills the grammar compiler's (locked) cache, on its own
+threads, so building an index never delays a decode step.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -23,6 +26,7 @@ from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
 from ember.shard.batch import BadRequest
 from ember.shard.engine import Engine, UnknownBatch
+from ember.shard.grammar import GrammarError
 from ember.shard.kv_cache import OutOfBlocks
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,8 @@ class Servicer(pb_grpc.TextGenerationServiceServicer):
         self.engine = engine
         self.urls = [f"unix://{socket_path(uds_prefix, r)}" for r in range(world_size)]
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # outlines-core releases the GIL while building an index: these threads run beside the model's.
+        self.grammar_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable, *args):
         loop = asyncio.get_running_loop()
@@ -81,6 +87,17 @@ class Servicer(pb_grpc.TextGenerationServiceServicer):
 
     async def Embed(self, request, context):
         return await self._run(context, self.engine.embed, request)
+
+    async def CompileGrammar(self, request, context):
+        compiler = self.engine.ctx.grammar_compiler
+        start = time.perf_counter_ns()
+        cached = compiler.contains(request.grammar_type, request.grammar)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.grammar_executor, compiler.compile, request.grammar_type, request.grammar)
+        except GrammarError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.CompileGrammarResponse(cached=cached, total_ns=time.perf_counter_ns() - start)
 
 
 async def serve(engine: Engine, uds_prefix: str, rank: int, world_size: int) -> None:

@@ -70,15 +70,11 @@ def main(argv: list[str] | None = None) -> None:
 
         model_dir = resolve_model(args.model_id).path
     device = _device(args.rank)
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.set_per_process_memory_fraction(args.cuda_memory_fraction, device)
     dtype = _dtype(args.dtype, device)
     log.info("rank %d/%d: loading %s on %s in %s", args.rank, args.world_size, model_dir, device, dtype)
     group = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
     runner = load_runner(model_dir, dtype, device, rank=args.rank, world_size=args.world_size, group=group,
-                         kv_cache_bytes=args.kv_cache_bytes)
+                         kv_cache_bytes=args.kv_cache_bytes, cuda_memory_fraction=args.cuda_memory_fraction)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer), kv_cache_bytes=args.kv_cache_bytes)
     log.info("rank %d: model loaded in %.2fs (%s attention)", args.rank, time.perf_counter() - start,

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ember.shard.dist import TRIVIAL_GROUP, Group, all_gather, all_reduce
+from ember.shard.dist import Group, all_gather, all_reduce
 from ember.shard.weights import Weights
 
 

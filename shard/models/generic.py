@@ -114,7 +114,9 @@ class GenericRunner(ModelRunner):
             layers.append((torch.cat(ks), torch.cat(vs)))
         return DynamicCache(ddp_cache_data=layers)
 
-    def _split_cache(self, seqs, cache, past_lens, new_lens, max_past) -> None:
+    def _split_cache(
+        self, seqs: list[Sequence], cache: DynamicCache, past_lens: list[int], new_lens: list[int], max_past: int
+    ) -> None:
         """Cut each sequence's real past and new positions back out of the padded cache."""
         max_new = max(new_lens)
         for i, s in enumerate(seqs):
@@ -124,7 +126,8 @@ class GenericRunner(ModelRunner):
                 parts = []
                 for t in (layer.keys, layer.values):
                     row = t[i: i + 1]
-                    parts.append(torch.cat([row[..., max_past - p: max_past, :], row[..., max_past + max_new - n:, :]], -2))
+                    past, fresh = row[..., max_past - p: max_past, :], row[..., max_past + max_new - n:, :]
+                    parts.append(torch.cat([past, fresh], dim=-2))
                 per_layer.append((parts[0], parts[1]))
             self._kv[s.seq_id] = per_layer
             s.num_cached = len(s.token_ids)

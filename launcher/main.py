@@ -12,6 +12,7 @@ The launcher never imports torch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ from ember.launcher.supervisor import (
     shard_health,
     socket_listening,
 )
+from ember.sharding import sharding_problem
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,6 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any resolution failure ends startup with its reason
         sink.launcher(f"cannot resolve model {args.model_id!r}: {exc}", "ERROR")
         return EXIT_FAILED
+    problem = _sharding_problem(model.path, args.num_shard)
+    if problem:
+        sink.launcher(f"cannot shard {model.model_id!r}: {problem}", "ERROR")
+        return EXIT_FAILED
     if not _claim_sockets(args, sink):
         return EXIT_FAILED
     supervisor = Supervisor(sink)
@@ -66,6 +72,13 @@ def _resolve_model(args: argparse.Namespace, sink: LogSink) -> Any:
     model = resolve_model(args.model_id, cache_dir=args.cache_dir, progress=LogProgress(stream=LineWriter(sink)))
     sink.launcher(f"model {model.model_id!r} is at {model.path} (from {model.source})", path=str(model.path))
     return model
+
+
+def _sharding_problem(model_dir: Path, num_shard: int) -> str | None:
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return None  # the shard reports a missing config with its own message
+    return sharding_problem(json.loads(config_file.read_text()), num_shard)
 
 
 def _claim_sockets(args: argparse.Namespace, sink: LogSink) -> bool:

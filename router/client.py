@@ -40,6 +40,9 @@ class ShardClient:
 class ShardedClient:
     def __init__(self, shards: list[ShardClient]) -> None:
         self.shards = shards
+        # Calls that run the model (collectives inside) must reach every rank in the
+        # same order; the batching task and e.g. embeddings routes call concurrently.
+        self._model_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, master_uds_path: str, timeout: float = 30.0) -> "ShardedClient":
@@ -56,6 +59,13 @@ class ShardedClient:
             return [await calls[0]]
         return list(await asyncio.gather(*calls))
 
+    async def _ordered(self, method: str, request: Any, timeout: float | None = None) -> list[Any]:
+        """`_all` for calls that run the model: one at a time, so every rank sees one order."""
+        if len(self.shards) == 1:
+            return await self._all(method, request, timeout)
+        async with self._model_lock:
+            return await self._all(method, request, timeout)
+
     async def info(self) -> pb.InfoResponse:
         return await self.shards[0].stub.Info(pb.InfoRequest(), timeout=30)
 
@@ -64,26 +74,31 @@ class ShardedClient:
 
     async def clear_cache(self, batch_id: int | None = None) -> None:
         req = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
-        await self._all("ClearCache", req)
+        await self._ordered("ClearCache", req)
 
     async def filter_batch(self, batch_id: int, request_ids: list[int]) -> pb.CachedBatch:
-        replies = await self._all("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids))
+        replies = await self._ordered("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids))
         return replies[0].batch
 
     async def warmup(self, request: pb.WarmupRequest) -> pb.WarmupResponse:
         """Every rank sizes its cache; the smallest capacity is the usable one."""
-        replies = await self._all("Warmup", request)
+        replies = await self._ordered("Warmup", request)
         return min(replies, key=lambda r: r.max_supported_total_tokens)
 
     async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
-        return (await self._all("Prefill", pb.PrefillRequest(batch=batch)))[0]
+        return (await self._ordered("Prefill", pb.PrefillRequest(batch=batch)))[0]
 
     async def decode(self, batches: list[pb.CachedBatch]) -> pb.DecodeResponse:
-        return (await self._all("Decode", pb.DecodeRequest(batches=batches)))[0]
+        return (await self._ordered("Decode", pb.DecodeRequest(batches=batches)))[0]
 
     async def embed(self, inputs: list[list[int]]) -> pb.EmbedResponse:
         req = pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=ids) for ids in inputs])
-        return (await self._all("Embed", req))[0]
+        return (await self._ordered("Embed", req))[0]
+
+    async def compile_grammar(self, regex: str, timeout: float | None = None) -> pb.CompileGrammarResponse:
+        """Have every rank build (and cache) the index of a regex grammar, off its model thread."""
+        req = pb.CompileGrammarRequest(grammar_type=pb.GRAMMAR_TYPE_REGEX, grammar=regex)
+        return (await self._all("CompileGrammar", req, timeout))[0]
 
     async def close(self) -> None:
         for shard in self.shards:

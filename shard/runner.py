@@ -98,10 +98,21 @@ class ModelRunner(ABC):
         """Run the largest prefill once, size the KV cache, return the token capacity."""
 
     def health(self) -> None:
-        """A one-token forward; raises if the device is broken."""
-        out = self.embed([[0]])
+        """Raise if the device is broken.
+
+        At world size 1 this is a one-token forward. With several ranks a forward
+        runs collectives, and a Health arriving between two ranks' Decodes in a
+        different order on each rank would pair the wrong collectives; so each
+        rank then checks its own weights and device with a local matmul only.
+        """
+        if self.info.world_size == 1:
+            out = self.embed([[0]])
+        else:
+            weight = next(self.model.parameters())
+            row = weight.reshape(-1)[:64].float()
+            out = row @ torch.ones_like(row)
         if not torch.isfinite(out).all():
-            raise RuntimeError("health forward produced non-finite values")
+            raise RuntimeError("health check produced non-finite values")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ember.sharding import PAGED_MODEL_TYPES, sharding_problem
+
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -22,18 +24,9 @@ class TensorParallelError(ValueError):
 
 def check_tp_divisible(config: dict, world_size: int) -> None:
     """Refuse at start, naming the numbers, when heads or KV heads don't divide by world size."""
-    heads = config.get("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    if heads is None or world_size == 1:
-        return
-    if heads % world_size:
-        raise TensorParallelError(
-            f"num_attention_heads={heads} is not divisible by the world size (--num-shard) {world_size}"
-        )
-    if kv_heads % world_size:
-        raise TensorParallelError(
-            f"num_key_value_heads={kv_heads} is not divisible by the world size (--num-shard) {world_size}"
-        )
+    problem = sharding_problem(config, world_size) if config.get("model_type") in PAGED_MODEL_TYPES else None
+    if problem:
+        raise TensorParallelError(problem)
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

@@ -7,10 +7,12 @@ starting each process. Readiness is polled with a deadline, never slept on.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -121,3 +123,83 @@ def router_process(shard_socket: str, tokenizer_dir: Path, *extra: str, model_id
         stop_process(proc)
         if log:
             log.close()
+
+
+def live_members(pgids: set[int]) -> list[int]:
+    """Pids (not zombies) whose process group is one of `pgids`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp in pgids and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+class Launcher:
+    """A running `ember-launcher` whose output lines are collected by a reader thread."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [str(BIN / "ember-launcher"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def wait_for_line(self, needle: str, timeout: float = 180.0) -> str:
+        def seen():
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                found = next((l for l in self.output() if needle in l), None)
+                if found is None:
+                    raise AssertionError(f"launcher exited ({self.proc.returncode}) before {needle!r}:\n"
+                                         + "\n".join(self.output()[-40:]))
+                return found
+            return next((l for l in self.output() if needle in l), None)
+
+        return wait_for(seen, timeout, f"launcher line {needle!r}")
+
+    def wait_exit(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def child_pids(self) -> set[int]:
+        """Pids of the children, from the launcher's `started ... (pid N)` lines (text or JSON)."""
+        pids = set()
+        for line in self.output():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("role") == "launcher" and "pid" in record:
+                    pids.add(int(record["pid"]))
+            elif line.startswith("[launcher] started "):
+                pids.add(int(line.rsplit("pid ", 1)[1].rstrip(")")))
+        return pids
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in live_members(self.child_pids()):
+            os.kill(pid, signal.SIGKILL)

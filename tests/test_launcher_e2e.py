@@ -11,122 +11,22 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from servers import Launcher, free_port, live_members, wait_for
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180.0
-needs_router = pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "router" / "cli.py").exists(),
-                                  reason="the router CLI is not written yet")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} within {timeout}s")
-
-
-def live_members(pgids: set[int]) -> list[int]:
-    """Pids (not zombies) whose process group is one of `pgids`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp in pgids and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
-class Launcher:
-    """A running `ember-launcher` whose output lines are collected by a reader thread."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen(
-            [str(BIN / "ember-launcher"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
-
-    def output(self) -> list[str]:
-        with self._lock:
-            return list(self.lines)
-
-    def wait_for_line(self, needle: str, timeout: float = START_TIMEOUT) -> str:
-        def seen():
-            if self.proc.poll() is not None:
-                self._reader.join(5)
-                found = next((l for l in self.output() if needle in l), None)
-                if found is None:
-                    raise AssertionError(f"launcher exited ({self.proc.returncode}) before {needle!r}:\n"
-                                         + "\n".join(self.output()[-40:]))
-                return found
-            return next((l for l in self.output() if needle in l), None)
-
-        return poll(seen, timeout, f"launcher line {needle!r}")
-
-    def wait_exit(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def child_pids(self) -> set[int]:
-        """Pids of the children, from the launcher's `started ... (pid N)` lines (text or JSON)."""
-        pids = set()
-        for line in self.output():
-            if line.startswith("{"):
-                record = json.loads(line)
-                if record.get("role") == "launcher" and "pid" in record:
-                    pids.add(int(record["pid"]))
-            elif line.startswith("[launcher] started "):
-                pids.add(int(line.rsplit("pid ", 1)[1].rstrip(")")))
-        return pids
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in live_members(self.child_pids()):
-            os.kill(pid, signal.SIGKILL)
 
 
 def assert_cleaned_up(launcher: Launcher, prefix: Path) -> None:
     pgids = launcher.child_pids()
     assert pgids, "the launcher reported no children"
-    poll(lambda: not live_members(pgids), 10, "every child's group gone")
+    wait_for(lambda: not live_members(pgids), 10, "every child's group gone")
     assert not list(prefix.parent.glob(prefix.name + "-*")), "a shard socket was left behind"
 
 
@@ -181,7 +81,6 @@ def metric(client: httpx.Client, base: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-@needs_router
 def test_serves_with_prefixed_logs_and_drains_in_flight_requests_on_sigterm(tiny_llama_dir, uds_prefix):
     port = free_port()
     launcher = Launcher(*launcher_args(tiny_llama_dir, uds_prefix, port))
@@ -203,7 +102,7 @@ def test_serves_with_prefixed_logs_and_drains_in_flight_requests_on_sigterm(tiny
         tokens_after_sigterm = 0
         with httpx.Client(timeout=120) as client:
             poster.start()
-            poll(lambda: metric(client, base, "tgi_batch_current_size") >= 1, 60, "/generate running")
+            wait_for(lambda: metric(client, base, "tgi_batch_current_size") >= 1, 60, "/generate running")
             body = {"inputs": "The capital of France is", "parameters": {**params, "max_new_tokens": 200}}
             with client.stream("POST", f"{base}/generate_stream", json=body) as response:
                 assert response.status_code == 200
@@ -225,7 +124,6 @@ def test_serves_with_prefixed_logs_and_drains_in_flight_requests_on_sigterm(tiny
         launcher.kill()
 
 
-@needs_router
 def test_sigkill_on_a_shard_stops_everything_with_json_logs(tiny_llama_dir, uds_prefix):
     launcher = Launcher(*launcher_args(tiny_llama_dir, uds_prefix, free_port(), "--json-output", "--num-shard", "2"))
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.sharding import PAGED_MODEL_TYPES
 from ember.shard.attention import AttentionMetadata, paged_attention
 from ember.shard.dist import Group
 from ember.shard.kv_cache import PagedKVCache
@@ -26,7 +27,7 @@ from ember.shard.layers import (
 )
 from ember.shard.weights import Weights, check_tp_divisible
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = PAGED_MODEL_TYPES
 
 _ACTIVATIONS = {
     "silu": F.silu,

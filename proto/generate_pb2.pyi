@@ -328,3 +328,19 @@ class Embedding(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class CompileGrammarRequest(_message.Message):
+    __slots__ = ("grammar_type", "grammar")
+    GRAMMAR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    grammar_type: GrammarType
+    grammar: str
+    def __init__(self, grammar_type: _Optional[_Union[GrammarType, str]] = ..., grammar: _Optional[str] = ...) -> None: ...
+
+class CompileGrammarResponse(_message.Message):
+    __slots__ = ("cached", "total_ns")
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
+    cached: bool
+    total_ns: int
+    def __init__(self, cached: _Optional[bool] = ..., total_ns: _Optional[int] = ...) -> None: ...

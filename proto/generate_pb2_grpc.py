@@ -79,6 +79,11 @@ class TextGenerationServiceStub:
                 request_serializer=ember_dot_proto_dot_generate__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=ember_dot_proto_dot_generate__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.CompileGrammar = channel.unary_unary(
+                '/ember.v1.TextGenerationService/CompileGrammar',
+                request_serializer=ember_dot_proto_dot_generate__pb2.CompileGrammarRequest.SerializeToString,
+                response_deserializer=ember_dot_proto_dot_generate__pb2.CompileGrammarResponse.FromString,
+                _registered_method=True)
 
 
 class TextGenerationServiceServicer:
@@ -147,6 +152,14 @@ class TextGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompileGrammar(self, request, context):
+        """/ Build a grammar's token index into the shard's cache, off the model thread,
+        / so the Prefill that uses it finds it ready and decoding never waits for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TextGenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +207,11 @@ def add_TextGenerationServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=ember_dot_proto_dot_generate__pb2.EmbedRequest.FromString,
                     response_serializer=ember_dot_proto_dot_generate__pb2.EmbedResponse.SerializeToString,
+            ),
+            'CompileGrammar': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompileGrammar,
+                    request_deserializer=ember_dot_proto_dot_generate__pb2.CompileGrammarRequest.FromString,
+                    response_serializer=ember_dot_proto_dot_generate__pb2.CompileGrammarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +457,33 @@ class TextGenerationService:
             '/ember.v1.TextGenerationService/Embed',
             ember_dot_proto_dot_generate__pb2.EmbedRequest.SerializeToString,
             ember_dot_proto_dot_generate__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompileGrammar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ember.v1.TextGenerationService/CompileGrammar',
+            ember_dot_proto_dot_generate__pb2.CompileGrammarRequest.SerializeToString,
+            ember_dot_proto_dot_generate__pb2.CompileGrammarResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,7 @@ _FLAGS: list[tuple[str, type, object, str]] = [
     ("payload-limit", int, 2_000_000, "largest request body in bytes (413 beyond)"),
     ("api-key", str, None, "require `Authorization: Bearer KEY` on generation routes"),
     ("graceful-shutdown-timeout", float, 90.0, "seconds in-flight requests get to finish on SIGTERM"),
+    ("grammar-compile-timeout", float, 30.0, "seconds a grammar's index may take to build (422 beyond)"),
 ]
 
 
@@ -107,7 +108,8 @@ def _limits(args: argparse.Namespace, info: pb.InfoResponse) -> Limits:
         max_batch_total_tokens=args.max_batch_total_tokens or max(max_total, max_prefill),
         max_waiting_tokens=args.max_waiting_tokens, max_batch_size=args.max_batch_size,
         validation_workers=args.validation_workers, max_client_batch_size=args.max_client_batch_size,
-        disable_grammar_support=args.disable_grammar_support)
+        disable_grammar_support=args.disable_grammar_support,
+        grammar_compile_timeout=args.grammar_compile_timeout)
     limits.check()
     return limits
 
@@ -119,6 +121,7 @@ def _shard_info(info: pb.InfoResponse) -> dict:
         "max_position_embeddings": info.max_position_embeddings, "model_type": info.model_type,
         "vocab_size": info.vocab_size, "speculate": info.speculate, "requires_padding": info.requires_padding,
         "window_size": info.window_size if info.HasField("window_size") else None,
+        "hidden_size": info.hidden_size, "supports_embeddings": info.supports_embeddings,
     }
 
 
@@ -145,14 +148,16 @@ async def build(args: argparse.Namespace):
     limits.check()
     metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
     metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
-    infer = Infer(Validator(tokenizer, limits), Batcher(client, limits, metrics), limits, metrics)
+    infer = Infer(Validator(tokenizer, limits, client.compile_grammar), Batcher(client, limits, metrics), limits, metrics)
     state = AppState(
         infer=infer, client=client, tokenizer=tokenizer, limits=limits, metrics=metrics,
         model_id=args.model_id, model_sha=args.model_sha, shard_info=_shard_info(info),
         payload_limit=args.payload_limit, compute_type=os.environ.get("COMPUTE_TYPE", info.device_type),
         api_key=args.api_key, cors_allow_origin=args.cors_allow_origin)
     log.info("limits: %s", limits)
-    return create_app(state)
+    from ember.router import openai
+
+    return create_app(state, extra_routes=openai.install(state, args.tokenizer_name))
 
 
 async def serve(args: argparse.Namespace) -> None:

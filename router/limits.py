@@ -25,6 +25,8 @@ class Limits:
     validation_workers: int = 2
     max_client_batch_size: int = 4
     disable_grammar_support: bool = False
+    # Seconds the shards may take to build a grammar's index before the request fails (422).
+    grammar_compile_timeout: float = 30.0
 
     def check(self) -> None:
         """TGI's start-up checks, with its messages."""

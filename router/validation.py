@@ -11,6 +11,9 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import grpc
 
 from ember.proto import generate_pb2 as pb
 from ember.router.errors import ValidationError
@@ -54,10 +57,16 @@ def _unit_interval(name: str, value: float | None) -> float:
     return value
 
 
+# Builds a regex grammar's index on the shards (ShardedClient.compile_grammar).
+GrammarBuilder = Callable[[str, float], Awaitable[object]]
+
+
 class Validator:
-    def __init__(self, tokenizer: TokenizerPool, limits: Limits) -> None:
+    def __init__(self, tokenizer: TokenizerPool, limits: Limits,
+                 build_grammar: GrammarBuilder | None = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.build_grammar = build_grammar
 
     def check_best_of(self, best_of: int | None, stream: bool) -> int:
         n = 1 if best_of is None else best_of
@@ -135,9 +144,29 @@ class Validator:
             return
         if self.limits.disable_grammar_support:
             raise ValidationError("grammar is not supported")
-        _, regex = await self.tokenizer.run(compile_grammar, grammar)
+        _, regex = await self.tokenizer.run(compile_grammar, grammar, self.build_grammar is None)
+        await self._build_index(regex)
         chooser.grammar = regex
         chooser.grammar_type = pb.GRAMMAR_TYPE_REGEX
+
+    async def _build_index(self, regex: str) -> None:
+        """Have the shards build the index now, off their model thread, within the time limit.
+
+        Prefill then finds it cached, so decoding never waits for a compile;
+        a grammar too big for the limit fails here, before queueing.
+        """
+        if self.build_grammar is None:
+            return
+        limit = self.limits.grammar_compile_timeout
+        try:
+            await self.build_grammar(regex, limit)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise ValidationError(
+                    f"grammar is too complex: building its index took longer than {limit:g}s") from None
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValidationError(f"grammar is not valid: {exc.details()}") from None
+            raise
 
     def _lengths(self, n_input: int, max_new: int | None) -> int:
         lim = self.limits

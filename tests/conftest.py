@@ -46,3 +46,18 @@ def smollm2_dir() -> Path:
     from ember.launcher.store import resolve_model
 
     return resolve_model("smollm2").path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2_dir):
+    """SmolLM2's real 49k byte-level vocabulary."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)

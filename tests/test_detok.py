@@ -5,9 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from transformers import AutoTokenizer
 
-import tiny
 from ember.shard.detok import IncrementalDetokenizer
 
 TEXTS = [
@@ -18,23 +16,6 @@ TEXTS = [
     "café naïve façade über straße — ½ ∑ ∞",
     '{"name": "John Smith", "age": 45}',
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer(tmp_path_factory):
-    out = tmp_path_factory.mktemp("detok-tok")
-    tiny.train_tokenizer(out)
-    return AutoTokenizer.from_pretrained(out)
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer(request):
-    """SmolLM2's real 49k byte-level vocabulary (slow: needs the model fetched)."""
-    try:
-        model_dir = request.getfixturevalue("smollm2_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("no smollm2_dir fixture in this checkout")
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def stream(tokenizer, prompt_ids, ids, skip=False) -> list[str]:

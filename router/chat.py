@@ -58,7 +58,8 @@ def _text(content: Any, where: str) -> str:
 
 def _call_text(call: dict) -> str:
     """A past tool call written as the model is asked to write one."""
-    fn = call.get("function") or {}
+    fn = call.get("function")
+    fn = fn if isinstance(fn, dict) else {}
     return f'{{"name": "{fn.get("name")}", "arguments": {fn.get("arguments")}}}'
 
 

@@ -50,12 +50,14 @@ def compile_grammar(grammar: Grammar, validate: bool = True) -> tuple[str, str]:
     `validate`: also build the regex's automaton (over bytes) to check it.
     """
     value = grammar.value
-    if grammar.type == "json":
-        value = _schema_value(value)
-        _check_schema(value)
-    elif not isinstance(value, str):
-        raise ValidationError("grammar is not valid: a regex grammar's value must be a string")
     try:
+        if grammar.type == "json":
+            value = _schema_value(value)
+            _check_schema(value)
+        elif not isinstance(value, str):
+            raise ValidationError("grammar is not valid: a regex grammar's value must be a string")
         return "regex", regex_for(grammar.type, value, validate=validate)
     except GrammarError as exc:
         raise ValidationError(f"grammar is not valid: {exc}") from None
+    except RecursionError:  # the schema checker and the schema-to-regex walk recurse per level
+        raise ValidationError("grammar is not valid: the JSON schema is nested too deeply") from None

@@ -73,7 +73,8 @@ def _chosen(functions: list[dict], tool_choice: Any) -> tuple[list[dict], str]:
         return functions, tool_choice
     name = None
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
     elif isinstance(tool_choice, str):
         name = tool_choice  # TGI accepts a bare function name
     match = [f for f in functions if f["name"] == name]

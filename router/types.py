@@ -10,6 +10,7 @@ the other adapters need no second pipeline.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -87,11 +88,38 @@ _NON_NULL = {"do_sample", "watermark", "details", "decoder_input_details", "stop
 _FLOATS = {"temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p"}
 
 
+def _reject_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (Python's parser accepts them; TGI's does not)."""
+    raise ValueError(f"`{name}` is not a valid JSON value")
+
+
+# A \uD800-\uDFFF escape: the body may hold a lone surrogate, which no tokenizer or encoder takes.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_text(value: Any) -> None:
+    """Every string must be valid Unicode (serde_json rejects unpaired surrogates too)."""
+    if isinstance(value, str):
+        value.encode("utf-8")
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+
+
 def parse_json(raw: bytes) -> Any:
     """Decode a request body; a syntax error is TGI's 422."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_reject_constant)
+        if _SURROGATE_ESCAPE.search(raw):
+            _check_text(data)
+        return data
+    except UnicodeEncodeError:
+        raise BodyError("invalid JSON: lone Unicode surrogate in a string") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BodyError(f"invalid JSON: {exc}") from None
 
 

@@ -48,6 +48,11 @@ class ValidRequest:
         return len(self.input_ids) + self.max_new_tokens
 
 
+# The shards' proto fields are u32 / u64: out-of-range values are a 422, never a failed Prefill.
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+
+
 def _unit_interval(name: str, value: float | None) -> float:
     """top_p / typical_p: 1.0 is accepted as "off" (clients send it; TGI#2222)."""
     if value is None:
@@ -98,6 +103,10 @@ class Validator:
         typical_p = _unit_interval("typical_p", p.typical_p)
         if p.top_k is not None and p.top_k <= 0:
             raise ValidationError("`top_k` must be strictly positive")
+        if p.top_k is not None and p.top_k > U32_MAX:
+            raise ValidationError(f"`top_k` must be <= {U32_MAX}. Given: {p.top_k}")
+        if any(not 0 <= t <= U32_MAX for t in p.logit_bias):
+            raise ValidationError("`logit_bias` keys must be token ids >= 0")
         min_p = 0.0 if p.min_p is None else p.min_p
         if not 0.0 <= min_p <= 1.0:
             raise ValidationError("`min_p` must be >= 0.0 and <= 1.0")
@@ -115,24 +124,26 @@ class Validator:
             return random.getrandbits(63)
         if best_of > 1:
             raise ValidationError("`seed` must not be set when `best_of` > 1")
+        if not 0 <= p.seed <= U64_MAX:
+            raise ValidationError(f"`seed` must be >= 0 and <= {U64_MAX}. Given: {p.seed}")
         return p.seed
 
     def _static_checks(self, req: GenerateRequest, best_of: int) -> tuple[pb.NextTokenChooserParameters, int, int]:
         p = req.parameters
         chooser = self._sampling(p, best_of)
-        if p.max_new_tokens is not None and p.max_new_tokens == 0:
+        if p.max_new_tokens is not None and p.max_new_tokens <= 0:
             raise ValidationError("`max_new_tokens` must be strictly positive")
         if len(p.stop) > self.limits.max_stop_sequences:
             raise ValidationError(
                 f"`stop` supports up to {self.limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
         seed = self._seed(p, best_of)
         top_n = p.top_n_tokens or 0
-        if top_n > self.limits.max_top_n_tokens:
+        if not 0 <= top_n <= self.limits.max_top_n_tokens:
             raise ValidationError(
                 f"`top_n_tokens` must be >= 0 and <= {self.limits.max_top_n_tokens}. Given: {top_n}")
         if not req.inputs:
             raise ValidationError("`inputs` cannot be empty")
-        if p.truncate is not None and (p.truncate == 0 or p.truncate > self.limits.max_input_tokens):
+        if p.truncate is not None and (p.truncate <= 0 or p.truncate > self.limits.max_input_tokens):
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. "
                 f"Given: {p.truncate}")
@@ -191,6 +202,9 @@ class Validator:
         enc = await self.tokenizer.encode(req.inputs, req.add_special_tokens)
         ids = enc.ids[-p.truncate:] if p.truncate else enc.ids
         max_new = self._lengths(len(ids), p.max_new_tokens)
+        if not 0 <= p.min_new_tokens <= max_new:
+            raise ValidationError(
+                f"`min_new_tokens` must be >= 0 and <= `max_new_tokens`. Given: {p.min_new_tokens} and {max_new}")
         if p.decoder_input_details and stream:
             raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
         stopping = pb.StoppingCriteriaParameters(

@@ -36,6 +36,7 @@ from ember.proto import generate_pb2
 WATERMARK_GAMMA = 0.5
 WATERMARK_DELTA = 2.0
 WATERMARK_HASH_KEY = 15485863
+MIN_TEMPERATURE = 1e-4
 _NEG_INF = float("-inf")
 
 
@@ -217,7 +218,9 @@ class _Plan:
             )
 
     def _warpers(self, sp: list[SamplingParams], device: torch.device, vocab: int) -> None:
-        temps = [p.temperature for p in sp]
+        # A tiny positive temperature would overflow the scaled logits to inf (NaN probabilities);
+        # below MIN_TEMPERATURE the distribution is one-hot anyway.
+        temps = [max(p.temperature, MIN_TEMPERATURE) if p.temperature > 0 else p.temperature for p in sp]
         self.temperature = _column(temps, device) if any(t != 1.0 for t in temps) else None
         ks = [min(p.top_k, vocab) for p in sp]
         self.top_k = torch.tensor(ks, dtype=torch.int64, device=device) if any(ks) else None

@@ -290,3 +290,11 @@ def test_sampling_frequencies_follow_the_distribution():
         counts[sampler(logits, [[0]], [1]).next_ids[0]] += 1
     for tok, p in enumerate(probs):
         assert abs(counts[tok] / 3000 - p) < 0.04, counts
+
+
+def test_a_vanishing_temperature_samples_the_top_token_instead_of_failing():
+    logits = probs_logits([0.1, 0.6, 0.3, 0, 0, 0, 0, 0]) * 30
+    params = [SamplingParams(do_sample=True, temperature=1e-45, seed=s) for s in range(5)]
+    out = run(params, logits.repeat(5, 1))
+    assert out.next_ids == [1] * 5
+    assert all(math.isfinite(lp) for lp in out.logprobs)

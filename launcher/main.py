@@ -173,6 +173,8 @@ def router_spec(args: argparse.Namespace, model: Any) -> ChildSpec:
             "--tokenizer-name", str(model.path), "--model-id", str(model.model_id)]
     if getattr(model, "sha", None):
         argv += ["--model-sha", str(model.sha)]
+    # The router drains for the launcher's whole grace period, a little less so it exits before SIGKILL.
+    argv += ["--graceful-shutdown-timeout", str(max(args.graceful_termination_timeout - 1.0, 0.0))]
     return ChildSpec("router", None, argv + router_flag_argv(args), _child_env())
 
 

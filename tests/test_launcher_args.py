@@ -130,6 +130,15 @@ def test_router_receives_tgi_router_flags_only():
     assert "--disable-grammar-support" not in argv
 
 
+def test_router_drains_for_the_launchers_grace_period(tmp_path):
+    from ember.launcher.main import router_spec
+    from ember.launcher.store import ResolvedModel
+
+    args = parse_args(["--graceful-termination-timeout", "120"], CPU_ENV)
+    spec = router_spec(args, ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir"))
+    assert spec.argv[spec.argv.index("--graceful-shutdown-timeout") + 1] == "119.0"
+
+
 def test_launcher_modules_import_no_torch():
     """The supervisor stays light: torch belongs to the shards."""
     code = ("import sys, ember.launcher.main, ember.launcher.supervisor, ember.launcher.store; "

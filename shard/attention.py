@@ -4,9 +4,11 @@ One forward covers the new tokens of every sequence, flattened. Index tensors
 (slots, positions, gathers, masks) are built once per step in `AttentionMetadata`
 and reused by every layer, so the per-layer cost is a few tensor ops:
 
-* decode (one new token per sequence): gather each sequence's K/V through its
-  block table into a padded `[B, L, kv_heads, head_dim]`, one SDPA call with a
-  key mask; query heads are grouped per KV head (GQA without repeating K/V).
+* decode (one new token per sequence): gather each sequence's K/V by whole
+  blocks of its block table into a padded `[B, L, kv_heads, head_dim]`, one
+  SDPA call with a key mask; query heads are grouped per KV head (GQA without
+  repeating K/V). Its indices are computed in plain Python (a handful of
+  integers per sequence), not with per-token tensor ops.
 * prefill (anything else): one SDPA call per sequence, causal within it, over
   the cached prefix plus the new chunk.
 """
@@ -38,7 +40,9 @@ class AttentionMetadata:
     is_decode: bool
     spans: list[SeqSpan]
     context_lens: torch.Tensor | None = None  # decode: [B] tokens per sequence after this step
-    gather_slots: torch.Tensor | None = None  # decode: [B, L] slots of each sequence's context
+    gather_blocks: torch.Tensor | None = None  # decode: [B, NB] blocks of each sequence's context (0-padded)
+    block_size: int = 0
+    context_width: int = 0  # decode: the longest context of the step (keys per sequence, padded)
     max_position: int = 0
     _masks: dict = field(default_factory=dict)
 
@@ -52,6 +56,8 @@ class AttentionMetadata:
         device: torch.device,
     ) -> "AttentionMetadata":
         """Indices for a ragged step; `block_tables=None` runs without the cache (embeddings)."""
+        if block_tables is not None and all(n == 1 for n in num_new):
+            return cls._build_decode(num_cached, block_tables, block_size, device)
         cached = torch.tensor(num_cached, dtype=torch.long)
         new = torch.tensor(num_new, dtype=torch.long)
         total = int(new.sum())
@@ -60,25 +66,51 @@ class AttentionMetadata:
         positions = torch.arange(total) - (starts - cached)[seq_idx]
         spans = [SeqSpan(s, n, c) for s, n, c in zip(starts.tolist(), num_new, num_cached)]
         max_position = max(c + n for c, n in zip(num_cached, num_new)) - 1
-        is_decode = block_tables is not None and all(n == 1 for n in num_new)
-        meta = cls(positions=positions.to(device), slots=None, is_decode=is_decode, spans=spans,
+        meta = cls(positions=positions.to(device), slots=None, is_decode=False, spans=spans,
                    max_position=max_position)
         if block_tables is None:
             return meta
-        width = max(len(b) for b in block_tables)
-        table = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.long)
+        table = _padded_table(block_tables)
         meta.slots = (table[seq_idx, positions // block_size] * block_size + positions % block_size).to(device)
-        if is_decode:
-            ctx = cached + new
-            j = torch.arange(int(ctx.max()))
-            meta.gather_slots = (table[:, j // block_size] * block_size + j % block_size).to(device)
-            meta.context_lens = ctx.to(device)
-        else:
-            for i, span in enumerate(spans):
-                if span.num_cached:
-                    j = torch.arange(span.num_cached + span.num_new)
-                    span.ctx_slots = (table[i, j // block_size] * block_size + j % block_size).to(device)
+        for i, span in enumerate(spans):
+            if span.num_cached:
+                j = torch.arange(span.num_cached + span.num_new)
+                span.ctx_slots = (table[i, j // block_size] * block_size + j % block_size).to(device)
         return meta
+
+    @classmethod
+    def _build_decode(
+        cls, num_cached: list[int], block_tables: list[list[int]], block_size: int, device: torch.device
+    ) -> "AttentionMetadata":
+        """One new token per sequence: plain-Python index arithmetic (no per-token tensor ops).
+
+        The context is gathered by whole blocks (`gather_blocks`, padded with block 0
+        and masked), which copies rows of `block_size` slots instead of single slots.
+        """
+        slots = [table[c // block_size] * block_size + c % block_size for c, table in zip(num_cached, block_tables)]
+        ctx_blocks = [-(-(c + 1) // block_size) for c in num_cached]
+        width = max(ctx_blocks)
+        blocks = [table[:n] + [0] * (width - n) for table, n in zip(block_tables, ctx_blocks)]
+        meta = cls(
+            positions=torch.tensor(num_cached, dtype=torch.long).to(device),
+            slots=torch.tensor(slots, dtype=torch.long).to(device),
+            is_decode=True,
+            spans=[SeqSpan(i, 1, c) for i, c in enumerate(num_cached)],
+            max_position=max(num_cached),
+        )
+        meta.gather_blocks = torch.tensor(blocks, dtype=torch.long).to(device)
+        meta.context_lens = torch.tensor([c + 1 for c in num_cached], dtype=torch.long).to(device)
+        meta.block_size = block_size
+        meta.context_width = max(num_cached) + 1
+        return meta
+
+    @property
+    def gather_slots(self) -> torch.Tensor | None:
+        """Decode: [B, context_width] cache slots each sequence's keys come from (padding reads masked slots)."""
+        if self.gather_blocks is None:
+            return None
+        j = torch.arange(self.context_width, device=self.gather_blocks.device)
+        return self.gather_blocks[:, j // self.block_size] * self.block_size + j % self.block_size
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, L] additive mask: the keys each decode query may see (context, sliding window).
@@ -88,8 +120,8 @@ class AttentionMetadata:
         """
         key = ("decode", window, dtype)
         if key not in self._masks:
-            assert self.gather_slots is not None and self.context_lens is not None
-            j = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
+            assert self.gather_blocks is not None and self.context_lens is not None
+            j = torch.arange(self.context_width, device=self.gather_blocks.device)
             ctx = self.context_lens.unsqueeze(1)
             mask = j < ctx
             if window is not None:
@@ -112,6 +144,12 @@ class AttentionMetadata:
                 mask &= k_pos > q_pos - window
             self._masks[key] = _additive(mask, dtype)
         return self._masks[key]
+
+
+def _padded_table(block_tables: list[list[int]]) -> torch.Tensor:
+    """[B, max blocks] block ids, padded with 0 (padding is never read unmasked)."""
+    width = max(len(b) for b in block_tables)
+    return torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.long)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,13 +179,23 @@ def paged_attention(
 def _decode(q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
     batch, heads, dim = q.shape
     kv_heads = kv[0].shape[1]
-    flat = meta.gather_slots.view(-1)  # index_select: advanced indexing costs grow with the pool size
-    length = meta.gather_slots.shape[1]
-    keys = kv[0].index_select(0, flat).view(batch, length, kv_heads, dim).transpose(1, 2)  # [B, KVH, L, D]
-    values = kv[1].index_select(0, flat).view(batch, length, kv_heads, dim).transpose(1, 2)
+    blocks = meta.gather_blocks.view(-1)
+    padded = meta.gather_blocks.shape[1] * meta.block_size
+    width = meta.context_width
+    # index_select over whole blocks: contiguous block_size-slot rows, and an index 16x shorter;
+    # the tail beyond the longest context is sliced off as a view (no copy).
+    keys = _block_view(kv[0], meta.block_size).index_select(0, blocks)
+    values = _block_view(kv[1], meta.block_size).index_select(0, blocks)
+    keys = keys.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2)  # [B, KVH, L, D]
+    values = values.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2)
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim)  # query heads of one KV head as rows
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask(window, q.dtype))
     return out.reshape(batch, heads * dim)
+
+
+def _block_view(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A layer's flat `[slots, kv_heads, head_dim]` cache as `[blocks, block_size, kv_heads, head_dim]`."""
+    return flat.view(-1, block_size, *flat.shape[1:])
 
 
 def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.Tensor:

@@ -32,7 +32,27 @@ class ColumnParallelLinear(torch.nn.Module):
         return cls(weight, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear in the weight's dtype, returned in the input's.
+
+    With float32 activations and bfloat16 weights (`--matmul-dtype bfloat16`) the
+    matmul runs on bf16 inputs with float32 accumulation inside oneDNN, while the
+    residual stream, norms, attention and logits stay float32. With equal dtypes
+    both casts are no-ops.
+    """
+    if x.dtype == weight.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def cast_weight(module: torch.nn.Module, dtype: torch.dtype, with_bias: bool) -> None:
+    """Store a linear layer's weight (and its bias, when it enters the matmul) in `dtype`."""
+    module.weight.data = module.weight.data.to(dtype)
+    if with_bias and getattr(module, "bias", None) is not None:
+        module.bias.data = module.bias.data.to(dtype)
 
 
 class RowParallelLinear(torch.nn.Module):
@@ -51,10 +71,10 @@ class RowParallelLinear(torch.nn.Module):
         return cls(weight, b, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = _linear(x, self.weight)
         out = all_reduce(out, self.group)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + self.bias.to(out.dtype)
         return out
 
 
@@ -124,6 +144,9 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused kernel instead of six; the same float32 arithmetic.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
@@ -170,7 +193,11 @@ def _llama3_frequencies(inv_freq: torch.Tensor, params: dict, max_pos: int) -> t
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin table indexed by absolute position; grows on demand (long-context configs stay cheap)."""
+    """cos/sin table indexed by absolute position; grows on demand (long-context configs stay cheap).
+
+    The sin table carries the rotation's sign (its first half negated), so applying
+    the rotation is a swap of halves and one multiply-add (see `apply_rotary`).
+    """
 
     def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device, initial_len: int = 4096):
         super().__init__()
@@ -189,23 +216,30 @@ class RotaryEmbedding(torch.nn.Module):
     def _build(self, length: int) -> None:
         positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float32)
         freqs = torch.outer(positions, self.inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(self.dtype)
-        self.sin = emb.sin().to(self.dtype)
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(self.dtype)
+        self.sin = torch.cat([-freqs, freqs], dim=-1).sin().to(self.dtype)  # sin(-f) = -sin(f), exactly
 
     def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, 1, rot_dim] tables for `positions`; `max_position` (a host int) avoids a device sync."""
+        """[T, 1, rot_dim] cos and signed sin for `positions`; `max_position` (a host int) avoids a device sync."""
         if max_position >= self.cos.shape[0]:
             self._build(max(2 * self.cos.shape[0], max_position + 1))
         return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
 
 
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] along the last dimension, in one copy."""
+    half = x.shape[-1] // 2
+    return x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features of `x` [T, heads, head_dim] (half-split layout, as HF)."""
+    """Rotate the first rot_dim features of `x` [T, heads, head_dim] (half-split layout, as HF).
+
+    `sin` is the signed table of `RotaryEmbedding`: x·cos + [x2, x1]·[-sin, sin]
+    equals HF's x·cos + [-x2, x1]·sin.
+    """
     rot_dim = cos.shape[-1]
     if rot_dim == x.shape[-1]:
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return torch.addcmul(x * cos, _swap_halves(x), sin)
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
-    r1, r2 = rot.chunk(2, dim=-1)
-    return torch.cat([rot * cos + torch.cat([-r2, r1], dim=-1) * sin, rest], dim=-1)
+    return torch.cat([torch.addcmul(rot * cos, _swap_halves(rot), sin), rest], dim=-1)

@@ -36,11 +36,24 @@ def socket_path(prefix: str, rank: int) -> str:
     return f"{prefix}-{rank}"
 
 
+def model_executor() -> ThreadPoolExecutor:
+    """The one thread that runs every torch operation of the shard: loading, warmup, steps.
+
+    One thread means one OpenMP thread team. A second thread that ran parallel ops
+    (e.g. the main thread loading the weights) leaves its own idle team behind;
+    libgomp then counts more threads than CPUs and stops spinning between parallel
+    regions, and every region pays a futex wake-up (measured: decode steps ~35%
+    slower on 2 cores). So the CLI loads the model on this executor too.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
 class Servicer(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, engine: Engine, uds_prefix: str, world_size: int) -> None:
+    def __init__(self, engine: Engine, uds_prefix: str, world_size: int,
+                 executor: ThreadPoolExecutor | None = None) -> None:
         self.engine = engine
         self.urls = [f"unix://{socket_path(uds_prefix, r)}" for r in range(world_size)]
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.executor = executor or model_executor()
         # outlines-core releases the GIL while building an index: these threads run beside the model's.
         self.grammar_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
 
@@ -100,8 +113,12 @@ class Servicer(pb_grpc.TextGenerationServiceServicer):
         return pb.CompileGrammarResponse(cached=cached, total_ns=time.perf_counter_ns() - start)
 
 
-async def serve(engine: Engine, uds_prefix: str, rank: int, world_size: int) -> None:
-    """Serve until SIGTERM/SIGINT; the socket file exists only while serving."""
+async def serve(engine: Engine, uds_prefix: str, rank: int, world_size: int,
+                executor: ThreadPoolExecutor | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; the socket file exists only while serving.
+
+    `executor` is the model thread (`model_executor()`) the engine was built on, if any.
+    """
     path = socket_path(uds_prefix, rank)
     if os.path.exists(path):
         os.unlink(path)
@@ -111,7 +128,7 @@ async def serve(engine: Engine, uds_prefix: str, rank: int, world_size: int) -> 
             ("grpc.max_receive_message_length", 256 * 1024 * 1024),
         ]
     )
-    pb_grpc.add_TextGenerationServiceServicer_to_server(Servicer(engine, uds_prefix, world_size), server)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(Servicer(engine, uds_prefix, world_size, executor), server)
     server.add_insecure_port(f"unix://{path}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

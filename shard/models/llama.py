@@ -24,10 +24,13 @@ from ember.shard.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
     apply_rotary,
+    cast_weight,
 )
 from ember.shard.weights import Weights, check_tp_divisible
 
 SUPPORTED_MODEL_TYPES = PAGED_MODEL_TYPES
+# With low-precision matmuls, the logits of this many best tokens per row are recomputed in the model dtype.
+RESCORED_CANDIDATES = 16
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -178,6 +181,7 @@ class LlamaForCausalLM(torch.nn.Module):
             self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", group)
         self.rotary = RotaryEmbedding.from_config(config, spec.head_dim, weights.dtype, weights.device)
         self.kv_heads_per_rank = spec.num_kv_heads // group.world_size
+        self.fast_head: torch.Tensor | None = None  # see cast_matmuls
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
@@ -186,6 +190,29 @@ class LlamaForCausalLM(torch.nn.Module):
             h = layer(h, cos, sin, meta, cache)
         return self.norm(h)
 
+    def cast_matmuls(self, dtype: torch.dtype) -> None:
+        """Keep the linear weights in `dtype` (e.g. bfloat16 under float32 activations).
+
+        Embedding, norms, attention and KV cache keep the model dtype. The LM head
+        runs in `dtype` too, but the logits of each row's `RESCORED_CANDIDATES` best
+        tokens are then recomputed from the model-dtype weights: greedy choices
+        between near-ties (SmolLM2's "capital of France" answer hangs on one) are
+        decided by float32 logits, at the cost of a few rows of weights per token.
+        """
+        for layer in self.layers:
+            cast_weight(layer.attn.qkv, dtype, with_bias=True)
+            cast_weight(layer.attn.o_proj, dtype, with_bias=False)
+            cast_weight(layer.mlp.gate_up, dtype, with_bias=True)
+            cast_weight(layer.mlp.down, dtype, with_bias=False)
+        if self.lm_head.group.is_trivial:
+            self.fast_head = self.lm_head.weight.data.to(dtype)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits over the whole vocabulary (gathered across ranks)."""
-        return self.lm_head(hidden).float()
+        if self.fast_head is None:
+            return self.lm_head(hidden).float()
+        approx = F.linear(hidden.to(self.fast_head.dtype), self.fast_head).float()
+        best = approx.topk(min(RESCORED_CANDIDATES, approx.shape[-1]), dim=-1).indices  # [N, k]
+        rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
+        exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()
+        return approx.scatter_(1, best, exact)

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -198,8 +199,12 @@ def decode_roofline(results: dict, params: int) -> dict | None:
 
 
 def ember_dtype(log_path: Path) -> str | None:
-    """The dtype Ember's shard logged at load ("loading ... in torch.float32")."""
+    """The dtype Ember's matmuls run in, from the shard's load line
+    ("loading ... in torch.float32 (matmuls in bfloat16, ...)")."""
     text = lifecycle.log_tail(log_path, 400)
+    match = re.search(r"matmuls in (?:torch\.)?(bfloat16|float16|float32)", text)
+    if match:
+        return match.group(1)
     for name in ("bfloat16", "float16", "float32"):
         if f"torch.{name}" in text:
             return name

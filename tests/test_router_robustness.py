@@ -173,9 +173,15 @@ def test_cancel_while_a_request_finishes_in_prefill_is_a_drop_not_a_lost_request
         try:
             valid = await validator.validate(GenerateRequest("Hello", GenerateParameters(max_new_tokens=1)))
             entry = Entry(valid)
+            prefill = batcher.client.prefill
+
+            async def prefill_while_the_client_leaves(batch):
+                call = asyncio.ensure_future(prefill(batch))
+                batcher.cancel(entry)  # the client leaves while its only token is being computed
+                return await call
+
+            batcher.client.prefill = prefill_while_the_client_leaves
             batcher.append(entry)
-            await _until(lambda: entry.batched_at is not None)
-            batcher.cancel(entry)  # the client leaves while its only token is being computed
             await _until(lambda: not batcher.running and batcher.metrics.batch_inference_success.get("prefill"))
             return batcher.metrics.request_failure.get("dropped")
         finally:

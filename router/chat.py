@@ -9,6 +9,7 @@ stream, with tool calls parsed (`tools.py`) into `tool_calls`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AsyncIterator
@@ -115,6 +116,14 @@ class ChatCall:
     raw_tools: list | None
 
 
+async def parse_chat_off_loop(body: Any, state: "AppState") -> ChatCall:
+    """`parse_chat`, in a worker thread when tools are given: their schemas are checked and
+    compiled to a regex, which for large schemas would stall every stream on the event loop."""
+    if isinstance(body, dict) and body.get("tools"):
+        return await asyncio.to_thread(parse_chat, body, state)
+    return parse_chat(body, state)
+
+
 def parse_chat(body: Any, state: "AppState") -> ChatCall:
     if not isinstance(body, dict):
         raise BodyError("expected a JSON object")
@@ -172,7 +181,7 @@ class ChatApi:
 
     async def handle_body(self, request: Request, body: Any, arrived: float) -> Response:
         state: AppState = request.app.state.ember
-        call = parse_chat(body, state)
+        call = await parse_chat_off_loop(body, state)
         req = GenerateRequest(await self.prompt(state, call), call.params, add_special_tokens=False)
         choices = Choices(state)
         valids = await choices.validate([req], call.n, call.stream)
@@ -240,7 +249,7 @@ class ChatApi:
         """TGI's /chat_tokenize: the templated text and its tokens."""
         state: AppState = request.app.state.ember
         try:
-            call = parse_chat(await read_json(request, state.payload_limit), state)
+            call = await parse_chat_off_loop(await read_json(request, state.payload_limit), state)
             text = await self.prompt(state, call)
             enc = await state.tokenizer.encode(text, False)
         except EmberError as exc:

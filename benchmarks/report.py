@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import time
 from pathlib import Path
+from typing import Callable
 
 FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
                  "amx_int8")
@@ -186,3 +189,14 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_result(result: dict, out: Path, render: Callable[[dict], str]) -> None:
+    """Close a figures script's run: end load average and time, then `out` (JSON) and its .md twin."""
+    result["machine"]["loadavg_end"] = os.getloadavg()[0]
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    text = render(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)

@@ -25,7 +25,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import grpc_load  # noqa: E402
 import load  # noqa: E402
+import report  # noqa: E402
 from servers import router_process, shard_process  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -196,13 +196,7 @@ def main() -> None:
                 level_runs.append(run_pair(url, uds, level, encode, args.model_id, http_first=repeat % 2 == 0))
             result["levels"][str(c)] = {"runs": level_runs, "summary": overhead(level_runs)}
             print(json.dumps({c: result["levels"][str(c)]["summary"]["overhead_per_token_ms"]}), flush=True)
-    result["machine"]["loadavg_end"] = os.getloadavg()[0]
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    report.write_result(result, Path(args.out), markdown)
 
 
 if __name__ == "__main__":

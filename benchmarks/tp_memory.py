@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import re
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import load  # noqa: E402
+import report  # noqa: E402
 from servers import Launcher, free_port  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -258,13 +258,7 @@ def main() -> None:
     }
     for i, n in enumerate(args.num_shard):
         result["runs"].append(measure(n, args, model_dir, source, first=i * 100))
-    result["machine"]["loadavg_end"] = os.getloadavg()[0]
-    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    report.write_result(result, Path(args.out), markdown)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ FLAGS: tuple[Flag, ...] = (
          "--num-shard >= 2 (or >= 2 visible GPUs); false means one shard.", type=parse_bool, kind="optbool"),
     Flag("--dtype", "Weights and activations dtype of the shards. Default: the shard's choice "
          "(float32 on CPU, the model's dtype on CUDA).", choices=DTYPES),
+    Flag("--quantize", "Weight-only quantization of the decoder's linear layers on CPU, multiplied in bf16: "
+         "`int8` (a scale per output feature) or `int4` (a scale and minimum per 32 inputs, the layout of "
+         "GGUF's Q4_1, so the default model keeps its 4-bit codes). TGI's GPU methods "
+         "(awq, gptq, bitsandbytes, ...) are not available.", choices=("int8", "int4")),
     Flag("--kv-cache-bytes", "Memory budget of the KV cache of each shard on CPU, in bytes (units like 2GiB "
          "accepted). Default: the shard's choice.", type=parse_bytes),
     Flag("--cuda-memory-fraction", "Fraction of each GPU's memory a shard may use (KV cache sizing).", type=float),

@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
                         "keeps embedding, norms, attention and KV cache in float32, runs the matmuls on the "
                         "CPU's bf16 units and recomputes each token's 16 best logits in float32: 2-3x faster "
                         "decode on avx512_bf16 CPUs, logprobs within ~0.2 of float32")
+    s.add_argument("--quantize", default=env("QUANTIZE") or None, choices=["int8", "int4"],
+                   help="CPU weight-only quantization of the decoder's linear layers, multiplied in bf16: "
+                        "int8 (a scale per output feature) or int4 (a scale and minimum per 32 inputs, "
+                        "GGUF Q4_1's layout: a model converted from Q4_1 keeps its 4-bit codes)")
     s.add_argument("--num-threads", type=int, default=int(env("OMP_NUM_THREADS", "0")) or None,
                    help="torch intra-op threads (default: the CPUs this process may run on / world size)")
     s.add_argument("--kv-cache-bytes", type=int, default=int(env("KV_CACHE_BYTES", "0")) or None,
@@ -104,11 +108,12 @@ def main(argv: list[str] | None = None) -> None:
         """On the model thread: every torch op of this process runs there (see `model_executor`)."""
         threads = set_threads(args.num_threads, args.world_size)
         log.info("rank %d/%d: loading %s on %s in %s (matmuls in %s, %d threads)", args.rank, args.world_size,
-                 model_dir, device, dtype, args.matmul_dtype or dtype, threads)
+                 model_dir, device, dtype, f"bfloat16 over {args.quantize} weights" if args.quantize
+                 else args.matmul_dtype or dtype, threads)
         group = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
         return load_runner(model_dir, dtype, device, rank=args.rank, world_size=args.world_size, group=group,
                            kv_cache_bytes=args.kv_cache_bytes, cuda_memory_fraction=args.cuda_memory_fraction,
-                           matmul_dtype=args.matmul_dtype)
+                           matmul_dtype=args.matmul_dtype, quantize=args.quantize)
 
     runner = executor.submit(load).result()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

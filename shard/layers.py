@@ -35,14 +35,18 @@ class ColumnParallelLinear(torch.nn.Module):
         return _linear(x, self.weight, self.bias)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear in the weight's dtype, returned in the input's.
 
     With float32 activations and bfloat16 weights (`--matmul-dtype bfloat16`) the
     matmul runs on bf16 inputs with float32 accumulation inside oneDNN, while the
     residual stream, norms, attention and logits stay float32. With equal dtypes
-    both casts are no-ops.
+    both casts are no-ops. A `PackedWeight` (`--quantize`) multiplies bf16 inputs
+    by its quantized weight; the bias is added after, in the input's dtype.
     """
+    if isinstance(weight, PackedWeight):
+        out = weight.linear(x).to(x.dtype)
+        return out if bias is None else out + bias.to(out.dtype)
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
@@ -53,6 +57,97 @@ def cast_weight(module: torch.nn.Module, dtype: torch.dtype, with_bias: bool) ->
     module.weight.data = module.weight.data.to(dtype)
     if with_bias and getattr(module, "bias", None) is not None:
         module.bias.data = module.bias.data.to(dtype)
+
+
+QUANTIZE_KINDS = ("int8", "int4")
+INT4_GROUP = 32  # input features per int4 scale/minimum: GGUF's Q4_1 block
+
+
+class PackedWeight:
+    """A linear layer's weight stored quantized; activations enter its matmul in bfloat16 (CPU kernels).
+
+    * `int8`: symmetric, one scale per output feature (torch's `_weight_int8pack_mm`).
+    * `int4`: asymmetric, a scale and a minimum per group of 32 input features
+      (torch's `_weight_int4pack_mm_for_cpu`). This is the layout of GGUF's Q4_1
+      blocks (w = d·q + m, q in 0..15, m the block's minimum, d its range / 15),
+      so a model converted from a Q4_1 file keeps its 4-bit codes exactly; what
+      changes is the rounding of d and m (bf16 here, fp16 in GGUF): ~0.3 % of a
+      layer's largest weight on SmolLM2, as large as bf16 matmuls' own rounding.
+
+    Weight-only: the step reads a half (int8) or a quarter (int4) of bf16's
+    bytes, which is what single-stream decode on a CPU waits for.
+    """
+
+    compute_dtype = torch.bfloat16
+
+    def __init__(self, kind: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.kind = kind
+        self.data = data
+        self.scales = scales
+        self.shape = shape
+
+    @staticmethod
+    def unfit_reason(kind: str, shape: tuple[int, ...], device: torch.device) -> str | None:
+        """Why a weight of `shape` cannot be packed as `kind` (None: it can)."""
+        if kind not in QUANTIZE_KINDS:
+            return f"unknown quantization {kind!r} (choose from {', '.join(QUANTIZE_KINDS)})"
+        if device.type != "cpu":
+            return f"--quantize {kind} has CPU kernels only (device {device.type})"
+        out_features, in_features = shape
+        if kind == "int4" and (out_features % 16 or in_features % INT4_GROUP):
+            return (f"int4 needs output features divisible by 16 and input features by {INT4_GROUP}, "
+                    f"got {out_features}x{in_features}")
+        return None
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, kind: str) -> "PackedWeight":
+        reason = cls.unfit_reason(kind, tuple(weight.shape), weight.device)
+        if reason:
+            raise ValueError(reason)
+        w = weight.detach().float()
+        if kind == "int8":
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            return cls(kind, q.contiguous(), scale.to(cls.compute_dtype), tuple(w.shape))
+        out_features, in_features = w.shape
+        groups = w.view(out_features, in_features // INT4_GROUP, INT4_GROUP)
+        low = groups.amin(dim=-1)
+        scale = ((groups.amax(dim=-1) - low) / 15.0).clamp(min=1e-12)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 1)
+        # The kernel computes (q - 8)·scale + zero, so zero is the value of q = 8: m + 8·d.
+        scales_and_zeros = torch.stack([scale, low + 8.0 * scale], dim=-1).transpose(0, 1).contiguous()
+        return cls(kind, packed, scales_and_zeros.to(cls.compute_dtype), tuple(w.shape))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → [..., out] in bfloat16."""
+        flat = x.reshape(-1, self.shape[1]).to(self.compute_dtype)
+        if self.kind == "int8":
+            out = torch._weight_int8pack_mm(flat, self.data, self.scales)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.data, INT4_GROUP, self.scales)
+        return out.view(*x.shape[:-1], self.shape[0])
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight this packing stands for, read back through the kernel (so rounded to bf16)."""
+        eye = torch.eye(self.shape[1], dtype=self.compute_dtype, device=self.data.device)
+        return self.linear(eye).float().t().contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+
+def pack_weight(module: torch.nn.Module, kind: str) -> str | None:
+    """Replace a linear layer's weight by its `PackedWeight`; returns why it could not (kept as it was)."""
+    weight = module.weight.data
+    reason = PackedWeight.unfit_reason(kind, tuple(weight.shape), weight.device)
+    if reason:
+        return reason
+    packed = PackedWeight.quantize(weight, kind)
+    del module.weight  # the float parameter goes; the packed weight is a plain attribute
+    module.weight = packed
+    return None
 
 
 class RowParallelLinear(torch.nn.Module):

@@ -64,6 +64,9 @@ class RunnerInfo:
     hidden_size: int
     requires_padding: bool
     world_size: int
+    # Steps may mix running sequences (one new token) with new prompts; padded batches would pad
+    # every running sequence to the prompt's length, so only the ragged paged path says yes.
+    prefill_with_cached_batch: bool = False
 
 
 @dataclass
@@ -198,6 +201,7 @@ class PagedRunner(ModelRunner):
             hidden_size=spec.hidden_size,
             requires_padding=False,
             world_size=group.world_size,
+            prefill_with_cached_batch=True,
         )
         initial = min(kv_cache_bytes, INITIAL_KV_BYTES) if kv_cache_bytes else INITIAL_KV_BYTES
         self.cache = self._new_cache(initial // self._bytes_per_block())
@@ -345,12 +349,15 @@ def load_runner(
     kv_cache_bytes: int | None = None,
     cuda_memory_fraction: float = 1.0,
     matmul_dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> ModelRunner:
     """Load a model directory: Ember's paged code for llama/mistral/qwen2, transformers' otherwise.
 
     `matmul_dtype` (paged code only) stores the decoder layers' linear weights in
     another dtype than `dtype`: float32 activations with bfloat16 matmuls halve the
     bytes read per token and use the CPU's bf16 units, at a small cost in precision.
+    `quantize` (`int8` / `int4`, paged code on CPU) packs them instead: a half or a
+    quarter of bf16's bytes, multiplied in bfloat16.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -359,6 +366,19 @@ def load_runner(
         raise FileNotFoundError(f"{model_dir} is not a model directory: it has no config.json")
     config = read_json(model_dir / "config.json")
     model_type = config.get("model_type", "")
+    if quantize is not None:
+        from ember.shard.layers import QUANTIZE_KINDS
+
+        if quantize not in QUANTIZE_KINDS:
+            raise ValueError(f"unknown quantization {quantize!r}: choose from {', '.join(QUANTIZE_KINDS)}")
+        if matmul_dtype is not None and resolve_dtype(matmul_dtype, device) != torch.bfloat16:
+            raise ValueError(f"--quantize {quantize} multiplies in bfloat16; drop --matmul-dtype {matmul_dtype}")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"--quantize {quantize} needs Ember's model code; model_type {model_type!r} "
+                             "runs on the generic path")
+        if device.type != "cpu":
+            raise ValueError(f"--quantize {quantize} has CPU kernels only; on {device.type} serve the model "
+                             "in its dtype")
     if model_type not in SUPPORTED_MODEL_TYPES:
         from ember.shard.models.generic import GenericRunner
 
@@ -373,8 +393,14 @@ def load_runner(
     weights = Weights(model_dir, torch_dtype, device, rank=rank, world_size=world_size)
     model = LlamaForCausalLM(config, weights, group).eval()
     matmul = resolve_dtype(matmul_dtype, device) if matmul_dtype is not None else torch_dtype
-    if matmul != torch_dtype:
+    weights_note = ""
+    if quantize is not None:
+        kept = model.quantize(quantize)
+        for reason in kept:
+            log.warning("not quantized, kept in %s: %s", dtype_name(torch_dtype), reason)
+        matmul, weights_note = torch.bfloat16, f" over {quantize} weights"
+    elif matmul != torch_dtype:
         model.cast_matmuls(matmul)
-    log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s, %s)", model_type, rank,
-             world_size, dtype_name(torch_dtype), dtype_name(matmul), device)
+    log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, %s)", model_type, rank,
+             world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note, device)
     return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction)

@@ -25,12 +25,17 @@ from ember.shard.layers import (
     VocabParallelEmbedding,
     apply_rotary,
     cast_weight,
+    PackedWeight,
+    pack_weight,
 )
 from ember.shard.weights import Weights, check_tp_divisible
 
 SUPPORTED_MODEL_TYPES = PAGED_MODEL_TYPES
 # With low-precision matmuls, the logits of this many best tokens per row are recomputed in the model dtype.
 RESCORED_CANDIDATES = 16
+# Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
+# rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
+PACKED_HEAD_MAX_ROWS = 8
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -182,6 +187,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.rotary = RotaryEmbedding.from_config(config, spec.head_dim, weights.dtype, weights.device)
         self.kv_heads_per_rank = spec.num_kv_heads // group.world_size
         self.fast_head: torch.Tensor | None = None  # see cast_matmuls
+        self.packed_head: PackedWeight | None = None  # see quantize
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
@@ -207,11 +213,39 @@ class LlamaForCausalLM(torch.nn.Module):
         if self.lm_head.group.is_trivial:
             self.fast_head = self.lm_head.weight.data.to(dtype)
 
+    def quantize(self, kind: str) -> list[str]:
+        """Pack the decoder layers' linear weights as `kind` (int8 / int4, see `PackedWeight`).
+
+        The LM head keeps its model-dtype weights (they are the tied embedding) and
+        gets a bfloat16 copy and, under int4, an int4 copy for steps of up to
+        `PACKED_HEAD_MAX_ROWS` rows; either way each row's best candidates are
+        rescored in the model dtype, as under `cast_matmuls(bfloat16)`. (So under
+        int4 the logits beyond those candidates depend on the step's row count, as
+        bf16 kernels' rounding does.) Returns why any weight stayed unpacked (e.g. a
+        shape the int4 kernel cannot take).
+        """
+        kept = []
+        for i, layer in enumerate(self.layers):
+            for name, module in (("qkv", layer.attn.qkv), ("o_proj", layer.attn.o_proj),
+                                 ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)):
+                reason = pack_weight(module, kind)
+                if reason:
+                    kept.append(f"layer {i} {name}: {reason}")
+        if self.lm_head.group.is_trivial:
+            head = self.lm_head.weight.data
+            self.fast_head = head.to(torch.bfloat16)
+            if kind == "int4" and PackedWeight.unfit_reason("int4", tuple(head.shape), head.device) is None:
+                self.packed_head = PackedWeight.quantize(head, "int4")
+        return kept
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits over the whole vocabulary (gathered across ranks)."""
         if self.fast_head is None:
             return self.lm_head(hidden).float()
-        approx = F.linear(hidden.to(self.fast_head.dtype), self.fast_head).float()
+        if self.packed_head is not None and hidden.shape[0] <= PACKED_HEAD_MAX_ROWS:
+            approx = self.packed_head.linear(hidden).float()
+        else:
+            approx = F.linear(hidden.to(self.fast_head.dtype), self.fast_head).float()
         best = approx.topk(min(RESCORED_CANDIDATES, approx.shape[-1]), dim=-1).indices  # [N, k]
         rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()

@@ -2,12 +2,23 @@
 
 DESIGN.md "Continuous batching": with no running batch it prefills the next
 entries that fit; then it loops Decode. Between steps it takes waiting
-entries when enough wait relative to the running batch
-(`waiting_served_ratio`) or the oldest has waited `max_waiting_tokens`
-steps, prefills them as a new batch, and passes both batches to the next
-Decode, which merges them. Finished and cancelled requests are filtered out
-after every step so their KV blocks return at once. Generations are handed
-to each request's own asyncio queue; nothing else happens per token here.
+entries and onboards them in one of two ways:
+
+* the shard can prefill beside a cached batch (Info `prefill_with_cached_batch`,
+  Ember's paged model code; TGI v3 does the same for its chunking models):
+  any waiting entries that fit are taken at every step, and one Prefill
+  carries both the new batch and the running one, so the new prompts and the
+  running requests' next tokens share one forward. Nobody waits for a ratio
+  and running requests never pause for someone else's prefill.
+  `PREFILL_CHUNKING=0` turns this off, as in TGI.
+* otherwise TGI's rule for non-chunking models: take them when enough wait
+  relative to the running batch (`waiting_served_ratio`) or the oldest has
+  waited `max_waiting_tokens` steps, prefill them as a new batch (the running
+  one pauses), and pass both batches to the next Decode, which merges them.
+
+Finished and cancelled requests are filtered out after every step so their KV
+blocks return at once. Generations are handed to each request's own asyncio
+queue; nothing else happens per token here.
 """
 
 from __future__ import annotations
@@ -36,8 +47,10 @@ def _rpc_message(exc: BaseException) -> str:
 
 
 class Batcher:
-    def __init__(self, client: ShardedClient, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, client: ShardedClient, limits: Limits, metrics: Metrics,
+                 prefill_with_running: bool = False) -> None:
         self.client = client
+        self.prefill_with_running = prefill_with_running
         self.limits = limits
         self.metrics = metrics
         self.queue = Queue()
@@ -105,17 +118,23 @@ class Batcher:
     async def _serve(self, cached: pb.CachedBatch | None) -> None:
         waiting_steps = 1
         while cached is not None:
-            batches = [cached]
             new = self._take_more(len(self.running), waiting_steps)
             if new:
-                added = await self._prefill(new)
                 waiting_steps = 1
-                if added is not None:
-                    batches.append(added)
-            batches = [b for b in [await self._prune(b) for b in batches] if b is not None]
-            if not batches:
-                return
-            cached = await self._decode(batches)
+                cached = await self._prune(cached)
+            if new and cached is not None and self.prefill_with_running:
+                cached = await self._prefill(new, running=cached)
+            else:
+                batches = [cached] if cached is not None else []
+                if new:
+                    added = await self._prefill(new)
+                    if added is not None:
+                        batches.append(added)
+                batches = [b for b in [await self._prune(b) for b in batches] if b is not None]
+                if not batches:
+                    self._fail_lost(None)
+                    return
+                cached = await self._decode(batches)
             cached = await self._prune(cached) if cached is not None else None
             self._fail_lost(cached)
             waiting_steps += 1
@@ -139,7 +158,8 @@ class Batcher:
             return []
         lim = self.limits
         wait_exceeded = waiting_steps >= lim.max_waiting_tokens
-        min_size = None if wait_exceeded else int(batch_size * lim.waiting_served_ratio)
+        joins_running = self.prefill_with_running and batch_size > 0
+        min_size = None if wait_exceeded or joins_running else int(batch_size * lim.waiting_served_ratio)
         max_size = None
         if lim.max_batch_size is not None:
             max_size = lim.max_batch_size - batch_size
@@ -149,14 +169,16 @@ class Batcher:
         entries = self.queue.next_batch(min_size, max_size, lim.max_batch_prefill_tokens, token_budget)
         self.metrics.queue_size.set(len(self.queue))
         if entries:
-            self.metrics.batch_concat.inc("wait_exceeded" if wait_exceeded else "backpressure")
+            reason = "chunking" if joins_running else "wait_exceeded" if wait_exceeded else "backpressure"
+            self.metrics.batch_concat.inc(reason)
         return entries
 
     def _reserved(self) -> int:
         return sum(e.budget for e in self.running.values())
 
     # -- shard calls ------------------------------------------------------------------
-    async def _prefill(self, entries: list[Entry]) -> pb.CachedBatch | None:
+    async def _prefill(self, entries: list[Entry], running: pb.CachedBatch | None = None) -> pb.CachedBatch | None:
+        """Prefill `entries` as a new batch; with `running`, in the same forward as its next tokens."""
         now = time.monotonic()
         for e in entries:
             e.batched_at = now
@@ -166,10 +188,16 @@ class Batcher:
         self.metrics.batch_next_size.observe(len(entries))
         self._update_gauges()
         try:
-            reply = await self._timed("prefill", self.client.prefill(batch))
+            reply = await self._timed("prefill", self.client.prefill(batch, running))
         except Exception as exc:
-            await self._shard_failed(entries, [batch.id], exc)
+            if running is None:
+                await self._shard_failed(entries, [batch.id], exc)
+            else:
+                involved = [self.running[i] for i in running.request_ids if i in self.running] + entries
+                await self._shard_failed(involved, [running.id, batch.id], exc)
             return None
+        if reply.HasField("concat_ns"):
+            self.metrics.batch_concat_duration.observe(reply.concat_ns / 1e9, "prefill")
         self._dispatch(reply.generations)
         return await self._prune(reply.batch) if reply.HasField("batch") else None
 

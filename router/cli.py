@@ -148,7 +148,12 @@ async def build(args: argparse.Namespace):
     limits.check()
     metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
     metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
-    infer = Infer(Validator(tokenizer, limits, client.compile_grammar), Batcher(client, limits, metrics), limits, metrics)
+    with_running = info.prefill_with_cached_batch and os.environ.get("PREFILL_CHUNKING", "1").lower() not in (
+        "0", "false", "no", "off")
+    log.info("new requests join the running batch %s", "in a shared forward (Prefill with the running batch)"
+             if with_running else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)")
+    batcher = Batcher(client, limits, metrics, prefill_with_running=with_running)
+    infer = Infer(Validator(tokenizer, limits, client.compile_grammar), batcher, limits, metrics)
     state = AppState(
         infer=infer, client=client, tokenizer=tokenizer, limits=limits, metrics=metrics,
         model_id=args.model_id, model_sha=args.model_sha, shard_info=_shard_info(info),

@@ -85,8 +85,11 @@ class ShardedClient:
         replies = await self._ordered("Warmup", request)
         return min(replies, key=lambda r: r.max_supported_total_tokens)
 
-    async def prefill(self, batch: pb.Batch) -> pb.PrefillResponse:
-        return (await self._ordered("Prefill", pb.PrefillRequest(batch=batch)))[0]
+    async def prefill(self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None) -> pb.PrefillResponse:
+        request = pb.PrefillRequest(batch=batch)
+        if cached_batch is not None:
+            request.cached_batch.CopyFrom(cached_batch)
+        return (await self._ordered("Prefill", request))[0]
 
     async def decode(self, batches: list[pb.CachedBatch]) -> pb.DecodeResponse:
         return (await self._ordered("Decode", pb.DecodeRequest(batches=batches)))[0]

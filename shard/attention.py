@@ -11,6 +11,9 @@ and reused by every layer, so the per-layer cost is a few tensor ops:
   integers per sequence), not with per-token tensor ops.
 * prefill (anything else): one SDPA call per sequence, causal within it, over
   the cached prefix plus the new chunk.
+* mixed (running sequences taking one token, then new prompts: a Prefill with
+  the running batch): the leading one-token sequences go through the decode
+  path as one group (`decode_part`), the rest through the prefill path.
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ class AttentionMetadata:
     block_size: int = 0
     context_width: int = 0  # decode: the longest context of the step (keys per sequence, padded)
     max_position: int = 0
+    decode_part: "AttentionMetadata | None" = None  # mixed: decode indices of the leading sequences
     _masks: dict = field(default_factory=dict)
+
+    @property
+    def decode_rows(self) -> int:
+        """Mixed steps: how many leading tokens (one per sequence) take the decode path."""
+        return len(self.decode_part.spans) if self.decode_part is not None else 0
 
     @classmethod
     def build(
@@ -58,6 +67,11 @@ class AttentionMetadata:
         """Indices for a ragged step; `block_tables=None` runs without the cache (embeddings)."""
         if block_tables is not None and all(n == 1 for n in num_new):
             return cls._build_decode(num_cached, block_tables, block_size, device)
+        # Mixed step: leading sequences with a cached prefix and one new token decode as a group.
+        lead = 0
+        if block_tables is not None:
+            while lead < len(num_new) and num_new[lead] == 1 and num_cached[lead] > 0:
+                lead += 1
         cached = torch.tensor(num_cached, dtype=torch.long)
         new = torch.tensor(num_new, dtype=torch.long)
         total = int(new.sum())
@@ -72,10 +86,12 @@ class AttentionMetadata:
             return meta
         table = _padded_table(block_tables)
         meta.slots = (table[seq_idx, positions // block_size] * block_size + positions % block_size).to(device)
-        for i, span in enumerate(spans):
+        for i, span in enumerate(spans[lead:], start=lead):
             if span.num_cached:
                 j = torch.arange(span.num_cached + span.num_new)
                 span.ctx_slots = (table[i, j // block_size] * block_size + j % block_size).to(device)
+        if lead:
+            meta.decode_part = cls._build_decode(num_cached[:lead], block_tables[:lead], block_size, device)
         return meta
 
     @classmethod
@@ -201,7 +217,10 @@ def _block_view(flat: torch.Tensor, block_size: int) -> torch.Tensor:
 def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
     total, heads, dim = q.shape
     out = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
-    for i, span in enumerate(meta.spans):
+    lead = meta.decode_rows
+    if lead:
+        out[:lead] = _decode(q[:lead], kv, meta.decode_part, window).view(lead, heads, dim)
+    for i, span in enumerate(meta.spans[lead:], start=lead):
         s, e = span.start, span.start + span.num_new
         if span.num_cached and span.ctx_slots is not None:
             keys, values = kv[0].index_select(0, span.ctx_slots), kv[1].index_select(0, span.ctx_slots)

@@ -129,10 +129,12 @@ class GenerationBatch:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def step(self, prefill: bool) -> tuple[list[pb.Generation], StepTimings]:
+    def step(self) -> tuple[list[pb.Generation], StepTimings]:
+        """One forward over every request: prompts of new ones, the next token of running ones."""
         timings = StepTimings()
         start = time.perf_counter_ns()
-        want_prompt = prefill and any(r.prefill_logprobs for r in self.requests)
+        prompt_details = [r.prefill_logprobs and not r.generated for r in self.requests]
+        want_prompt = any(prompt_details)
         out = self.ctx.runner.step([r.seq for r in self.requests], want_prompt_logits=want_prompt)
         timings.forward_ns = time.perf_counter_ns() - start
 
@@ -149,7 +151,7 @@ class GenerationBatch:
         live = []
         for i, r in enumerate(self.requests):
             gen, finished = self._advance(r, i, result)
-            if prefill and r.prefill_logprobs:
+            if prompt_details[i]:
                 gen.prefill_tokens.CopyFrom(self._prefill_tokens(r, out.prompt_logits[i]))
             generations.append(gen)
             if not finished:

@@ -63,19 +63,41 @@ class Engine:
         start = time.perf_counter_ns()
         if request.batch.id in self.batches:
             raise BadRequest(f"batch {request.batch.id} already exists on this shard")
-        batch = GenerationBatch.from_pb(request.batch, self.ctx)
+        running = request.cached_batch if request.HasField("cached_batch") else None
+        if running is not None:
+            if not self.ctx.runner.info.prefill_with_cached_batch:
+                raise BadRequest("this shard's model path cannot prefill beside a cached batch; use Decode")
+            if running.id not in self.batches:
+                raise UnknownBatch(running.id)
+        batch = GenerationBatch.from_pb(request.batch, self.ctx)  # a bad request leaves the running batch as it was
+        concat_ns = None
+        if running is not None:
+            batch = GenerationBatch.concatenate([self._take_as(running), batch])
+            concat_ns = time.perf_counter_ns() - start
+            self.batches[batch.id] = batch  # if the step fails, ClearCache(id) still frees its blocks
         try:
-            generations, timings = batch.step(prefill=True)
+            generations, timings = batch.step()
         except BaseException:
-            batch.release()
+            if running is None:
+                batch.release()
             raise
+        if running is not None:
+            self.batches.pop(batch.id)
         return pb.PrefillResponse(
             generations=generations,
             batch=self._store(batch),
             forward_ns=timings.forward_ns,
             decode_ns=timings.decode_ns,
             total_ns=time.perf_counter_ns() - start,
+            concat_ns=concat_ns,
         )
+
+    def _take_as(self, cached: pb.CachedBatch) -> GenerationBatch:
+        """Take a stored batch, dropping requests the router no longer lists (cancellations)."""
+        part = self._take(cached.id)
+        if len(cached.request_ids) != len(part.requests):
+            part.filter(list(cached.request_ids))
+        return part
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         start = time.perf_counter_ns()
@@ -84,16 +106,12 @@ class Engine:
         missing = [b.id for b in request.batches if b.id not in self.batches]
         if missing:
             raise UnknownBatch(missing[0])
-        parts = [self._take(b.id) for b in request.batches]
-        for part, cached in zip(parts, request.batches):
-            # The router may have dropped requests (cancellations) without a FilterBatch.
-            if len(cached.request_ids) != len(part.requests):
-                part.filter(list(cached.request_ids))
+        parts = [self._take_as(b) for b in request.batches]
         batch = GenerationBatch.concatenate(parts)
         concat_ns = time.perf_counter_ns() - start
         # Stored before the step: if it fails, ClearCache(id) still frees its blocks.
         self.batches[batch.id] = batch
-        generations, timings = batch.step(prefill=False)
+        generations, timings = batch.step()
         self.batches.pop(batch.id)
         return pb.DecodeResponse(
             generations=generations,
@@ -151,4 +169,5 @@ class Engine:
             attention_impl=i.attention_impl,
             hidden_size=i.hidden_size,
             supports_embeddings=True,
+            prefill_with_cached_batch=i.prefill_with_cached_batch,
         )

@@ -173,7 +173,7 @@ def test_request_log_line(stack):
 
 
 def test_new_request_joins_running_batch(url):
-    concat_before = metric(url, 'tgi_batch_concat{reason="backpressure"}')
+    concat_before = metric(url, 'tgi_batch_concat{reason="chunking"}')
 
     async def scenario():
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -190,8 +190,31 @@ def test_new_request_joins_running_batch(url):
     assert short.status_code == 200 and short.json()["details"]["generated_tokens"] == 3
     # The long one was still running when the short one finished.
     assert len(rest) > 100 and rest[-1]["details"]["generated_tokens"] == 400
-    assert metric(url, 'tgi_batch_concat{reason="backpressure"}') > concat_before
+    # Joined in a Prefill that carried the running batch (TGI's "chunking" concat reason).
+    assert metric(url, 'tgi_batch_concat{reason="chunking"}') > concat_before
     assert metric(url, "ember_batch_peak_size") >= 2
+
+
+def test_without_shared_prefill_newcomers_follow_tgi_waiting_rules(tiny_llama_dir, tmp_path):
+    """PREFILL_CHUNKING=0: the newcomer is prefilled alone (the running request pauses), then merged."""
+    env = {"PREFILL_CHUNKING": "0"}
+    with shard_process(tiny_llama_dir, str(tmp_path / "s")) as socket:
+        with router_process(socket, tiny_llama_dir, "--waiting-served-ratio", "0", env=env,
+                            capture=tmp_path / "router.log") as url:
+            async def scenario():
+                async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+                    async with client.stream("POST", "/generate_stream", json=LONG) as long:
+                        events = aiter_events(long)
+                        await events.__anext__()
+                        short = await client.post("/generate", json={"inputs": "The capital",
+                                                                     "parameters": {"max_new_tokens": 3}})
+                        return short, [e async for e in events]
+
+            short, rest = asyncio.run(scenario())
+            assert short.status_code == 200 and rest[-1]["details"]["generated_tokens"] == 400
+            assert metric(url, 'tgi_batch_concat{reason="backpressure"}') >= 1
+            assert metric(url, 'tgi_batch_concat{reason="chunking"}') == 0
+    assert "after their own prefill" in (tmp_path / "router.log").read_text()
 
 
 def test_overload_429_leaves_admitted_requests_alone(url):

@@ -150,12 +150,13 @@ def test_fuzzed_bodies_are_4xx_and_running_requests_survive(socket, tiny_llama_d
 
 # ---- the batching task, in process, over a real shard ----------------------------------------------
 
-async def _batcher(socket: str, pool: TokenizerPool) -> tuple[Batcher, Validator]:
+async def _batcher(socket: str, pool: TokenizerPool, with_running: bool = False) -> tuple[Batcher, Validator]:
     client = await ShardedClient.connect(socket)
     limits = Limits(**LIMITS)
     await client.clear_cache()
     await client.warmup(warmup_request(pool, limits))
-    batcher = Batcher(client, limits, Metrics(limits.max_input_tokens, limits.max_total_tokens))
+    batcher = Batcher(client, limits, Metrics(limits.max_input_tokens, limits.max_total_tokens),
+                      prefill_with_running=with_running)
     batcher.start()
     return batcher, Validator(pool, limits)
 
@@ -175,8 +176,8 @@ def test_cancel_while_a_request_finishes_in_prefill_is_a_drop_not_a_lost_request
             entry = Entry(valid)
             prefill = batcher.client.prefill
 
-            async def prefill_while_the_client_leaves(batch):
-                call = asyncio.ensure_future(prefill(batch))
+            async def prefill_while_the_client_leaves(batch, cached=None):
+                call = asyncio.ensure_future(prefill(batch, cached))
                 batcher.cancel(entry)  # the client leaves while its only token is being computed
                 return await call
 
@@ -190,6 +191,45 @@ def test_cancel_while_a_request_finishes_in_prefill_is_a_drop_not_a_lost_request
 
     with caplog.at_level(logging.ERROR, logger="ember.router.batcher"):
         dropped = asyncio.run(scenario())
+    assert dropped == 1
+    assert not [r for r in caplog.records if "missing from the shard" in r.getMessage()]
+
+
+def test_a_running_request_cancelled_during_a_shared_prefill_is_dropped_and_the_newcomer_finishes(
+        socket, pool, caplog):
+    async def scenario():
+        batcher, validator = await _batcher(socket, pool, with_running=True)
+        try:
+            long = GenerateParameters(max_new_tokens=40, ignore_eos=True)
+            running = Entry(await validator.validate(GenerateRequest("Hello", long)))
+            batcher.append(running)
+            await running.events.get()  # it is decoding
+            short = GenerateParameters(max_new_tokens=3, ignore_eos=True)
+            newcomer = Entry(await validator.validate(GenerateRequest("Hi there", short)))
+            prefill, carried = batcher.client.prefill, []
+
+            async def the_running_client_leaves(batch, cached=None):
+                carried.append(None if cached is None else list(cached.request_ids))
+                call = asyncio.ensure_future(prefill(batch, cached))
+                batcher.cancel(running)  # while its token is computed beside the newcomer's prompt
+                return await call
+
+            batcher.client.prefill = the_running_client_leaves
+            batcher.append(newcomer)
+            events = [await newcomer.events.get()]
+            while not isinstance(events[-1], Exception) and not events[-1].HasField("generated_text"):
+                events.append(await newcomer.events.get())
+            await _until(lambda: not batcher.running)
+            return carried, running.id, events, batcher.metrics.request_failure.get("dropped")
+        finally:
+            await batcher.stop()
+            await batcher.client.close()
+
+    with caplog.at_level(logging.ERROR, logger="ember.router.batcher"):
+        carried, running_id, events, dropped = asyncio.run(scenario())
+    assert carried == [[running_id]]  # one Prefill carried the running batch
+    assert not any(isinstance(e, Exception) for e in events)
+    assert events[-1].generated_text.generated_tokens == 3 and len(events) == 3
     assert dropped == 1
     assert not [r for r in caplog.records if "missing from the shard" in r.getMessage()]
 

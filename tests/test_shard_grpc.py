@@ -115,6 +115,59 @@ def test_ragged_prefill_merge_and_filter_match_transformers(shard, reference, to
     assert len(tokens[1]) == 5
 
 
+def test_prefill_beside_the_running_batch_matches_transformers(shard, reference, tokenizer):
+    """TGI v3's Prefill with cached_batch: new prompts and running decodes in one forward."""
+    assert shard.Info(pb.InfoRequest()).prefill_with_cached_batch
+    prompts = ["The capital of France is", "Hello world! How are you today?", "def add(a, b):",
+               "Once upon a time there was a", "Emoji: 🎉🔥 and CJK 你好"]
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    n = 10
+    expected = [greedy_reference(reference, i, n) for i in ids]
+    tokens: dict[int, list[int]] = {}
+    first = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(
+        id=40, requests=[request(r, ids[r], n) for r in (0, 1)], size=2)))
+    collect(tokens, first.generations)
+    cached = shard.Decode(pb.DecodeRequest(batches=[first.batch]))
+    collect(tokens, cached.generations)
+    cached = cached.batch
+
+    # Two newcomers (one asking for prompt logprobs) join in the running batch's forward.
+    late = [request(r, ids[r], n) for r in (2, 3)]
+    late[1].prefill_logprobs = True
+    joined = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=41, requests=late, size=2), cached_batch=cached))
+    assert [g.request_id for g in joined.generations] == [0, 1, 2, 3]
+    assert joined.HasField("concat_ns")
+    assert [len(g.prefill_tokens.ids) for g in joined.generations] == [0, 0, 0, len(ids[3])]
+    collect(tokens, joined.generations)
+    cached = joined.batch
+    assert list(cached.request_ids) == [0, 1, 2, 3]
+
+    # A bad newcomer is refused and leaves the running batch as it was.
+    with pytest.raises(grpc.RpcError) as bad:
+        shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=42, requests=[request(9, [10**6], n)], size=1),
+                                        cached_batch=cached))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as unknown:
+        shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=43, requests=[request(9, ids[4], n)], size=1),
+                                        cached_batch=pb.CachedBatch(id=997, request_ids=[1], size=1)))
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # One more joins while request 1 has been dropped by the router (listed no more, no FilterBatch).
+    cached = pb.CachedBatch(id=cached.id, request_ids=[0, 2, 3], size=3)
+    joined = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=44, requests=[request(4, ids[4], n)], size=1),
+                                             cached_batch=cached))
+    collect(tokens, joined.generations)
+    cached = joined.batch
+    assert list(cached.request_ids) == [0, 2, 3, 4]
+    while cached is not None and cached.size:
+        step = shard.Decode(pb.DecodeRequest(batches=[cached]))
+        collect(tokens, step.generations)
+        cached = step.batch if step.HasField("batch") else None
+    for r in (0, 2, 3, 4):
+        assert tokens[r] == expected[r], f"request {r}"
+    assert tokens[1] == expected[1][:3]
+
+
 def test_seeded_sampling_is_independent_of_batch_neighbours(shard, tokenizer):
     ids = tokenizer("Once upon a time")["input_ids"]
     sampled = dict(do_sample=True, temperature=1.3, seed=1234)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.shard.attention import AttentionMetadata
-from ember.shard.layers import INT4_GROUP, QUANTIZE_KINDS, ColumnParallelLinear, PackedWeight, pack_weight
+from ember.shard.layers import INT4_GROUP, PACKED_MAX_ROWS, QUANTIZE_KINDS, ColumnParallelLinear, PackedWeight, pack_weight
 from ember.shard.models.llama import PACKED_HEAD_MAX_ROWS, RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
 
@@ -45,7 +45,8 @@ def test_int4_finds_q4_1_blocks_again_exactly():
     deq = packed.dequantize()
     assert deq.dtype == torch.float32 and deq.shape == w.shape
     assert torch.equal(deq, w)
-    assert packed.nbytes <= w.numel() // 2 + 64 * (256 // INT4_GROUP) * 2 * 2  # 4 bits + bf16 scale/zero
+    # 4 bits + bf16 scale/zero, and the bf16 copy that steps of many rows multiply with
+    assert packed.nbytes <= w.numel() // 2 + 64 * (256 // INT4_GROUP) * 2 * 2 + w.numel() * 2
 
 
 def test_int4_error_is_within_half_a_step_of_each_group():
@@ -88,7 +89,7 @@ def test_int8_error_is_within_half_a_step_of_each_row():
 
 
 @pytest.mark.parametrize("kind", QUANTIZE_KINDS)
-@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+@pytest.mark.parametrize("lead", [(7,), (2, 5), (PACKED_MAX_ROWS + 3,)])
 def test_linear_matches_the_dequantized_matmul(kind, lead):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 128, generator=g) * 0.1
@@ -107,6 +108,25 @@ def test_linear_matches_the_dequantized_matmul(kind, lead):
     exact = x @ w.T
     rms = (out.float() - exact).pow(2).mean().sqrt()
     assert rms < {"int8": 0.015, "int4": 0.12}[kind] * exact.std()
+
+
+@pytest.mark.parametrize("kind", QUANTIZE_KINDS)
+def test_steps_of_many_rows_use_the_bf16_copy(kind, monkeypatch):
+    """Few rows: the packed kernel (reads fewer bytes); many: oneDNN's bf16 GEMM on the same weight."""
+    g = torch.Generator().manual_seed(5)
+    packed = PackedWeight.quantize(torch.randn(64, 128, generator=g) * 0.1, kind)
+    assert packed.dense.dtype == torch.bfloat16 and packed.dense.shape == (64, 128)
+    calls = []
+    real = packed._packed_mm
+    monkeypatch.setattr(packed, "_packed_mm", lambda x: calls.append(x.shape[0]) or real(x))
+    x = torch.randn(PACKED_MAX_ROWS + 1, 128, generator=g)
+    many = packed.linear(x)
+    assert calls == []
+    assert torch.equal(many, torch.nn.functional.linear(x.bfloat16(), packed.dense))
+    few = torch.cat([packed.linear(part) for part in x.split(PACKED_MAX_ROWS)])
+    assert calls == [PACKED_MAX_ROWS, 1]
+    # The two paths differ only by bf16 rounding of the same products.
+    assert (few.float() - many.float()).abs().max() < 0.02 * many.float().abs().max()
 
 
 def test_unfit_reason():

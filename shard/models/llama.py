@@ -235,7 +235,7 @@ class LlamaForCausalLM(torch.nn.Module):
             head = self.lm_head.weight.data
             self.fast_head = head.to(torch.bfloat16)
             if kind == "int4" and PackedWeight.unfit_reason("int4", tuple(head.shape), head.device) is None:
-                self.packed_head = PackedWeight.quantize(head, "int4")
+                self.packed_head = PackedWeight.quantize(head, "int4", keep_dense=False)  # fast_head is its dense
         return kept
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

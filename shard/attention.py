@@ -220,13 +220,28 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.
     lead = meta.decode_rows
     if lead:
         out[:lead] = _decode(q[:lead], kv, meta.decode_part, window).view(lead, heads, dim)
-    for i, span in enumerate(meta.spans[lead:], start=lead):
+    i = lead
+    while i < len(meta.spans):
+        run = _equal_fresh_run(meta, i, window)
+        if run > 1:  # adjacent new prompts of one length: one batched causal SDPA, no copies
+            span = meta.spans[i]
+            s, n = span.start, span.num_new
+            e = s + run * n
+            shape = (run, n, -1, dim)
+            o = F.scaled_dot_product_attention(
+                q[s:e].view(shape).transpose(1, 2), k[s:e].view(shape).transpose(1, 2),
+                v[s:e].view(shape).transpose(1, 2), is_causal=True, enable_gqa=True)
+            out[s:e] = o.transpose(1, 2).reshape(run * n, heads, dim)
+            i += run
+            continue
+        span = meta.spans[i]
         s, e = span.start, span.start + span.num_new
         if span.num_cached and span.ctx_slots is not None:
             keys, values = kv[0].index_select(0, span.ctx_slots), kv[1].index_select(0, span.ctx_slots)
         else:
             keys, values = k[s:e], v[s:e]
         mask = meta.prefill_mask(i, window, q.dtype)
+        i += 1
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1).unsqueeze(0),
             keys.transpose(0, 1).unsqueeze(0),
@@ -237,3 +252,14 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.
         )
         out[s:e] = o[0].transpose(0, 1)
     return out.view(total, heads * dim)
+
+
+def _equal_fresh_run(meta: AttentionMetadata, i: int, window: int | None) -> int:
+    """How many spans from i on are new prompts (no cached prefix, plain causal mask) of span i's length."""
+    first = meta.spans[i]
+    if first.num_cached or (window is not None and first.num_new > window):
+        return 1
+    j = i + 1
+    while j < len(meta.spans) and meta.spans[j].num_new == first.num_new and not meta.spans[j].num_cached:
+        j += 1
+    return j - i

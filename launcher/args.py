@@ -143,6 +143,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-waiting-tokens", "Decode steps waiting requests wait before being prefilled anyway.",
          type=int, default=20, router=True),
     Flag("--max-batch-size", "Most requests in one batch. Default: unlimited.", type=positive_int, router=True),
+    Flag("--prefill-step-tokens", "Ember: when newcomers join the running batch in a shared forward, the "
+         "prompt tokens one step takes on before the next newcomer waits a step (the first always fits).",
+         type=positive_int, router=True),
 )
 
 

@@ -9,8 +9,11 @@ entries and onboards them in one of two ways:
   any waiting entries that fit are taken at every step, and one Prefill
   carries both the new batch and the running one, so the new prompts and the
   running requests' next tokens share one forward. Nobody waits for a ratio
-  and running requests never pause for someone else's prefill.
-  `PREFILL_CHUNKING=0` turns this off, as in TGI.
+  and running requests never pause for someone else's prefill. A step takes
+  on about `prefill_step_tokens` of prompts (at least one newcomer), so a
+  burst of arrivals is spread over a few steps: the first get their first
+  token sooner, and running streams pause less. `PREFILL_CHUNKING=0` turns
+  this off, as in TGI.
 * otherwise TGI's rule for non-chunking models: take them when enough wait
   relative to the running batch (`waiting_served_ratio`) or the oldest has
   waited `max_waiting_tokens` steps, prefill them as a new batch (the running
@@ -108,7 +111,7 @@ class Batcher:
         lim = self.limits
         while True:
             entries = self.queue.next_batch(None, lim.max_batch_size, lim.max_batch_prefill_tokens,
-                                            lim.max_batch_total_tokens - self._reserved())
+                                            lim.max_batch_total_tokens - self._reserved(), self._step_prefill())
             self.metrics.queue_size.set(len(self.queue))
             if not entries:
                 return
@@ -166,12 +169,17 @@ class Batcher:
             if max_size <= 0:
                 return []
         token_budget = lim.max_batch_total_tokens - self._reserved()
-        entries = self.queue.next_batch(min_size, max_size, lim.max_batch_prefill_tokens, token_budget)
+        entries = self.queue.next_batch(min_size, max_size, lim.max_batch_prefill_tokens, token_budget,
+                                        self._step_prefill())
         self.metrics.queue_size.set(len(self.queue))
         if entries:
             reason = "chunking" if joins_running else "wait_exceeded" if wait_exceeded else "backpressure"
             self.metrics.batch_concat.inc(reason)
         return entries
+
+    def _step_prefill(self) -> int | None:
+        """Shared prefills take prompts a step at a time (`prefill_step_tokens`); TGI's path takes all that fit."""
+        return self.limits.prefill_step_tokens if self.prefill_with_running else None
 
     def _reserved(self) -> int:
         return sum(e.budget for e in self.running.values())

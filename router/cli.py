@@ -37,6 +37,8 @@ _FLAGS: list[tuple[str, type, object, str]] = [
     ("max-batch-prefill-tokens", int, None, "prompt tokens per prefill (default: max_input_tokens + 50)"),
     ("max-batch-total-tokens", int, None, "token budget of all running requests (default: Warmup's)"),
     ("max-waiting-tokens", int, 20, "decode steps a waiting request may wait before forcing a merge"),
+    ("prefill-step-tokens", int, 512, "with shared prefills: prompt tokens a step takes on before newcomers "
+                                      "wait for the next step (the first always fits)"),
     ("max-batch-size", int, None, "most requests per running batch"),
     ("validation-workers", int, 2, "tokenizer threads"),
     ("max-client-batch-size", int, 4, "most prompts per client request"),
@@ -107,6 +109,7 @@ def _limits(args: argparse.Namespace, info: pb.InfoResponse) -> Limits:
         waiting_served_ratio=args.waiting_served_ratio, max_batch_prefill_tokens=max_prefill,
         max_batch_total_tokens=args.max_batch_total_tokens or max(max_total, max_prefill),
         max_waiting_tokens=args.max_waiting_tokens, max_batch_size=args.max_batch_size,
+        prefill_step_tokens=args.prefill_step_tokens,
         validation_workers=args.validation_workers, max_client_batch_size=args.max_client_batch_size,
         disable_grammar_support=args.disable_grammar_support,
         grammar_compile_timeout=args.grammar_compile_timeout)

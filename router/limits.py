@@ -21,6 +21,10 @@ class Limits:
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int = 16384
     max_waiting_tokens: int = 20
+    # With shared prefills: prompt tokens one step takes on before it stops adding newcomers
+    # (the first newcomer always fits). Smaller: earlier first tokens for the first arrivals of a
+    # burst and shorter pauses for running streams; the matmuls stay compute-bound at a few hundred.
+    prefill_step_tokens: int = 512
     max_batch_size: int | None = None
     validation_workers: int = 2
     max_client_batch_size: int = 4

@@ -70,8 +70,12 @@ class Queue:
         return True
 
     def next_batch(self, min_size: int | None, max_size: int | None,
-                   prefill_budget: int, token_budget: int) -> list[Entry]:
-        """Entries that fit both budgets, in order; none when fewer than min_size fit."""
+                   prefill_budget: int, token_budget: int, step_prefill: int | None = None) -> list[Entry]:
+        """Entries that fit both budgets, in order; none when fewer than min_size fit.
+
+        `step_prefill`: a softer prompt budget that stops taking entries once reached,
+        except that the first entry is always taken (when it fits the others).
+        """
         taken: list[Entry] = []
         prefill = tokens = 0
         while self.entries and (max_size is None or len(taken) < max_size):
@@ -81,6 +85,8 @@ class Queue:
                 self.dropped += 1
                 continue
             if prefill + entry.request.input_length > prefill_budget or tokens + entry.budget > token_budget:
+                break
+            if step_prefill is not None and taken and prefill + entry.request.input_length > step_prefill:
                 break
             self.entries.popleft()
             prefill += entry.request.input_length

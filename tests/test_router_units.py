@@ -139,6 +139,23 @@ def test_queue_budgets_order_and_min_size():
     assert q.next_batch(None, 1, 1000, 1000) == [e] and q.dropped == 1
 
 
+def test_queue_step_prefill_spreads_a_burst_and_always_takes_one():
+    q = Queue()
+    burst = [_entry(64, 8) for _ in range(5)]
+    big = _entry(300, 8)
+    for e in (*burst, big):
+        q.append(e)
+    assert q.next_batch(None, None, 4096, 10_000, step_prefill=128) == burst[:2]
+    assert q.next_batch(None, None, 4096, 10_000, step_prefill=150) == burst[2:4]
+    # the soft budget never blocks a lone prompt longer than it, but stops the next one
+    assert q.next_batch(None, None, 4096, 10_000, step_prefill=100) == [burst[4]]
+    assert q.next_batch(None, None, 4096, 10_000, step_prefill=100) == [big]
+    # the hard budgets still apply to the first entry
+    late = _entry(200, 8)
+    q.append(late)
+    assert q.next_batch(None, None, 150, 10_000, step_prefill=100) == [] and len(q) == 1
+
+
 def test_limits_rules():
     with pytest.raises(LimitsError, match="max_input_tokens"):
         Limits(max_input_tokens=10, max_total_tokens=10).check()

@@ -7,19 +7,13 @@ import torch.nn.functional as F
 
 from ember.shard.models.llama import RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
+from tiny import step_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
 
 
-def _logits(runner, prompts, continuation=(11, 12, 13)):
-    """Prefill, then decode steps over fixed tokens (same inputs for both runners); [B, V] per step."""
-    seqs = [Sequence(i, list(p)) for i, p in enumerate(prompts)]
-    steps = [runner.step(seqs).logits]
-    for token in continuation:
-        for s in seqs:
-            s.token_ids.append(token)
-        steps.append(runner.step(seqs).logits)
-    return steps
+def _logits(runner, prompts):
+    return step_logits(runner, prompts)
 
 
 def test_linear_weights_are_bf16_and_the_rest_float32(tiny_llama_dir):

@@ -10,6 +10,7 @@ from ember.shard.attention import AttentionMetadata
 from ember.shard.layers import INT4_GROUP, PACKED_MAX_ROWS, QUANTIZE_KINDS, ColumnParallelLinear, PackedWeight, pack_weight
 from ember.shard.models.llama import PACKED_HEAD_MAX_ROWS, RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
+from tiny import step_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
 CONTINUATION = (11, 12, 13)
@@ -164,16 +165,7 @@ def test_pack_weight_replaces_the_parameter_or_keeps_it_with_a_reason():
 
 
 def _logits(runner, prompts=PROMPTS, continuation=CONTINUATION):
-    """Prefill, then decode steps over fixed tokens (same inputs for every runner); [B, V] per step."""
-    seqs = [Sequence(i, list(p)) for i, p in enumerate(prompts)]
-    steps = [runner.step(seqs).logits]
-    for token in continuation:
-        for s in seqs:
-            s.token_ids.append(token)
-        steps.append(runner.step(seqs).logits)
-    for s in seqs:
-        runner.free(s)
-    return steps
+    return step_logits(runner, prompts, continuation)
 
 
 def _hidden(runner, prompt):
@@ -280,8 +272,9 @@ def test_quantized_greedy_is_batch_invariant(quantized):
 def test_head_paths_by_rows(quantized, monkeypatch):
     """<= PACKED_HEAD_MAX_ROWS rows project with the int4 head, more with bf16; both rescore in float32."""
     kind, runner = quantized
-    if kind != "int4":
-        pytest.skip("only int4 has a second head path")
+    if kind != "int4":  # int8 has one head path: the bf16 copy for any rows
+        assert runner.model.packed_head is None
+        return
     model = runner.model
     hidden = _hidden(runner, list(range(3, 3 + PACKED_HEAD_MAX_ROWS + 4)))  # [12, H]
     full = F.linear(hidden, model.lm_head.weight)

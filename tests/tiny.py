@@ -151,3 +151,21 @@ def _add_legacy_config_keys(out_dir: Path) -> None:
     if "torch_dtype" not in cfg and "dtype" in cfg:
         cfg["torch_dtype"] = cfg["dtype"]
     path.write_text(json.dumps(cfg, indent=2))
+
+
+def step_logits(runner, prompts: list[list[int]], continuation=(11, 12, 13)) -> list:
+    """Prefill `prompts`, then decode steps over fixed tokens (same inputs for every runner compared).
+
+    Returns the [B, V] logits of each step and frees the sequences' blocks.
+    """
+    from ember.shard.runner import Sequence
+
+    seqs = [Sequence(i, list(p)) for i, p in enumerate(prompts)]
+    steps = [runner.step(seqs).logits]
+    for token in continuation:
+        for s in seqs:
+            s.token_ids.append(token)
+        steps.append(runner.step(seqs).logits)
+    for s in seqs:
+        runner.free(s)
+    return steps

@@ -44,7 +44,7 @@ def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
     both casts are no-ops. A `PackedWeight` (`--quantize`) multiplies bf16 inputs
     by its quantized weight; the bias is added after, in the input's dtype.
     """
-    if isinstance(weight, PackedWeight):
+    if isinstance(weight, (PackedWeight, OneDNNWeight)):
         out = weight.linear(x).to(x.dtype)
         return out if bias is None else out + bias.to(out.dtype)
     if x.dtype == weight.dtype:
@@ -53,16 +53,62 @@ def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
 
 
 def cast_weight(module: torch.nn.Module, dtype: torch.dtype, with_bias: bool) -> None:
-    """Store a linear layer's weight (and its bias, when it enters the matmul) in `dtype`."""
-    module.weight.data = module.weight.data.to(dtype)
+    """Store a linear layer's weight in `dtype`: reordered for oneDNN once where it can (CPU), else
+    as a plain tensor (and its bias too, when it enters the matmul)."""
+    weight = module.weight.data
+    if OneDNNWeight.usable(weight.device, dtype):
+        del module.weight  # the plain parameter goes; the bias stays and is added after, in full precision
+        module.weight = OneDNNWeight(weight.to(dtype))
+        return
+    module.weight.data = weight.to(dtype)
     if with_bias and getattr(module, "bias", None) is not None:
         module.bias.data = module.bias.data.to(dtype)
 
 
+class OneDNNWeight:
+    """A linear weight reordered once into oneDNN's blocked layout (CPU, float32 or bfloat16).
+
+    `F.linear` on a plain tensor leaves the weight in PyTorch's layout, so each
+    call pays for a layout the GEMM does not read directly (MKL for float32, a
+    reorder inside oneDNN for bf16). Reordering it once at load, as torch's own
+    CPU compiler backend does, and calling oneDNN's linear directly gives the
+    same products (bitwise in bf16 in our checks) faster on SmolLM2's shapes,
+    all 30 layers' weights streaming from memory (`benchmarks/linear_layout.py`,
+    results/linear_layout.md): float32 2.2-2.7x from 1 to 256 rows; bf16
+    1.3-1.4x up to 32 rows (2.4x at 1 row in another run), 1.1x at 256. Same
+    bytes as the plain weight.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.shape = tuple(weight.shape)
+        self.dtype = weight.dtype
+        self.data = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+
+    @staticmethod
+    def usable(device: torch.device, dtype: torch.dtype) -> bool:
+        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if not torch.backends.mkldnn.is_available():
+            return False
+        return dtype == torch.float32 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] → [..., out] in this weight's dtype."""
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.data, None, "none", [], "")
+
+    def dense(self) -> torch.Tensor:
+        return self.data.to_dense()
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * torch.finfo(self.dtype).bits // 8
+
+
 QUANTIZE_KINDS = ("int8", "int4")
 INT4_GROUP = 32  # input features per int4 scale/minimum: GGUF's Q4_1 block
-# Steps of at most this many rows multiply with the packed weight; larger ones with its bf16 copy.
-PACKED_MAX_ROWS = 16
+# Steps of at most this many rows multiply with the packed weight; larger ones with its bf16 copy
+# (SmolLM2 int4 vs oneDNN bf16, whole decode steps: 8.7 vs 14.4 ms at 1 row, 18.7 vs 21.7 at 8, even at 12).
+PACKED_MAX_ROWS = 8
 
 
 class PackedWeight:
@@ -80,10 +126,10 @@ class PackedWeight:
     bytes, which is what decode at a few rows per step waits for on a CPU. With
     more rows the matmul is bound by arithmetic, where these kernels run at a
     third of oneDNN's bf16 GEMM (measured: 3072x576 at 64 rows, 1.26 vs 0.41 ms);
-    so the dequantized weight is also kept in bf16 (`dense`) and steps of more
-    than `PACKED_MAX_ROWS` rows (prefills, large batches) use it. This makes
-    `--quantize` a speed option on CPU, not a memory one: 2.5 bytes per weight
-    for int4, 3 for int8.
+    so the dequantized weight is also kept in bf16, in oneDNN's layout (`dense`),
+    and steps of more than `PACKED_MAX_ROWS` rows (prefills, larger batches) use
+    it. This makes `--quantize` a speed option on CPU, not a memory one: 2.5
+    bytes per weight for int4, 3 for int8.
     """
 
     compute_dtype = torch.bfloat16
@@ -94,9 +140,10 @@ class PackedWeight:
         self.data = data
         self.scales = scales
         self.shape = shape
-        self.dense: torch.Tensor | None = None
+        self.dense: OneDNNWeight | torch.Tensor | None = None
         if keep_dense:
-            self.dense = self._read_back()
+            back = self._read_back()
+            self.dense = OneDNNWeight(back) if OneDNNWeight.usable(back.device, back.dtype) else back
 
     @staticmethod
     def unfit_reason(kind: str, shape: tuple[int, ...], device: torch.device) -> str | None:
@@ -136,7 +183,7 @@ class PackedWeight:
         """x [..., in] → [..., out] in bfloat16."""
         flat = x.reshape(-1, self.shape[1]).to(self.compute_dtype)
         if flat.shape[0] > PACKED_MAX_ROWS and self.dense is not None:
-            out = F.linear(flat, self.dense)
+            out = self.dense.linear(flat) if isinstance(self.dense, OneDNNWeight) else F.linear(flat, self.dense)
         else:
             out = self._packed_mm(flat)
         return out.view(*x.shape[:-1], self.shape[0])
@@ -153,11 +200,13 @@ class PackedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The weight this packing stands for, read back through the kernel (so rounded to bf16)."""
-        return (self.dense if self.dense is not None else self._read_back()).float()
+        return self._read_back().float()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scales, self.dense) if t is not None)
+        dense = 0 if self.dense is None else (
+            self.dense.nbytes if isinstance(self.dense, OneDNNWeight) else self.dense.numel() * 2)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scales)) + dense
 
 
 def pack_weight(module: torch.nn.Module, kind: str) -> str | None:

@@ -399,8 +399,8 @@ def load_runner(
         for reason in kept:
             log.warning("not quantized, kept in %s: %s", dtype_name(torch_dtype), reason)
         matmul, weights_note = torch.bfloat16, f" over {quantize} weights"
-    elif matmul != torch_dtype:
-        model.cast_matmuls(matmul)
+    elif matmul != torch_dtype or device.type == "cpu":
+        model.cast_matmuls(matmul)  # on CPU also in the model's dtype: the weights' oneDNN layout
     log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, %s)", model_type, rank,
              world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note, device)
     return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ember.shard.layers import OneDNNWeight
 from ember.shard.models.llama import RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
 from tiny import step_logits
@@ -53,3 +54,19 @@ def test_float32_default_is_untouched(tiny_llama_dir):
     runner = load_runner(tiny_llama_dir, dtype="float32")
     assert runner.model.fast_head is None
     assert runner.model.layers[0].attn.qkv.weight.dtype == torch.float32
+
+
+def test_cpu_linear_weights_are_reordered_once_for_onednn(tiny_llama_dir):
+    """On CPU the linear weights live in oneDNN's layout (float32 and bf16), with the same products."""
+    for dtype, matmul, tol in (("float32", None, 1e-5), ("float32", "bfloat16", 2e-2)):
+        runner = load_runner(tiny_llama_dir, dtype=dtype, matmul_dtype=matmul)
+        weight = runner.model.layers[0].mlp.gate_up.weight
+        if not OneDNNWeight.usable(torch.device("cpu"), weight.dtype):
+            assert isinstance(weight, torch.Tensor)
+            continue
+        assert isinstance(weight, OneDNNWeight) and weight.shape == (256, 64)
+        x = torch.randn(5, 3, 64).to(weight.dtype)
+        plain = F.linear(x, weight.dense())
+        out = weight.linear(x)
+        assert out.shape == (5, 3, 256) and out.dtype == weight.dtype
+        torch.testing.assert_close(out.float(), plain.float(), atol=tol, rtol=tol)

@@ -25,7 +25,9 @@ from ember.shard.layers import (
     VocabParallelEmbedding,
     apply_rotary,
     cast_weight,
+    OneDNNWeight,
     PackedWeight,
+    _linear,
     pack_weight,
 )
 from ember.shard.weights import Weights, check_tp_divisible
@@ -186,7 +188,7 @@ class LlamaForCausalLM(torch.nn.Module):
             self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", group)
         self.rotary = RotaryEmbedding.from_config(config, spec.head_dim, weights.dtype, weights.device)
         self.kv_heads_per_rank = spec.num_kv_heads // group.world_size
-        self.fast_head: torch.Tensor | None = None  # see cast_matmuls
+        self.fast_head: torch.Tensor | OneDNNWeight | None = None  # see cast_matmuls
         self.packed_head: PackedWeight | None = None  # see quantize
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
@@ -197,21 +199,23 @@ class LlamaForCausalLM(torch.nn.Module):
         return self.norm(h)
 
     def cast_matmuls(self, dtype: torch.dtype) -> None:
-        """Keep the linear weights in `dtype` (e.g. bfloat16 under float32 activations).
+        """Keep the linear weights in `dtype` (e.g. bfloat16 under float32 activations), in
+        oneDNN's layout on CPU (`OneDNNWeight`); `dtype` may be the model's own.
 
-        Embedding, norms, attention and KV cache keep the model dtype. The LM head
-        runs in `dtype` too, but the logits of each row's `RESCORED_CANDIDATES` best
-        tokens are then recomputed from the model-dtype weights: greedy choices
-        between near-ties (SmolLM2's "capital of France" answer hangs on one) are
-        decided by float32 logits, at the cost of a few rows of weights per token.
+        Embedding, norms, attention and KV cache keep the model dtype. Under another
+        dtype the LM head runs in it too, but the logits of each row's
+        `RESCORED_CANDIDATES` best tokens are then recomputed from the model-dtype
+        weights: greedy choices between near-ties (SmolLM2's "capital of France"
+        answer hangs on one) are decided by float32 logits, at the cost of a few
+        rows of weights per token.
         """
         for layer in self.layers:
             cast_weight(layer.attn.qkv, dtype, with_bias=True)
             cast_weight(layer.attn.o_proj, dtype, with_bias=False)
             cast_weight(layer.mlp.gate_up, dtype, with_bias=True)
             cast_weight(layer.mlp.down, dtype, with_bias=False)
-        if self.lm_head.group.is_trivial:
-            self.fast_head = self.lm_head.weight.data.to(dtype)
+        if self.lm_head.group.is_trivial and dtype != self.lm_head.weight.dtype:
+            self.fast_head = _fast_copy(self.lm_head.weight.data, dtype)
 
     def quantize(self, kind: str) -> list[str]:
         """Pack the decoder layers' linear weights as `kind` (int8 / int4, see `PackedWeight`).
@@ -233,7 +237,7 @@ class LlamaForCausalLM(torch.nn.Module):
                     kept.append(f"layer {i} {name}: {reason}")
         if self.lm_head.group.is_trivial:
             head = self.lm_head.weight.data
-            self.fast_head = head.to(torch.bfloat16)
+            self.fast_head = _fast_copy(head, torch.bfloat16)
             if kind == "int4" and PackedWeight.unfit_reason("int4", tuple(head.shape), head.device) is None:
                 self.packed_head = PackedWeight.quantize(head, "int4", keep_dense=False)  # fast_head is its dense
         return kept
@@ -245,8 +249,14 @@ class LlamaForCausalLM(torch.nn.Module):
         if self.packed_head is not None and hidden.shape[0] <= PACKED_HEAD_MAX_ROWS:
             approx = self.packed_head.linear(hidden).float()
         else:
-            approx = F.linear(hidden.to(self.fast_head.dtype), self.fast_head).float()
+            approx = _linear(hidden, self.fast_head).float()
         best = approx.topk(min(RESCORED_CANDIDATES, approx.shape[-1]), dim=-1).indices  # [N, k]
         rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()
         return approx.scatter_(1, best, exact)
+
+
+def _fast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | OneDNNWeight:
+    """A copy of the head in `dtype`, in oneDNN's layout where it can be."""
+    copy = weight.to(dtype)
+    return OneDNNWeight(copy) if OneDNNWeight.usable(copy.device, dtype) else copy

@@ -36,6 +36,9 @@ import load  # noqa: E402
 import report  # noqa: E402
 from servers import router_process, shard_process  # noqa: E402
 
+# The shard's speed settings, read from the environment: recorded with the command.
+SHARD_ENV = ("QUANTIZE", "MATMUL_DTYPE", "DTYPE", "OMP_NUM_THREADS")
+
 RESULTS = ROOT / "benchmarks" / "results"
 DECODE_METRICS = ("tgi_batch_inference_duration", "tgi_batch_forward_duration")
 PREFILL_COUNT = 'tgi_batch_inference_count{method="prefill"}'
@@ -175,7 +178,8 @@ def main() -> None:
     source = lambda i: (prompts.text(i), prompts.tokens(i))  # noqa: E731
     encode = grpc_load.tokenizer_encode(model_dir / "tokenizer.json")
     result: dict = {
-        "command": " ".join([".venv/bin/python", "benchmarks/router_overhead.py", *sys.argv[1:]]),
+        "command": " ".join([*(f"{k}={os.environ[k]}" for k in SHARD_ENV if os.environ.get(k)),
+                             ".venv/bin/python", "benchmarks/router_overhead.py", *sys.argv[1:]]),
         "model_id": args.model_id, "max_new_tokens": args.max_new_tokens, "scenario": args.scenario,
         "prompt_tokens": prompts.tokens(0), "repeats": args.repeats,
         "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}, "levels": {},

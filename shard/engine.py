@@ -71,18 +71,16 @@ class Engine:
                 raise UnknownBatch(running.id)
         batch = GenerationBatch.from_pb(request.batch, self.ctx)  # a bad request leaves the running batch as it was
         concat_ns = None
-        if running is not None:
+        if running is None:
+            try:
+                generations, timings = batch.step()
+            except BaseException:
+                batch.release()
+                raise
+        else:
             batch = GenerationBatch.concatenate([self._take_as(running), batch])
             concat_ns = time.perf_counter_ns() - start
-            self.batches[batch.id] = batch  # if the step fails, ClearCache(id) still frees its blocks
-        try:
-            generations, timings = batch.step()
-        except BaseException:
-            if running is None:
-                batch.release()
-            raise
-        if running is not None:
-            self.batches.pop(batch.id)
+            generations, timings = self._step_stored(batch)
         return pb.PrefillResponse(
             generations=generations,
             batch=self._store(batch),
@@ -91,6 +89,13 @@ class Engine:
             total_ns=time.perf_counter_ns() - start,
             concat_ns=concat_ns,
         )
+
+    def _step_stored(self, batch: GenerationBatch):
+        """Step a batch made of cached ones, stored meanwhile: if the step fails, ClearCache(id) frees it."""
+        self.batches[batch.id] = batch
+        result = batch.step()
+        self.batches.pop(batch.id)
+        return result
 
     def _take_as(self, cached: pb.CachedBatch) -> GenerationBatch:
         """Take a stored batch, dropping requests the router no longer lists (cancellations)."""
@@ -109,10 +114,7 @@ class Engine:
         parts = [self._take_as(b) for b in request.batches]
         batch = GenerationBatch.concatenate(parts)
         concat_ns = time.perf_counter_ns() - start
-        # Stored before the step: if it fails, ClearCache(id) still frees its blocks.
-        self.batches[batch.id] = batch
-        generations, timings = batch.step()
-        self.batches.pop(batch.id)
+        generations, timings = self._step_stored(batch)
         return pb.DecodeResponse(
             generations=generations,
             batch=self._store(batch),

@@ -81,7 +81,12 @@ class Engine:
             batch = GenerationBatch.concatenate([self._take_as(running), batch])
             concat_ns = time.perf_counter_ns() - start
             generations, timings = self._step_stored(batch)
-        return pb.PrefillResponse(
+        return self._reply(pb.PrefillResponse, generations, batch, timings, start, concat_ns)
+
+    def _reply(self, response_type, generations, batch: GenerationBatch, timings, start: int,
+               concat_ns: int | None):
+        """A Prefill or Decode response: the generations, what stays cached, and the step's timings."""
+        return response_type(
             generations=generations,
             batch=self._store(batch),
             forward_ns=timings.forward_ns,
@@ -115,14 +120,7 @@ class Engine:
         batch = GenerationBatch.concatenate(parts)
         concat_ns = time.perf_counter_ns() - start
         generations, timings = self._step_stored(batch)
-        return pb.DecodeResponse(
-            generations=generations,
-            batch=self._store(batch),
-            forward_ns=timings.forward_ns,
-            decode_ns=timings.decode_ns,
-            total_ns=time.perf_counter_ns() - start,
-            concat_ns=concat_ns,
-        )
+        return self._reply(pb.DecodeResponse, generations, batch, timings, start, concat_ns)
 
     # ---- the rest -------------------------------------------------------------------------
 

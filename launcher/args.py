@@ -96,6 +96,10 @@ FLAGS: tuple[Flag, ...] = (
          "`int8` (a scale per output feature) or `int4` (a scale and minimum per 32 inputs, the layout of "
          "GGUF's Q4_1, so the default model keeps its 4-bit codes). TGI's GPU methods "
          "(awq, gptq, bitsandbytes, ...) are not available.", choices=("int8", "int4")),
+    Flag("--kv-cache-dtype", "dtype of the cached keys and values. `auto`: the model's, except bfloat16 for "
+         "float32 models on CPU with bf16 matmuls (MATMUL_DTYPE=bfloat16 or --quantize), where decode attention "
+         "then reads half the bytes. TGI's fp8 kinds are not available.",
+         choices=("auto", "float32", "bfloat16", "float16")),
     Flag("--kv-cache-bytes", "Memory budget of the KV cache of each shard on CPU, in bytes (units like 2GiB "
          "accepted). Default: the shard's choice.", type=parse_bytes),
     Flag("--cuda-memory-fraction", "Fraction of each GPU's memory a shard may use (KV cache sizing).", type=float),

@@ -157,6 +157,8 @@ def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
         argv += ["--dtype", args.dtype]
     if args.quantize:
         argv += ["--quantize", args.quantize]
+    if args.kv_cache_dtype:
+        argv += ["--kv-cache-dtype", args.kv_cache_dtype]
     if args.kv_cache_bytes is not None:
         argv += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
         env["KV_CACHE_BYTES"] = str(args.kv_cache_bytes)  # plain bytes, whatever unit the user wrote

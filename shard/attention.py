@@ -4,7 +4,9 @@ One forward covers the new tokens of every sequence, flattened. Index tensors
 (slots, positions, gathers, masks) are built once per step in `AttentionMetadata`
 and reused by every layer, so the per-layer cost is a few tensor ops:
 
-* decode (one new token per sequence): gather each sequence's K/V by whole
+* decode (one new token per sequence), on CPU: Ember's C kernel (`native.c`)
+  reads each sequence's K/V rows in place through its block table, once.
+* decode elsewhere (CUDA, or no C compiler): gather each sequence's K/V by whole
   blocks of its block table into a padded `[B, L, kv_heads, head_dim]`, one
   SDPA call with a key mask; query heads are grouped per KV head (GQA without
   repeating K/V). Its indices are computed in plain Python (a handful of
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ember.shard import native
 
 
 @dataclass
@@ -182,11 +186,12 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention for flattened new tokens. q [T, H, D]; k, v [T, KVH, D]; kv = the layer's flat cache.
 
-    Writes the new K/V into their slots first, then attends. Returns [T, H * D].
+    Writes the new K/V into their slots first (in the cache's dtype, which may be
+    narrower than q's), then attends in q's dtype. Returns [T, H * D].
     """
     if kv is not None and meta.slots is not None:
-        kv[0].index_copy_(0, meta.slots, k)
-        kv[1].index_copy_(0, meta.slots, v)
+        kv[0].index_copy_(0, meta.slots, k.to(kv[0].dtype))
+        kv[1].index_copy_(0, meta.slots, v.to(kv[1].dtype))
     if meta.is_decode:
         return _decode(q, kv, meta, window)
     return _prefill(q, k, v, kv, meta, window)
@@ -194,6 +199,11 @@ def paged_attention(
 
 def _decode(q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
     batch, heads, dim = q.shape
+    kernels = native.kernels() if q.device.type == "cpu" else None
+    if kernels is not None and kernels.supports_decode(kv[0].dtype):
+        out = kernels.paged_decode(q.float(), kv[0], kv[1], meta.gather_blocks, meta.context_lens,
+                                   meta.block_size, window, dim ** -0.5)
+        return out.view(batch, heads * dim).to(q.dtype)
     kv_heads = kv[0].shape[1]
     blocks = meta.gather_blocks.view(-1)
     padded = meta.gather_blocks.shape[1] * meta.block_size
@@ -202,8 +212,8 @@ def _decode(q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None) ->
     # the tail beyond the longest context is sliced off as a view (no copy).
     keys = _block_view(kv[0], meta.block_size).index_select(0, blocks)
     values = _block_view(kv[1], meta.block_size).index_select(0, blocks)
-    keys = keys.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2)  # [B, KVH, L, D]
-    values = values.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2)
+    keys = keys.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
+    values = values.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2).to(q.dtype)
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim)  # query heads of one KV head as rows
     out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask(window, q.dtype))
     return out.reshape(batch, heads * dim)
@@ -237,7 +247,8 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.
         span = meta.spans[i]
         s, e = span.start, span.start + span.num_new
         if span.num_cached and span.ctx_slots is not None:
-            keys, values = kv[0].index_select(0, span.ctx_slots), kv[1].index_select(0, span.ctx_slots)
+            keys = kv[0].index_select(0, span.ctx_slots).to(q.dtype)
+            values = kv[1].index_select(0, span.ctx_slots).to(q.dtype)
         else:
             keys, values = k[s:e], v[s:e]
         mask = meta.prefill_mask(i, window, q.dtype)

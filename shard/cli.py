@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="CPU weight-only quantization of the decoder's linear layers, multiplied in bf16: "
                         "int8 (a scale per output feature) or int4 (a scale and minimum per 32 inputs, "
                         "GGUF Q4_1's layout: a model converted from Q4_1 keeps its 4-bit codes)")
+    s.add_argument("--kv-cache-dtype", default=env("KV_CACHE_DTYPE", "auto"),
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the cached keys and values. auto: the model's, except bfloat16 for float32 "
+                        "models on CPU with bf16 matmuls (--matmul-dtype bfloat16 or --quantize): decode "
+                        "attention then reads half the bytes")
     s.add_argument("--num-threads", type=int, default=int(env("OMP_NUM_THREADS", "0")) or None,
                    help="torch intra-op threads (default: the CPUs this process may run on / world size)")
     s.add_argument("--kv-cache-bytes", type=int, default=int(env("KV_CACHE_BYTES", "0")) or None,
@@ -113,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         group = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
         return load_runner(model_dir, dtype, device, rank=args.rank, world_size=args.world_size, group=group,
                            kv_cache_bytes=args.kv_cache_bytes, cuda_memory_fraction=args.cuda_memory_fraction,
-                           matmul_dtype=args.matmul_dtype, quantize=args.quantize)
+                           matmul_dtype=args.matmul_dtype, quantize=args.quantize,
+                           kv_cache_dtype=args.kv_cache_dtype)
 
     runner = executor.submit(load).result()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.shard.dist import Group, all_gather, all_reduce
+from ember.shard import native
 from ember.shard.weights import Weights
 
 
@@ -307,6 +308,14 @@ class RMSNorm(torch.nn.Module):
     @classmethod
     def load(cls, weights: Weights, name: str, eps: float) -> "RMSNorm":
         return cls(weights.get(name), eps)
+
+    def add_and_norm(self, delta: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(r), r) with r = residual + delta (r = delta when residual is None)."""
+        kernels = native.kernels() if delta.device.type == "cpu" else None
+        if kernels is not None and kernels.fits(delta, self.weight) and (residual is None or kernels.fits(residual)):
+            return kernels.rms_norm(delta, self.weight, self.eps, residual)
+        summed = delta if residual is None else residual + delta
+        return self(summed), summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -178,11 +178,13 @@ class PagedRunner(ModelRunner):
         kv_cache_bytes: int | None = None,
         cuda_memory_fraction: float = 1.0,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.device = device
         self.group = group
         self.dtype = model.embed.weight.dtype
+        self.kv_dtype = kv_dtype or self.dtype
         self.block_size = block_size
         self.kv_cache_bytes = kv_cache_bytes
         self.cuda_memory_fraction = cuda_memory_fraction
@@ -211,7 +213,7 @@ class PagedRunner(ModelRunner):
     def _bytes_per_block(self) -> int:
         spec = self.model.spec
         return PagedKVCache.bytes_per_block(
-            spec.num_layers, self.model.kv_heads_per_rank, spec.head_dim, self.dtype, self.block_size
+            spec.num_layers, self.model.kv_heads_per_rank, spec.head_dim, self.kv_dtype, self.block_size
         )
 
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
@@ -223,7 +225,7 @@ class PagedRunner(ModelRunner):
         spec = self.model.spec
         return PagedKVCache(
             spec.num_layers, num_blocks, self.model.kv_heads_per_rank, spec.head_dim,
-            self.dtype, self.device, self.block_size,
+            self.kv_dtype, self.device, self.block_size,
         )
 
     # --- stepping -----------------------------------------------------------------------------
@@ -350,6 +352,7 @@ def load_runner(
     cuda_memory_fraction: float = 1.0,
     matmul_dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> ModelRunner:
     """Load a model directory: Ember's paged code for llama/mistral/qwen2, transformers' otherwise.
 
@@ -358,6 +361,8 @@ def load_runner(
     bytes read per token and use the CPU's bf16 units, at a small cost in precision.
     `quantize` (`int8` / `int4`, paged code on CPU) packs them instead: a half or a
     quarter of bf16's bytes, multiplied in bfloat16.
+    `kv_cache_dtype` (paged code only; None or "auto": see `default_kv_dtype`)
+    stores the cached keys and values in another dtype than the activations.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -401,6 +406,22 @@ def load_runner(
         matmul, weights_note = torch.bfloat16, f" over {quantize} weights"
     elif matmul != torch_dtype or device.type == "cpu":
         model.cast_matmuls(matmul)  # on CPU also in the model's dtype: the weights' oneDNN layout
-    log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, %s)", model_type, rank,
-             world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note, device)
-    return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction)
+    if kv_cache_dtype in (None, "auto"):
+        kv_dtype = default_kv_dtype(torch_dtype, matmul, device)
+    else:
+        kv_dtype = resolve_dtype(kv_cache_dtype, device)
+    log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, KV cache in %s, %s)",
+             model_type, rank, world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note,
+             dtype_name(kv_dtype), device)
+    return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction,
+                       kv_dtype=kv_dtype)
+
+
+def default_kv_dtype(dtype: torch.dtype, matmul: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype under `--kv-cache-dtype auto`: the model's, except float32 models on CPU with
+    bfloat16 matmuls (`--matmul-dtype bfloat16`, `--quantize`), whose keys and values are cached in
+    bfloat16 too: decode attention reads the whole cache every token, and half the bytes is the
+    largest part of its cost. Queries, scores and softmax stay float32."""
+    if device.type == "cpu" and dtype == torch.float32 and matmul == torch.bfloat16:
+        return torch.bfloat16
+    return dtype

@@ -203,7 +203,7 @@ def test_quantized_runner_packs_the_linear_layers_only(quantized):
         assert model.packed_head is not None and model.packed_head.kind == "int4"
     else:  # int8 keeps one head path: logits never depend on how many rows share the step
         assert model.packed_head is None
-    assert runner.cache.k[0].dtype == torch.float32
+    assert runner.cache.k[0].dtype == torch.bfloat16  # --kv-cache-dtype auto: bf16 under bf16 matmuls
     assert runner.info.dtype == "float32"
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.sharding import PAGED_MODEL_TYPES
+from ember.shard import native
 from ember.shard.attention import AttentionMetadata, paged_attention
 from ember.shard.dist import Group
 from ember.shard.kv_cache import PagedKVCache
@@ -134,7 +135,12 @@ class LlamaAttention(torch.nn.Module):
         total = x.shape[0]
         qkv = self.qkv(x)
         qk_width = (self.heads + self.kv_heads) * self.head_dim
-        qk = apply_rotary(qkv[:, :qk_width].view(total, self.heads + self.kv_heads, self.head_dim), cos, sin)
+        kernels = native.kernels() if qkv.device.type == "cpu" else None
+        if kernels is not None and kernels.fits(cos, sin) and qkv.dtype == torch.float32 and qkv.is_contiguous():
+            kernels.rotary_(qkv, self.heads + self.kv_heads, self.head_dim, cos, sin)  # in place, one pass
+            qk = qkv[:, :qk_width].view(total, self.heads + self.kv_heads, self.head_dim)
+        else:
+            qk = apply_rotary(qkv[:, :qk_width].view(total, self.heads + self.kv_heads, self.head_dim), cos, sin)
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_width:].view(total, self.kv_heads, self.head_dim)
         kv = cache.flat(self.layer) if cache is not None else None
@@ -149,9 +155,14 @@ class LlamaMLP(torch.nn.Module):
         )
         self.down = RowParallelLinear.load(weights, f"{prefix}.down_proj", group, bias=spec.mlp_bias)
         self.act = _ACTIVATIONS[spec.hidden_act]
+        self.silu = self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        kernels = native.kernels() if self.silu and gate_up.device.type == "cpu" else None
+        if kernels is not None and kernels.fits(gate_up):
+            return self.down(kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(self.act(gate) * up)
 
 
@@ -164,9 +175,12 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_norm = RMSNorm.load(weights, f"{prefix}.post_attention_layernorm.weight", spec.rms_norm_eps)
         self.mlp = LlamaMLP(spec, weights, f"{prefix}.mlp", group)
 
-    def forward(self, h, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), cos, sin, meta, cache)
-        return h + self.mlp(self.post_norm(h))
+    def forward(self, delta, residual, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None):
+        """(this layer's output delta, the residual stream before it): each norm adds the pending delta
+        to the residual as it reads it (one pass with Ember's CPU kernel). Layer 0 gets residual None."""
+        x, residual = self.input_norm.add_and_norm(delta, residual)
+        x, residual = self.post_norm.add_and_norm(self.attn(x, cos, sin, meta, cache), residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(torch.nn.Module):
@@ -193,10 +207,10 @@ class LlamaForCausalLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
-        h = self.embed(input_ids)
+        delta, residual = self.embed(input_ids), None
         for layer in self.layers:
-            h = layer(h, cos, sin, meta, cache)
-        return self.norm(h)
+            delta, residual = layer(delta, residual, cos, sin, meta, cache)
+        return self.norm.add_and_norm(delta, residual)[0]
 
     def cast_matmuls(self, dtype: torch.dtype) -> None:
         """Keep the linear weights in `dtype` (e.g. bfloat16 under float32 activations), in

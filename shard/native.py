@@ -1,0 +1,197 @@
+"""Ember's C kernels for the CPU (`native.c`): built once per machine, loaded through ctypes.
+
+The source is compiled with the machine's C compiler (`$CC`, else `cc`) at
+first use, for the CPU it runs on (`-march=native`) and with OpenMP, into the
+cache (`$EMBER_CACHE/kernels`, keyed by source, flags and CPU). The OpenMP
+runtime is torch's own (`libgomp.so.1` is already loaded when torch is), so
+the kernels share torch's threads rather than adding a second pool.
+
+Without a compiler, or with `EMBER_NATIVE=0`, `kernels()` returns None and
+the callers keep their torch paths: the kernels are a speed-up, never a
+requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+_lock = threading.Lock()
+_loaded: "Kernels | None | bool" = False  # False: not tried yet
+
+
+class Kernels:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._decode = {}
+        for dtype, name in ((torch.float32, "paged_decode_f32"), (torch.bfloat16, "paged_decode_bf16")):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
+                           ctypes.c_float, _PTR, ctypes.c_int]
+            self._decode[dtype] = fn
+        self._rms_norm = _typed(lib.rms_norm_f32, [_PTR, _PTR, _PTR, _PTR, ctypes.c_float, _PTR, _I64, _I64,
+                                                   ctypes.c_int])
+        self._silu_mul = _typed(lib.silu_mul_f32, [_PTR, _PTR, _I64, _I64, ctypes.c_int])
+        self._rotary = _typed(lib.rotary_f32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int])
+
+    @staticmethod
+    def fits(*tensors: torch.Tensor) -> bool:
+        """The elementwise kernels take contiguous float32 CPU tensors."""
+        return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(r) * weight, r) with r = x + residual (or x): rows of the last dimension."""
+        dim = x.shape[-1]
+        out = torch.empty_like(x)
+        summed = torch.empty_like(x) if residual is not None else x
+        self._rms_norm(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                       summed.data_ptr() if residual is not None else None, weight.data_ptr(), eps,
+                       out.data_ptr(), x.numel() // dim, dim, torch.get_num_threads())
+        return out, summed
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for `gate_up` = [gate | up] along the last dimension."""
+        inter = gate_up.shape[-1] // 2
+        out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
+                       torch.get_num_threads())
+        return out
+
+    def rotary_(self, rows: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate, in place, the first `heads` heads of each row of `rows` [T, width] (float32, rows
+        contiguous inside); cos/sin [T, rot] contiguous, sin signed as `RotaryEmbedding` keeps it."""
+        assert rows.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+        self._rotary(rows.data_ptr(), rows.shape[0], rows.stride(0), heads, dim, cos.data_ptr(), sin.data_ptr(),
+                     cos.shape[-1], torch.get_num_threads())
+
+    def supports_decode(self, cache_dtype: torch.dtype) -> bool:
+        return cache_dtype in self._decode
+
+    def paged_decode(
+        self,
+        q: torch.Tensor,  # [B, H, D] float32, last dim contiguous
+        k: torch.Tensor,  # [slots, KVH, D] contiguous
+        v: torch.Tensor,
+        tables: torch.Tensor,  # [B, W] int64
+        lens: torch.Tensor,  # [B] int64
+        block_size: int,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
+        batch, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        if q.stride(2) != 1 or q.stride(1) != dim:
+            q = q.contiguous()
+        tables = tables.contiguous()
+        lens = lens.contiguous()
+        out = torch.empty(batch, heads, dim, dtype=torch.float32)
+        rc = self._decode[k.dtype](
+            q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1],
+            lens.data_ptr(), batch, heads, kv_heads, dim, block_size, window or 0, scale, out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if rc != 0:
+            raise MemoryError("paged decode attention could not allocate its scratch buffers")
+        return out
+
+
+def _typed(fn, argtypes: list) -> "ctypes._CFuncPtr":
+    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+    return fn
+
+
+def _cpu_tag() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or platform.machine()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def library_path(cache_dir: Path | None = None) -> Path:
+    """Where the build for this source, these flags and this CPU lives."""
+    if cache_dir is None:
+        from ember.launcher.store import cache_root
+
+        cache_dir = cache_root()
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_tag().encode(), platform.machine().encode()):
+        key.update(part)
+    return Path(cache_dir) / "kernels" / f"ember_native-{key.hexdigest()[:16]}.so"
+
+
+def build(target: Path) -> Path:
+    """Compile `native.c` into `target` (atomically: concurrent shards never load a half-written file)."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        log.info("building Ember's CPU kernels with %s (once per machine)", cc)
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def kernels() -> Kernels | None:
+    """The CPU kernels, built on first call; None where they are off or cannot be built."""
+    global _loaded
+    if _loaded is not False:
+        return _loaded or None
+    with _lock:
+        if _loaded is not False:
+            return _loaded or None
+        _loaded = None
+        if os.environ.get("EMBER_NATIVE", "1") in ("0", "false", "no", "off"):
+            log.info("EMBER_NATIVE=0: CPU kernels off, torch paths only")
+            return None
+        try:
+            path = library_path()
+            if not path.is_file():
+                build(path)
+            _loaded = Kernels(ctypes.CDLL(str(path)), path)
+        except Exception as err:  # a speed-up, never a requirement
+            log.warning("CPU kernels unavailable, using torch paths: %s", err)
+            _loaded = None
+        return _loaded
+
+
+def reset_for_tests(value: "Kernels | None | bool" = False) -> None:
+    """Forget (or force) the loaded kernels; tests compare both paths in one process."""
+    global _loaded
+    _loaded = value

@@ -1,0 +1,219 @@
+"""Ember's C kernels (`shard/native.c`): the paged decode attention against the torch path, and the
+bf16 KV cache (`--kv-cache-dtype`) they read."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from ember.shard import native
+from ember.shard import attention
+from ember.shard.attention import AttentionMetadata
+from ember.shard.runner import default_kv_dtype, load_runner
+from tiny import step_logits
+
+PROMPTS = [[5, 17, 42, 99, 3, 250, 8, 8, 1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8, 9], [300]]
+
+
+@pytest.fixture()
+def kernels():
+    built = native.kernels()
+    if built is None:
+        pytest.skip("no C compiler on this machine: the torch paths serve alone")
+    yield built
+    native.reset_for_tests(False)
+
+
+def _torch_path():
+    """Run the torch fallback in this process (the kernels are looked up at every call)."""
+    native.reset_for_tests(None)
+
+
+def _case(lens, heads, kv_heads, dim, block_size, dtype, seed=0):
+    """A shuffled block pool holding each sequence's context, and a decode step's metadata over it."""
+    gen = torch.Generator().manual_seed(seed)
+    tables, needed = [], [-(-n // block_size) for n in lens]
+    pool = list(range(sum(needed) + 3))
+    random.Random(seed).shuffle(pool)
+    for n in needed:
+        tables.append(pool[:n])
+        pool = pool[n:]
+    slots = (sum(needed) + 3) * block_size
+    k = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(slots, kv_heads, dim, generator=gen).to(dtype)
+    q = torch.randn(len(lens), heads, dim, generator=gen)
+    meta = AttentionMetadata.build([n - 1 for n in lens], [1] * len(lens), tables, block_size, torch.device("cpu"))
+    return q, k, v, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 9, 3), (16, 4, 2), (24, 6, 6), (128, 8, 2)])
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_paged_decode_matches_the_gathering_torch_path(kernels, dtype, dim, heads, kv_heads, window):
+    lens = [1, 2, 15, 16, 17, 33, 70]
+    q, k, v, meta = _case(lens, heads, kv_heads, dim, 16, dtype)
+    got = kernels.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, 16, window, dim ** -0.5)
+    # The reference: the torch path over the same cache, widened to float32 (exactly what bf16 stores).
+    _torch_path()
+    ref = attention._decode(q, (k.float(), v.float()), meta, window).view(len(lens), heads, dim)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_queries_may_be_a_strided_view(kernels):
+    """The model hands q as a slice of the fused q/k rotary output: rows are not contiguous."""
+    q, k, v, meta = _case([5, 30], 4, 2, 16, 4, torch.float32)
+    fused = torch.cat([q, torch.randn(2, 2, 16)], dim=1)  # [B, heads + kv_heads, D]
+    view = fused[:, :4]
+    assert not view.is_contiguous()
+    got = kernels.paged_decode(view, k, v, meta.gather_blocks, meta.context_lens, 4, None, 0.25)
+    want = kernels.paged_decode(q.contiguous(), k, v, meta.gather_blocks, meta.context_lens, 4, None, 0.25)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_large_scores_do_not_overflow(kernels):
+    """Softmax subtracts each row's maximum: scores in the hundreds stay finite, as in SDPA."""
+    q, k, v, meta = _case([40, 3], 4, 2, 16, 16, torch.float32, seed=3)
+    q = q * 200
+    got = kernels.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, 16, None, 0.25)
+    assert torch.isfinite(got).all()
+    _torch_path()
+    ref = attention._decode(q, (k, v), meta, None).view_as(got)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_runner_with_kernels_matches_torch_path(kernels, tiny_model_factory, kv_dtype):
+    """Whole tiny models (Llama; Mistral's sliding window) step the same on both paths, over several decodes."""
+    for variant in ("llama", "mistral"):
+        model_dir = tiny_model_factory(variant)
+        runs = []
+        for use_kernels in (True, False):
+            native.reset_for_tests(kernels if use_kernels else None)
+            runner = load_runner(model_dir, dtype="float32", kv_cache_dtype=kv_dtype)
+            runs.append(step_logits(runner, PROMPTS, continuation=range(11, 35)))
+        for got, ref in zip(*runs):
+            if kv_dtype == "float32":
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            else:  # float32 rounding differences may flip a bf16 rounding of a cached key: one bf16 ulp
+                assert (got - ref).abs().max() < 0.01 * ref.std()
+
+
+def test_kv_cache_dtype_default_and_override(tiny_llama_dir):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_kv_dtype(torch.float32, torch.bfloat16, cpu) == torch.bfloat16
+    assert default_kv_dtype(torch.float32, torch.float32, cpu) == torch.float32
+    assert default_kv_dtype(torch.bfloat16, torch.bfloat16, cuda) == torch.bfloat16
+    assert default_kv_dtype(torch.float32, torch.bfloat16, cuda) == torch.float32
+    assert load_runner(tiny_llama_dir, dtype="float32").cache.k[0].dtype == torch.float32
+    mixed = load_runner(tiny_llama_dir, dtype="float32", matmul_dtype="bfloat16")
+    assert mixed.cache.k[0].dtype == torch.bfloat16
+    assert mixed.kv_dtype == torch.bfloat16 and mixed.info.dtype == "float32"
+    kept = load_runner(tiny_llama_dir, dtype="float32", matmul_dtype="bfloat16", kv_cache_dtype="float32")
+    assert kept.cache.k[0].dtype == torch.float32
+    # Half the bytes per block: twice the tokens in one budget.
+    assert mixed._bytes_per_block() * 2 == kept._bytes_per_block()
+
+
+def test_bf16_kv_cache_stays_close_to_float32(tiny_llama_dir):
+    exact = step_logits(load_runner(tiny_llama_dir, dtype="float32"), PROMPTS, continuation=range(11, 19))
+    narrow = step_logits(load_runner(tiny_llama_dir, dtype="float32", kv_cache_dtype="bfloat16"), PROMPTS,
+                         continuation=range(11, 19))
+    for ref, got in zip(exact, narrow):
+        assert (got - ref).abs().max() < 0.05 * ref.std()
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog, tiny_llama_dir):
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    native.reset_for_tests(False)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ember.shard.native"):
+            assert native.kernels() is None
+        assert "no C compiler" in caplog.text
+        runner = load_runner(tiny_llama_dir, dtype="float32")
+        logits = step_logits(runner, PROMPTS)
+        assert all(torch.isfinite(x).all() for x in logits)
+    finally:
+        native.reset_for_tests(False)
+
+
+def test_switched_off_by_env(monkeypatch):
+    monkeypatch.setenv("EMBER_NATIVE", "0")
+    native.reset_for_tests(False)
+    try:
+        assert native.kernels() is None
+    finally:
+        native.reset_for_tests(False)
+
+
+def test_build_is_cached_per_source_and_cpu(kernels, tmp_path):
+    path = native.library_path(tmp_path)
+    assert path.parent == tmp_path / "kernels" and not path.exists()
+    assert native.build(path) == path and path.is_file()
+    assert native.library_path(tmp_path) == path  # same source, flags and CPU: same file
+    assert list(path.parent.iterdir()) == [path]  # no temporary left behind
+
+
+def test_launcher_flag_reaches_the_shard_command_line(tmp_path):
+    from ember.launcher.args import parse_args
+    from ember.launcher.main import shard_spec
+    from ember.launcher.store import ResolvedModel
+
+    cpu = {"CUDA_VISIBLE_DEVICES": ""}
+    model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
+    assert "--kv-cache-dtype" not in shard_spec(parse_args([], cpu), model, 0).argv
+    argv = shard_spec(parse_args(["--kv-cache-dtype", "bfloat16"], cpu), model, 0).argv
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "bfloat16"
+    argv = shard_spec(parse_args([], dict(cpu, KV_CACHE_DTYPE="float32")), model, 0).argv
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "float32"
+
+
+# --- elementwise kernels ----------------------------------------------------------------------------
+
+def test_rms_norm_with_and_without_the_residual_add(kernels):
+    from ember.shard.layers import RMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    x, res = torch.randn(7, 576, generator=gen) * 3, torch.randn(7, 576, generator=gen)
+    norm = RMSNorm(torch.rand(576, generator=gen) + 0.5, 1e-5)
+    out, summed = kernels.rms_norm(x, norm.weight, norm.eps)
+    assert summed is x
+    torch.testing.assert_close(out, norm(x), atol=1e-5, rtol=1e-5)
+    out, summed = kernels.rms_norm(x, norm.weight, norm.eps, res)
+    torch.testing.assert_close(summed, x + res, atol=0, rtol=0)
+    torch.testing.assert_close(out, norm(x + res), atol=1e-5, rtol=1e-5)
+    big = torch.randn(300, 576, generator=gen)  # several threads' worth of rows
+    torch.testing.assert_close(kernels.rms_norm(big, norm.weight, norm.eps)[0], norm(big), atol=1e-5, rtol=1e-5)
+
+
+def test_silu_mul_over_the_whole_range(kernels):
+    gate = torch.cat([torch.linspace(-120, 120, 2001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0])])
+    up = torch.linspace(-3, 3, gate.numel())
+    gate_up = torch.cat([gate, up]).view(1, -1)
+    want = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(kernels.silu_mul(gate_up)[0], want, atol=1e-6, rtol=1e-5)
+    rows = torch.randn(64, 2 * 1536)
+    ref = torch.nn.functional.silu(rows[:, :1536]) * rows[:, 1536:]
+    torch.testing.assert_close(kernels.silu_mul(rows), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rot", [64, 32])
+def test_rotary_in_place_matches_apply_rotary(kernels, rot):
+    from ember.shard.layers import RotaryEmbedding, apply_rotary
+
+    heads, kv_heads, dim, total = 9, 3, 64, 5
+    rotary = RotaryEmbedding(1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)), torch.float32,
+                             torch.device("cpu"))
+    cos, sin = rotary.cos_sin(torch.tensor([0, 1, 7, 300, 4095]), 4095)
+    qkv = torch.randn(total, (heads + 2 * kv_heads) * dim)
+    width = (heads + kv_heads) * dim
+    want = apply_rotary(qkv[:, :width].reshape(total, heads + kv_heads, dim), cos, sin)
+    v_before = qkv[:, width:].clone()
+    kernels.rotary_(qkv, heads + kv_heads, dim, cos, sin)
+    torch.testing.assert_close(qkv[:, :width].view(total, heads + kv_heads, dim), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(qkv[:, width:], v_before)  # the value heads are left alone

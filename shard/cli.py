@@ -32,10 +32,12 @@ def _parser() -> argparse.ArgumentParser:
                         "keeps embedding, norms, attention and KV cache in float32, runs the matmuls on the "
                         "CPU's bf16 units and recomputes each token's 16 best logits in float32: 2-3x faster "
                         "decode on avx512_bf16 CPUs, logprobs within ~0.2 of float32")
-    s.add_argument("--quantize", default=env("QUANTIZE") or None, choices=["int8", "int4"],
+    s.add_argument("--quantize", default=env("QUANTIZE") or None, choices=["int8", "int4", "w4a8"],
                    help="CPU weight-only quantization of the decoder's linear layers, multiplied in bf16: "
                         "int8 (a scale per output feature) or int4 (a scale and minimum per 32 inputs, "
-                        "GGUF Q4_1's layout: a model converted from Q4_1 keeps its 4-bit codes)")
+                        "GGUF Q4_1's layout: a model converted from Q4_1 keeps its 4-bit codes); w4a8: int4 weights "
+                        "times int8 activations on Ember's AVX-512 VNNI kernel (llama.cpp's Q4_1 x Q8_1), faster "
+                        "at every batch size, less precise")
     s.add_argument("--kv-cache-dtype", default=env("KV_CACHE_DTYPE", "auto"),
                    choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the cached keys and values. auto: the model's, except bfloat16 for float32 "

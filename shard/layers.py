@@ -105,7 +105,7 @@ class OneDNNWeight:
         return self.shape[0] * self.shape[1] * torch.finfo(self.dtype).bits // 8
 
 
-QUANTIZE_KINDS = ("int8", "int4")
+QUANTIZE_KINDS = ("int8", "int4", "w4a8")
 INT4_GROUP = 32  # input features per int4 scale/minimum: GGUF's Q4_1 block
 # Steps of at most this many rows multiply with the packed weight; larger ones with its bf16 copy
 # (SmolLM2 int4 vs oneDNN bf16, whole decode steps: 8.7 vs 14.4 ms at 1 row, 18.7 vs 21.7 at 8, even at 12).
@@ -117,7 +117,12 @@ class PackedWeight:
 
     * `int8`: symmetric, one scale per output feature (torch's `_weight_int8pack_mm`).
     * `int4`: asymmetric, a scale and a minimum per group of 32 input features
-      (torch's `_weight_int4pack_mm_for_cpu`). This is the layout of GGUF's Q4_1
+      (torch's `_weight_int4pack_mm_for_cpu`).
+    * `w4a8`: int4 weights as `int4` (float32 scale and minimum) times activations
+      quantized per row and group of 32 to int8, on Ember's AVX-512 VNNI kernel
+      (`native.c`: llama.cpp's Q4_1 x Q8_1 scheme). 2-3x faster than bf16 at any
+      row count and 0.75 bytes per weight, at a cost in precision that the other
+      kinds do not pay (benchmarks/results/quality.md). This is the layout of GGUF's Q4_1
       blocks (w = d·q + m, q in 0..15, m the block's minimum, d its range / 15),
       so a model converted from a Q4_1 file keeps its 4-bit codes exactly; what
       changes is the rounding of d and m (bf16 here, fp16 in GGUF): ~0.3 % of a
@@ -135,14 +140,16 @@ class PackedWeight:
 
     compute_dtype = torch.bfloat16
 
-    def __init__(self, kind: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
-                 keep_dense: bool = True) -> None:
+    def __init__(self, kind: str, data: torch.Tensor | None, scales: torch.Tensor | None, shape: tuple[int, int],
+                 keep_dense: bool = True, q4: "native.Q4Weight | None" = None) -> None:
         self.kind = kind
         self.data = data
         self.scales = scales
         self.shape = shape
+        self.q4 = q4
+        self._kernels = native.kernels() if q4 is not None else None
         self.dense: OneDNNWeight | torch.Tensor | None = None
-        if keep_dense:
+        if keep_dense and q4 is None:
             back = self._read_back()
             self.dense = OneDNNWeight(back) if OneDNNWeight.usable(back.device, back.dtype) else back
 
@@ -154,9 +161,14 @@ class PackedWeight:
         if device.type != "cpu":
             return f"--quantize {kind} has CPU kernels only (device {device.type})"
         out_features, in_features = shape
-        if kind == "int4" and (out_features % 16 or in_features % INT4_GROUP):
-            return (f"int4 needs output features divisible by 16 and input features by {INT4_GROUP}, "
+        if kind in ("int4", "w4a8") and (out_features % 16 or in_features % INT4_GROUP):
+            return (f"{kind} needs output features divisible by 16 and input features by {INT4_GROUP}, "
                     f"got {out_features}x{in_features}")
+        if kind == "w4a8":
+            kernels = native.kernels()
+            if kernels is None or not kernels.q4:
+                return ("w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX-512 VNNI CPU "
+                        "(use int4 here)")
         return None
 
     @classmethod
@@ -175,13 +187,19 @@ class PackedWeight:
         low = groups.amin(dim=-1)
         scale = ((groups.amax(dim=-1) - low) / 15.0).clamp(min=1e-12)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        if kind == "w4a8":  # Ember's VNNI kernel: float32 d and m, no dense copy (it beats bf16 at any rows)
+            return cls(kind, None, None, tuple(w.shape),
+                       q4=native.Q4Weight.pack(q.view(out_features, in_features), scale, low))
         packed = torch._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 1)
         # The kernel computes (q - 8)·scale + zero, so zero is the value of q = 8: m + 8·d.
         scales_and_zeros = torch.stack([scale, low + 8.0 * scale], dim=-1).transpose(0, 1).contiguous()
         return cls(kind, packed, scales_and_zeros.to(cls.compute_dtype), tuple(w.shape), keep_dense)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] → [..., out] in bfloat16."""
+        """x [..., in] → [..., out] in bfloat16 (float32 from Ember's int4 kernel)."""
+        if self.q4 is not None:
+            flat = x.reshape(-1, self.shape[1]).float().contiguous()
+            return self._kernels.q4_linear(flat, self.q4).view(*x.shape[:-1], self.shape[0])
         flat = x.reshape(-1, self.shape[1]).to(self.compute_dtype)
         if flat.shape[0] > PACKED_MAX_ROWS and self.dense is not None:
             out = self.dense.linear(flat) if isinstance(self.dense, OneDNNWeight) else F.linear(flat, self.dense)
@@ -200,11 +218,16 @@ class PackedWeight:
         return torch.cat([self._packed_mm(rows) for rows in eye.split(1024)]).t().contiguous()
 
     def dequantize(self) -> torch.Tensor:
-        """The weight this packing stands for, read back through the kernel (so rounded to bf16)."""
+        """The weight this packing stands for: read back through torch's kernel (so rounded to bf16),
+        or d·q + m in float32 for Ember's int4 kernel."""
+        if self.q4 is not None:
+            return self.q4.dequantize()
         return self._read_back().float()
 
     @property
     def nbytes(self) -> int:
+        if self.q4 is not None:
+            return self.q4.nbytes
         dense = 0 if self.dense is None else (
             self.dense.nbytes if isinstance(self.dense, OneDNNWeight) else self.dense.numel() * 2)
         return sum(t.numel() * t.element_size() for t in (self.data, self.scales)) + dense

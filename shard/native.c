@@ -279,4 +279,113 @@ int rotary_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_
     return 0;
 }
 
-int ember_native_version(void) { return 2; }
+/* --- int4 weights x int8 activations (AVX-512 VNNI) ------------------------------------------- */
+/*
+ * Weights: GGUF Q4_1's blocks, w = d * q + m per group of 32 inputs, q in 0..15. Packed for
+ * vpdpbusd in tiles of 16 output features: for tile t and group g, 4 chunks of 64 bytes; byte b
+ * (0..3) of lane j in chunk c holds q[16t + j][32g + 8c + b] in its low nibble and
+ * q[16t + j][32g + 8c + 4 + b] in its high one. d and m are float32 [tiles, groups, 16].
+ * Activations are quantized per row and group of 32 to int8 (x = dx * xq, Q8_0's rule), so
+ *   sum_k w x = sum_g d dx sum_k q xq + m dx sum_k xq
+ * with the integer sums done 64 products per instruction. Each row's result depends on that row
+ * only: batching never changes a sequence's numbers.
+ */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q4_GROUP 32
+
+int q4_supported(void) { return 1; }
+
+/* xq [rows, k] int8, dx and sx [rows, k / 32]: the scale and the scale times the code sum per group. */
+static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *xq, float *dx, float *sx) {
+    const int64_t groups = k / Q4_GROUP;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const float *src = x + r * k + g * Q4_GROUP;
+            const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+            const float d = amax / 127.f;
+            const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)); /* round to nearest even */
+            const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+            _mm_storeu_si128((__m128i *)(xq + r * k + g * Q4_GROUP), _mm512_cvtsepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(xq + r * k + g * Q4_GROUP + 16), _mm512_cvtsepi32_epi8(qb));
+            dx[r * groups + g] = d;
+            sx[r * groups + g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        }
+    }
+}
+
+#define Q4_ROWS 16 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
+
+/* ROWS (1..Q4_ROWS) rows of activations against one tile of 16 output features. */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const float *d, const float *m,
+                                                          const int8_t *xq, const float *dx, const float *sx,
+                                                          int64_t k, int64_t n, int64_t tile, float *out,
+                                                          const int ROWS) {
+    const int64_t groups = k / Q4_GROUP;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[Q4_ROWS];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *wp = packed + (tile * groups + g) * 256;
+        __m512i w[8];
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(wp + c * 64));
+            w[2 * c] = _mm512_and_si512(v, low);
+            w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        const __m512 dv = _mm512_loadu_ps(d + (tile * groups + g) * 16);
+        const __m512 mv = _mm512_loadu_ps(m + (tile * groups + g) * 16);
+        for (int r = 0; r < ROWS; r++) {
+            const int32_t *xr = (const int32_t *)(xq + r * k + g * Q4_GROUP);
+            __m512i s = _mm512_setzero_si512();
+            for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, w[j], _mm512_set1_epi32(xr[j]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * groups + g])),
+                                     acc[r]);
+            acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(out + r * n + tile * 16, acc[r]);
+}
+
+/* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0). */
+int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
+              int64_t n, float *out, int threads) {
+    const int64_t groups = k / Q4_GROUP;
+    int8_t *xq = malloc((size_t)(rows * k));
+    float *dx = malloc(sizeof(float) * (size_t)(rows * groups));
+    float *sx = malloc(sizeof(float) * (size_t)(rows * groups));
+    if (!xq || !dx || !sx) {
+        free(xq), free(dx), free(sx);
+        return -1;
+    }
+    quantize_rows(x, rows, k, xq, dx, sx);
+    const int64_t tiles = n / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        for (int64_t r0 = 0; r0 < rows; r0 += Q4_ROWS) {
+            const int64_t left = rows - r0;
+            const int8_t *xr = xq + r0 * k;
+            const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
+            float *o = out + r0 * n;
+            switch (left >= Q4_ROWS ? Q4_ROWS : left) {
+#define Q4_CASE(R) case R: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, R); break;
+                Q4_CASE(16) Q4_CASE(15) Q4_CASE(14) Q4_CASE(13) Q4_CASE(12) Q4_CASE(11) Q4_CASE(10) Q4_CASE(9)
+                Q4_CASE(8) Q4_CASE(7) Q4_CASE(6) Q4_CASE(5) Q4_CASE(4) Q4_CASE(3) Q4_CASE(2)
+#undef Q4_CASE
+                default: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, 1); break;
+            }
+        }
+    }
+    free(xq), free(dx), free(sx);
+    return 0;
+}
+#else
+int q4_supported(void) { return 0; }
+int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
+              int64_t n, float *out, int threads) {
+    return -2;
+}
+#endif
+
+int ember_native_version(void) { return 4; }

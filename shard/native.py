@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ class Kernels:
                                                    ctypes.c_int])
         self._silu_mul = _typed(lib.silu_mul_f32, [_PTR, _PTR, _I64, _I64, ctypes.c_int])
         self._rotary = _typed(lib.rotary_f32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int])
+        self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int])
+        self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
 
     @staticmethod
     def fits(*tensors: torch.Tensor) -> bool:
@@ -76,6 +79,17 @@ class Kernels:
         out = gate_up.new_empty(*gate_up.shape[:-1], inter)
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
                        torch.get_num_threads())
+        return out
+
+    def q4_linear(self, x: torch.Tensor, weight: Q4Weight) -> torch.Tensor:
+        """x [rows, k] float32 contiguous -> [rows, n] float32 (activations quantized per 32 to int8)."""
+        n, k = weight.shape
+        rows = x.shape[0]
+        out = torch.empty(rows, n, dtype=torch.float32)
+        rc = self._q4_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), weight.d.data_ptr(),
+                             weight.m.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"q4_linear failed ({rc})")
         return out
 
     def rotary_(self, rows: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -114,6 +128,47 @@ class Kernels:
         if rc != 0:
             raise MemoryError("paged decode attention could not allocate its scratch buffers")
         return out
+
+
+Q4_GROUP = 32
+
+
+@dataclass
+class Q4Weight:
+    """A [n, k] weight as Q4_1 blocks (w = d·q + m per 32 inputs), laid out for `q4_linear`."""
+
+    packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte, see native.c
+    d: torch.Tensor  # float32 [n / 16, k / 32, 16]
+    m: torch.Tensor  # float32 [n / 16, k / 32, 16]
+    shape: tuple[int, int]
+
+    @classmethod
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> "Q4Weight":
+        """codes [n, k] in 0..15, scale and low [n, k / 32] (float32)."""
+        n, k = codes.shape
+        tiles, groups = n // 16, k // Q4_GROUP
+        # input 32g + 8c + 4·nibble + b of output 16t + j -> [tile, group, chunk, lane, byte] bytes
+        q = codes.to(torch.uint8).view(tiles, 16, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+        packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()
+        per_tile = lambda t: t.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous()  # noqa: E731
+        return cls(packed, per_tile(scale), per_tile(low), (n, k))
+
+    def codes(self) -> torch.Tensor:
+        """The [n, k] codes back out of the packing (its exact inverse)."""
+        n, k = self.shape
+        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)  # [tile, group, chunk, lane, byte, 2]
+        return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(n, k)
+
+    def dequantize(self) -> torch.Tensor:
+        """[n, k] float32: d·q + m."""
+        n, k = self.shape
+        per_row = lambda t: t.permute(0, 2, 1).reshape(n, k // Q4_GROUP, 1)  # noqa: E731
+        codes = self.codes().float().view(n, k // Q4_GROUP, Q4_GROUP)
+        return (codes * per_row(self.d) + per_row(self.m)).view(n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.d, self.m))
 
 
 def _typed(fn, argtypes: list) -> "ctypes._CFuncPtr":

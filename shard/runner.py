@@ -376,6 +376,12 @@ def load_runner(
 
         if quantize not in QUANTIZE_KINDS:
             raise ValueError(f"unknown quantization {quantize!r}: choose from {', '.join(QUANTIZE_KINDS)}")
+        if quantize == "w4a8" and device.type == "cpu":
+            from ember.shard.layers import PackedWeight
+
+            reason = PackedWeight.unfit_reason("w4a8", (16, 32), device)  # the kernel's own requirements
+            if reason:
+                raise ValueError(f"--quantize w4a8: {reason}")
         if matmul_dtype is not None and resolve_dtype(matmul_dtype, device) != torch.bfloat16:
             raise ValueError(f"--quantize {quantize} multiplies in bfloat16; drop --matmul-dtype {matmul_dtype}")
         if model_type not in SUPPORTED_MODEL_TYPES:

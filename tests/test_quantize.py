@@ -1,4 +1,6 @@
-"""Weight-only int8 / int4 quantization of the decoder's linear layers on CPU (`--quantize`)."""
+"""Weight-only int8 / int4 quantization of the decoder's linear layers on CPU (`--quantize`), on torch's
+kernels: this module runs without Ember's C kernels, so it also covers the torch paths that serve
+where no C compiler is found. Ember's int4 kernel is tested in test_native.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.shard.attention import AttentionMetadata
-from ember.shard.layers import INT4_GROUP, PACKED_MAX_ROWS, QUANTIZE_KINDS, _linear, ColumnParallelLinear, PackedWeight, pack_weight
+from ember.shard.layers import INT4_GROUP, PACKED_MAX_ROWS, _linear, ColumnParallelLinear, PackedWeight, pack_weight
 from ember.shard.models.llama import PACKED_HEAD_MAX_ROWS, RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
 from tiny import step_logits
@@ -16,6 +18,16 @@ PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
 CONTINUATION = (11, 12, 13)
 BF16_U = 2.0**-8  # bf16's unit roundoff: 8 significant bits, rounding to nearest moves x by at most 2^-8·|x|
 CPU = torch.device("cpu")
+QUANTIZE_KINDS = ("int8", "int4")  # torch's kernels; w4a8 (Ember's) is in test_native.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_kernels_only():
+    from ember.shard import native
+
+    native.reset_for_tests(None)
+    yield
+    native.reset_for_tests(False)
 
 
 def _q4_1_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:

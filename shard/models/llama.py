@@ -251,19 +251,21 @@ class LlamaForCausalLM(torch.nn.Module):
                     kept.append(f"layer {i} {name}: {reason}")
         if self.lm_head.group.is_trivial:
             head = self.lm_head.weight.data
-            self.fast_head = _fast_copy(head, torch.bfloat16)
-            if kind == "int4" and PackedWeight.unfit_reason("int4", tuple(head.shape), head.device) is None:
-                self.packed_head = PackedWeight.quantize(head, "int4", keep_dense=False)  # fast_head is its dense
+            if kind in ("int4", "w4a8") and PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None:
+                self.packed_head = PackedWeight.quantize(head, kind, keep_dense=False)  # fast_head is its dense
+            if self.packed_head is None or self.packed_head.q4 is None:
+                self.fast_head = _fast_copy(head, torch.bfloat16)
         return kept
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits over the whole vocabulary (gathered across ranks)."""
-        if self.fast_head is None:
-            return self.lm_head(hidden).float()
-        if self.packed_head is not None and hidden.shape[0] <= PACKED_HEAD_MAX_ROWS:
-            approx = self.packed_head.linear(hidden).float()
-        else:
+        packed = self.packed_head
+        if packed is not None and (packed.q4 is not None or hidden.shape[0] <= PACKED_HEAD_MAX_ROWS):
+            approx = packed.linear(hidden).float()  # Ember's int4 kernel beats bf16 at any row count
+        elif self.fast_head is not None:
             approx = _linear(hidden, self.fast_head).float()
+        else:
+            return self.lm_head(hidden).float()
         best = approx.topk(min(RESCORED_CANDIDATES, approx.shape[-1]), dim=-1).indices  # [N, k]
         rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()

@@ -83,31 +83,37 @@ static inline float dot_row(const float *q, const void *row, int64_t dim, int bf
 static inline void axpy_row(float *a, float p, const void *row, int64_t dim, int bf16) {}
 #endif
 
-/* One (sequence, KV head): its `groups` query heads over keys start .. start+n-1. */
+/* One sequence's KV heads h0 .. h1-1 (their `groups` query heads each) over keys start .. start+n-1.
+ * Each cached row is read whole (all its KV heads of the task in turn): a block's rows are contiguous,
+ * so the reads stream. */
 static inline __attribute__((always_inline)) void attend(
-    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h,
-    int64_t kv_heads, int64_t block_size, float scale, float *scores, float *acc, float *sums,
+    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, float *scores, float *acc, float *sums,
     float *out, const int64_t groups, const int64_t dim, const int bf16) {
+    const int64_t rows = (h1 - h0) * groups; /* query heads of the task */
     /* positions start .. start+n-1 walk the block table without a division per token */
     int64_t block = start / block_size, offset = start % block_size;
     for (int64_t t = 0; t < n; t++) {
         const int64_t slot = table[block] * block_size + offset;
         if (++offset == block_size) offset = 0, block++;
-        const void *kr = row_at(k, slot * kv_heads + h, dim, bf16);
-        for (int64_t g = 0; g < groups; g++) {
-            const float *qg = qb + g * dim;
-            float dot = 0.f;
-            if (VECTOR_OK(dim)) {
-                dot = dot_row(qg, kr, dim, bf16);
-            } else {
-                _Pragma("omp simd reduction(+ : dot)")
-                for (int64_t i = 0; i < dim; i++) dot += qg[i] * elem(kr, i, bf16);
+        for (int64_t h = h0; h < h1; h++) {
+            const void *kr = row_at(k, slot * kv_heads + h, dim, bf16);
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t qi = (h - h0) * groups + g;
+                const float *qg = qb + qi * dim;
+                float dot = 0.f;
+                if (VECTOR_OK(dim)) {
+                    dot = dot_row(qg, kr, dim, bf16);
+                } else {
+                    _Pragma("omp simd reduction(+ : dot)")
+                    for (int64_t i = 0; i < dim; i++) dot += qg[i] * elem(kr, i, bf16);
+                }
+                scores[qi * n + t] = dot * scale;
             }
-            scores[g * n + t] = dot * scale;
         }
     }
-    for (int64_t g = 0; g < groups; g++) {
-        float *s = scores + g * n;
+    for (int64_t qi = 0; qi < rows; qi++) {
+        float *s = scores + qi * n;
         float top = s[0];
         _Pragma("omp simd reduction(max : top)")
         for (int64_t t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
@@ -117,30 +123,33 @@ static inline __attribute__((always_inline)) void attend(
             s[t] = exp_neg(s[t] - top);
             total += s[t];
         }
-        sums[g] = total;
+        sums[qi] = total;
     }
-    memset(acc, 0, sizeof(float) * (size_t)(groups * dim));
+    memset(acc, 0, sizeof(float) * (size_t)(rows * dim));
     block = start / block_size, offset = start % block_size;
     for (int64_t t = 0; t < n; t++) {
         const int64_t slot = table[block] * block_size + offset;
         if (++offset == block_size) offset = 0, block++;
-        const void *vr = row_at(v, slot * kv_heads + h, dim, bf16);
-        for (int64_t g = 0; g < groups; g++) {
-            const float p = scores[g * n + t];
-            float *a = acc + g * dim;
-            if (VECTOR_OK(dim)) {
-                axpy_row(a, p, vr, dim, bf16);
-            } else {
-                _Pragma("omp simd")
-                for (int64_t i = 0; i < dim; i++) a[i] += p * elem(vr, i, bf16);
+        for (int64_t h = h0; h < h1; h++) {
+            const void *vr = row_at(v, slot * kv_heads + h, dim, bf16);
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t qi = (h - h0) * groups + g;
+                const float p = scores[qi * n + t];
+                float *a = acc + qi * dim;
+                if (VECTOR_OK(dim)) {
+                    axpy_row(a, p, vr, dim, bf16);
+                } else {
+                    _Pragma("omp simd")
+                    for (int64_t i = 0; i < dim; i++) a[i] += p * elem(vr, i, bf16);
+                }
             }
         }
     }
-    for (int64_t g = 0; g < groups; g++) {
-        const float inv = 1.f / sums[g];
-        float *o = out + g * dim;
+    for (int64_t qi = 0; qi < rows; qi++) {
+        const float inv = 1.f / sums[qi];
+        float *o = out + qi * dim;
         _Pragma("omp simd")
-        for (int64_t i = 0; i < dim; i++) o[i] = acc[g * dim + i] * inv;
+        for (int64_t i = 0; i < dim; i++) o[i] = acc[qi * dim + i] * inv;
     }
 }
 
@@ -152,37 +161,39 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
     int64_t longest = 1;
     for (int64_t b = 0; b < batch; b++)
         if (lens[b] > longest) longest = lens[b];
+    /* a task per sequence (whole rows read once); per (sequence, KV head) when too few sequences */
+    const int64_t split = batch >= threads ? 1 : kv_heads;
+    const int64_t per_task = kv_heads / split;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(groups * longest));
-        float *acc = malloc(sizeof(float) * (size_t)(groups * dim));
-        float *sums = malloc(sizeof(float) * (size_t)groups);
+        float *scores = malloc(sizeof(float) * (size_t)(per_task * groups * longest));
+        float *acc = malloc(sizeof(float) * (size_t)(per_task * groups * dim));
+        float *sums = malloc(sizeof(float) * (size_t)(per_task * groups));
         const int ok = scores && acc && sums;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < batch; b++) {
-            for (int64_t h = 0; h < kv_heads; h++) {
-                if (!ok) continue;
-                const int64_t len = lens[b];
-                const int64_t start = (window > 0 && len > window) ? len - window : 0;
-                const float *qb = q + b * q_stride + h * groups * dim;
-                const int64_t *table = tables + b * table_width;
-                float *o = out + (b * heads + h * groups) * dim;
-                /* constant head sizes let the compiler unroll the row loops completely */
-                if (dim == 64)
-                    attend(qb, k, v, table, start, len - start, h, kv_heads, block_size, scale, scores, acc,
-                           sums, o, groups, 64, bf16);
-                else if (dim == 128)
-                    attend(qb, k, v, table, start, len - start, h, kv_heads, block_size, scale, scores, acc,
-                           sums, o, groups, 128, bf16);
-                else
-                    attend(qb, k, v, table, start, len - start, h, kv_heads, block_size, scale, scores, acc,
-                           sums, o, groups, dim, bf16);
-            }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < batch * split; task++) {
+            if (!ok) continue;
+            const int64_t b = task / split, h0 = (task % split) * per_task, h1 = h0 + per_task;
+            const int64_t len = lens[b];
+            const int64_t start = (window > 0 && len > window) ? len - window : 0;
+            const float *qb = q + b * q_stride + h0 * groups * dim;
+            const int64_t *table = tables + b * table_width;
+            float *o = out + (b * heads + h0 * groups) * dim;
+            /* constant head sizes let the compiler unroll the row loops completely */
+            if (dim == 64)
+                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, acc, sums,
+                       o, groups, 64, bf16);
+            else if (dim == 128)
+                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, acc, sums,
+                       o, groups, 128, bf16);
+            else
+                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, acc, sums,
+                       o, groups, dim, bf16);
         }
         free(scores);
         free(acc);

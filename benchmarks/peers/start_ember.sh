@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serve the model with Ember's launcher on 127.0.0.1:$1 (shard + router, as users run it).
 # The shard socket is per port, so a benchmark never meets a test's default socket.
-# Default: --quantize int4 (the GGUF's 4-bit codes for steps of <= 16 rows, bf16 matmuls above)
+# Default: --quantize int4 (the GGUF's 4-bit codes for steps of <= 8 rows, bf16 matmuls above)
 # with bf16 matmuls, as vLLM CPU runs in bf16 (see docs/architecture.md).
 # EMBER_BENCH_QUANTIZE="" serves bf16 matmuls only; EMBER_BENCH_MATMUL_DTYPE=float32 (with it) the default.
 source "$(dirname "$0")/common.sh"

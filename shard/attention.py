@@ -190,8 +190,10 @@ def paged_attention(
     narrower than q's), then attends in q's dtype. Returns [T, H * D].
     """
     if kv is not None and meta.slots is not None:
-        kv[0].index_copy_(0, meta.slots, k.to(kv[0].dtype))
-        kv[1].index_copy_(0, meta.slots, v.to(kv[1].dtype))
+        kernels = native.kernels() if q.device.type == "cpu" else None
+        if kernels is None or not kernels.kv_store(k, v, meta.slots, kv[0], kv[1]):
+            kv[0].index_copy_(0, meta.slots, k.to(kv[0].dtype))
+            kv[1].index_copy_(0, meta.slots, v.to(kv[1].dtype))
     if meta.is_decode:
         return _decode(q, kv, meta, window)
     return _prefill(q, k, v, kv, meta, window)

@@ -46,7 +46,9 @@ def _linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.
     by its quantized weight; the bias is added after, in the input's dtype.
     """
     if isinstance(weight, (PackedWeight, OneDNNWeight)):
-        out = weight.linear(x).to(x.dtype)
+        out = weight.linear(x)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
         return out if bias is None else out + bias.to(out.dtype)
     if x.dtype == weight.dtype:
         return F.linear(x, weight, bias)
@@ -198,6 +200,8 @@ class PackedWeight:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in bfloat16 (float32 from Ember's int4 kernel)."""
         if self.q4 is not None:
+            if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+                return self._kernels.q4_linear(x, self.q4)
             flat = x.reshape(-1, self.shape[1]).float().contiguous()
             return self._kernels.q4_linear(flat, self.q4).view(*x.shape[:-1], self.shape[0])
         flat = x.reshape(-1, self.shape[1]).to(self.compute_dtype)

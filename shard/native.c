@@ -290,6 +290,35 @@ int rotary_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_
     return 0;
 }
 
+/* --- KV cache writes ------------------------------------------------------------------------ */
+
+/* float32 -> bf16 bits, rounding to nearest even (NaN stays NaN), as torch's .to(bfloat16). */
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* Row r of k and v (`width` floats each, rows `k_stride` / `v_stride` floats apart) into cache slot
+ * slots[r] of kc and vc ([slots, width], float32 or bf16): the step's new keys and values, one call. */
+int kv_store(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
+             int64_t rows, int64_t width, void *kc, void *vc, int bf16) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *ks = k + r * k_stride, *vs = v + r * v_stride;
+        const int64_t at = slots[r] * width;
+        if (bf16) {
+            uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
+            for (int64_t i = 0; i < width; i++) kd[i] = to_bf16(ks[i]);
+            for (int64_t i = 0; i < width; i++) vd[i] = to_bf16(vs[i]);
+        } else {
+            memcpy((float *)kc + at, ks, sizeof(float) * (size_t)width);
+            memcpy((float *)vc + at, vs, sizeof(float) * (size_t)width);
+        }
+    }
+    return 0;
+}
+
 /* --- int4 weights x int8 activations (AVX-512 VNNI) ------------------------------------------- */
 /*
  * Weights: GGUF Q4_1's blocks, w = d * q + m per group of 32 inputs, q in 0..15. Packed for
@@ -326,7 +355,7 @@ static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *xq, f
     }
 }
 
-#define Q4_ROWS 16 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
+#define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
 
 /* ROWS (1..Q4_ROWS) rows of activations against one tile of 16 output features. */
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const float *d, const float *m,
@@ -336,10 +365,12 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
     const int64_t groups = k / Q4_GROUP;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[Q4_ROWS];
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *wp = packed + (tile * groups + g) * 256;
         __m512i w[8];
+#pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             const __m512i v = _mm512_loadu_si512((const void *)(wp + c * 64));
             w[2 * c] = _mm512_and_si512(v, low);
@@ -347,15 +378,18 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
         }
         const __m512 dv = _mm512_loadu_ps(d + (tile * groups + g) * 16);
         const __m512 mv = _mm512_loadu_ps(m + (tile * groups + g) * 16);
+#pragma GCC unroll 16
         for (int r = 0; r < ROWS; r++) {
             const int32_t *xr = (const int32_t *)(xq + r * k + g * Q4_GROUP);
             __m512i s = _mm512_setzero_si512();
+#pragma GCC unroll 8
             for (int j = 0; j < 8; j++) s = _mm512_dpbusd_epi32(s, w[j], _mm512_set1_epi32(xr[j]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * groups + g])),
                                      acc[r]);
             acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * groups + g]), acc[r]);
         }
     }
+#pragma GCC unroll 16
     for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(out + r * n + tile * 16, acc[r]);
 }
 
@@ -381,7 +415,7 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
             float *o = out + r0 * n;
             switch (left >= Q4_ROWS ? Q4_ROWS : left) {
 #define Q4_CASE(R) case R: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, R); break;
-                Q4_CASE(16) Q4_CASE(15) Q4_CASE(14) Q4_CASE(13) Q4_CASE(12) Q4_CASE(11) Q4_CASE(10) Q4_CASE(9)
+
                 Q4_CASE(8) Q4_CASE(7) Q4_CASE(6) Q4_CASE(5) Q4_CASE(4) Q4_CASE(3) Q4_CASE(2)
 #undef Q4_CASE
                 default: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, 1); break;

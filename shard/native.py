@@ -56,11 +56,28 @@ class Kernels:
         self._rotary = _typed(lib.rotary_f32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int])
         self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int])
         self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
+        self._kv_store = _typed(lib.kv_store, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
+
+    def kv_store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor) -> bool:
+        """Write k, v [T, KVH, D] (float32, heads contiguous in each row) into slots of the flat caches
+        (float32 or bf16, contiguous); False (nothing written) when the layouts do not fit."""
+        width = k.shape[1] * k.shape[2]
+        if (k.dtype != torch.float32 or v.dtype != torch.float32 or k_cache.dtype not in self._decode
+                or k.stride(2) != 1 or k.stride(1) != k.shape[2] or v.stride(2) != 1 or v.stride(1) != v.shape[2]
+                or not k_cache.is_contiguous() or not v_cache.is_contiguous() or slots.dtype != torch.long):
+            return False
+        self._kv_store(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k.shape[0], width,
+                       k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16))
+        return True
 
     @staticmethod
     def fits(*tensors: torch.Tensor) -> bool:
         """The elementwise kernels take contiguous float32 CPU tensors."""
-        return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        for t in tensors:
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
+                return False
+        return True
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

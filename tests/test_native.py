@@ -321,3 +321,22 @@ def test_w4a8_refused_without_the_kernel(tiny_llama_dir):
             load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
     finally:
         native.reset_for_tests(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_store_writes_what_index_copy_writes(kernels, dtype):
+    """Strided rows (views of the fused qkv output) into chosen slots; bf16 rounds exactly as torch."""
+    qkv = torch.randn(5, (4 + 2 * 2) * 16)
+    qkv[0, 64:80] = torch.tensor([1.00390625, 1.01171875, -3.0078125, float("inf"), float("-inf"), 0.0, -0.0,
+                                  1e-40, 3.4e38, -1e-45, 2.0, 7.5, 1.0 + 2**-9, 1.0 + 3 * 2**-9, 0.1, -0.1])
+    k, v = qkv[:, 64:96].view(5, 2, 16), qkv[:, 96:].view(5, 2, 16)
+    slots = torch.tensor([9, 0, 4, 17, 3])
+    got = (torch.zeros(20, 2, 16, dtype=dtype), torch.zeros(20, 2, 16, dtype=dtype))
+    want = (torch.zeros(20, 2, 16, dtype=dtype), torch.zeros(20, 2, 16, dtype=dtype))
+    assert kernels.kv_store(k, v, slots, *got)
+    want[0].index_copy_(0, slots, k.to(dtype))
+    want[1].index_copy_(0, slots, v.to(dtype))
+    assert torch.equal(got[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(got[1], want[1])
+    assert not kernels.kv_store(k.double(), v.double(), slots, *got)  # layouts it does not take: caller's path

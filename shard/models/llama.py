@@ -133,7 +133,7 @@ class LlamaAttention(torch.nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         total = x.shape[0]
-        qkv = self.qkv(x)
+        qkv = self.qkv.forward(x)  # (.forward: no module-call overhead; Ember's modules have no hooks)
         qk_width = (self.heads + self.kv_heads) * self.head_dim
         kernels = native.kernels() if qkv.device.type == "cpu" else None
         if kernels is not None and kernels.fits(cos, sin) and qkv.dtype == torch.float32 and qkv.is_contiguous():
@@ -144,7 +144,7 @@ class LlamaAttention(torch.nn.Module):
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_width:].view(total, self.kv_heads, self.head_dim)
         kv = cache.flat(self.layer) if cache is not None else None
-        return self.o_proj(paged_attention(q, k, v, kv, meta, self.window))
+        return self.o_proj.forward(paged_attention(q, k, v, kv, meta, self.window))
 
 
 class LlamaMLP(torch.nn.Module):
@@ -158,12 +158,12 @@ class LlamaMLP(torch.nn.Module):
         self.silu = self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)
+        gate_up = self.gate_up.forward(x)
         kernels = native.kernels() if self.silu and gate_up.device.type == "cpu" else None
         if kernels is not None and kernels.fits(gate_up):
-            return self.down(kernels.silu_mul(gate_up))
+            return self.down.forward(kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down.forward(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -179,8 +179,8 @@ class LlamaDecoderLayer(torch.nn.Module):
         """(this layer's output delta, the residual stream before it): each norm adds the pending delta
         to the residual as it reads it (one pass with Ember's CPU kernel). Layer 0 gets residual None."""
         x, residual = self.input_norm.add_and_norm(delta, residual)
-        x, residual = self.post_norm.add_and_norm(self.attn(x, cos, sin, meta, cache), residual)
-        return self.mlp(x), residual
+        x, residual = self.post_norm.add_and_norm(self.attn.forward(x, cos, sin, meta, cache), residual)
+        return self.mlp.forward(x), residual
 
 
 class LlamaForCausalLM(torch.nn.Module):
@@ -209,7 +209,7 @@ class LlamaForCausalLM(torch.nn.Module):
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
         delta, residual = self.embed(input_ids), None
         for layer in self.layers:
-            delta, residual = layer(delta, residual, cos, sin, meta, cache)
+            delta, residual = layer.forward(delta, residual, cos, sin, meta, cache)
         return self.norm.add_and_norm(delta, residual)[0]
 
     def cast_matmuls(self, dtype: torch.dtype) -> None:

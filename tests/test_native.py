@@ -277,7 +277,8 @@ def test_w4a8_runner_uses_ember_kernel_without_dense_copies(q4, tiny_llama_dir):
     runner = load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
     weight = runner.model.layers[0].mlp.gate_up.weight
     assert weight.q4 is not None and weight.dense is None and weight.data is None
-    assert runner.model.packed_head.q4 is not None and runner.model.fast_head is None
+    assert runner.model.packed_head is None  # the head stays bf16: see LlamaForCausalLM.quantize
+    assert runner.model.fast_head.dtype == torch.bfloat16
     n, k = weight.shape
     assert weight.nbytes == n * k // 2 + n * (k // 32) * 8  # 0.75 bytes per weight: codes, float32 d and m
     exact = step_logits(load_runner(tiny_llama_dir, dtype="float32"), PROMPTS)
@@ -296,7 +297,7 @@ def test_w4a8_runner_uses_ember_kernel_without_dense_copies(q4, tiny_llama_dir):
 @pytest.mark.slow
 def test_smollm2_w4a8_stays_close_to_float32(q4, smollm2_dir, smol_tokenizer):
     """Teacher-forced over a paragraph: w4a8 picks float32's top token almost everywhere (seen: 96-97 %,
-    KL 0.02 nats; int4 on torch's kernel: 99 %, 0.0006). A broken layout or scale falls far below."""
+    KL 0.003 nats; int4 on torch's kernel: 99 %, 0.0006). A broken layout or scale falls far below."""
     import torch.nn.functional as F
 
     from ember.shard.runner import Sequence
@@ -311,7 +312,7 @@ def test_smollm2_w4a8_stays_close_to_float32(q4, smollm2_dir, smol_tokenizer):
     agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
     kl = F.kl_div(F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean").item()
     print(f"SmolLM2 w4a8 vs float32 over {len(ids)} tokens: top-1 agreement {agree:.3f}, KL {kl:.4f}")
-    assert agree > 0.93 and kl < 0.06
+    assert agree > 0.93 and kl < 0.015
 
 
 def test_w4a8_refused_without_the_kernel(tiny_llama_dir):

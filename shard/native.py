@@ -220,8 +220,9 @@ def library_path(cache_dir: Path | None = None) -> Path:
     return Path(cache_dir) / "kernels" / f"ember_native-{key.hexdigest()[:16]}.so"
 
 
-def build(target: Path) -> Path:
-    """Compile `native.c` into `target` (atomically: concurrent shards never load a half-written file)."""
+def build(target: Path, flags: list[str] | None = None) -> Path:
+    """Compile `native.c` into `target` (atomically: concurrent shards never load a half-written file).
+    `flags` replaces FLAGS (tests build the portable, non-AVX-512 variant with it)."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC)")
@@ -230,7 +231,7 @@ def build(target: Path) -> Path:
     os.close(fd)
     try:
         log.info("building Ember's CPU kernels with %s (once per machine)", cc)
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        done = subprocess.run([cc, *(flags or FLAGS), str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -238,6 +239,11 @@ def build(target: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def load(path: Path) -> Kernels:
+    """A built library, typed."""
+    return Kernels(ctypes.CDLL(str(path)), path)
 
 
 def kernels() -> Kernels | None:
@@ -256,7 +262,7 @@ def kernels() -> Kernels | None:
             path = library_path()
             if not path.is_file():
                 build(path)
-            _loaded = Kernels(ctypes.CDLL(str(path)), path)
+            _loaded = load(path)
         except Exception as err:  # a speed-up, never a requirement
             log.warning("CPU kernels unavailable, using torch paths: %s", err)
             _loaded = None

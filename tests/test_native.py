@@ -341,3 +341,21 @@ def test_kv_store_writes_what_index_copy_writes(kernels, dtype):
                        want[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
     assert torch.equal(got[1], want[1])
     assert not kernels.kv_store(k.double(), v.double(), slots, *got)  # layouts it does not take: caller's path
+
+
+def test_portable_build_without_avx512(kernels, tmp_path):
+    """On CPUs without AVX-512 the same source builds plain C loops (and no w4a8): still the right numbers."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the portable build's -march is x86-64's")
+    flags = [f if not f.startswith("-march=") else "-march=x86-64-v2" for f in native.FLAGS]
+    portable = native.load(native.build(tmp_path / "portable.so", flags))
+    assert not portable.q4
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, meta = _case([1, 17, 40], 6, 2, 64, 16, dtype, seed=5)
+        got = portable.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, 16, None, 0.125)
+        want = kernels.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, 16, None, 0.125)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x = torch.randn(3, 64, 2 * 96)
+    torch.testing.assert_close(portable.silu_mul(x), kernels.silu_mul(x), atol=1e-6, rtol=1e-6)

@@ -232,7 +232,7 @@ def _q4_codes(n, k, seed=0):
 @pytest.fixture()
 def q4(kernels):
     if not kernels.q4:
-        pytest.skip("this CPU has no AVX-512 VNNI: --quantize int4 uses torch's kernel")
+        pytest.skip("this CPU has no AVX-512 VNNI: --quantize w4a8 is refused here")
     return kernels
 
 

@@ -88,16 +88,17 @@ static inline void axpy_row(float *a, float p, const void *row, int64_t dim, int
  * so the reads stream. */
 static inline __attribute__((always_inline)) void attend(
     const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
-    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, float *scores, float *acc, float *sums,
-    float *out, const int64_t groups, const int64_t dim, const int bf16) {
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *acc,
+    float *sums, float *out, const int64_t groups, const int64_t dim, const int bf16) {
     const int64_t rows = (h1 - h0) * groups; /* query heads of the task */
-    /* positions start .. start+n-1 walk the block table without a division per token */
-    int64_t block = start / block_size, offset = start % block_size;
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t slot = table[block] * block_size + offset;
+    /* the cache slots of positions start .. start+n-1, once for both passes (no division per token) */
+    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
+        slots[t] = table[block] * block_size + offset;
         if (++offset == block_size) offset = 0, block++;
+    }
+    for (int64_t t = 0; t < n; t++) {
         for (int64_t h = h0; h < h1; h++) {
-            const void *kr = row_at(k, slot * kv_heads + h, dim, bf16);
+            const void *kr = row_at(k, slots[t] * kv_heads + h, dim, bf16);
             for (int64_t g = 0; g < groups; g++) {
                 const int64_t qi = (h - h0) * groups + g;
                 const float *qg = qb + qi * dim;
@@ -126,12 +127,9 @@ static inline __attribute__((always_inline)) void attend(
         sums[qi] = total;
     }
     memset(acc, 0, sizeof(float) * (size_t)(rows * dim));
-    block = start / block_size, offset = start % block_size;
     for (int64_t t = 0; t < n; t++) {
-        const int64_t slot = table[block] * block_size + offset;
-        if (++offset == block_size) offset = 0, block++;
         for (int64_t h = h0; h < h1; h++) {
-            const void *vr = row_at(v, slot * kv_heads + h, dim, bf16);
+            const void *vr = row_at(v, slots[t] * kv_heads + h, dim, bf16);
             for (int64_t g = 0; g < groups; g++) {
                 const int64_t qi = (h - h0) * groups + g;
                 const float p = scores[qi * n + t];
@@ -170,7 +168,8 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
         float *scores = malloc(sizeof(float) * (size_t)(per_task * groups * longest));
         float *acc = malloc(sizeof(float) * (size_t)(per_task * groups * dim));
         float *sums = malloc(sizeof(float) * (size_t)(per_task * groups));
-        const int ok = scores && acc && sums;
+        int64_t *slots = malloc(sizeof(int64_t) * (size_t)longest);
+        const int ok = scores && acc && sums && slots;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -186,18 +185,19 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
             float *o = out + (b * heads + h0 * groups) * dim;
             /* constant head sizes let the compiler unroll the row loops completely */
             if (dim == 64)
-                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, acc, sums,
-                       o, groups, 64, bf16);
+                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc,
+                       sums, o, groups, 64, bf16);
             else if (dim == 128)
-                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, acc, sums,
-                       o, groups, 128, bf16);
+                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc,
+                       sums, o, groups, 128, bf16);
             else
-                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, acc, sums,
-                       o, groups, dim, bf16);
+                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc,
+                       sums, o, groups, dim, bf16);
         }
         free(scores);
         free(acc);
         free(sums);
+        free(slots);
     }
     return failed ? -1 : 0;
 }

@@ -136,7 +136,7 @@ class LlamaAttention(torch.nn.Module):
         qkv = self.qkv.forward(x)  # (.forward: no module-call overhead; Ember's modules have no hooks)
         qk_width = (self.heads + self.kv_heads) * self.head_dim
         kernels = native.kernels() if qkv.device.type == "cpu" else None
-        if kernels is not None and kernels.fits(cos, sin) and qkv.dtype == torch.float32 and qkv.is_contiguous():
+        if kernels is not None and kernels.fits(cos, sin, qkv):
             kernels.rotary_(qkv, self.heads + self.kv_heads, self.head_dim, cos, sin)  # in place, one pass
             qk = qkv[:, :qk_width].view(total, self.heads + self.kv_heads, self.head_dim)
         else:

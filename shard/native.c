@@ -151,25 +151,70 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
+/* Task `task` of a decode step's attention: sequence task / split, KV heads of its share `per_task`. */
+static inline __attribute__((always_inline)) void decode_task(
+    int64_t task, int64_t split, int64_t per_task, const float *q, int64_t q_stride, const void *k, const void *v,
+    const int64_t *tables, int64_t table_width, const int64_t *lens, int64_t heads, int64_t kv_heads, int64_t dim,
+    int64_t block_size, int64_t window, float scale, float *out, int64_t out_stride, int64_t *slots, float *scores,
+    float *acc, float *sums, const int bf16) {
+    const int64_t groups = heads / kv_heads;
+    const int64_t b = task / split, h0 = (task % split) * per_task, h1 = h0 + per_task;
+    const int64_t len = lens[b];
+    const int64_t start = (window > 0 && len > window) ? len - window : 0;
+    const float *qb = q + b * q_stride + h0 * groups * dim;
+    const int64_t *table = tables + b * table_width;
+    float *o = out + b * out_stride + h0 * groups * dim;
+    /* constant head sizes let the compiler unroll the row loops completely */
+    if (dim == 64)
+        attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
+               groups, 64, bf16);
+    else if (dim == 128)
+        attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
+               groups, 128, bf16);
+    else
+        attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
+               groups, dim, bf16);
+}
+
+/* Per-thread scratch of the decode attention (scores of the longest context, accumulators). */
+typedef struct {
+    float *scores, *acc, *sums;
+    int64_t *slots;
+} attend_scratch;
+
+static int scratch_alloc(attend_scratch *sc, int64_t per_task, int64_t groups, int64_t longest, int64_t dim) {
+    sc->scores = malloc(sizeof(float) * (size_t)(per_task * groups * longest));
+    sc->acc = malloc(sizeof(float) * (size_t)(per_task * groups * dim));
+    sc->sums = malloc(sizeof(float) * (size_t)(per_task * groups));
+    sc->slots = malloc(sizeof(int64_t) * (size_t)longest);
+    return sc->scores && sc->acc && sc->sums && sc->slots;
+}
+
+static void scratch_free(attend_scratch *sc) {
+    free(sc->scores), free(sc->acc), free(sc->sums), free(sc->slots);
+}
+
+static int64_t longest_context(const int64_t *lens, int64_t batch) {
+    int64_t longest = 1;
+    for (int64_t b = 0; b < batch; b++)
+        if (lens[b] > longest) longest = lens[b];
+    return longest;
+}
+
 static int paged_decode(const float *q, int64_t q_stride, const void *k, const void *v, const int64_t *tables,
                         int64_t table_width, const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads,
                         int64_t dim, int64_t block_size, int64_t window, float scale, float *out, int threads,
                         const int bf16) {
     const int64_t groups = heads / kv_heads;
-    int64_t longest = 1;
-    for (int64_t b = 0; b < batch; b++)
-        if (lens[b] > longest) longest = lens[b];
+    const int64_t longest = longest_context(lens, batch);
     /* a task per sequence (whole rows read once); per (sequence, KV head) when too few sequences */
     const int64_t split = batch >= threads ? 1 : kv_heads;
     const int64_t per_task = kv_heads / split;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(per_task * groups * longest));
-        float *acc = malloc(sizeof(float) * (size_t)(per_task * groups * dim));
-        float *sums = malloc(sizeof(float) * (size_t)(per_task * groups));
-        int64_t *slots = malloc(sizeof(int64_t) * (size_t)longest);
-        const int ok = scores && acc && sums && slots;
+        attend_scratch sc;
+        const int ok = scratch_alloc(&sc, per_task, groups, longest, dim);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -177,27 +222,10 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < batch * split; task++) {
             if (!ok) continue;
-            const int64_t b = task / split, h0 = (task % split) * per_task, h1 = h0 + per_task;
-            const int64_t len = lens[b];
-            const int64_t start = (window > 0 && len > window) ? len - window : 0;
-            const float *qb = q + b * q_stride + h0 * groups * dim;
-            const int64_t *table = tables + b * table_width;
-            float *o = out + (b * heads + h0 * groups) * dim;
-            /* constant head sizes let the compiler unroll the row loops completely */
-            if (dim == 64)
-                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc,
-                       sums, o, groups, 64, bf16);
-            else if (dim == 128)
-                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc,
-                       sums, o, groups, 128, bf16);
-            else
-                attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc,
-                       sums, o, groups, dim, bf16);
+            decode_task(task, split, per_task, q, q_stride, k, v, tables, table_width, lens, heads, kv_heads, dim,
+                        block_size, window, scale, out, heads * dim, sc.slots, sc.scores, sc.acc, sc.sums, bf16);
         }
-        free(scores);
-        free(acc);
-        free(sums);
-        free(slots);
+        scratch_free(&sc);
     }
     return failed ? -1 : 0;
 }
@@ -219,74 +247,77 @@ int paged_decode_bf16(const float *q, int64_t q_stride, const uint16_t *k, const
 
 /* --- elementwise, float32, rows split across threads ------------------------------------------ */
 
+/* One row of the residual add and RMSNorm: r = x (+ delta, stored into h when given), out = w * r / rms(r). */
+static inline __attribute__((always_inline)) void norm_row(const float *xr, const float *dr, float *hr,
+                                                           const float *w, float eps, float *o, int64_t dim) {
+    float sq = 0.f;
+    if (dr) {
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < dim; i++) {
+            const float s = xr[i] + dr[i];
+            hr[i] = s;
+            sq += s * s;
+        }
+        xr = hr;
+    } else {
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < dim; i++) sq += xr[i] * xr[i];
+    }
+    const float inv = 1.f / sqrtf(sq / (float)dim + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (xr[i] * inv);
+}
+
 /* out = w * r / sqrt(mean(r^2) + eps) per row, r = x (+ delta, stored into h when given): the residual
  * add and the RMSNorm of a decoder layer in one pass over the row. */
 int rms_norm_f32(const float *x, const float *delta, float *h, const float *w, float eps, float *out, int64_t rows,
                  int64_t dim, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * dim >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * dim;
-        float *o = out + r * dim;
-        float sq = 0.f;
-        if (delta) {
-            const float *dr = delta + r * dim;
-            float *hr = h + r * dim;
-#pragma omp simd reduction(+ : sq)
-            for (int64_t i = 0; i < dim; i++) {
-                const float s = xr[i] + dr[i];
-                hr[i] = s;
-                sq += s * s;
-            }
-            xr = hr;
-        } else {
-#pragma omp simd reduction(+ : sq)
-            for (int64_t i = 0; i < dim; i++) sq += xr[i] * xr[i];
-        }
-        const float inv = 1.f / sqrtf(sq / (float)dim + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < dim; i++) o[i] = w[i] * (xr[i] * inv);
-    }
+    for (int64_t r = 0; r < rows; r++)
+        norm_row(x + r * dim, delta ? delta + r * dim : NULL, delta ? h + r * dim : NULL, w, eps, out + r * dim, dim);
     return 0;
+}
+
+/* One row of silu(gate) * up from the fused gate/up row g = [gate | up]. */
+static inline __attribute__((always_inline)) void silu_mul_row(const float *g, float *o, int64_t inter) {
+    const float *u = g + inter;
+#pragma omp simd
+    for (int64_t i = 0; i < inter; i++) {
+        const float x = g[i];
+        const float e = exp_neg(x > 0.f ? -x : x); /* e^-|x|, never overflows */
+        const float sig = x > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+        o[i] = x * sig * u[i];
+    }
 }
 
 /* out[r, i] = silu(gu[r, i]) * gu[r, inter + i]: the gated MLP's activation on the fused gate/up output. */
 int silu_mul_f32(const float *gu, float *out, int64_t rows, int64_t inter, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * inter >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gu + r * 2 * inter;
-        const float *u = g + inter;
-        float *o = out + r * inter;
-#pragma omp simd
-        for (int64_t i = 0; i < inter; i++) {
-            const float x = g[i];
-            const float e = exp_neg(x > 0.f ? -x : x); /* e^-|x|, never overflows */
-            const float sig = x > 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-            o[i] = x * sig * u[i];
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gu + r * 2 * inter, out + r * inter, inter);
     return 0;
 }
 
 /* Rotary embedding in place on the first `heads` heads of each row of x (rows `row_stride` floats
  * apart, heads `dim` apart): x[:rot] = x[:rot] * cos + swap_halves(x[:rot]) * sin, with cos/sin
  * [rows, rot] per token and sin's first half already negated (RotaryEmbedding's signed table). */
-int rotary_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t dim, const float *cos,
-               const float *sin, int64_t rot, int threads) {
+static inline __attribute__((always_inline)) void rotary_row(float *x, int64_t heads, int64_t dim, const float *c,
+                                                             const float *s, int64_t rot) {
     const int64_t half = rot / 2;
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads * dim >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos + r * rot;
-        const float *s = sin + r * rot;
-        for (int64_t hd = 0; hd < heads; hd++) {
-            float *v = x + r * row_stride + hd * dim;
+    for (int64_t hd = 0; hd < heads; hd++) {
+        float *v = x + hd * dim;
 #pragma omp simd
-            for (int64_t i = 0; i < half; i++) {
-                const float a = v[i], b = v[i + half];
-                v[i] = a * c[i] + b * s[i];
-                v[i + half] = b * c[i + half] + a * s[i + half];
-            }
+        for (int64_t i = 0; i < half; i++) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * c[i] + b * s[i];
+            v[i + half] = b * c[i + half] + a * s[i + half];
         }
     }
+}
+
+int rotary_f32(float *x, int64_t rows, int64_t row_stride, int64_t heads, int64_t dim, const float *cos,
+               const float *sin, int64_t rot, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) rotary_row(x + r * row_stride, heads, dim, cos + r * rot, sin + r * rot, rot);
     return 0;
 }
 
@@ -302,20 +333,22 @@ static inline uint16_t to_bf16(float f) {
 
 /* Row r of k and v (`width` floats each, rows `k_stride` / `v_stride` floats apart) into cache slot
  * slots[r] of kc and vc ([slots, width], float32 or bf16): the step's new keys and values, one call. */
+static inline void kv_store_row(const float *ks, const float *vs, int64_t slot, int64_t width, void *kc, void *vc,
+                                int bf16) {
+    const int64_t at = slot * width;
+    if (bf16) {
+        uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
+        for (int64_t i = 0; i < width; i++) kd[i] = to_bf16(ks[i]);
+        for (int64_t i = 0; i < width; i++) vd[i] = to_bf16(vs[i]);
+    } else {
+        memcpy((float *)kc + at, ks, sizeof(float) * (size_t)width);
+        memcpy((float *)vc + at, vs, sizeof(float) * (size_t)width);
+    }
+}
+
 int kv_store(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,
              int64_t rows, int64_t width, void *kc, void *vc, int bf16) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *ks = k + r * k_stride, *vs = v + r * v_stride;
-        const int64_t at = slots[r] * width;
-        if (bf16) {
-            uint16_t *kd = (uint16_t *)kc + at, *vd = (uint16_t *)vc + at;
-            for (int64_t i = 0; i < width; i++) kd[i] = to_bf16(ks[i]);
-            for (int64_t i = 0; i < width; i++) vd[i] = to_bf16(vs[i]);
-        } else {
-            memcpy((float *)kc + at, ks, sizeof(float) * (size_t)width);
-            memcpy((float *)vc + at, vs, sizeof(float) * (size_t)width);
-        }
-    }
+    for (int64_t r = 0; r < rows; r++) kv_store_row(k + r * k_stride, v + r * v_stride, slots[r], width, kc, vc, bf16);
     return 0;
 }
 
@@ -335,23 +368,21 @@ int kv_store(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
 
 int q4_supported(void) { return 1; }
 
-/* xq [rows, k] int8, dx and sx [rows, k / 32]: the scale and the scale times the code sum per group. */
-static void quantize_rows(const float *x, int64_t rows, int64_t k, int8_t *xq, float *dx, float *sx) {
-    const int64_t groups = k / Q4_GROUP;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t g = 0; g < groups; g++) {
-            const float *src = x + r * k + g * Q4_GROUP;
-            const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
-            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-            const float d = amax / 127.f;
-            const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-            const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)); /* round to nearest even */
-            const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-            _mm_storeu_si128((__m128i *)(xq + r * k + g * Q4_GROUP), _mm512_cvtsepi32_epi8(qa));
-            _mm_storeu_si128((__m128i *)(xq + r * k + g * Q4_GROUP + 16), _mm512_cvtsepi32_epi8(qb));
-            dx[r * groups + g] = d;
-            sx[r * groups + g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-        }
+/* One row of activations quantized per group of 32 to int8: xq [k], dx and sx [k / 32] the scale and
+ * the scale times the group's code sum. */
+static inline void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, float *sx) {
+    for (int64_t g = 0; g < k / Q4_GROUP; g++) {
+        const float *src = x + g * Q4_GROUP;
+        const __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        const float d = amax / 127.f;
+        const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+        const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)); /* round to nearest even */
+        const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i *)(xq + g * Q4_GROUP + 16), _mm512_cvtsepi32_epi8(qb));
+        dx[g] = d;
+        sx[g] = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
     }
 }
 
@@ -393,21 +424,13 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
     for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(out + r * n + tile * 16, acc[r]);
 }
 
-/* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0). */
-int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
-              int64_t n, float *out, int threads) {
+/* The tiles of out [rows, n] = xq [rows, k] times the packed weight [n, k] transposed, shared among the
+ * threads of the enclosing parallel region (an orphaned `omp for`, with its barrier). */
+static void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
+                     const uint8_t *packed, const float *d, const float *m, int64_t n, float *out) {
     const int64_t groups = k / Q4_GROUP;
-    int8_t *xq = malloc((size_t)(rows * k));
-    float *dx = malloc(sizeof(float) * (size_t)(rows * groups));
-    float *sx = malloc(sizeof(float) * (size_t)(rows * groups));
-    if (!xq || !dx || !sx) {
-        free(xq), free(dx), free(sx);
-        return -1;
-    }
-    quantize_rows(x, rows, k, xq, dx, sx);
-    const int64_t tiles = n / 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n / 16; t++) {
         for (int64_t r0 = 0; r0 < rows; r0 += Q4_ROWS) {
             const int64_t left = rows - r0;
             const int8_t *xr = xq + r0 * k;
@@ -422,8 +445,139 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
             }
         }
     }
+}
+
+/* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0). */
+int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
+              int64_t n, float *out, int threads) {
+    const int64_t groups = k / Q4_GROUP;
+    int8_t *xq = malloc((size_t)(rows * k));
+    float *dx = malloc(sizeof(float) * (size_t)(rows * groups));
+    float *sx = malloc(sizeof(float) * (size_t)(rows * groups));
+    if (!xq || !dx || !sx) {
+        free(xq), free(dx), free(sx);
+        return -1;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) quantize_row(x + r * k, k, xq + r * k, dx + r * groups, sx + r * groups);
+        q4_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
+    }
     free(xq), free(dx), free(sx);
     return 0;
+}
+
+/*
+ * A whole decode step's decoder layers (one new token per sequence, `rows` sequences) under w4a8, in
+ * one parallel region: per layer the residual add + RMSNorm, qkv, rotary, the K/V write, paged
+ * attention, o_proj, add + RMSNorm, gate/up, silu*mul, down — the same arithmetic as the per-op
+ * kernels, without a Python call, an allocation or a thread fork between them.
+ *
+ * `layer` holds DECODE_LAYER_FIELDS addresses per layer, in this order: input norm weight, post norm
+ * weight, then packed / d / m for qkv, o_proj, gate_up and down, then the layer's flat K and V cache,
+ * and its sliding window (0: none) as a number. `delta` [rows, hidden] enters holding the embeddings
+ * and leaves holding the last layer's output; `residual` [rows, hidden] leaves holding the residual
+ * stream before it (the final norm adds the two). cos/sin [rows, rot]; slots [rows]; tables, lens
+ * as paged_decode's.
+ */
+#define DECODE_LAYER_FIELDS 17
+int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float *residual, int64_t rows,
+                  int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps,
+                  const float *cos, const float *sin, int64_t rot, const int64_t *slots, const int64_t *tables,
+                  int64_t table_width, const int64_t *lens, int64_t block_size, float scale, int bf16,
+                  int threads) {
+    const int64_t q_width = heads * dim, kv_width = kv_heads * dim, qkv_width = q_width + 2 * kv_width;
+    const int64_t widest = (2 * inter > qkv_width ? 2 * inter : qkv_width);
+    const int64_t k_max = inter > q_width ? (inter > hidden ? inter : hidden) : (q_width > hidden ? q_width : hidden);
+    if (hidden % Q4_GROUP || q_width % Q4_GROUP || inter % Q4_GROUP) return -2;
+    const size_t floats = (size_t)(rows * (hidden + widest + q_width + inter + 2 * (k_max / Q4_GROUP)));
+    float *buf = malloc(sizeof(float) * floats);
+    int8_t *xq = malloc((size_t)(rows * k_max));
+    if (!buf || !xq) {
+        free(buf), free(xq);
+        return -1;
+    }
+    float *x = buf;                    /* [rows, hidden] normed input of a projection */
+    float *wide = x + rows * hidden;   /* [rows, qkv_width] or [rows, 2 * inter] */
+    float *attn = wide + rows * widest; /* [rows, q_width] attention output */
+    float *act = attn + rows * q_width; /* [rows, inter] */
+    float *dx = act + rows * inter, *sx = dx + rows * (k_max / Q4_GROUP);
+    const int64_t groups = heads / kv_heads;
+    const int64_t longest = longest_context(lens, rows);
+    const int64_t split = rows >= threads ? 1 : kv_heads;
+    const int64_t per_task = kv_heads / split;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        attend_scratch sc;
+        const int ok = scratch_alloc(&sc, per_task, groups, longest, dim);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        for (int64_t l = 0; l < num_layers && !failed; l++) {
+            const int64_t *f = layer + l * DECODE_LAYER_FIELDS;
+            const float *in_w = (const float *)f[0], *post_w = (const float *)f[1];
+            const void *kc = (const void *)f[14], *vc = (const void *)f[15];
+            const int64_t window = f[16];
+            const int64_t hg = hidden / Q4_GROUP, qg = q_width / Q4_GROUP, ig = inter / Q4_GROUP;
+            /* residual (+)= delta, x = norm(residual), quantized for qkv */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                float *res = residual + r * hidden;
+                if (l == 0) {
+                    memcpy(res, delta + r * hidden, sizeof(float) * (size_t)hidden);
+                    norm_row(res, NULL, NULL, in_w, eps, x + r * hidden, hidden);
+                } else {
+                    norm_row(res, delta + r * hidden, res, in_w, eps, x + r * hidden, hidden);
+                }
+                quantize_row(x + r * hidden, hidden, xq + r * hidden, dx + r * hg, sx + r * hg);
+            }
+            q4_tiles(xq, dx, sx, rows, hidden, (const uint8_t *)f[2], (const float *)f[3], (const float *)f[4],
+                     qkv_width, wide);
+            /* rotary on q and k, then k and v into the cache */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                float *row = wide + r * qkv_width;
+                rotary_row(row, heads + kv_heads, dim, cos + r * rot, sin + r * rot, rot);
+                kv_store_row(row + q_width, row + q_width + kv_width, slots[r], kv_width, (void *)kc, (void *)vc,
+                             bf16);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < rows * split; task++) {
+                if (!ok) continue;
+                decode_task(task, split, per_task, wide, qkv_width, kc, vc, tables, table_width, lens, heads,
+                            kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores, sc.acc,
+                            sc.sums, bf16);
+            }
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++)
+                quantize_row(attn + r * q_width, q_width, xq + r * q_width, dx + r * qg, sx + r * qg);
+            q4_tiles(xq, dx, sx, rows, q_width, (const uint8_t *)f[5], (const float *)f[6], (const float *)f[7],
+                     hidden, delta);
+            /* residual += o, x = norm(residual), quantized for gate/up */
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                float *res = residual + r * hidden;
+                norm_row(res, delta + r * hidden, res, post_w, eps, x + r * hidden, hidden);
+                quantize_row(x + r * hidden, hidden, xq + r * hidden, dx + r * hg, sx + r * hg);
+            }
+            q4_tiles(xq, dx, sx, rows, hidden, (const uint8_t *)f[8], (const float *)f[9], (const float *)f[10],
+                     2 * inter, wide);
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < rows; r++) {
+                silu_mul_row(wide + r * 2 * inter, act + r * inter, inter);
+                quantize_row(act + r * inter, inter, xq + r * inter, dx + r * ig, sx + r * ig);
+            }
+            q4_tiles(xq, dx, sx, rows, inter, (const uint8_t *)f[11], (const float *)f[12], (const float *)f[13],
+                     hidden, delta);
+        }
+        scratch_free(&sc);
+    }
+    free(buf), free(xq);
+    return failed ? -1 : 0;
 }
 #else
 int q4_supported(void) { return 0; }
@@ -431,6 +585,13 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
               int64_t n, float *out, int threads) {
     return -2;
 }
+int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float *residual, int64_t rows,
+                  int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps,
+                  const float *cos, const float *sin, int64_t rot, const int64_t *slots, const int64_t *tables,
+                  int64_t table_width, const int64_t *lens, int64_t block_size, float scale, int bf16,
+                  int threads) {
+    return -2;
+}
 #endif
 
-int ember_native_version(void) { return 4; }
+int ember_native_version(void) { return 5; }

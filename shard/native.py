@@ -57,6 +57,27 @@ class Kernels:
         self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int])
         self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
         self._kv_store = _typed(lib.kv_store, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
+        self._decode_layers = _typed(lib.decode_layers, [
+            _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64, _PTR, _PTR,
+            _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int])
+
+    def decode_layers(self, table: torch.Tensor, delta: torch.Tensor, residual: torch.Tensor, heads: int,
+                      kv_heads: int, head_dim: int, inter: int, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                      slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, block_size: int,
+                      bf16_cache: bool) -> None:
+        """Every decoder layer of a w4a8 decode step in one call (`decode_layers` in native.c).
+
+        `table` [layers, DECODE_LAYER_FIELDS] int64 holds each layer's weight and cache addresses;
+        `delta` [rows, hidden] float32 enters with the embeddings and leaves with the last layer's
+        output, `residual` leaves with the residual stream before it."""
+        rows, hidden = delta.shape
+        rc = self._decode_layers(
+            table.data_ptr(), table.shape[0], delta.data_ptr(), residual.data_ptr(), rows, hidden, heads, kv_heads,
+            head_dim, inter, eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], slots.data_ptr(),
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), block_size, head_dim ** -0.5, int(bf16_cache),
+            torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"decode_layers failed ({rc})")
 
     def kv_store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> bool:
@@ -148,6 +169,7 @@ class Kernels:
 
 
 Q4_GROUP = 32
+DECODE_LAYER_FIELDS = 17  # addresses per layer in decode_layers' table (native.c)
 
 
 @dataclass

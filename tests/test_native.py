@@ -294,6 +294,32 @@ def test_w4a8_runner_uses_ember_kernel_without_dense_copies(q4, tiny_llama_dir):
         assert (got - far).abs().max() < 1.2 * far.std()
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_fused_decode_layers_match_the_per_op_kernels(q4, tiny_model_factory, kv_dtype, monkeypatch):
+    """w4a8 decode steps run every layer in one C call: the same numbers as the modules calling the
+    kernels op by op (Llama; Mistral's sliding window, crossed here), bit for bit."""
+    for variant in ("llama", "mistral"):
+        runner = load_runner(tiny_model_factory(variant), dtype="float32", quantize="w4a8", kv_cache_dtype=kv_dtype)
+        fused = runner.model.fused
+        assert fused is not None
+        calls = []
+        original = q4.decode_layers
+        monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+        got = step_logits(runner, PROMPTS, continuation=range(11, 35))
+        assert len(calls) == 24  # every decode step, not the prefill
+        runner.model.fused = None
+        ref = step_logits(runner, PROMPTS, continuation=range(11, 35))
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=0, rtol=0)
+        monkeypatch.undo()
+
+
+def test_fused_decode_is_built_only_where_it_fits(q4, tiny_model_factory):
+    """Qwen2's qkv bias keeps the per-layer modules (the fused kernel has no bias); int4 never fuses."""
+    assert load_runner(tiny_model_factory("qwen2"), dtype="float32", quantize="w4a8").model.fused is None
+    assert load_runner(tiny_model_factory("llama"), dtype="float32", quantize="int4").model.fused is None
+
+
 @pytest.mark.slow
 def test_smollm2_w4a8_stays_close_to_float32(q4, smollm2_dir, smol_tokenizer):
     """Teacher-forced over a paragraph: w4a8 picks float32's top token almost everywhere (seen: 96-97 %,

@@ -204,10 +204,15 @@ class LlamaForCausalLM(torch.nn.Module):
         self.kv_heads_per_rank = spec.num_kv_heads // group.world_size
         self.fast_head: torch.Tensor | OneDNNWeight | None = None  # see cast_matmuls
         self.packed_head: PackedWeight | None = None  # see quantize
+        self.fused: FusedDecode | None = None  # see quantize
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
         delta, residual = self.embed(input_ids), None
+        if self.fused is not None and meta.is_decode and cache is not None:
+            done = self.fused.run(delta, cos, sin, meta, cache)
+            if done is not None:
+                return self.norm.add_and_norm(*done)[0]
         for layer in self.layers:
             delta, residual = layer.forward(delta, residual, cos, sin, meta, cache)
         return self.norm.add_and_norm(delta, residual)[0]
@@ -249,6 +254,8 @@ class LlamaForCausalLM(torch.nn.Module):
                 reason = pack_weight(module, kind)
                 if reason:
                     kept.append(f"layer {i} {name}: {reason}")
+        if kind == "w4a8":
+            self.fused = FusedDecode.build(self)
         if self.lm_head.group.is_trivial:
             head = self.lm_head.weight.data
             # (Not under w4a8: an int4 head with int8 activations blurs every logit outside the rescored
@@ -271,6 +278,74 @@ class LlamaForCausalLM(torch.nn.Module):
         rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()
         return approx.scatter_(1, best, exact)
+
+
+class FusedDecode:
+    """Decode steps of a w4a8 model with every decoder layer in one C call (`decode_layers`, native.c).
+
+    Same arithmetic as the per-layer modules over Ember's kernels (tested to match), without the
+    Python, the allocations and the thread forks between ops: at SmolLM2's size these cost as much
+    as the attention. Built only where every piece fits (world size 1, all four projections of every
+    layer on the VNNI kernel without biases, silu MLP, float32 activations); `run` returns None for
+    a step it cannot take (a KV cache dtype other than float32 / bf16), which then takes the modules.
+    """
+
+    def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels) -> None:
+        spec = model.spec
+        self.kernels = kernels
+        self.heads, self.kv_heads = model.layers[0].attn.heads, model.layers[0].attn.kv_heads
+        self.head_dim, self.inter = spec.head_dim, spec.intermediate_size
+        self.eps = float(model.layers[0].input_norm.eps)
+        rows = []
+        for layer in model.layers:
+            fields = [layer.input_norm.weight.data_ptr(), layer.post_norm.weight.data_ptr()]
+            for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                q4 = linear.weight.q4
+                fields += [q4.packed.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr()]
+            rows.append(fields + [0, 0, layer.attn.window or 0])  # the cache's two addresses: see `_table`
+        self.table = torch.tensor(rows, dtype=torch.long)
+        self.layers = model.layers  # keeps the weights whose addresses the table holds alive
+        self._cache_key: tuple | None = None
+
+    @classmethod
+    def build(cls, model: "LlamaForCausalLM") -> "FusedDecode | None":
+        kernels = native.kernels()
+        if kernels is None or not kernels.q4 or not model.lm_head.group.is_trivial:
+            return None
+        if model.embed.weight.dtype != torch.float32 or model.spec.hidden_act not in ("silu", "swish"):
+            return None
+        if len({layer.input_norm.eps for layer in model.layers} | {layer.post_norm.eps for layer in model.layers}) != 1:
+            return None
+        for layer in model.layers:
+            for norm in (layer.input_norm, layer.post_norm):
+                if not native.Kernels.fits(norm.weight):
+                    return None
+            for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                if not isinstance(linear.weight, PackedWeight) or linear.weight.q4 is None or linear.bias is not None:
+                    return None
+        return cls(model, kernels)
+
+    def _table(self, cache: PagedKVCache) -> torch.Tensor:
+        key = (id(cache), cache.k[0].data_ptr())
+        if key != self._cache_key:
+            for i in range(len(self.layers)):
+                self.table[i, 14] = cache.k[i].data_ptr()
+                self.table[i, 15] = cache.v[i].data_ptr()
+            self._cache_key = key
+        return self.table
+
+    def run(self, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
+            cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(last layer's output, residual stream) of a decode step, or None when the step does not fit."""
+        if cache.dtype not in (torch.float32, torch.bfloat16) or not native.Kernels.fits(embeddings, cos, sin):
+            return None
+        delta = embeddings  # a fresh tensor from F.embedding: the kernel writes the layers' output into it
+        residual = torch.empty_like(delta)
+        self.kernels.decode_layers(
+            self._table(cache), delta, residual, self.heads, self.kv_heads, self.head_dim, self.inter, self.eps,
+            cos, sin, meta.slots, meta.gather_blocks.contiguous(), meta.context_lens, meta.block_size,
+            cache.dtype == torch.bfloat16)
+        return delta, residual
 
 
 def _fast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | OneDNNWeight:

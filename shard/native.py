@@ -57,9 +57,29 @@ class Kernels:
         self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int])
         self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
         self._kv_store = _typed(lib.kv_store, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
+        self._argmax_lse = _typed(lib.argmax_lse, [_PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
+        self._topk_rows = _typed(lib.topk_rows, [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_int])
         self._decode_layers = _typed(lib.decode_layers, [
             _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64, _PTR, _PTR,
             _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int])
+
+    def argmax_lse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of x [rows, vocab] (float32, contiguous): the first index of its maximum (int64) and
+        log(sum(exp(row))) (float32): a greedy choice and its logprob without a log_softmax over the row."""
+        rows, vocab = x.shape
+        ids = torch.empty(rows, dtype=torch.long)
+        lse = torch.empty(rows, dtype=torch.float32)
+        self._argmax_lse(x.data_ptr(), rows, vocab, ids.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+        return ids, lse
+
+    def topk_indices(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """[rows, k] int64: the indices of each row's k largest values of x [rows, vocab] (float32,
+        contiguous), in no particular order (k <= 256)."""
+        rows, vocab = x.shape
+        idx = torch.empty(rows, k, dtype=torch.long)
+        if self._topk_rows(x.data_ptr(), rows, vocab, k, idx.data_ptr(), torch.get_num_threads()) != 0:
+            raise ValueError(f"topk_indices: k={k} must be in 1..min(256, {vocab})")
+        return idx
 
     def decode_layers(self, table: torch.Tensor, delta: torch.Tensor, residual: torch.Tensor, heads: int,
                       kv_heads: int, head_dim: int, inter: int, eps: float, cos: torch.Tensor, sin: torch.Tensor,

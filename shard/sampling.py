@@ -6,7 +6,8 @@ logit bias → grammar mask and banned ids → temperature → top-k → top-p �
 typical-p → min-p → seeded sampling or argmax. Parameter tensors are built
 once per batch composition (constructor, `filter`, `concatenate`), and a stage
 runs only when some request of the batch uses it, so a batch of plain greedy
-requests costs an argmax and a log_softmax.
+requests costs an argmax and a log_softmax (on CPU, one pass of Ember's C kernel
+`argmax_lse` per row when no alternatives are asked).
 
 As in TGI, a request samples when ``do_sample`` is set *or* any warper
 (temperature, top-k, top-p, typical-p, min-p) is set; warpers apply only to
@@ -31,6 +32,7 @@ from typing import Sequence
 import torch
 
 from ember.proto import generate_pb2
+from ember.shard import native
 
 # Kirchenbauer et al.'s defaults, as TGI uses them.
 WATERMARK_GAMMA = 0.5
@@ -348,11 +350,18 @@ class BatchSampler:
             x.index_put_(plan.bias[:2], plan.bias[2], accumulate=True)
         if constrained:
             self._constrain(x, allowed or [None] * len(self), banned or [[]] * len(self))
+        top_n = top_n or [0] * len(self)
+        if not plan.sample_rows and not any(top_n) and x.device.type == "cpu" and x.is_contiguous():
+            kernels = native.kernels()
+            if kernels is not None:  # all greedy, no alternatives asked: argmax and logsumexp in one C pass
+                next_ids, lse = kernels.argmax_lse(x)
+                chosen = x.gather(1, next_ids.unsqueeze(1)).squeeze(1) - lse
+                return SampleResult(next_ids.tolist(), chosen.tolist(), [[] for _ in top_n], [[] for _ in top_n])
         next_ids = x.argmax(-1)
         if plan.sample_rows:
             x, next_ids = self._sample(x, next_ids)
         logprobs = torch.log_softmax(x, -1)
-        return self._result(logprobs, next_ids, top_n or [0] * len(self))
+        return self._result(logprobs, next_ids, top_n)
 
     def _watermark(self, x: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> None:
         vocab = x.shape[1]

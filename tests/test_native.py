@@ -385,3 +385,51 @@ def test_portable_build_without_avx512(kernels, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     x = torch.randn(3, 64, 2 * 96)
     torch.testing.assert_close(portable.silu_mul(x), kernels.silu_mul(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [1, 15, 49152, 1000 + 7])
+def test_argmax_lse_matches_torch(kernels, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(5, vocab, generator=gen) * 8
+    x[1, : vocab // 2] = float("-inf")  # a grammar mask
+    if vocab > 3:
+        x[2, 3] = x[2, vocab - 1] = x[2].max() + 1  # a tie: the first index wins, as torch's argmax
+    ids, lse = kernels.argmax_lse(x)
+    assert torch.equal(ids, x.argmax(-1))
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), atol=1e-5, rtol=1e-6)
+
+
+def test_argmax_lse_of_a_masked_row_keeps_finite_logprobs(kernels):
+    x = torch.full((1, 40), float("-inf"))
+    x[0, 33] = -5.0
+    ids, lse = kernels.argmax_lse(x)
+    assert ids.item() == 33 and lse.item() == -5.0  # the only allowed token: probability 1
+
+
+@pytest.mark.parametrize("k", [1, 16, 40])
+def test_topk_indices_is_the_set_torch_picks(kernels, k):
+    x = torch.randn(7, 49152, generator=torch.Generator().manual_seed(k))
+    x[3] = torch.arange(49152, dtype=torch.float32)  # ascending: every value beats the floor
+    x[4, 100] = float("nan")
+    got = kernels.topk_indices(x, k)
+    want = x.nan_to_num(nan=float("-inf")).topk(k, dim=-1).indices
+    assert got.shape == (7, k)
+    for g, w in zip(got.sort(-1).values, want.sort(-1).values):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError):
+        kernels.topk_indices(x, 257)
+
+
+def test_greedy_sampler_fast_path_matches_log_softmax(kernels):
+    """All-greedy batches without alternatives take argmax_lse: the same tokens and logprobs."""
+    from ember.proto import generate_pb2 as pb
+    from ember.shard.sampling import BatchSampler, SamplingParams
+
+    params = SamplingParams.from_pb(pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
+                                                                  repetition_penalty=1.0))
+    x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1)) * 5
+    fast = BatchSampler([params] * 6, "cpu", 3000)(x, [[1]] * 6, [1] * 6)
+    _torch_path()
+    slow = BatchSampler([params] * 6, "cpu", 3000)(x, [[1]] * 6, [1] * 6)
+    assert fast.next_ids == slow.next_ids == x.argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(slow.logprobs), atol=1e-5, rtol=0)

@@ -274,7 +274,12 @@ class LlamaForCausalLM(torch.nn.Module):
             approx = _linear(hidden, self.fast_head).float()
         else:
             return self.lm_head(hidden).float()
-        best = approx.topk(min(RESCORED_CANDIDATES, approx.shape[-1]), dim=-1).indices  # [N, k]
+        k = min(RESCORED_CANDIDATES, approx.shape[-1])
+        kernels = native.kernels() if approx.device.type == "cpu" else None
+        if kernels is not None and approx.is_contiguous():
+            best = kernels.topk_indices(approx, k)  # [N, k]; the set of torch's topk, in one pass
+        else:
+            best = approx.topk(k, dim=-1).indices  # [N, k]
         rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()
         return approx.scatter_(1, best, exact)

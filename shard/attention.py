@@ -52,6 +52,10 @@ class AttentionMetadata:
     context_width: int = 0  # decode: the longest context of the step (keys per sequence, padded)
     max_position: int = 0
     decode_part: "AttentionMetadata | None" = None  # mixed: decode indices of the leading sequences
+    # Steps with new prompts, for kernels that attend row by row over the cache (native decode_layers):
+    block_table: torch.Tensor | None = None  # [S, max blocks] every sequence's block table, 0-padded
+    row_seq: torch.Tensor | None = None  # [T] the sequence of each new token
+    row_lens: torch.Tensor | None = None  # [T] keys each new token sees: its position + 1
     _masks: dict = field(default_factory=dict)
 
     @property
@@ -90,6 +94,8 @@ class AttentionMetadata:
             return meta
         table = _padded_table(block_tables)
         meta.slots = (table[seq_idx, positions // block_size] * block_size + positions % block_size).to(device)
+        if device.type == "cpu":
+            meta.block_table, meta.row_seq, meta.row_lens = table, seq_idx, positions + 1
         for i, span in enumerate(spans[lead:], start=lead):
             if span.num_cached:
                 j = torch.arange(span.num_cached + span.num_new)

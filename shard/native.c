@@ -154,7 +154,8 @@ static inline __attribute__((always_inline)) void attend(
 /* Task `task` of a decode step's attention: sequence task / split, KV heads of its share `per_task`. */
 static inline __attribute__((always_inline)) void decode_task(
     int64_t task, int64_t split, int64_t per_task, const float *q, int64_t q_stride, const void *k, const void *v,
-    const int64_t *tables, int64_t table_width, const int64_t *lens, int64_t heads, int64_t kv_heads, int64_t dim,
+    const int64_t *tables, const int64_t *row_seq, int64_t table_width, const int64_t *lens, int64_t heads,
+    int64_t kv_heads, int64_t dim,
     int64_t block_size, int64_t window, float scale, float *out, int64_t out_stride, int64_t *slots, float *scores,
     float *acc, float *sums, const int bf16) {
     const int64_t groups = heads / kv_heads;
@@ -162,7 +163,7 @@ static inline __attribute__((always_inline)) void decode_task(
     const int64_t len = lens[b];
     const int64_t start = (window > 0 && len > window) ? len - window : 0;
     const float *qb = q + b * q_stride + h0 * groups * dim;
-    const int64_t *table = tables + b * table_width;
+    const int64_t *table = tables + (row_seq ? row_seq[b] : b) * table_width;
     float *o = out + b * out_stride + h0 * groups * dim;
     /* constant head sizes let the compiler unroll the row loops completely */
     if (dim == 64)
@@ -222,7 +223,7 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < batch * split; task++) {
             if (!ok) continue;
-            decode_task(task, split, per_task, q, q_stride, k, v, tables, table_width, lens, heads, kv_heads, dim,
+            decode_task(task, split, per_task, q, q_stride, k, v, tables, NULL, table_width, lens, heads, kv_heads, dim,
                         block_size, window, scale, out, heads * dim, sc.slots, sc.scores, sc.acc, sc.sums, bf16);
         }
         scratch_free(&sc);
@@ -554,24 +555,26 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
 }
 
 /*
- * A whole decode step's decoder layers (one new token per sequence, `rows` sequences) under w4a8, in
- * one parallel region: per layer the residual add + RMSNorm, qkv, rotary, the K/V write, paged
- * attention, o_proj, add + RMSNorm, gate/up, silu*mul, down — the same arithmetic as the per-op
- * kernels, without a Python call, an allocation or a thread fork between them.
+ * A whole step's decoder layers under w4a8, in one parallel region: per layer the residual add +
+ * RMSNorm, qkv, rotary, the K/V write, paged attention, o_proj, add + RMSNorm, gate/up, silu*mul,
+ * down — the same arithmetic as the per-op kernels, without a Python call, an allocation or a
+ * thread fork between them. Every row (token) attends over its own sequence's keys in the cache,
+ * its own included (all rows' K/V are written first): row r belongs to sequence row_seq[r] (NULL:
+ * r, a decode step), whose block table is tables[row_seq[r]], and sees lens[r] keys (its position
+ * + 1), so decode, prefill and mixed steps are one code path.
  *
  * `layer` holds DECODE_LAYER_FIELDS addresses per layer, in this order: input norm weight, post norm
  * weight, then packed / d / m for qkv, o_proj, gate_up and down, then the layer's flat K and V cache,
  * and its sliding window (0: none) as a number. `delta` [rows, hidden] enters holding the embeddings
  * and leaves holding the last layer's output; `residual` [rows, hidden] leaves holding the residual
- * stream before it (the final norm adds the two). cos/sin [rows, rot]; slots [rows]; tables, lens
- * as paged_decode's.
+ * stream before it (the final norm adds the two). cos/sin [rows, rot]; slots [rows].
  */
 #define DECODE_LAYER_FIELDS 17
 int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float *residual, int64_t rows,
                   int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps,
                   const float *cos, const float *sin, int64_t rot, const int64_t *slots, const int64_t *tables,
-                  int64_t table_width, const int64_t *lens, int64_t block_size, float scale, int bf16,
-                  int threads) {
+                  const int64_t *row_seq, int64_t table_width, const int64_t *lens, int64_t block_size, float scale,
+                  int bf16, int threads) {
     const int64_t q_width = heads * dim, kv_width = kv_heads * dim, qkv_width = q_width + 2 * kv_width;
     const int64_t widest = (2 * inter > qkv_width ? 2 * inter : qkv_width);
     const int64_t k_max = inter > q_width ? (inter > hidden ? inter : hidden) : (q_width > hidden ? q_width : hidden);
@@ -633,7 +636,7 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
 #pragma omp for schedule(dynamic, 1)
             for (int64_t task = 0; task < rows * split; task++) {
                 if (!ok) continue;
-                decode_task(task, split, per_task, wide, qkv_width, kc, vc, tables, table_width, lens, heads,
+                decode_task(task, split, per_task, wide, qkv_width, kc, vc, tables, row_seq, table_width, lens, heads,
                             kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores, sc.acc,
                             sc.sums, bf16);
             }
@@ -673,8 +676,8 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
 int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float *residual, int64_t rows,
                   int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps,
                   const float *cos, const float *sin, int64_t rot, const int64_t *slots, const int64_t *tables,
-                  int64_t table_width, const int64_t *lens, int64_t block_size, float scale, int bf16,
-                  int threads) {
+                  const int64_t *row_seq, int64_t table_width, const int64_t *lens, int64_t block_size, float scale,
+                  int bf16, int threads) {
     return -2;
 }
 #endif

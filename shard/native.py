@@ -61,7 +61,7 @@ class Kernels:
         self._topk_rows = _typed(lib.topk_rows, [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_int])
         self._decode_layers = _typed(lib.decode_layers, [
             _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64, _PTR, _PTR,
-            _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int])
+            _PTR, _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int])
 
     def argmax_lse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x [rows, vocab] (float32, contiguous): the first index of its maximum (int64) and
@@ -83,18 +83,20 @@ class Kernels:
 
     def decode_layers(self, table: torch.Tensor, delta: torch.Tensor, residual: torch.Tensor, heads: int,
                       kv_heads: int, head_dim: int, inter: int, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                      slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, block_size: int,
-                      bf16_cache: bool) -> None:
-        """Every decoder layer of a w4a8 decode step in one call (`decode_layers` in native.c).
+                      slots: torch.Tensor, tables: torch.Tensor, row_seq: torch.Tensor | None, lens: torch.Tensor,
+                      block_size: int, bf16_cache: bool) -> None:
+        """Every decoder layer of a w4a8 step in one call (`decode_layers` in native.c).
 
         `table` [layers, DECODE_LAYER_FIELDS] int64 holds each layer's weight and cache addresses;
         `delta` [rows, hidden] float32 enters with the embeddings and leaves with the last layer's
-        output, `residual` leaves with the residual stream before it."""
+        output, `residual` leaves with the residual stream before it. Row r is a token of sequence
+        `row_seq[r]` (None: of sequence r, one token each), whose block table is `tables[row_seq[r]]`,
+        and attends over `lens[r]` keys of it (int64 tensors, contiguous)."""
         rows, hidden = delta.shape
         rc = self._decode_layers(
             table.data_ptr(), table.shape[0], delta.data_ptr(), residual.data_ptr(), rows, hidden, heads, kv_heads,
             head_dim, inter, eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], slots.data_ptr(),
-            tables.data_ptr(), tables.shape[1], lens.data_ptr(), block_size, head_dim ** -0.5, int(bf16_cache),
+            tables.data_ptr(), row_seq.data_ptr() if row_seq is not None else None, tables.shape[1], lens.data_ptr(), block_size, head_dim ** -0.5, int(bf16_cache),
             torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"decode_layers failed ({rc})")

@@ -36,6 +36,9 @@ from ember.shard.weights import Weights, check_tp_divisible
 SUPPORTED_MODEL_TYPES = PAGED_MODEL_TYPES
 # With low-precision matmuls, the logits of this many best tokens per row are recomputed in the model dtype.
 RESCORED_CANDIDATES = 16
+# Steps whose prompt chunks are all at most this long run in FusedDecode (row-by-row attention over the
+# cache); longer chunks go through SDPA, whose fixed cost per call is then small beside its work.
+FUSED_MAX_NEW_TOKENS = 128
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
 PACKED_HEAD_MAX_ROWS = 8
@@ -209,7 +212,7 @@ class LlamaForCausalLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
         delta, residual = self.embed(input_ids), None
-        if self.fused is not None and meta.is_decode and cache is not None:
+        if self.fused is not None and cache is not None and meta.slots is not None:
             done = self.fused.run(delta, cos, sin, meta, cache)
             if done is not None:
                 return self.norm.add_and_norm(*done)[0]
@@ -286,13 +289,20 @@ class LlamaForCausalLM(torch.nn.Module):
 
 
 class FusedDecode:
-    """Decode steps of a w4a8 model with every decoder layer in one C call (`decode_layers`, native.c).
+    """Steps of a w4a8 model with every decoder layer in one C call (`decode_layers`, native.c).
 
-    Same arithmetic as the per-layer modules over Ember's kernels (tested to match), without the
-    Python, the allocations and the thread forks between ops: at SmolLM2's size these cost as much
-    as the attention. Built only where every piece fits (world size 1, all four projections of every
-    layer on the VNNI kernel without biases, silu MLP, float32 activations); `run` returns None for
-    a step it cannot take (a KV cache dtype other than float32 / bf16), which then takes the modules.
+    Same arithmetic as the per-layer modules over Ember's kernels, without the Python, the
+    allocations and the thread forks between ops: at SmolLM2's size these cost as much as the
+    attention. Decode steps match the modules bit for bit (tested). Steps with new prompts (prefill,
+    mixed) run too while every prompt chunk is short (`FUSED_MAX_NEW_TOKENS`): each token then
+    attends row by row over its sequence's keys in the cache, which beats SDPA's fixed cost per call
+    on short prompts; the prompt's own keys are read back in the cache's dtype (bf16 by default), as
+    decode steps read every key. Longer chunks take the modules and SDPA.
+
+    Built only where every piece fits (world size 1, all four projections of every layer on the
+    VNNI kernel without biases, silu MLP, float32 activations); `run` returns None for a step it
+    cannot take (a KV cache dtype other than float32 / bf16, a long chunk), which then takes the
+    modules.
     """
 
     def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels) -> None:
@@ -341,15 +351,20 @@ class FusedDecode:
 
     def run(self, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
             cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(last layer's output, residual stream) of a decode step, or None when the step does not fit."""
+        """(last layer's output, residual stream) of a step, or None when the step does not fit."""
         if cache.dtype not in (torch.float32, torch.bfloat16) or not native.Kernels.fits(embeddings, cos, sin):
+            return None
+        if meta.is_decode:
+            tables, row_seq, lens = meta.gather_blocks.contiguous(), None, meta.context_lens
+        elif meta.row_seq is not None and max(span.num_new for span in meta.spans) <= FUSED_MAX_NEW_TOKENS:
+            tables, row_seq, lens = meta.block_table, meta.row_seq, meta.row_lens
+        else:
             return None
         delta = embeddings  # a fresh tensor from F.embedding: the kernel writes the layers' output into it
         residual = torch.empty_like(delta)
         self.kernels.decode_layers(
             self._table(cache), delta, residual, self.heads, self.kv_heads, self.head_dim, self.inter, self.eps,
-            cos, sin, meta.slots, meta.gather_blocks.contiguous(), meta.context_lens, meta.block_size,
-            cache.dtype == torch.bfloat16)
+            cos, sin, meta.slots, tables, row_seq, lens, cache.block_size, cache.dtype == torch.bfloat16)
         return delta, residual
 
 

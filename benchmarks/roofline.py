@@ -25,17 +25,24 @@ SHAPES = (("square-2048", 2048, 2048, 2048), ("mlp-b32", 32, 576, 1536), ("lm-he
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_time_s: float = 0.5,
                   max_iters: int = 10_000) -> float:
-    """Best-of-batches GFLOP/s of `[m,k] @ [k,n]`, timed for at least `min_time_s` (bounded by `max_iters`)."""
-    a = torch.randn(m, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    torch.matmul(a, b)  # first call: allocation and kernel selection
+    """Best-of-batches GFLOP/s of `[m,k] @ [k,n]`, timed for at least `min_time_s` (bounded by `max_iters`).
+    int8: `torch._int_mm` (int8 x int8 -> int32, oneDNN's VNNI GEMM on CPU), in GOP/s."""
+    if dtype == torch.int8:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+        matmul = torch._int_mm
+    else:
+        a = torch.randn(m, k).to(dtype)
+        b = torch.randn(k, n).to(dtype)
+        matmul = torch.matmul
+    matmul(a, b)  # first call: allocation and kernel selection
     flops = 2.0 * m * k * n
     best, iters, started = 0.0, 0, time.perf_counter()
     while iters < max_iters and (time.perf_counter() - started < min_time_s or iters < 3):
         batch = max(1, min(64, int(1e9 / flops)))
         t0 = time.perf_counter()
         for _ in range(batch):
-            torch.matmul(a, b)
+            matmul(a, b)
         best = max(best, batch * flops / (time.perf_counter() - t0))
         iters += batch
     return best / 1e9
@@ -76,7 +83,7 @@ def decode_share(tokens_per_s: float, params: int, peak_gflops: float) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16", "int8"])
     p.add_argument("--model-dir", help="model directory for the parameter count (default: smollm2's)")
     p.add_argument("--tokens-per-s", type=float, help="a measured decode rate to place under the roofline")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds timed per shape")

@@ -180,22 +180,46 @@ def aggregate(levels: list[dict]) -> list[dict]:
     return rows
 
 
-def decode_roofline(results: dict, params: int) -> dict | None:
-    """Ember's output tokens/s at its largest short-prompt concurrency, as a share of the roofline."""
-    ember = results["servers"].get("ember")
-    if not ember or not ember.get("summary"):
-        return None
-    rows = [r for r in ember["summary"] if r["scenario"] == "short" and "output_tokens_per_s" in r]
-    if not rows:
-        return None
-    top = max(rows, key=lambda r: r["concurrency"])
-    dtype = results.get("ember_dtype") or "float32"
-    peak = results["roofline"]["dtypes"].get(dtype, {}).get("peak_gflops")
-    if not peak:
-        return None
-    share = roofline.decode_share(top["output_tokens_per_s"]["median"], params, peak)
-    return {**share, "dtype": dtype, "concurrency": top["concurrency"],
-            "note": "HTTP end to end (includes prefill and router); FLOPs/token = 2 x parameters"}
+# Each Ember setting's shard, as its start script runs it (benchmarks/peers/start_ember*.sh), and the
+# dtype its decode matmuls run in: int4 multiplies its bf16 copy above 8 rows, w4a8 int8 x int4 on VNNI.
+EMBER_SHARD_ENV = {
+    "ember": ({"MATMUL_DTYPE": "bfloat16", "QUANTIZE": "int4"}, "bfloat16"),
+    "ember-w4a8": ({"MATMUL_DTYPE": "bfloat16", "QUANTIZE": "w4a8"}, "int8"),
+    "ember-bf16": ({"MATMUL_DTYPE": "bfloat16", "QUANTIZE": ""}, "bfloat16"),
+}
+DECODE_BATCH = 32
+
+
+def decode_probe(name: str, model_dir: Path) -> dict:
+    """The setting's batched decode at batch 32, straight over gRPC to a shard started alone with its
+    settings (after its HTTP levels: nothing else runs), placed under the roofline afterwards."""
+    import shard_bench
+
+    env, dtype = EMBER_SHARD_ENV[name]
+    try:
+        probe = shard_bench.batched_decode(model_dir, env, batch=DECODE_BATCH)
+    except Exception as err:  # reported, never fatal to the comparison
+        return {"error": f"{type(err).__name__}: {err}", "dtype": dtype}
+    print(f"[{name}] decode probe: batch {DECODE_BATCH}, {probe['tokens_per_s']:.1f} tok/s", flush=True)
+    return {**probe, "dtype": dtype}
+
+
+def decode_roofline(results: dict, params: int) -> dict:
+    """Each Ember setting's batched decode (gRPC probe) as a share of the roofline of its matmul dtype,
+    and of bf16's for comparison."""
+    out = {}
+    for name, entry in results["servers"].items():
+        probe = entry.get("decode_probe")
+        if not probe or "tokens_per_s" not in probe:
+            continue
+        dtypes = results["roofline"]["dtypes"]
+        own = dtypes.get(probe["dtype"], {}).get("peak_gflops")
+        bf16 = dtypes.get("bfloat16", {}).get("peak_gflops")
+        out[name] = {**roofline.decode_share(probe["tokens_per_s"], params, own), "dtype": probe["dtype"],
+                     "batch": probe["batch"],
+                     "percent_of_bf16_peak": 100 * probe["tokens_per_s"] * 2 * params / 1e9 / bf16 if bf16 else None,
+                     "note": "shard over gRPC, decode steps only; FLOPs/token = 2 x parameters"}
+    return out
 
 
 def ember_dtype(log_path: Path) -> str | None:
@@ -244,13 +268,15 @@ def main(argv: list[str] | None = None) -> None:
         "servers": {},
     }
     print("roofline probe ...", flush=True)
-    results["roofline"] = roofline.probe(["float32", "bfloat16"], args.roofline_time)
+    results["roofline"] = roofline.probe(["float32", "bfloat16", "int8"], args.roofline_time)
     for name in args.servers:
         entry = bench_server(lifecycle.PEERS[name], args, prompts, log_dir)
         entry["summary"] = aggregate(entry["levels"])
         results["servers"][name] = entry
         if name == "ember":
             results["ember_dtype"] = ember_dtype(log_dir / "server-ember.log")
+        if name in EMBER_SHARD_ENV and entry["status"] == "ok":
+            entry["decode_probe"] = decode_probe(name, model_dir)
         if entry["error"]:
             print(f"[{name}] {entry['status']}: {entry['error']}", flush=True)
         write_outputs(results, out)  # after every server: a later crash keeps what was measured

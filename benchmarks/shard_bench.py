@@ -62,6 +62,21 @@ def prefill_speed(stub, prompt: list[int], batch_id: int) -> float:
     return len(prompt) / elapsed
 
 
+def batched_decode(model_dir: Path, env: dict, batch: int = 32, new_tokens: int = 48, repeats: int = 3) -> dict:
+    """Decode tokens/s of one shard started with `env` (its settings: QUANTIZE, MATMUL_DTYPE, ...) at
+    `batch` sequences, straight over gRPC: the engine's batched decode, without router or prefill."""
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(model_dir)("The history of the city of Paris begins")["input_ids"]
+    with tempfile.TemporaryDirectory() as tmp, shard_process(model_dir, f"{tmp}/s", timeout=300, env=env) as socket:
+        stub = pb_grpc.TextGenerationServiceStub(grpc.insecure_channel(f"unix://{socket}"))
+        stub.Warmup(pb.WarmupRequest(max_prefill_tokens=1024, max_total_tokens=2048, max_input_tokens=1024))
+        decode_speed(stub, batch, prompt, 8, 1)  # first steps of this shape
+        runs = [decode_speed(stub, batch, prompt, new_tokens, 2 + i) for i in range(repeats)]
+    return {"batch": batch, "new_tokens": new_tokens, "prompt_tokens": len(prompt), "env": env,
+            "tokens_per_s": statistics.median(runs), "runs": runs}
+
+
 def timed_start(model_id: str, cache: str) -> float:
     """Seconds from process start until the shard answers Health (resolving the model itself)."""
     start = time.perf_counter()

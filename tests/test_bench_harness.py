@@ -175,3 +175,31 @@ def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):
         with server:
             pass
     assert "No such file or directory" in str(info.value)
+
+
+def test_decode_roofline_places_each_setting_under_its_own_dtype():
+    summary = run_all.aggregate([_level("short", 0, 100.0)])
+    results = {
+        "command": "run_all.py", "started": "t0", "config": {
+            "max_new_tokens": 16, "concurrency": [4], "repeats": 1, "min_requests": 8, "rounds": 2,
+            "time_limit": 60, "scenarios": ["short"]},
+        "machine": {"cpu_model": "CPU", "flags": [], "loadavg_at_start": [1.0]},
+        "model": {"params": 100_000_000, "dir": "d", "gguf": "g"},
+        "servers": {
+            "ember-w4a8": {"status": "ok", "error": None, "summary": summary,
+                           "decode_probe": {"tokens_per_s": 1000.0, "batch": 32, "dtype": "int8"}},
+            "ember": {"status": "ok", "error": None, "summary": summary,
+                      "decode_probe": {"error": "RuntimeError: no", "dtype": "bfloat16"}},
+        },
+        "roofline": {"dtypes": {"int8": {"peak_gflops": 1000.0, "shapes_gflops": {"s": 1000.0}},
+                                "bfloat16": {"peak_gflops": 500.0, "shapes_gflops": {"s": 500.0}}}},
+    }
+    roofs = run_all.decode_roofline(results, 100_000_000)
+    assert list(roofs) == ["ember-w4a8"]  # a failed probe places nothing
+    roof = roofs["ember-w4a8"]
+    assert roof["achieved_gflops"] == pytest.approx(200.0)
+    assert roof["percent_of_peak"] == pytest.approx(20.0) and roof["percent_of_bf16_peak"] == pytest.approx(40.0)
+    results["decode_roofline"] = roofs
+    text = report.render(results, [])
+    assert "| ember-w4a8 | batched decode (batch 32) ≥ 50 % of the matmul roofline |" in text
+    assert "| no |" in text

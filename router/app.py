@@ -20,12 +20,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from ember import __version__
 from ember.router import openapi, tgi
 from ember.router.client import ShardedClient
 from ember.router.errors import EmberError, UnhealthyError, error_response
-from ember.router.http import ApiKeyMiddleware, RequestIdMiddleware, read_json
+from ember.router.http import DIRECT_SEND, ApiKeyMiddleware, RequestIdMiddleware, read_json
 from ember.router.infer import Infer
 from ember.router.limits import Limits
 from ember.router.metrics import Metrics
@@ -149,6 +150,17 @@ SERVICE_ROUTES = [
 ]
 
 
+class _App(Starlette):
+    """Starlette that leaves the server's `send` in each HTTP scope (http.DIRECT_SEND), for
+    EventStream's per-token frames. Middleware added here must rewrite only
+    `http.response.start` (headers), never body messages: event streams' bodies skip them."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     middleware = [Middleware(RequestIdMiddleware)]
     if state.api_key:
@@ -167,7 +179,7 @@ def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> 
             await state.client.close()
             state.tokenizer.close()
 
-    app = Starlette(routes=[*tgi.ROUTES, *SERVICE_ROUTES, *(extra_routes or [])],
+    app = _App(routes=[*tgi.ROUTES, *SERVICE_ROUTES, *(extra_routes or [])],
                     middleware=middleware, lifespan=lifespan)
     app.state.ember = state
     return app

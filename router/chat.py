@@ -23,8 +23,8 @@ from ember.router.errors import BodyError, EmberError
 from ember.router.http import EventStream, read_json
 from ember.router.infer import Result, StreamItem, TokenInfo
 from ember.router.openai import (
-    FINISH, Choices, StopHolder, choice_count, completion_id, field, fingerprint, merged, now, openai_error,
-    request_tag, sampling, sse, stream_error, stream_options, trim_stop, usage,
+    FINISH, Choices, StopHolder, choice_count, completion_id, content_frame, field, fingerprint, merged, now,
+    openai_error, request_tag, sampling, sse, sse_head, stream_error, stream_options, trim_stop, usage,
 )
 from ember.router.tools import ToolError, ToolPlan
 from ember.router.types import GenerateParameters, GenerateRequest, Grammar, parse_grammar
@@ -220,7 +220,11 @@ class ChatApi:
                 "model": state.model_id, "system_fingerprint": fingerprint(state)}
         writers = [_ChoiceWriter(call, i) for i in range(len(valids))]
 
+        frame_head = sse_head(head)
+
         def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> bytes:
+            if finish is None and logprobs is None and len(delta) == 1 and type(delta.get("content")) is str:
+                return content_frame(frame_head, i, delta["content"])
             choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return sse({**head, "choices": [choice], "usage": None})
 
@@ -265,18 +269,19 @@ class _ChoiceWriter:
         self.plan = call.plan if call.plan is not None and call.plan.grammar is not None else None
         self.text = StopHolder(call.params.stop)
         self.caller: tool_calls.CallStreamer | None = None
-        self.seen = ""
+        self.seen: list[str] = []  # the token texts pushed, joined at the end
         self.undecided = ""
 
     def push(self, item: StreamItem) -> list[dict]:
         if item.token.special:
             return []
-        self.seen += item.token.text
+        self.seen.append(item.token.text)
         return self._route(item.token.text, False)
 
     def finish(self, full_text: str) -> list[dict]:
-        rest = full_text[len(self.seen):] if full_text.startswith(self.seen) else ""
-        self.seen += rest
+        seen = "".join(self.seen)
+        rest = full_text[len(seen):] if full_text.startswith(seen) else ""
+        self.seen = [seen, rest]
         return self._route(rest, True)
 
     def _route(self, piece: str, final: bool) -> list[dict]:

@@ -20,7 +20,7 @@ from ember.router.http import EventStream, read_json
 from ember.router.infer import Result, TokenInfo
 from ember.router.openai import (
     FINISH, Choices, StopHolder, choice_count, completion_id, field, fingerprint, merged, now, openai_error,
-    request_tag, sampling, sse, stream_error, stream_options, trim_stop, usage,
+    request_tag, sampling, sse, sse_head, stream_error, stream_options, text_frame, trim_stop, usage,
 )
 from ember.router.types import GenerateRequest
 
@@ -125,11 +125,15 @@ async def _events(state: "AppState", choices: Choices, call: _Call, lengths: lis
     head = {"id": completion_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_id,
             "system_fingerprint": fingerprint(state)}
 
+    frame_head = sse_head(head)
+
     def chunk(i: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> bytes:
+        if finish is None and logprobs is None:
+            return text_frame(frame_head, i, text)
         return sse({**head, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
     holders = [StopHolder(call.params.stop) for _ in lengths]
-    seen = ["" for _ in lengths]
+    seen: list[list[str]] = [[] for _ in lengths]  # the pieces streamed, joined at the end
     offsets = [0 for _ in lengths]
     generated = 0
     try:
@@ -139,7 +143,7 @@ async def _events(state: "AppState", choices: Choices, call: _Call, lengths: lis
                 yield chunk(i, call.prompt_of(i))
         async for i, item in merged(state, choices.streams):
             piece = "" if item.token.special else item.token.text
-            seen[i] += piece
+            seen[i].append(piece)
             text = holders[i].push(piece)
             logprobs = None
             if call.logprobs is not None:
@@ -149,8 +153,8 @@ async def _events(state: "AppState", choices: Choices, call: _Call, lengths: lis
                 yield chunk(i, text, logprobs=logprobs)
             if item.end is not None:
                 generated += item.end.generated_tokens
-                full = item.end.text
-                rest = holders[i].push(full[len(seen[i]):] if full.startswith(seen[i]) else "", final=True)
+                full, sent = item.end.text, "".join(seen[i])
+                rest = holders[i].push(full[len(sent):] if full.startswith(sent) else "", final=True)
                 yield chunk(i, rest, FINISH.get(item.end.finish_reason, "stop"))
         if call.include_usage:
             prompt_tokens = sum(lengths[:: call.n])

@@ -58,11 +58,21 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+# The scope key under which the app (app.create_app) leaves the server's own `send`.
+DIRECT_SEND = "ember.direct_send"
+
+
 class EventStream:
     """An SSE response that stops its producer the moment the client disconnects.
 
     `events` yields ready-made `data:...\\n\\n` frames; `on_close` runs however
     the stream ends (finished, failed or client gone).
+
+    The response start goes through the middleware (CORS and request-id headers,
+    Starlette's error bookkeeping); the body frames, one per token, go straight
+    to the server's `send` when the app left it in the scope (DIRECT_SEND): the
+    router's middleware only rewrite `http.response.start`, and each layer costs a
+    coroutine call per token.
     """
 
     def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None],
@@ -75,7 +85,7 @@ class EventStream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": 200, "headers": raw})
-        pump = asyncio.ensure_future(self._pump(send))
+        pump = asyncio.ensure_future(self._pump(scope.get(DIRECT_SEND, send)))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)

@@ -180,17 +180,26 @@ class Infer:
 
     def _expand(self, gen: pb.Generation, index: int, stream: Stream) -> list[StreamItem]:
         toks = gen.tokens
+        ids = toks.ids
+        n = len(ids)
         tops = gen.top_tokens
-        out = []
-        n = len(toks.ids)
-        for i in range(n):
-            lp = toks.logprobs[i] if i < len(toks.logprobs) else math.nan
-            token = TokenInfo(toks.ids[i], toks.texts[i] if i < len(toks.texts) else "",
-                              None if math.isnan(lp) else lp,
-                              toks.is_special[i] if i < len(toks.is_special) else False)
-            top = _tokens(tops[i]) if i < len(tops) else []
-            out.append(StreamItem(index + i + 1, token, top))
-        if gen.HasField("generated_text") and out:
+        if n == 1 and not tops:  # the common case: one token, no top tokens
+            lps, texts, special = toks.logprobs, toks.texts, toks.is_special
+            lp = lps[0] if lps else math.nan
+            out = [StreamItem(index + 1, TokenInfo(ids[0], texts[0] if texts else "",
+                                                   None if lp != lp else lp, special[0] if special else False),
+                              [])]
+        else:
+            ids, texts, lps, special = list(ids), list(toks.texts), list(toks.logprobs), list(toks.is_special)
+            out = []
+            for i in range(n):
+                lp = lps[i] if i < len(lps) else math.nan
+                token = TokenInfo(ids[i], texts[i] if i < len(texts) else "",
+                                  None if math.isnan(lp) else lp,
+                                  special[i] if i < len(special) else False)
+                top = _tokens(tops[i]) if i < len(tops) else []
+                out.append(StreamItem(index + i + 1, token, top))
+        if out and gen.HasField("generated_text"):
             g = gen.generated_text
             out[-1].end = End(g.text, g.generated_tokens, FINISH_REASONS.get(g.finish_reason, "length"),
                               g.seed if g.HasField("seed") else stream.entry.request.seed)

@@ -1,7 +1,7 @@
 """Waiting requests and TGI's rule for taking the next batch out of them.
 
 An `Entry` is one validated request on its way through the batcher: it owns
-the asyncio queue its generations are delivered on. The queue is a FIFO
+the channel its generations are delivered on. The queue is a FIFO
 deque used only from the event loop; `next_batch` pops entries while they
 fit the prefill budget (prompt tokens) and the token budget
 (input + max_new_tokens each), skipping entries whose client went away.
@@ -22,12 +22,64 @@ from ember.router.validation import ValidRequest
 _ids = itertools.count()
 
 
+class Channel:
+    """One consumer's FIFO of generations: asyncio.Queue's put_nowait/get, minus its cost.
+
+    Every streamed token passes through one, so it keeps only what a single
+    reader needs: a deque and the reader's pending future (asyncio.Queue also
+    looks up the running loop on every wait and keeps putter bookkeeping).
+    """
+
+    __slots__ = ("items", "waiter", "loop")
+
+    def __init__(self) -> None:
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def empty(self) -> bool:
+        return not self.items
+
+    def put_nowait(self, item: Any) -> None:
+        self.items.append(item)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def get_nowait(self) -> Any:
+        if not self.items:
+            raise asyncio.QueueEmpty
+        return self.items.popleft()
+
+    async def get(self) -> Any:
+        items = self.items
+        while not items:
+            loop = self.loop
+            if loop is None:
+                loop = self.loop = asyncio.get_running_loop()
+            waiter = self.waiter = loop.create_future()
+            try:
+                await waiter
+            finally:
+                if self.waiter is waiter:
+                    self.waiter = None
+        return items.popleft()
+
+
 @dataclass(eq=False)
 class Entry:
     request: ValidRequest
     id: int = field(default_factory=lambda: next(_ids))
     # Generations (pb.Generation) and, on failure, one exception.
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    events: Channel = field(default_factory=Channel)
     queued_at: float = field(default_factory=time.monotonic)
     batched_at: float | None = None
     cancelled: bool = False

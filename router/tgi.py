@@ -8,7 +8,9 @@ Errors known before the stream starts are real HTTP statuses (422, 429).
 from __future__ import annotations
 
 import json
+import math
 import time
+from json.encoder import encode_basestring as json_str
 from typing import TYPE_CHECKING, AsyncIterator
 
 from starlette.requests import Request
@@ -81,12 +83,32 @@ def _frame(obj: dict) -> bytes:
     return b"data:" + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
+def _token_frame(index: int, token: TokenInfo) -> bytes | None:
+    """`_frame` of a token event without top tokens nor end, built directly (one per streamed token);
+    None for a logprob JSON writes specially (inf, nan), which `_frame` handles."""
+    lp = token.logprob
+    if lp is None:
+        logprob = "null"
+    elif -math.inf < lp < math.inf:
+        logprob = float.__repr__(lp)
+    else:
+        return None
+    return (f'data:{{"index": {index}, "token": {{"id": {int(token.id)}, "text": {json_str(token.text)}, '
+            f'"logprob": {logprob}, "special": {"true" if token.special else "false"}}}, '
+            f'"generated_text": null, "details": null}}\n\n').encode()
+
+
 async def tgi_events(state: "AppState", stream: Stream) -> AsyncIterator[bytes]:
     """StreamResponse events; a failure after the first byte is an error event."""
     req = stream.entry.request
     prefix = req.inputs if req.return_full_text else ""
     try:
         async for item in state.infer.items(stream):
+            if item.end is None and not item.top_tokens:
+                frame = _token_frame(item.index, item.token)
+                if frame is not None:
+                    yield frame
+                    continue
             event: dict = {"index": item.index, "token": item.token.to_dict()}
             if item.top_tokens:
                 event["top_tokens"] = [t.to_dict() for t in item.top_tokens]

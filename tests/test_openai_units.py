@@ -158,3 +158,46 @@ def test_stop_sequences_are_left_out_when_streaming():
     assert holder.stopped
     plain = StopHolder([])
     assert plain.push("abc") == "abc" and plain.push("", final=True) == ""
+
+
+def test_streamed_text_with_stops_is_the_text_cut_at_the_first_stop():
+    """StopHolder searches only where a new stop can be; its output must be trim_stop's, piece by piece."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(0, 4))) for _ in range(rng.randint(0, 3))]
+        pieces = ["".join(rng.choice("abc") for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(0, 8))]
+        holder, sent, text = StopHolder(stops), "", ""
+        for piece in pieces:
+            out = holder.push(piece)
+            text += piece
+            sent += out
+            cut = trim_stop(text, stops)
+            assert cut.startswith(sent)  # never sends what a stop removes
+            assert len(cut) - len(sent) <= holder.hold or holder.stopped  # holds back no more than a stop's length
+        assert sent + holder.push("", final=True) == trim_stop(text, stops)
+
+
+@pytest.mark.parametrize("text", ["", "a", " hé", '\n\t"\\', "\u2028", "\x00\x1f\x7f", "日本", "😀", "</s>"])
+def test_per_token_frames_are_the_bytes_of_the_json_they_stand_for(text):
+    import math
+
+    from ember.router.infer import TokenInfo
+    from ember.router.openai import content_frame, sse, sse_head, text_frame
+    from ember.router.tgi import _frame, _token_frame
+
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "org/mödel",
+            "system_fingerprint": "0.1.0-native"}
+    for i in (0, 3, 17):
+        assert text_frame(sse_head(head), i, text) == sse(
+            {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
+        assert content_frame(sse_head(head), i, text) == sse(
+            {**head, "choices": [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
+             "usage": None})
+        for logprob in (None, -0.0, -1.5, 1e-300, -123456.789):
+            for special in (True, False):
+                token = TokenInfo(12345, text, logprob, special)
+                assert _token_frame(i, token) == _frame(
+                    {"index": i, "token": token.to_dict(), "generated_text": None, "details": None})
+    assert _token_frame(0, TokenInfo(1, text, -math.inf, False)) is None  # left to json.dumps

@@ -197,3 +197,25 @@ def test_ignore_eos_is_accepted_on_tgi_bodies(validator):
     assert not _validate(validator, max_new_tokens=5).stopping.ignore_eos_token
     with pytest.raises(BodyError):
         request_from_tgi({"inputs": "x", "parameters": {"ignore_eos": "yes"}})
+
+
+def test_an_entry_delivers_its_generations_in_order_to_a_waiting_reader():
+    from ember.router.queue import Channel
+
+    async def scenario():
+        channel = Channel()
+        reader = asyncio.ensure_future(channel.get())
+        await asyncio.sleep(0)
+        channel.put_nowait(1)
+        channel.put_nowait(2)
+        first = await reader
+        channel.put_nowait(3)
+        rest = [await channel.get(), await channel.get()]
+        waiting = asyncio.ensure_future(channel.get())
+        await asyncio.sleep(0)
+        waiting.cancel()  # a reader that leaves does not swallow the next item
+        await asyncio.gather(waiting, return_exceptions=True)
+        channel.put_nowait(4)
+        return first, rest, channel.get_nowait(), channel.empty()
+
+    assert asyncio.run(scenario()) == (1, [2, 3], 4, True)

@@ -244,11 +244,12 @@ async def run_level(uds: str, level: Level, encode: Encode, policy: Policy | Non
     results: list[RequestResult] = []
     ids = itertools.count(ID_BASE + level.first_index)
     next_index = 0
+    prompts = level.prompts()  # as load.py's levels: built before the clock starts
 
     async def worker(deadline: float) -> None:
         nonlocal next_index
         while next_index < level.max_requests and time.perf_counter() < deadline:
-            text, _ = level.prompt(level.first_index + next_index)
+            text, _ = prompts[next_index]
             next_index += 1
             input_ids = encode(text)
             result = RequestResult(prompt_tokens=len(input_ids))

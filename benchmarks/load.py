@@ -2,7 +2,7 @@
 
     python benchmarks/load.py --url http://127.0.0.1:3000 --concurrency 1 8 32 \
         --requests 64 --max-new-tokens 128 [--api tgi|openai] [--scenario short|long|mix] \
-        [--time-limit 120] [--json results.json]
+        [--time-limit 120] [--client raw|httpx] [--json results.json]
 
 Each of `concurrency` workers sends streaming requests back to back
 (`/generate_stream` for TGI, `/v1/completions` with `stream: true` for OpenAI)
@@ -12,6 +12,11 @@ arrival time is taken on the client, so the figures include HTTP and the
 server's own router. Output lengths are forced where the API allows it
 (OpenAI: `ignore_eos` and `min_tokens`) and the tokens actually received are
 recorded either way.
+
+The HTTP client is lean by default (`RawClient`: an asyncio protocol on plain
+HTTP/1.1 that parses chunked SSE as bytes arrive), since the load generator
+shares the cores with the server it measures; `--client httpx` uses httpx
+(https URLs and tests' in-process transports always do).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -161,10 +167,244 @@ def consume_event(result: RequestResult, api: Api, event: Any, now: float) -> bo
     return api.name == "tgi" and "details" in event and event.get("generated_text") is not None
 
 
-async def stream_request(client: httpx.AsyncClient, api: Api, body: dict, result: RequestResult) -> None:
+class _Response(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection reading streamed responses as they arrive.
+
+    The lean client (`RawClient`): the load generator shares the machine's cores
+    with the server it measures, so each event should cost it little. httpx
+    spends about 0.2 ms of CPU per event (anyio, h11, line iterators); this reads
+    the socket's bytes in `data_received`, undoes chunked transfer encoding and
+    folds each `data:` line into the request's result right there, stamped with
+    the arrival of the bytes that carried it.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.lost: Exception | None = None
+        self._begin(None)
+
+    def _begin(self, request: "_Request | None") -> None:
+        self.request = request
+        self.head = b""            # status line and headers, until the blank line
+        self.status = 0
+        self.keep_alive = True
+        self.chunked = False
+        self.remaining = -1        # bytes left: of the body (content-length) or of the current chunk
+        self.chunk_line = b""      # a chunk-size line split across reads
+        self.chunk_crlf = 0        # bytes of a chunk's trailing CRLF still to skip
+        self.trailers = False      # past the last chunk: trailer lines until an empty one
+        self.lines = b""           # the body's last, unfinished line
+        self.error_body = b""
+        self.in_body = False
+
+    # -- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        req = self.request
+        if req is not None and not req.done.done():
+            if self.in_body and not self.chunked and self.remaining < 0:
+                self._finish()  # a body delimited by the connection's end
+            else:
+                req.done.set_exception(exc or ConnectionError("connection closed before the response ended"))
+
+    def data_received(self, data: bytes) -> None:
+        req = self.request
+        if req is None or req.done.done():
+            return
+        try:
+            self._feed(data, time.perf_counter() - req.started)
+        except Exception as exc:  # bad event, error event, bad framing: the request fails
+            self.keep_alive = False
+            if not req.done.done():
+                req.done.set_exception(exc if isinstance(exc, (RuntimeError, ValueError, OSError))
+                                       else RuntimeError(f"bad response: {exc!r}"))
+            self.transport.close()
+
+    # -- parsing
+    def _feed(self, data: bytes, now: float) -> None:
+        if not self.in_body:
+            self.head = (self.head + data).lstrip(b"\r\n")  # empty lines before a status line are allowed
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            data = self.head[end + 4:]
+            self._headers(self.head[:end].decode("latin-1"))
+            self.in_body = True
+        if not self.chunked:
+            if self.remaining >= 0:
+                data = data[:self.remaining]
+                self.remaining -= len(data)
+            self._body(data, now)
+            if self.remaining == 0:
+                self._finish()
+            return
+        if self.chunk_line:  # a chunk-size line began in the last read
+            data, self.chunk_line = self.chunk_line + data, b""
+        pos, n = 0, len(data)
+        while pos < n:
+            if self.chunk_crlf:
+                skip = min(self.chunk_crlf, n - pos)
+                pos += skip
+                self.chunk_crlf -= skip
+                continue
+            if self.remaining > 0:
+                take = min(self.remaining, n - pos)
+                self._body(data[pos:pos + take], now)
+                pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.chunk_crlf = 2
+                continue
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                self.chunk_line += data[pos:]
+                return
+            line, pos = data[pos:eol], eol + 2
+            if self.trailers:
+                if not line:  # the response's end
+                    self._finish()
+                    return
+                continue
+            size = int(line.split(b";", 1)[0], 16)
+            if size == 0:  # the last chunk; trailer lines (if any) and an empty line follow
+                self.trailers = True
+            self.remaining = size
+
+    def _headers(self, head: str) -> None:
+        lines = head.split("\r\n")
+        parts = lines[0].split(" ", 2)
+        self.status = int(parts[1])
+        version_11 = parts[0] == "HTTP/1.1"
+        connection = ""
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "transfer-encoding":
+                self.chunked = "chunked" in value
+            elif name == "content-length":
+                self.remaining = int(value)
+            elif name == "connection":
+                connection = value
+        self.keep_alive = ("keep-alive" in connection) if not version_11 else ("close" not in connection)
+        if not self.chunked and self.remaining < 0:
+            self.keep_alive = False  # the body ends with the connection
+
+    def _body(self, data: bytes, now: float) -> None:
+        req = self.request
+        if self.status != 200:
+            self.error_body += data
+            return
+        if req.finished:
+            return
+        lines = self.lines + data if self.lines else data
+        start = 0
+        while True:
+            eol = lines.find(b"\n", start)
+            if eol < 0:
+                break
+            line = lines[start:eol]
+            start = eol + 1
+            if line.startswith(b"data:"):
+                payload = line[5:].strip()
+                if not payload:
+                    continue
+                event = DONE if payload == b"[DONE]" else json.loads(payload)
+                if consume_event(req.result, req.api, event, now):
+                    req.finished = True
+                    self.lines = b""
+                    return
+        self.lines = lines[start:]
+
+    def _finish(self) -> None:
+        req = self.request
+        if not self.keep_alive:
+            self.transport.close()
+        if req.done.done():
+            return
+        if self.status != 200:
+            text = self.error_body.decode(errors="replace")[:300]
+            req.done.set_exception(RuntimeError(f"HTTP {self.status}: {text}"))
+        else:
+            req.done.set_result(None)
+
+
+@dataclass
+class _Request:
+    api: Api
+    result: RequestResult
+    started: float
+    done: asyncio.Future
+    finished: bool = False
+
+
+class RawClient:
+    """Streaming POSTs over plain HTTP/1.1 keep-alive connections, one per concurrent request."""
+
+    def __init__(self, url: str, connect_timeout: float = 10, request_timeout: float = 600) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "http":
+            raise ValueError(f"RawClient speaks plain http, not {parts.scheme}")
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.prefix = parts.path.rstrip("/")
+        self.host_header = parts.netloc.encode("latin-1")
+        self.connect_timeout, self.request_timeout = connect_timeout, request_timeout
+        self.idle: list[_Response] = []
+        self.open: set[_Response] = set()
+
+    async def _connection(self) -> _Response:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(_Response, self.host, self.port), self.connect_timeout)
+        return conn
+
+    async def stream(self, api: Api, body: dict, result: RequestResult, started: float) -> None:
+        """POST `body` to the API's path and fold its events into `result`; raises on failure."""
+        payload = json.dumps(body).encode()
+        head = (b"POST " + (self.prefix + api.path).encode() + b" HTTP/1.1\r\nHost: " + self.host_header
+                + b"\r\nAccept: */*\r\nContent-Type: application/json\r\nContent-Length: "
+                + str(len(payload)).encode() + b"\r\n\r\n")
+        conn = await self._connection()
+        self.open.add(conn)
+        req = _Request(api, result, started, asyncio.get_running_loop().create_future())
+        conn._begin(req)
+        reusable = False
+        try:
+            conn.transport.write(head + payload)
+            await asyncio.wait_for(req.done, self.request_timeout)
+            reusable = conn.keep_alive and not conn.closed
+        finally:
+            conn._begin(None)
+            self.open.discard(conn)
+            if reusable:
+                self.idle.append(conn)
+            elif not conn.closed:
+                conn.transport.close()
+
+    async def aclose(self) -> None:
+        for conn in [*self.idle, *self.open]:
+            if not conn.closed:
+                conn.transport.close()
+        self.idle.clear()
+        self.open.clear()
+
+
+async def stream_request(client: "httpx.AsyncClient | RawClient", api: Api, body: dict,
+                         result: RequestResult) -> None:
     """Send one streaming request, filling `result` as events arrive (partial on cancellation)."""
     started = time.perf_counter()
     try:
+        if isinstance(client, RawClient):
+            await client.stream(api, body, result, started)
+            result.completed = True
+            return
         async with client.stream("POST", api.path, json=body) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")[:300]
@@ -191,39 +431,56 @@ class Level:
     prompt: Callable[[int], tuple[str, int]]  # index -> (text, prompt tokens)
     first_index: int = 0
 
+    def prompts(self) -> list[tuple[str, int]]:
+        """Every prompt the level may send, in order: built before its clock starts, so
+        making prompts (tokenizing them) takes no CPU from the server being measured."""
+        return [self.prompt(self.first_index + i) for i in range(self.max_requests)]
+
 
 async def run_level(url: str, api: Api, level: Level, model: str = "", request_timeout: float = 600,
-                    transport: httpx.AsyncBaseTransport | None = None) -> dict:
+                    transport: httpx.AsyncBaseTransport | None = None, client: str = "raw") -> dict:
     """Run one level and summarise it; never exceeds `max_requests` nor (much) `time_limit_s`.
 
-    `transport` replaces the network (tests drive an in-process app through it)."""
+    `client`: "raw" (RawClient, the default: little CPU per event) or "httpx".
+    `transport` replaces the network (tests drive an in-process app through it; httpx then)."""
     results: list[RequestResult] = []
     next_index = 0
+    prompts = level.prompts()
 
-    async def worker(client: httpx.AsyncClient, deadline: float) -> None:
+    async def worker(http: "httpx.AsyncClient | RawClient", deadline: float) -> None:
         nonlocal next_index
         while next_index < level.max_requests and time.perf_counter() < deadline:
-            text, n_prompt = level.prompt(level.first_index + next_index)
+            text, n_prompt = prompts[next_index]
             next_index += 1
             result = RequestResult(prompt_tokens=n_prompt)
             results.append(result)
             try:
-                await stream_request(client, api, api.body(text, level.max_new_tokens, model), result)
-            except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+                await stream_request(http, api, api.body(text, level.max_new_tokens, model), result)
+            except (httpx.HTTPError, RuntimeError, ValueError, OSError) as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
 
-    limits = httpx.Limits(max_connections=level.concurrency + 4)
-    timeout = httpx.Timeout(request_timeout, connect=10)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, transport=transport) as client:
+    async def run(http: "httpx.AsyncClient | RawClient") -> tuple[float, float]:
         started = time.perf_counter()
         deadline = started + level.time_limit_s
-        tasks = [asyncio.create_task(worker(client, deadline)) for _ in range(level.concurrency)]
+        tasks = [asyncio.create_task(worker(http, deadline)) for _ in range(level.concurrency)]
         _, pending = await asyncio.wait(tasks, timeout=level.time_limit_s)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        elapsed = time.perf_counter() - started
-    return summarize(results, level, elapsed)
+        return started, time.perf_counter()
+
+    if client == "raw" and transport is None and urlsplit(url).scheme == "http":
+        raw = RawClient(url, request_timeout=request_timeout)
+        try:
+            started, ended = await run(raw)
+        finally:
+            await raw.aclose()
+    else:
+        limits = httpx.Limits(max_connections=level.concurrency + 4)
+        timeout = httpx.Timeout(request_timeout, connect=10)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, transport=transport) as http:
+            started, ended = await run(http)
+    return summarize(results, level, ended - started)
 
 
 def _ms(values: list[float]) -> dict[str, float]:
@@ -303,6 +560,8 @@ def main() -> None:
     p.add_argument("--scenario", choices=["short", "long", "mix"], default="short")
     p.add_argument("--tokenizer", help="tokenizer.json measuring the prompts (default: smollm2's)")
     p.add_argument("--prompt", help="send this one prompt every time instead of a prompt set")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                   help="HTTP client: raw (lean, asyncio protocol; the default) or httpx")
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
     source = _prompt_source(args)
@@ -311,7 +570,7 @@ def main() -> None:
         level = Level(concurrency, max(args.requests, concurrency), args.time_limit, args.max_new_tokens,
                       source, first)
         first += level.max_requests
-        summary = asyncio.run(run_level(args.url, APIS[args.api], level, args.model))
+        summary = asyncio.run(run_level(args.url, APIS[args.api], level, args.model, client=args.client))
         results.append(summary)
         print(format_summary(summary), flush=True)
     if args.json:

@@ -121,6 +121,99 @@ def test_level_records_http_errors():
     assert s["errors"] == 2 and "429" in s["first_error"] and s["output_tokens"] == 0
 
 
+def _sse_body(tokens: int) -> bytes:
+    events = [f"data: {json.dumps(_openai_chunk('x'))}\n\n" for _ in range(tokens)]
+    events += [": keep-alive\r\n\r\n", f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': tokens}})}\n\n",
+               "data: [DONE]\n\n"]
+    return "".join(events).encode()
+
+
+async def _raw_server(respond) -> tuple[asyncio.AbstractServer, str, list[int]]:
+    """A plain HTTP/1.1 server whose answers `respond(request_number)` writes as byte pieces, with
+    pauses between them; keep-alive. Returns the server, its URL and the connection count."""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                body = json.loads(await reader.readexactly(length))
+                for piece in respond(body):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}", connections
+
+
+def _chunked(body: bytes, sizes: list[int]) -> list[bytes]:
+    """`body` in HTTP chunks of the given sizes, then cut into pieces that straddle every boundary."""
+    out, pos, i = b"", 0, 0
+    while pos < len(body):
+        n = sizes[i % len(sizes)]
+        out += f"{n if pos + n <= len(body) else len(body) - pos:x}\r\n".encode() + body[pos:pos + n] + b"\r\n"
+        pos, i = pos + n, i + 1
+    out += b"0\r\n\r\n"
+    return [out[j:j + 7] for j in range(0, len(out), 7)]
+
+
+def test_raw_client_reads_chunked_sse_split_anywhere_and_reuses_connections():
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    async def scenario():
+        server, url, connections = await _raw_server(
+            lambda body: [head[:10], head[10:], *_chunked(_sse_body(body["max_tokens"]), [5, 64, 1, 300])])
+        async with server:
+            level = load.Level(concurrency=2, max_requests=6, time_limit_s=60, max_new_tokens=5,
+                               prompt=lambda i: (f"prompt {i}", 2))
+            return await load.run_level(url, load.APIS["openai"], level, model="m"), connections
+
+    s, connections = asyncio.run(scenario())
+    assert s["errors"] == 0, s["first_error"]
+    assert s["requests_completed"] == 6 and s["output_tokens"] == 30
+    assert s["output_counts"]["forced_share"] == 1.0
+    assert len(connections) == 2  # one keep-alive connection per worker
+
+
+def test_raw_client_reads_sized_bodies_and_records_http_errors():
+    def respond(body):
+        if body["prompt"] == "p 1":
+            text = b"busy"
+            return [b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 4\r\n\r\n" + text]
+        sse = _sse_body(body["max_tokens"])
+        return [b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(sse)).encode() + b"\r\n\r\n", sse[:33], sse[33:]]
+
+    async def scenario():
+        server, url, _ = await _raw_server(respond)
+        async with server:
+            level = load.Level(1, 3, 60, 4, lambda i: (f"p {i}", 1))
+            return await load.run_level(url, load.APIS["openai"], level)
+
+    s = asyncio.run(scenario())
+    assert s["errors"] == 1 and "HTTP 429: busy" in s["first_error"]
+    assert s["requests_completed"] == 2 and s["output_tokens"] == 8
+
+
+def test_raw_client_counts_a_refused_connection_as_an_error():
+    async def scenario():
+        server, url, _ = await _raw_server(lambda body: [])
+        server.close()
+        await server.wait_closed()
+        return await load.run_level(url, load.APIS["openai"], load.Level(1, 1, 60, 4, lambda i: ("p", 1)))
+
+    s = asyncio.run(scenario())
+    assert s["errors"] == 1 and s["output_tokens"] == 0
+
+
 def test_prompt_sets_are_fixed_unique_and_sized(tmp_path):
     tiny.train_tokenizer(tmp_path)
     short, long_, mix = (prompt_set(s, tmp_path / "tokenizer.json") for s in ("short", "long", "mix"))

@@ -472,27 +472,37 @@ static inline void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx
     }
 }
 
-#define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
-
-/* ROWS (1..Q4_ROWS) rows of activations against one tile of 16 output features. */
-static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const float *d, const float *m,
-                                                          const int8_t *xq, const float *dx, const float *sx,
-                                                          int64_t k, int64_t n, int64_t tile, float *out,
-                                                          const int ROWS) {
-    const int64_t groups = k / Q4_GROUP;
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 acc[Q4_ROWS];
-#pragma GCC unroll 16
-    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *wp = packed + (tile * groups + g) * 256;
-        __m512i w[8];
+/* The 8 code vectors of one (tile, group): BITS 4 holds two inputs' codes per byte (see above), BITS 8
+ * one (byte b of lane j in chunk c: input 4c + b), so vector j always pairs with activation dword j. */
+static inline __attribute__((always_inline)) void load_codes(const uint8_t *wp, __m512i *w, const int BITS) {
+    if (BITS == 4) {
+        const __m512i low = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             const __m512i v = _mm512_loadu_si512((const void *)(wp + c * 64));
             w[2 * c] = _mm512_and_si512(v, low);
             w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         }
+    } else {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) w[j] = _mm512_loadu_si512((const void *)(wp + j * 64));
+    }
+}
+
+#define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
+
+/* ROWS (1..Q4_ROWS) rows of activations against one tile of 16 output features. */
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const float *d, const float *m,
+                                                          const int8_t *xq, const float *dx, const float *sx,
+                                                          int64_t k, int64_t n, int64_t tile, float *out,
+                                                          const int ROWS, const int BITS) {
+    const int64_t groups = k / Q4_GROUP;
+    __m512 acc[Q4_ROWS];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i w[8];
+        load_codes(packed + (tile * groups + g) * 64 * BITS, w, BITS);
         const __m512 dv = _mm512_loadu_ps(d + (tile * groups + g) * 16);
         const __m512 mv = _mm512_loadu_ps(m + (tile * groups + g) * 16);
 #pragma GCC unroll 16
@@ -517,24 +527,15 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
 static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed, const float *d, const float *m,
                                                            const int8_t *xq, const float *dx, const float *sx,
                                                            int64_t k, int64_t n, int64_t tile, float *out,
-                                                           const int ROWS) {
+                                                           const int ROWS, const int BITS) {
     const int64_t groups = k / Q4_GROUP;
-    const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc0[Q4_ROWS2], acc1[Q4_ROWS2];
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        const uint8_t *wp0 = packed + (tile * groups + g) * 256, *wp1 = packed + ((tile + 1) * groups + g) * 256;
         __m512i w0[8], w1[8];
-#pragma GCC unroll 4
-        for (int c = 0; c < 4; c++) {
-            const __m512i v0 = _mm512_loadu_si512((const void *)(wp0 + c * 64));
-            const __m512i v1 = _mm512_loadu_si512((const void *)(wp1 + c * 64));
-            w0[2 * c] = _mm512_and_si512(v0, low);
-            w0[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
-            w1[2 * c] = _mm512_and_si512(v1, low);
-            w1[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
-        }
+        load_codes(packed + (tile * groups + g) * 64 * BITS, w0, BITS);
+        load_codes(packed + ((tile + 1) * groups + g) * 64 * BITS, w1, BITS);
         const __m512 dv0 = _mm512_loadu_ps(d + (tile * groups + g) * 16);
         const __m512 mv0 = _mm512_loadu_ps(m + (tile * groups + g) * 16);
         const __m512 dv1 = _mm512_loadu_ps(d + ((tile + 1) * groups + g) * 16);
@@ -565,8 +566,10 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
 
 /* The tiles of out [rows, n] = xq [rows, k] times the packed weight [n, k] transposed, shared among the
  * threads of the enclosing parallel region (an orphaned `omp for`, with its barrier). */
-static void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
-                     const uint8_t *packed, const float *d, const float *m, int64_t n, float *out) {
+static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, const float *dx, const float *sx,
+                                                           int64_t rows, int64_t k, const uint8_t *packed,
+                                                           const float *d, const float *m, int64_t n, float *out,
+                                                           const int BITS) {
     const int64_t groups = k / Q4_GROUP;
     if ((n / 16) % 2 == 0) { /* pairs of tiles: 15-20 % faster from 4 rows up, the same numbers */
 #pragma omp for schedule(static)
@@ -577,10 +580,10 @@ static void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t
                 const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
                 float *o = out + r0 * n;
                 switch (left >= Q4_ROWS2 ? Q4_ROWS2 : left) {
-                    case 4: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 4); break;
-                    case 3: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 3); break;
-                    case 2: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 2); break;
-                    default: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 1); break;
+                    case 4: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 4, BITS); break;
+                    case 3: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 3, BITS); break;
+                    case 2: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 2, BITS); break;
+                    default: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 1, BITS); break;
                 }
             }
         }
@@ -594,19 +597,31 @@ static void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t
             const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
             float *o = out + r0 * n;
             switch (left >= Q4_ROWS ? Q4_ROWS : left) {
-#define Q4_CASE(R) case R: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, R); break;
+#define Q4_CASE(R) case R: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, R, BITS); break;
 
                 Q4_CASE(8) Q4_CASE(7) Q4_CASE(6) Q4_CASE(5) Q4_CASE(4) Q4_CASE(3) Q4_CASE(2)
 #undef Q4_CASE
-                default: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, 1); break;
+                default: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, 1, BITS); break;
             }
         }
     }
 }
 
-/* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0). */
+static void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
+                     const uint8_t *packed, const float *d, const float *m, int64_t n, float *out) {
+    tiles_of(xq, dx, sx, rows, k, packed, d, m, n, out, 4);
+}
+
+static void q8_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
+                     const uint8_t *packed, const float *d, const float *m, int64_t n, float *out) {
+    tiles_of(xq, dx, sx, rows, k, packed, d, m, n, out, 8);
+}
+
+/* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0), its
+ * codes 4 or 8 `bits` wide (w = d * q + m per 32 inputs either way). */
 int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
-              int64_t n, float *out, int threads) {
+              int64_t n, float *out, int bits, int threads) {
+    if (bits != 4 && bits != 8) return -2;
     const int64_t groups = k / Q4_GROUP;
     int8_t *xq = malloc((size_t)(rows * k));
     float *dx = malloc(sizeof(float) * (size_t)(rows * groups));
@@ -619,7 +634,10 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) quantize_row(x + r * k, k, xq + r * k, dx + r * groups, sx + r * groups);
-        q4_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
+        if (bits == 8)
+            q8_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
+        else
+            q4_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
     }
     free(xq), free(dx), free(sx);
     return 0;
@@ -741,7 +759,7 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
 #else
 int q4_supported(void) { return 0; }
 int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
-              int64_t n, float *out, int threads) {
+              int64_t n, float *out, int bits, int threads) {
     return -2;
 }
 int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float *residual, int64_t rows,

@@ -54,7 +54,8 @@ class Kernels:
                                                    ctypes.c_int])
         self._silu_mul = _typed(lib.silu_mul_f32, [_PTR, _PTR, _I64, _I64, ctypes.c_int])
         self._rotary = _typed(lib.rotary_f32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int])
-        self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int])
+        self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
+                                                 ctypes.c_int])
         self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
         self._kv_store = _typed(lib.kv_store, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
         self._argmax_lse = _typed(lib.argmax_lse, [_PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
@@ -147,7 +148,7 @@ class Kernels:
         rows = x.shape[0]
         out = torch.empty(rows, n, dtype=torch.float32)
         rc = self._q4_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), weight.d.data_ptr(),
-                             weight.m.data_ptr(), n, out.data_ptr(), torch.get_num_threads())
+                             weight.m.data_ptr(), n, out.data_ptr(), weight.bits, torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"q4_linear failed ({rc})")
         return out
@@ -196,27 +197,43 @@ DECODE_LAYER_FIELDS = 17  # addresses per layer in decode_layers' table (native.
 
 @dataclass
 class Q4Weight:
-    """A [n, k] weight as Q4_1 blocks (w = d·q + m per 32 inputs), laid out for `q4_linear`."""
+    """A [n, k] weight as Q4_1 blocks (w = d·q + m per 32 inputs), laid out for `q4_linear`; with
+    `bits` 8 the same with 8-bit codes (Ember's int8 LM head under w4a8)."""
 
-    packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte, see native.c
+    packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte (8 bits: [.., 8, 16, 4]), native.c
     d: torch.Tensor  # float32 [n / 16, k / 32, 16]
     m: torch.Tensor  # float32 [n / 16, k / 32, 16]
     shape: tuple[int, int]
+    bits: int = 4
 
     @classmethod
-    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> "Q4Weight":
-        """codes [n, k] in 0..15, scale and low [n, k / 32] (float32)."""
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int = 4) -> "Q4Weight":
+        """codes [n, k] in 0..2^bits - 1, scale and low [n, k / 32] (float32)."""
         n, k = codes.shape
         tiles, groups = n // 16, k // Q4_GROUP
-        # input 32g + 8c + 4·nibble + b of output 16t + j -> [tile, group, chunk, lane, byte] bytes
-        q = codes.to(torch.uint8).view(tiles, 16, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
-        packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()
+        if bits == 8:  # input 32g + 4c + b of output 16t + j -> [tile, group, chunk, lane, byte]
+            packed = codes.to(torch.uint8).view(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+        else:  # input 32g + 8c + 4·nibble + b of output 16t + j -> [tile, group, chunk, lane, byte] bytes
+            q = codes.to(torch.uint8).view(tiles, 16, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+            packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()
         per_tile = lambda t: t.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous()  # noqa: E731
-        return cls(packed, per_tile(scale), per_tile(low), (n, k))
+        return cls(packed, per_tile(scale), per_tile(low), (n, k), bits)
+
+    @classmethod
+    def quantize8(cls, weight: torch.Tensor) -> "Q4Weight":
+        """8-bit codes of `weight` [n, k] (n % 16 == 0, k % 32 == 0): per 32 inputs, d = range / 255."""
+        n, k = weight.shape
+        groups = weight.detach().float().view(n, k // Q4_GROUP, Q4_GROUP)
+        low = groups.amin(dim=-1)
+        scale = ((groups.amax(dim=-1) - low) / 255.0).clamp(min=1e-12)
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 255).view(n, k)
+        return cls.pack(codes, scale, low, bits=8)
 
     def codes(self) -> torch.Tensor:
         """The [n, k] codes back out of the packing (its exact inverse)."""
         n, k = self.shape
+        if self.bits == 8:
+            return self.packed.permute(0, 3, 1, 2, 4).reshape(n, k)
         nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)  # [tile, group, chunk, lane, byte, 2]
         return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(n, k)
 

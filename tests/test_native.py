@@ -278,8 +278,8 @@ def test_w4a8_runner_uses_ember_kernel_without_dense_copies(q4, tiny_llama_dir):
     runner = load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
     weight = runner.model.layers[0].mlp.gate_up.weight
     assert weight.q4 is not None and weight.dense is None and weight.data is None
-    assert runner.model.packed_head is None  # the head stays bf16: see LlamaForCausalLM.quantize
-    assert runner.model.fast_head.dtype == torch.bfloat16
+    assert runner.model.packed_head is None and runner.model.fast_head is None  # 8-bit head: see below
+    assert runner.model.q8_head is not None
     n, k = weight.shape
     assert weight.nbytes == n * k // 2 + n * (k // 32) * 8  # 0.75 bytes per weight: codes, float32 d and m
     exact = step_logits(load_runner(tiny_llama_dir, dtype="float32"), PROMPTS)
@@ -490,3 +490,39 @@ def test_greedy_sampler_fast_path_matches_log_softmax(kernels):
     slow = BatchSampler([params] * 6, "cpu", 3000)(x, [[1]] * 6, [1] * 6)
     assert fast.next_ids == slow.next_ids == x.argmax(-1).tolist()
     torch.testing.assert_close(torch.tensor(fast.logprobs), torch.tensor(slow.logprobs), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_q8_codes_round_trip_and_multiply(q4, rows):
+    """8-bit codes (the w4a8 LM head): exact packing, and the kernel off the dequantized matmul by no
+    more than the activations' int8 rounding."""
+    n, k = 48, 96
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(rows))
+    packed = native.Q4Weight.quantize8(weight)
+    assert packed.bits == 8 and packed.packed.numel() == n * k
+    deq = packed.dequantize()
+    assert (deq - weight).abs().max() <= (weight.view(n, 3, 32).amax(-1) - weight.view(n, 3, 32).amin(-1)).max() / 510 + 1e-6
+    codes = packed.codes()
+    assert torch.equal(native.Q4Weight.pack(codes, *[t.permute(0, 2, 1).reshape(n, 3) for t in (packed.d, packed.m)],
+                                            bits=8).packed, packed.packed)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7))
+    got = q4.q4_linear(x, packed)
+    ref = x.double() @ deq.double().t()
+    step = x.view(rows, k // 32, 32).abs().amax(-1) / 127
+    bound = (step.double().repeat_interleave(32, dim=1) / 2) @ deq.abs().double().t()
+    assert ((got.double() - ref).abs() <= bound + 1e-4).all()
+
+
+def test_w4a8_head_is_int8_and_greedy_choices_stay_exact(q4, tiny_llama_dir):
+    """The w4a8 LM head multiplies 8-bit codes; each row's 16 best candidates are rescored in float32,
+    so the top logits are float32's and only the far tail carries the head's rounding."""
+    runner = load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
+    model = runner.model
+    assert model.q8_head is not None and model.fast_head is None and model.packed_head is None
+    hidden = torch.randn(6, model.spec.hidden_size, generator=torch.Generator().manual_seed(3))
+    got = model.logits(hidden)
+    exact = hidden @ model.lm_head.weight.t()
+    assert torch.equal(got.argmax(-1), exact.argmax(-1))
+    best = exact.topk(4, dim=-1).indices
+    torch.testing.assert_close(got.gather(1, best), exact.gather(1, best), atol=1e-5, rtol=1e-5)
+    assert (got - exact).abs().max() < 0.05 * exact.std()

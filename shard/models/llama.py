@@ -208,6 +208,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.fast_head: torch.Tensor | OneDNNWeight | None = None  # see cast_matmuls
         self.packed_head: PackedWeight | None = None  # see quantize
         self.fused: FusedDecode | None = None  # see quantize
+        self.q8_head: native.Q4Weight | None = None  # see quantize
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
@@ -247,8 +248,11 @@ class LlamaForCausalLM(torch.nn.Module):
         `PACKED_HEAD_MAX_ROWS` rows; either way each row's best candidates are
         rescored in the model dtype, as under `cast_matmuls(bfloat16)`. (So under
         int4 the logits beyond those candidates depend on the step's row count, as
-        bf16 kernels' rounding does.) Returns why any weight stayed unpacked (e.g. a
-        shape the int4 kernel cannot take).
+        bf16 kernels' rounding does.) Under w4a8 the head is 8-bit codes per 32 inputs
+        on Ember's VNNI kernel instead (`q8_head`; KL against float32 0.0034 vs 0.0030
+        with the bf16 head, benchmarks/results/quality.md), also rescored, and the decoder
+        layers run in one C call (`FusedDecode`). Returns why any weight stayed unpacked
+        (e.g. a shape the int4 kernel cannot take).
         """
         kept = []
         for i, layer in enumerate(self.layers):
@@ -259,10 +263,16 @@ class LlamaForCausalLM(torch.nn.Module):
                     kept.append(f"layer {i} {name}: {reason}")
         if kind == "w4a8":
             self.fused = FusedDecode.build(self)
+            head = self.lm_head.weight.data
+            if self.lm_head.group.is_trivial and PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None:
+                # int8 codes per 32 inputs on the VNNI kernel: 1.25 bytes per weight against bf16's 2, and
+                # twice bf16's multiplies per instruction; the rescored candidates keep greedy choices exact.
+                self.q8_head = native.Q4Weight.quantize8(head)
+                return kept
         if self.lm_head.group.is_trivial:
             head = self.lm_head.weight.data
-            # (Not under w4a8: an int4 head with int8 activations blurs every logit outside the rescored
-            # candidates, KL 0.021 vs 0.0033 nats/token with the bf16 head, benchmarks/quality.py.)
+            # (w4a8 takes 8-bit codes above: an int4 head with int8 activations blurred every logit outside
+            # the rescored candidates, KL 0.021 vs 0.0033 nats/token with the bf16 head, benchmarks/quality.py.)
             if kind == "int4" and PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None:
                 self.packed_head = PackedWeight.quantize(head, kind, keep_dense=False)  # fast_head is its dense
             self.fast_head = _fast_copy(head, torch.bfloat16)
@@ -271,7 +281,9 @@ class LlamaForCausalLM(torch.nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits over the whole vocabulary (gathered across ranks)."""
         packed = self.packed_head
-        if packed is not None and (packed.q4 is not None or hidden.shape[0] <= PACKED_HEAD_MAX_ROWS):
+        if self.q8_head is not None and hidden.dtype == torch.float32:
+            approx = native.kernels().q4_linear(hidden.contiguous(), self.q8_head)
+        elif packed is not None and (packed.q4 is not None or hidden.shape[0] <= PACKED_HEAD_MAX_ROWS):
             approx = packed.linear(hidden).float()  # Ember's int4 kernel beats bf16 at any row count
         elif self.fast_head is not None:
             approx = _linear(hidden, self.fast_head).float()

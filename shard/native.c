@@ -714,24 +714,41 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
             }
             q4_tiles(xq, dx, sx, rows, hidden, (const uint8_t *)f[2], (const float *)f[3], (const float *)f[4],
                      qkv_width, wide);
-            /* rotary on q and k, then k and v into the cache */
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) {
-                float *row = wide + r * qkv_width;
-                rotary_row(row, heads + kv_heads, dim, cos + r * rot, sin + r * rot, rot);
-                kv_store_row(row + q_width, row + q_width + kv_width, slots[r], kv_width, (void *)kc, (void *)vc,
-                             bf16);
-            }
+            if (!row_seq && split == 1) {
+                /* decode, a task per sequence: its rotary, K/V write, attention and quantization in one go
+                 * (its only new key is its own), two barriers fewer */
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < rows * split; task++) {
-                if (!ok) continue;
-                decode_task(task, split, per_task, wide, qkv_width, kc, vc, tables, row_seq, table_width, lens, heads,
-                            kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores, sc.acc,
-                            sc.sums, bf16);
-            }
+                for (int64_t r = 0; r < rows; r++) {
+                    float *row = wide + r * qkv_width;
+                    rotary_row(row, heads + kv_heads, dim, cos + r * rot, sin + r * rot, rot);
+                    kv_store_row(row + q_width, row + q_width + kv_width, slots[r], kv_width, (void *)kc, (void *)vc,
+                                 bf16);
+                    if (ok)
+                        decode_task(r, 1, kv_heads, wide, qkv_width, kc, vc, tables, NULL, table_width, lens, heads,
+                                    kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores,
+                                    sc.acc, sc.sums, bf16);
+                    quantize_row(attn + r * q_width, q_width, xq + r * q_width, dx + r * qg, sx + r * qg);
+                }
+            } else {
+                /* rotary on q and k, then k and v into the cache */
 #pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++)
-                quantize_row(attn + r * q_width, q_width, xq + r * q_width, dx + r * qg, sx + r * qg);
+                for (int64_t r = 0; r < rows; r++) {
+                    float *row = wide + r * qkv_width;
+                    rotary_row(row, heads + kv_heads, dim, cos + r * rot, sin + r * rot, rot);
+                    kv_store_row(row + q_width, row + q_width + kv_width, slots[r], kv_width, (void *)kc,
+                                 (void *)vc, bf16);
+                }
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t task = 0; task < rows * split; task++) {
+                    if (!ok) continue;
+                    decode_task(task, split, per_task, wide, qkv_width, kc, vc, tables, row_seq, table_width, lens,
+                                heads, kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores,
+                                sc.acc, sc.sums, bf16);
+                }
+#pragma omp for schedule(static)
+                for (int64_t r = 0; r < rows; r++)
+                    quantize_row(attn + r * q_width, q_width, xq + r * q_width, dx + r * qg, sx + r * qg);
+            }
             q4_tiles(xq, dx, sx, rows, q_width, (const uint8_t *)f[5], (const float *)f[6], (const float *)f[7],
                      hidden, delta);
             /* residual += o, x = norm(residual), quantized for gate/up */

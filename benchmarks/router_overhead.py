@@ -147,7 +147,7 @@ def markdown(result: dict) -> str:
             f"| {h['ttft_p50_ms']:.0f} | {g['ttft_p50_ms']:.0f} "
             f"| {h['output_tokens_per_s']:.1f} | {g['output_tokens_per_s']:.1f} |")
     lines += ["", "Overhead = HTTP − gRPC at the same level. HTTP is the router's OpenAI `/v1/completions` "
-              "stream (validation, queue, batching task, SSE, httpx client); gRPC is grpc_load.py's own "
+              "stream (validation, queue, batching task, SSE, load.py's HTTP client); gRPC is grpc_load.py's own "
               "batching loop on the same shard with the router's onboarding rule. Both stamp tokens on "
               "arrival at the client. The shard's speed drifts with the machine's load, so the last overhead "
               "column subtracts each run's mean Decode call (router: `tgi_batch_inference_duration` from "

@@ -151,6 +151,93 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
+#ifdef __AVX512F__
+#define ATTEND_PREFETCH 8 /* slots ahead */
+/* `attend` for 64-wide heads and G (1..4) query heads per KV head, with the G queries, and then the G
+ * output accumulators, in registers: each cached K and V row is widened once for all G heads, and the
+ * weighted sum never goes through memory. Same operations per element as `attend`, in the same order
+ * (scores then softmax then the weighted sum over keys in order), so the same numbers. */
+static inline __attribute__((always_inline)) void attend64(
+    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *sums,
+    float *out, const int G, const int bf16) {
+    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
+        slots[t] = table[block] * block_size + offset;
+        if (++offset == block_size) offset = 0, block++;
+    }
+    const int64_t row_bytes = kv_heads * 64 * (bf16 ? 2 : 4); /* one slot's keys (or values), every head */
+    for (int64_t h = h0; h < h1; h++) {
+        const int64_t q0 = (h - h0) * G;
+        {
+            __m512 qv[4][4];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) qv[g][c] = _mm512_loadu_ps(qb + (q0 + g) * 64 + 16 * c);
+            for (int64_t t = 0; t < n; t++) {
+                if (h == h0 && t + ATTEND_PREFETCH < n) {
+                    /* the cache is read in block-table order, which the hardware cannot guess at block
+                     * boundaries: fetch a later slot's keys and values, every head, ahead of use */
+                    const int64_t ahead = slots[t + ATTEND_PREFETCH] * row_bytes;
+                    for (int64_t b = 0; b < row_bytes; b += 64) {
+                        _mm_prefetch((const char *)k + ahead + b, _MM_HINT_T0);
+                        _mm_prefetch((const char *)v + ahead + b, _MM_HINT_T1);
+                    }
+                }
+                const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
+                const __m512 k0 = load16(kr, 0, bf16), k1 = load16(kr, 16, bf16), k2 = load16(kr, 32, bf16),
+                             k3 = load16(kr, 48, bf16);
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    __m512 a = _mm512_mul_ps(qv[g][0], k0);
+                    a = _mm512_fmadd_ps(qv[g][1], k1, a);
+                    a = _mm512_fmadd_ps(qv[g][2], k2, a);
+                    a = _mm512_fmadd_ps(qv[g][3], k3, a);
+                    scores[(q0 + g) * n + t] = _mm512_reduce_add_ps(a) * scale;
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float *sc = scores + (q0 + g) * n;
+            float top = sc[0];
+            _Pragma("omp simd reduction(max : top)")
+            for (int64_t t = 1; t < n; t++) top = sc[t] > top ? sc[t] : top;
+            float total = 0.f;
+            _Pragma("omp simd reduction(+ : total)")
+            for (int64_t t = 0; t < n; t++) {
+                sc[t] = exp_neg(sc[t] - top);
+                total += sc[t];
+            }
+            sums[q0 + g] = total;
+        }
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const void *vr = row_at(v, slots[t] * kv_heads + h, 64, bf16);
+            const __m512 v0 = load16(vr, 0, bf16), v1 = load16(vr, 16, bf16), v2 = load16(vr, 32, bf16),
+                         v3 = load16(vr, 48, bf16);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m512 p = _mm512_set1_ps(scores[(q0 + g) * n + t]);
+                acc[g][0] = _mm512_fmadd_ps(p, v0, acc[g][0]);
+                acc[g][1] = _mm512_fmadd_ps(p, v1, acc[g][1]);
+                acc[g][2] = _mm512_fmadd_ps(p, v2, acc[g][2]);
+                acc[g][3] = _mm512_fmadd_ps(p, v3, acc[g][3]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            const __m512 inv = _mm512_set1_ps(1.f / sums[q0 + g]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + (q0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+        }
+    }
+}
+#endif
+
 /* Task `task` of a decode step's attention: sequence task / split, KV heads of its share `per_task`. */
 static inline __attribute__((always_inline)) void decode_task(
     int64_t task, int64_t split, int64_t per_task, const float *q, int64_t q_stride, const void *k, const void *v,
@@ -166,6 +253,21 @@ static inline __attribute__((always_inline)) void decode_task(
     const int64_t *table = tables + (row_seq ? row_seq[b] : b) * table_width;
     float *o = out + b * out_stride + h0 * groups * dim;
     /* constant head sizes let the compiler unroll the row loops completely */
+#ifdef __AVX512F__
+    if (dim == 64 && groups <= 4) {
+        const int64_t n = len - start;
+        switch (groups) {
+            case 1: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o, 1,
+                             bf16); return;
+            case 2: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o, 2,
+                             bf16); return;
+            case 3: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o, 3,
+                             bf16); return;
+            default: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o,
+                              4, bf16); return;
+        }
+    }
+#endif
     if (dim == 64)
         attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
                groups, 64, bf16);
@@ -659,6 +761,20 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
  * stream before it (the final norm adds the two). cos/sin [rows, rot]; slots [rows].
  */
 #define DECODE_LAYER_FIELDS 17
+#ifdef EMBER_PROFILE /* a build for profiling: seconds per phase of decode_layers, thread 0's view */
+#include <omp.h>
+static double phase_seconds[8];
+double *ember_phase_seconds(void) { return phase_seconds; }
+#define PHASE(i)                                                                                                 \
+    do {                                                                                                         \
+        if (omp_get_thread_num() == 0) {                                                                         \
+            const double now = omp_get_wtime();                                                                  \
+            phase_seconds[i] += now - phase_start, phase_start = now;                                            \
+        }                                                                                                        \
+    } while (0)
+#else
+#define PHASE(i) ((void)0)
+#endif
 int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float *residual, int64_t rows,
                   int64_t hidden, int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps,
                   const float *cos, const float *sin, int64_t rot, const int64_t *slots, const int64_t *tables,
@@ -694,6 +810,9 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
             failed = 1;
         }
 #pragma omp barrier
+#ifdef EMBER_PROFILE
+        double phase_start = omp_get_wtime();
+#endif
         for (int64_t l = 0; l < num_layers && !failed; l++) {
             const int64_t *f = layer + l * DECODE_LAYER_FIELDS;
             const float *in_w = (const float *)f[0], *post_w = (const float *)f[1];
@@ -712,8 +831,10 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
                 }
                 quantize_row(x + r * hidden, hidden, xq + r * hidden, dx + r * hg, sx + r * hg);
             }
+            PHASE(0);
             q4_tiles(xq, dx, sx, rows, hidden, (const uint8_t *)f[2], (const float *)f[3], (const float *)f[4],
                      qkv_width, wide);
+            PHASE(1);
             if (!row_seq && split == 1) {
                 /* decode, a task per sequence: its rotary, K/V write, attention and quantization in one go
                  * (its only new key is its own), two barriers fewer */
@@ -749,8 +870,10 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
                 for (int64_t r = 0; r < rows; r++)
                     quantize_row(attn + r * q_width, q_width, xq + r * q_width, dx + r * qg, sx + r * qg);
             }
+            PHASE(2);
             q4_tiles(xq, dx, sx, rows, q_width, (const uint8_t *)f[5], (const float *)f[6], (const float *)f[7],
                      hidden, delta);
+            PHASE(3);
             /* residual += o, x = norm(residual), quantized for gate/up */
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
@@ -758,15 +881,19 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
                 norm_row(res, delta + r * hidden, res, post_w, eps, x + r * hidden, hidden);
                 quantize_row(x + r * hidden, hidden, xq + r * hidden, dx + r * hg, sx + r * hg);
             }
+            PHASE(4);
             q4_tiles(xq, dx, sx, rows, hidden, (const uint8_t *)f[8], (const float *)f[9], (const float *)f[10],
                      2 * inter, wide);
+            PHASE(5);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 silu_mul_row(wide + r * 2 * inter, act + r * inter, inter);
                 quantize_row(act + r * inter, inter, xq + r * inter, dx + r * ig, sx + r * ig);
             }
+            PHASE(6);
             q4_tiles(xq, dx, sx, rows, inter, (const uint8_t *)f[11], (const float *)f[12], (const float *)f[13],
                      hidden, delta);
+            PHASE(7);
         }
         scratch_free(&sc);
     }

@@ -96,7 +96,13 @@ static inline __attribute__((always_inline)) void attend(
         slots[t] = table[block] * block_size + offset;
         if (++offset == block_size) offset = 0, block++;
     }
+    const int64_t row_bytes = kv_heads * dim * (bf16 ? 2 : 4);
     for (int64_t t = 0; t < n; t++) {
+        if (t + 8 < n) /* a later slot's keys and values ahead of use (see attend64) */
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+                __builtin_prefetch((const char *)k + slots[t + 8] * row_bytes + b, 0, 3);
+                __builtin_prefetch((const char *)v + slots[t + 8] * row_bytes + b, 0, 2);
+            }
         for (int64_t h = h0; h < h1; h++) {
             const void *kr = row_at(k, slots[t] * kv_heads + h, dim, bf16);
             for (int64_t g = 0; g < groups; g++) {

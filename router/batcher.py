@@ -97,8 +97,9 @@ class Batcher:
                 raise
             except Exception:  # never let the batching task die
                 log.exception("batching task error")
-                self._fail(list(self.running.values()), "internal error in the batching task")
-                await self._clear_all()
+                lost = list(self.running.values())
+                await self._clear_all()  # first: a client told of the failure may retry at once
+                self._fail(lost, "internal error in the batching task")
 
     async def _clear_all(self) -> None:
         """Nothing runs any more: drop every cached batch on the shards so their KV blocks return."""

@@ -310,20 +310,28 @@ static int64_t longest_context(const int64_t *lens, int64_t batch) {
     return longest;
 }
 
+/* How a step's attention is shared: a task per sequence (whole rows read once), or per (sequence, KV
+ * head) when there are fewer sequences than threads; scratch sized for the longest context. */
+typedef struct {
+    int64_t groups, longest, split, per_task;
+} attend_plan;
+
+static attend_plan plan_attention(const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads, int threads) {
+    const int64_t split = batch >= threads ? 1 : kv_heads;
+    return (attend_plan){heads / kv_heads, longest_context(lens, batch), split, kv_heads / split};
+}
+
 static int paged_decode(const float *q, int64_t q_stride, const void *k, const void *v, const int64_t *tables,
                         int64_t table_width, const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads,
                         int64_t dim, int64_t block_size, int64_t window, float scale, float *out, int threads,
                         const int bf16) {
-    const int64_t groups = heads / kv_heads;
-    const int64_t longest = longest_context(lens, batch);
-    /* a task per sequence (whole rows read once); per (sequence, KV head) when too few sequences */
-    const int64_t split = batch >= threads ? 1 : kv_heads;
-    const int64_t per_task = kv_heads / split;
+    const attend_plan plan = plan_attention(lens, batch, heads, kv_heads, threads);
+    const int64_t split = plan.split, per_task = plan.per_task;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         attend_scratch sc;
-        const int ok = scratch_alloc(&sc, per_task, groups, longest, dim);
+        const int ok = scratch_alloc(&sc, per_task, plan.groups, plan.longest, dim);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -802,15 +810,13 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
     float *attn = wide + rows * widest; /* [rows, q_width] attention output */
     float *act = attn + rows * q_width; /* [rows, inter] */
     float *dx = act + rows * inter, *sx = dx + rows * (k_max / Q4_GROUP);
-    const int64_t groups = heads / kv_heads;
-    const int64_t longest = longest_context(lens, rows);
-    const int64_t split = rows >= threads ? 1 : kv_heads;
-    const int64_t per_task = kv_heads / split;
+    const attend_plan plan = plan_attention(lens, rows, heads, kv_heads, threads);
+    const int64_t split = plan.split, per_task = plan.per_task;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         attend_scratch sc;
-        const int ok = scratch_alloc(&sc, per_task, groups, longest, dim);
+        const int ok = scratch_alloc(&sc, per_task, plan.groups, plan.longest, dim);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;

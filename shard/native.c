@@ -285,24 +285,6 @@ static inline __attribute__((always_inline)) void decode_task(
                groups, dim, bf16);
 }
 
-/* Per-thread scratch of the decode attention (scores of the longest context, accumulators). */
-typedef struct {
-    float *scores, *acc, *sums;
-    int64_t *slots;
-} attend_scratch;
-
-static int scratch_alloc(attend_scratch *sc, int64_t per_task, int64_t groups, int64_t longest, int64_t dim) {
-    sc->scores = malloc(sizeof(float) * (size_t)(per_task * groups * longest));
-    sc->acc = malloc(sizeof(float) * (size_t)(per_task * groups * dim));
-    sc->sums = malloc(sizeof(float) * (size_t)(per_task * groups));
-    sc->slots = malloc(sizeof(int64_t) * (size_t)longest);
-    return sc->scores && sc->acc && sc->sums && sc->slots;
-}
-
-static void scratch_free(attend_scratch *sc) {
-    free(sc->scores), free(sc->acc), free(sc->sums), free(sc->slots);
-}
-
 static int64_t longest_context(const int64_t *lens, int64_t batch) {
     int64_t longest = 1;
     for (int64_t b = 0; b < batch; b++)
@@ -321,6 +303,31 @@ static attend_plan plan_attention(const int64_t *lens, int64_t batch, int64_t he
     return (attend_plan){heads / kv_heads, longest_context(lens, batch), split, kv_heads / split};
 }
 
+/* Per-thread scratch of the decode attention (scores of the longest context, accumulators). */
+typedef struct {
+    float *scores, *acc, *sums;
+    int64_t *slots;
+} attend_scratch;
+
+/* This thread's scratch for `plan`; a failed allocation sets *failed (shared) and returns 0. */
+static int scratch_alloc(attend_scratch *sc, const attend_plan *plan, int64_t dim, int *failed) {
+    const int64_t heads = plan->per_task * plan->groups;
+    sc->scores = malloc(sizeof(float) * (size_t)(heads * plan->longest));
+    sc->acc = malloc(sizeof(float) * (size_t)(heads * dim));
+    sc->sums = malloc(sizeof(float) * (size_t)heads);
+    sc->slots = malloc(sizeof(int64_t) * (size_t)plan->longest);
+    const int ok = sc->scores && sc->acc && sc->sums && sc->slots;
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return ok;
+}
+
+static void scratch_free(attend_scratch *sc) {
+    free(sc->scores), free(sc->acc), free(sc->sums), free(sc->slots);
+}
+
 static int paged_decode(const float *q, int64_t q_stride, const void *k, const void *v, const int64_t *tables,
                         int64_t table_width, const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads,
                         int64_t dim, int64_t block_size, int64_t window, float scale, float *out, int threads,
@@ -331,11 +338,7 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
 #pragma omp parallel num_threads(threads)
     {
         attend_scratch sc;
-        const int ok = scratch_alloc(&sc, per_task, plan.groups, plan.longest, dim);
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        const int ok = scratch_alloc(&sc, &plan, dim, &failed);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < batch * split; task++) {
             if (!ok) continue;
@@ -816,11 +819,7 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
 #pragma omp parallel num_threads(threads)
     {
         attend_scratch sc;
-        const int ok = scratch_alloc(&sc, per_task, plan.groups, plan.longest, dim);
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        const int ok = scratch_alloc(&sc, &plan, dim, &failed);
 #pragma omp barrier
 #ifdef EMBER_PROFILE
         double phase_start = omp_get_wtime();

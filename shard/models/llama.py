@@ -263,17 +263,16 @@ class LlamaForCausalLM(torch.nn.Module):
                     kept.append(f"layer {i} {name}: {reason}")
         if kind == "w4a8":
             self.fused = FusedDecode.build(self)
-            head = self.lm_head.weight.data
-            if self.lm_head.group.is_trivial and PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None:
-                # int8 codes per 32 inputs on the VNNI kernel: 1.25 bytes per weight against bf16's 2, and
-                # twice bf16's multiplies per instruction; the rescored candidates keep greedy choices exact.
-                self.q8_head = native.Q4Weight.quantize8(head)
-                return kept
-        if self.lm_head.group.is_trivial:
-            head = self.lm_head.weight.data
+        head = self.lm_head.weight.data
+        head_fits = PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None
+        if kind == "w4a8" and self.lm_head.group.is_trivial and head_fits:
+            # int8 codes per 32 inputs on the VNNI kernel: 1.25 bytes per weight against bf16's 2, and
+            # twice bf16's multiplies per instruction; the rescored candidates keep greedy choices exact.
+            self.q8_head = native.Q4Weight.quantize8(head)
+        elif self.lm_head.group.is_trivial:
             # (w4a8 takes 8-bit codes above: an int4 head with int8 activations blurred every logit outside
             # the rescored candidates, KL 0.021 vs 0.0033 nats/token with the bf16 head, benchmarks/quality.py.)
-            if kind == "int4" and PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None:
+            if kind == "int4" and head_fits:
                 self.packed_head = PackedWeight.quantize(head, kind, keep_dense=False)  # fast_head is its dense
             self.fast_head = _fast_copy(head, torch.bfloat16)
         return kept

@@ -34,7 +34,7 @@ import grpc
 
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
-from load import Level, RequestResult, format_summary, summarize
+from load import Level, RequestResult, format_summary, run_async, summarize
 
 # Far above the router's ids (which count from 0), so both can share one shard.
 ID_BASE = 1 << 48
@@ -307,7 +307,7 @@ def main() -> None:
         level = Level(concurrency, max(args.requests, concurrency), args.time_limit, args.max_new_tokens,
                       lambda i: (prompts.text(i), prompts.tokens(i)), first)
         first += level.max_requests
-        summary = asyncio.run(run_level(args.uds, level, encode, warmup=warmup))
+        summary = run_async(run_level(args.uds, level, encode, warmup=warmup))
         warmup = None
         results.append(summary)
         print(format_summary(summary), flush=True)

@@ -19,7 +19,6 @@ Writes benchmarks/results/router_overhead.json and .md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -76,12 +75,12 @@ def run_pair(url: str, uds: str, level: load.Level, encode, model: str, http_fir
 
     def http() -> dict:
         before = decode_totals(url)
-        summary = asyncio.run(load.run_level(url, load.APIS["openai"], level, model))
+        summary = load.run_async(load.run_level(url, load.APIS["openai"], level, model))
         summary["decode_step"] = decode_step(before, decode_totals(url))
         return summary
 
     def grpc() -> dict:
-        return asyncio.run(grpc_load.run_level(uds, level, encode))
+        return load.run_async(grpc_load.run_level(uds, level, encode))
 
     order: list[tuple[str, Callable[[], dict]]] = [("http", http), ("grpc", grpc)]
     for name, fn in (order if http_first else order[::-1]):
@@ -122,6 +121,12 @@ def overhead(level_runs: list[dict]) -> dict:
                                     "itl_p99": h["itl_p99_ms"] - g["itl_p99_ms"],
                                     "beyond_decode": h["tpot_beyond_decode_ms"] - g["tpot_beyond_decode_ms"]}
     out["overhead_ttft_p50_ms"] = h["ttft_p50_ms"] - g["ttft_p50_ms"]
+    # Each repeat's two runs follow each other within seconds: their difference cancels the
+    # machine's slower drift, which moves the medians of either side by more than the overhead.
+    paired = [r["http"]["itl_ms"]["p50"] - r["grpc"]["itl_ms"]["p50"] for r in level_runs]
+    step = g["itl_p50_ms"]
+    out["paired_itl_p50"] = {"median_ms": statistics.median(paired), "min_ms": min(paired), "max_ms": max(paired),
+                             "share_of_step": statistics.median(paired) / step if step else float("nan")}
     return out
 
 
@@ -133,20 +138,27 @@ def markdown(result: dict) -> str:
         f"median of {result['repeats']} repeats. Machine: {result['machine']['cpus']} CPUs, "
         f"1-minute load average {result['machine']['loadavg_start']:.1f} at start and "
         f"{result['machine']['loadavg_end']:.1f} at the end (other work shared the cores).", "",
-        "| concurrency | HTTP ITL p50 / p99 (ms) | gRPC ITL p50 / p99 (ms) | overhead/token p50 (ms) "
+        "| concurrency | HTTP ITL p50 / p99 (ms) | gRPC ITL p50 / p99 (ms) "
+        "| overhead/token p50, paired (ms) [min–max] | share of a step | overhead/token p50 (ms) "
         "| overhead/token mean TPOT (ms) | Decode call HTTP / gRPC (ms) | overhead/token beyond Decode (ms) "
         "| Prefill calls HTTP / gRPC | HTTP TTFT p50 (ms) | gRPC TTFT p50 (ms) | HTTP tok/s | gRPC tok/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c, lv in result["levels"].items():
         h, g, o = lv["summary"]["http"], lv["summary"]["grpc"], lv["summary"]["overhead_per_token_ms"]
+        pr = lv["summary"]["paired_itl_p50"]
         lines.append(
             f"| {c} | {h['itl_p50_ms']:.1f} / {h['itl_p99_ms']:.1f} | {g['itl_p50_ms']:.1f} / {g['itl_p99_ms']:.1f} "
+            f"| {pr['median_ms']:+.2f} [{pr['min_ms']:+.1f} – {pr['max_ms']:+.1f}] | {100 * pr['share_of_step']:.1f} % "
             f"| {o['itl_p50']:+.1f} | {o['tpot_mean']:+.1f} | {h['decode_call_ms']:.1f} / {g['decode_call_ms']:.1f} "
             f"| {o['beyond_decode']:+.1f} | {h['prefill_calls']:.0f} / {g['prefill_calls']:.0f} "
             f"| {h['ttft_p50_ms']:.0f} | {g['ttft_p50_ms']:.0f} "
             f"| {h['output_tokens_per_s']:.1f} | {g['output_tokens_per_s']:.1f} |")
-    lines += ["", "Overhead = HTTP − gRPC at the same level. HTTP is the router's OpenAI `/v1/completions` "
+    lines += ["", "Overhead = HTTP − gRPC at the same level. The paired column takes each repeat's HTTP "
+              "and gRPC runs (back to back, order swapped every repeat) and gives the median of their "
+              "differences in ITL p50, and its share of the gRPC ITL p50 (a decode step): the machine's "
+              "drift between repeats cancels there, not in the columns that subtract each side's median. "
+              "HTTP is the router's OpenAI `/v1/completions` "
               "stream (validation, queue, batching task, SSE, load.py's HTTP client); gRPC is grpc_load.py's own "
               "batching loop on the same shard with the router's onboarding rule. Both stamp tokens on "
               "arrival at the client. The shard's speed drifts with the machine's load, so the last overhead "

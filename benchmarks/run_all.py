@@ -17,7 +17,6 @@ also probes the machine's matmul roofline. Outputs, under `--out`:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -124,7 +123,7 @@ def bench_server(peer: lifecycle.Peer, args: argparse.Namespace, prompts: dict, 
 def warm_up(url: str, api: str, prompts) -> None:
     """Two short requests at concurrency 2: first-call costs stay out of the figures."""
     level = load.Level(2, 2, 300, 8, lambda i: (prompts.text(i), prompts.tokens(i)), WARMUP_INDEX)
-    summary = asyncio.run(load.run_level(url, load.APIS[api], level, model="smollm2"))
+    summary = load.run_async(load.run_level(url, load.APIS[api], level, model="smollm2"))
     if summary["errors"]:
         raise RuntimeError(f"warm-up failed: {summary['first_error']}")
 
@@ -139,7 +138,7 @@ def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: 
                 level = load.Level(concurrency, size, args.time_limit, args.max_new_tokens,
                                    lambda i, s=source: (s.text(i), s.tokens(i)), first)
                 first += size
-                summary = asyncio.run(load.run_level(url, load.APIS[api], level, model="smollm2"))
+                summary = load.run_async(load.run_level(url, load.APIS[api], level, model="smollm2"))
                 if summary["requests_cancelled"]:
                     summary["drain_s"] = drain(url, api, prompts["short"])
                 entry["levels"].append({"repeat": repeat, "scenario": scenario, **summary})
@@ -153,7 +152,7 @@ def drain(url: str, api: str, prompts, timeout_s: float = 300.0) -> float:
     next level must not pay for them. Returns the seconds waited."""
     started = time.monotonic()
     level = load.Level(1, 1, timeout_s, 1, lambda i: (prompts.text(i), prompts.tokens(i)), WARMUP_INDEX + 100)
-    asyncio.run(load.run_level(url, load.APIS[api], level, model="smollm2"))
+    load.run_async(load.run_level(url, load.APIS[api], level, model="smollm2"))
     return time.monotonic() - started
 
 

@@ -25,7 +25,6 @@ Writes benchmarks/results/tp.json and tp.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import os
 import re
@@ -127,7 +126,7 @@ def memory_snapshot(pids: dict[str, int]) -> dict[str, dict]:
 # ---------------------------------------------------------------- load
 
 def decode_level(url: str, model: str, level: load.Level) -> dict:
-    summary = asyncio.run(load.run_level(url, load.APIS["openai"], level, model))
+    summary = load.run_async(load.run_level(url, load.APIS["openai"], level, model))
     tpot = summary["tpot_ms"]["mean"]
     summary["decode_tokens_per_s_batch"] = level.concurrency * 1e3 / tpot if tpot == tpot and tpot > 0 else None
     summary["loadavg_1m"] = os.getloadavg()[0]

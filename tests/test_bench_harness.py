@@ -296,3 +296,45 @@ def test_decode_roofline_places_each_setting_under_its_own_dtype():
     text = report.render(results, [])
     assert "| ember-w4a8 | batched decode (batch 32) ≥ 50 % of the matmul roofline |" in text
     assert "| no |" in text
+
+
+def test_router_overhead_pairs_each_repeats_runs():
+    import router_overhead
+
+    def side(itl: float) -> dict:
+        return {"itl_ms": {"p50": itl, "p99": itl * 2}, "tpot_ms": {"mean": itl}, "ttft_ms": {"p50": 1.0, "p99": 2.0},
+                "output_tokens_per_s": 1.0, "errors": 0,
+                "decode_step": {"call_mean_ms": itl, "prefill_calls": 1}}
+
+    # The machine drifts between repeats (20 -> 30 ms); within each repeat HTTP is 1 ms behind gRPC.
+    runs = [{"http": side(21.0), "grpc": side(20.0)}, {"http": side(31.0), "grpc": side(30.0)},
+            {"http": side(26.0), "grpc": side(25.5)}]
+    out = router_overhead.overhead(runs)
+    paired = out["paired_itl_p50"]
+    assert paired["median_ms"] == 1.0 and paired["min_ms"] == 0.5 and paired["max_ms"] == 1.0
+    assert paired["share_of_step"] == pytest.approx(1.0 / 25.5)
+    text = router_overhead.markdown({"model_id": "m", "max_new_tokens": 8, "scenario": "short", "prompt_tokens": 64,
+                                     "repeats": 3, "machine": {"cpus": 2, "loadavg_start": 0.0, "loadavg_end": 0.0},
+                                     "levels": {"32": {"summary": out}}, "command": "x"})
+    assert "| +1.00 [+0.5 – +1.0] | 3.9 % |" in text
+
+
+def test_step_profile_splits_a_step_into_parts_that_add_up(tiny_llama_dir, tmp_path):
+    import argparse
+
+    import step_profile
+
+    args = argparse.Namespace(quantize=None, matmul_dtype=None, batch=2, steps=3, repeats=2)
+    runs = step_profile.run(args, tiny_llama_dir, None)
+    assert len(runs) == 2
+    for r in runs:
+        assert r["step_ms"] > 0 and r["layers_ms"] > 0 and r["head_ms"] > 0 and r["sampler_ms"] > 0
+        # the clocked parts lie inside the step: what is left for the runner's own work is not negative
+        assert r["layers_ms"] + r["head_ms"] + r["sampler_ms"] < r["step_ms"] and r["runner_other_ms"] > 0
+    summary = step_profile.summarize(runs)
+    assert summary["spread_step_ms"][0] <= summary["step_ms"] <= summary["spread_step_ms"][1]
+    fake = {**summary, "phases_ms": {name: 1.0 for name in step_profile.PHASES}}
+    text = step_profile.markdown({"summary": fake, "batch": 2, "model_id": "tiny", "quantize": None,
+                                  "matmul_dtype": None, "prompt_tokens": 64, "steps": 3, "repeats": 2,
+                                  "machine": {"cpu_model": "cpu", "cpus": 2, "loadavg_start": 0.0}, "command": "x"})
+    assert "| down projection | 1.00 | 12 % |" in text and "decoder layers" in text

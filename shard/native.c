@@ -170,6 +170,27 @@ static inline __attribute__((always_inline)) void attend_prefetch(const void *k,
     }
 }
 
+/* Key t of KV head h (64 wide) as four float vectors; the first head's pass also prefetches a later slot
+ * (`fetch`). */
+static inline __attribute__((always_inline)) void key_row64(const void *k, const void *v, const int64_t *slots,
+                                                            int64_t t, int64_t n, int64_t h, int fetch,
+                                                            int64_t kv_heads, int64_t row_bytes, const int bf16,
+                                                            __m512 *out) {
+    if (fetch && t + ATTEND_PREFETCH < n) attend_prefetch(k, v, slots[t + ATTEND_PREFETCH] * row_bytes, row_bytes);
+    const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++) out[c] = load16(kr, 16 * c, bf16);
+}
+
+/* The lane-wise products of a 64-wide query (four vectors) and key, summed over the four: the dot product
+ * still to be summed across lanes. */
+static inline __attribute__((always_inline)) __m512 dot64(const __m512 *q, const __m512 *key) {
+    __m512 x = _mm512_mul_ps(q[0], key[0]);
+    x = _mm512_fmadd_ps(q[1], key[1], x);
+    x = _mm512_fmadd_ps(q[2], key[2], x);
+    return _mm512_fmadd_ps(q[3], key[3], x);
+}
+
 /* The horizontal sums of four vectors, as one: lane i of the result sums every lane of the i-th. */
 static inline __attribute__((always_inline)) __m128 reduce4(__m512 x, __m512 y, __m512 z, __m512 w) {
     /* per 128-bit chunk: [x0+x2, y0+y2, x1+x3, y1+y3] and the same for z, w */
@@ -212,18 +233,10 @@ static inline __attribute__((always_inline)) void attend64(
                 __m512 a[4][4]; /* [query][key] */
 #pragma GCC unroll 4
                 for (int j = 0; j < 4; j++) {
-                    if (h == h0 && t + j + ATTEND_PREFETCH < n)
-                        attend_prefetch(k, v, slots[t + j + ATTEND_PREFETCH] * row_bytes, row_bytes);
-                    const void *kr = row_at(k, slots[t + j] * kv_heads + h, 64, bf16);
-                    const __m512 k0 = load16(kr, 0, bf16), k1 = load16(kr, 16, bf16), k2 = load16(kr, 32, bf16),
-                                 k3 = load16(kr, 48, bf16);
+                    __m512 kv4[4];
+                    key_row64(k, v, slots, t + j, n, h, h == h0, kv_heads, row_bytes, bf16, kv4);
 #pragma GCC unroll 4
-                    for (int g = 0; g < G; g++) {
-                        __m512 x = _mm512_mul_ps(qv[g][0], k0);
-                        x = _mm512_fmadd_ps(qv[g][1], k1, x);
-                        x = _mm512_fmadd_ps(qv[g][2], k2, x);
-                        a[g][j] = _mm512_fmadd_ps(qv[g][3], k3, x);
-                    }
+                    for (int g = 0; g < G; g++) a[g][j] = dot64(qv[g], kv4);
                 }
 #pragma GCC unroll 4
                 for (int g = 0; g < G; g++)
@@ -231,19 +244,10 @@ static inline __attribute__((always_inline)) void attend64(
                                   _mm_mul_ps(reduce4(a[g][0], a[g][1], a[g][2], a[g][3]), scale4));
             }
             for (; t < n; t++) {
-                if (h == h0 && t + ATTEND_PREFETCH < n)
-                    attend_prefetch(k, v, slots[t + ATTEND_PREFETCH] * row_bytes, row_bytes);
-                const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
-                const __m512 k0 = load16(kr, 0, bf16), k1 = load16(kr, 16, bf16), k2 = load16(kr, 32, bf16),
-                             k3 = load16(kr, 48, bf16);
+                __m512 kv4[4];
+                key_row64(k, v, slots, t, n, h, h == h0, kv_heads, row_bytes, bf16, kv4);
 #pragma GCC unroll 4
-                for (int g = 0; g < G; g++) {
-                    __m512 a = _mm512_mul_ps(qv[g][0], k0);
-                    a = _mm512_fmadd_ps(qv[g][1], k1, a);
-                    a = _mm512_fmadd_ps(qv[g][2], k2, a);
-                    a = _mm512_fmadd_ps(qv[g][3], k3, a);
-                    scores[(q0 + g) * n + t] = _mm512_reduce_add_ps(a) * scale;
-                }
+                for (int g = 0; g < G; g++) scores[(q0 + g) * n + t] = _mm512_reduce_add_ps(dot64(qv[g], kv4)) * scale;
             }
         }
         for (int g = 0; g < G; g++) {

@@ -17,8 +17,9 @@ The HTTP client is lean by default (`RawClient`: an asyncio protocol on plain
 HTTP/1.1 that parses chunked SSE as bytes arrive), since the load generator
 shares the cores with the server it measures; `--client httpx` uses httpx
 (https URLs and tests' in-process transports always do). Levels run on uvloop
-when it is installed (`run_async`): about half asyncio's loop CPU per event.
-`EMBER_BENCH_LOOP=asyncio` keeps asyncio's own loop.
+when it is installed (`run_async`), as the router's loop does, so neither side
+of a comparison pays asyncio's pure-Python loop; `EMBER_BENCH_LOOP=asyncio`
+keeps asyncio's own loop.
 """
 
 from __future__ import annotations

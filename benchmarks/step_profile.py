@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import report
+import run_all
 
-import report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_TOKENS = 64
 
 # decode_layers' phases (native.c, PHASE(i)), in order
 PHASES = ("norm + quantize (input)", "qkv projection", "rotary + K/V write + attention + quantize",
@@ -66,10 +66,10 @@ def run(args: argparse.Namespace, model_dir: Path, phases) -> list[dict]:
     from ember.shard.sampling import BatchSampler, SamplingParams
 
     runner = load_runner(model_dir, quantize=args.quantize, matmul_dtype=args.matmul_dtype)
-    runner.warmup(64 * args.batch, 2 * (64 + args.steps) * args.batch)
+    runner.warmup(PROMPT_TOKENS * args.batch, 2 * (PROMPT_TOKENS + args.steps) * args.batch)
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = tok("The history of the city of Paris begins with a small settlement on an island")["input_ids"]
-    prompt = (base * (64 // len(base) + 1))[:64]
+    prompt = (base * (PROMPT_TOKENS // len(base) + 1))[:PROMPT_TOKENS]
     model = runner.model
     forward, head = Clock(model.forward), Clock(model.logits)
     model.forward, model.logits = forward, head  # instance attributes: the runner calls these
@@ -123,8 +123,9 @@ def markdown(result: dict) -> str:
         f"# Where a decode step's time goes (batch {b}, in process)", "",
         f"Model {result['model_id']}, quantize `{result['quantize']}`, matmul dtype `{result['matmul_dtype']}`, "
         f"{b} sequences of a {result['prompt_tokens']}-token prompt, {result['steps']} greedy decode steps, "
-        f"median of {result['repeats']} repeats. Machine: {result['machine']['cpu_model']}, "
-        f"{result['machine']['cpus']} CPUs, load average {result['machine']['loadavg_start']:.1f} at start.", "",
+        f"median of {result['repeats']} repeats. Machine: {result['machine'].get('cpu_model')}, "
+        f"{result['machine'].get('logical_cpus')} CPUs, load average {result['machine']['loadavg_at_start'][0]:.1f} "
+        "at start.", "",
         "| part | ms per step | share |", "|---|---:|---:|",
     ]
     step = s["step_ms"]
@@ -160,12 +161,12 @@ def main() -> None:
     from ember.launcher.store import resolve_model
 
     model_dir = resolve_model(args.model_id).path
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU")
+    machine = run_all.machine_info()
+    machine.pop("flags", None)  # comparison.md lists them; here the model name and cores are enough
     result = {"command": " ".join([".venv/bin/python", "benchmarks/step_profile.py", *sys.argv[1:]]),
               "model_id": args.model_id, "quantize": args.quantize, "matmul_dtype": args.matmul_dtype,
-              "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "prompt_tokens": 64,
-              "machine": {"cpu_model": cpu, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}}
+              "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS,
+              "machine": machine}
     with tempfile.TemporaryDirectory() as tmp:
         phases = profiled_kernels(tmp) if args.quantize == "w4a8" else None
         runs = run(args, model_dir, phases)

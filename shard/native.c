@@ -206,8 +206,9 @@ static inline __attribute__((always_inline)) __m128 reduce4(__m512 x, __m512 y, 
 }
 /* `attend` for 64-wide heads and G (1..4) query heads per KV head, with the G queries, and then the G
  * output accumulators, in registers: each cached K and V row is widened once for all G heads, and the
- * weighted sum never goes through memory. Same operations per element as `attend`, in the same order
- * (scores then softmax then the weighted sum over keys in order), so the same numbers. */
+ * weighted sum never goes through memory. The same steps as `attend` (scores, softmax, the weighted sum
+ * over keys in order); only each score's sum across lanes is associated differently (reduce4), so the
+ * numbers agree to float32 rounding, not bit for bit. */
 static inline __attribute__((always_inline)) void attend64(
     const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
     int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *sums,

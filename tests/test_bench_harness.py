@@ -319,7 +319,7 @@ def test_router_overhead_pairs_each_repeats_runs():
     assert "| +1.00 [+0.5 – +1.0] | 3.9 % |" in text
 
 
-def test_step_profile_splits_a_step_into_parts_that_add_up(tiny_llama_dir, tmp_path):
+def test_step_profile_splits_a_step_into_parts_inside_it(tiny_llama_dir, tmp_path):
     import argparse
 
     import step_profile
@@ -336,5 +336,6 @@ def test_step_profile_splits_a_step_into_parts_that_add_up(tiny_llama_dir, tmp_p
     fake = {**summary, "phases_ms": {name: 1.0 for name in step_profile.PHASES}}
     text = step_profile.markdown({"summary": fake, "batch": 2, "model_id": "tiny", "quantize": None,
                                   "matmul_dtype": None, "prompt_tokens": 64, "steps": 3, "repeats": 2,
-                                  "machine": {"cpu_model": "cpu", "cpus": 2, "loadavg_start": 0.0}, "command": "x"})
+                                  "machine": {"cpu_model": "cpu", "logical_cpus": 2, "loadavg_at_start": [0.0]},
+                                  "command": "x"})
     assert "| down projection | 1.00 | 12 % |" in text and "decoder layers" in text

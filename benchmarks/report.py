@@ -43,6 +43,8 @@ def machine_section(results: dict) -> list[str]:
         f"- Load average when the run started: {', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))} "
         "(the machine is shared; other work competes for the cores)",
         f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')} ({m.get('torch_threads')} threads)",
+        *([f"- GPU: {m['gpu']} × {m.get('gpu_count', 1)} (Ember's shards run on it; so does the naive server)"]
+          if m.get("gpu") else []),
         "",
         "<details><summary>all CPU flags (/proc/cpuinfo)</summary>",
         "",
@@ -65,12 +67,21 @@ def servers_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def reference_ember(results: dict) -> str:
+    """The Ember setting the ratios divide by: `ember` when it ran, else the first Ember setting measured
+    (a GPU run serves `ember-bf16` alone: the quantized settings have CPU kernels only)."""
+    names = [n for n in results["servers"] if n == "ember" or n.startswith("ember-")]
+    return "ember" if "ember" in names or not names else names[0]
+
+
 def scenario_table(results: dict, scenario: str) -> list[str]:
+    reference = reference_ember(results)
     lines = [f"### {scenario} prompts", "",
-             "| conc. | server | out tok/s median [min–max] | Ember ÷ server | req/s | TTFT p50 / p99 ms "
-             "| ITL p50 / p99 ms | TPOT p50 ms | E2E p50 ms | out tokens (forced) | cancelled / errors |",
+             f"| conc. | server | out tok/s median [min–max] | {'Ember' if reference == 'ember' else reference} "
+             "÷ server | req/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | TPOT p50 ms | E2E p50 ms "
+             "| out tokens (forced) | cancelled / errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ember = _rows(results, "ember", scenario)
+    ember = _rows(results, reference, scenario)
     concurrencies = sorted({c for n in results["servers"] for c in _rows(results, n, scenario)})
     for c in concurrencies:
         for name in results["servers"]:
@@ -171,8 +182,9 @@ def render(results: dict, images: list[str]) -> str:
         "```",
         "",
         f"Model: SmolLM2-135M-Instruct ({results['model']['params']:,} parameters); safetensors "
-        f"`{results['model']['dir']}`, GGUF `{results['model']['gguf']}`. Streamed completions of "
-        f"{cfg['max_new_tokens']} tokens (forced: `ignore_eos` + `min_tokens` on OpenAI routes), greedy; "
+        f"`{results['model']['dir']}`, GGUF `{results['model']['gguf'] or 'none'}`. "
+        + (f"{results['model']['note']}. " if results["model"].get("note") else "") +
+        f"Streamed completions of {cfg['max_new_tokens']} tokens (forced: `ignore_eos` + `min_tokens` on OpenAI routes), greedy; "
         f"concurrency {', '.join(map(str, cfg['concurrency']))}; {cfg['repeats']} repeat(s); each level sends "
         f"max({cfg['min_requests']}, {cfg['rounds']} × concurrency) requests and is cut at {cfg['time_limit']:.0f} s "
         "(requests still running are cancelled and counted). Medians over repeats; [min–max] is the spread.",

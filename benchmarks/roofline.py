@@ -21,39 +21,48 @@ import torch
 
 # (name, m, k, n): a large square matmul, and SmolLM2-135M's MLP / LM-head at batch 32.
 SHAPES = (("square-2048", 2048, 2048, 2048), ("mlp-b32", 32, 576, 1536), ("lm-head-b32", 32, 576, 49152))
+# A GPU reaches its peak only on a much larger product.
+CUDA_SHAPES = (("square-8192", 8192, 8192, 8192),) + SHAPES[1:]
 
 
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_time_s: float = 0.5,
-                  max_iters: int = 10_000) -> float:
+                  max_iters: int = 10_000, device: str = "cpu") -> float:
     """Best-of-batches GFLOP/s of `[m,k] @ [k,n]`, timed for at least `min_time_s` (bounded by `max_iters`).
-    int8: `torch._int_mm` (int8 x int8 -> int32, oneDNN's VNNI GEMM on CPU), in GOP/s."""
+    int8: `torch._int_mm` (int8 x int8 -> int32, oneDNN's VNNI GEMM on CPU), in GOP/s. On a GPU each
+    batch of products ends with a synchronize, so the clock reads finished work."""
     if dtype == torch.int8:
-        a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
-        b = torch.randint(-127, 128, (k, n), dtype=torch.int8)
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+        b = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
         matmul = torch._int_mm
     else:
-        a = torch.randn(m, k).to(dtype)
-        b = torch.randn(k, n).to(dtype)
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
         matmul = torch.matmul
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     matmul(a, b)  # first call: allocation and kernel selection
+    sync()
     flops = 2.0 * m * k * n
     best, iters, started = 0.0, 0, time.perf_counter()
     while iters < max_iters and (time.perf_counter() - started < min_time_s or iters < 3):
-        batch = max(1, min(64, int(1e9 / flops)))
+        batch = max(1, min(64, int((1e12 if device != "cpu" else 1e9) / flops)))
         t0 = time.perf_counter()
         for _ in range(batch):
             matmul(a, b)
+        sync()
         best = max(best, batch * flops / (time.perf_counter() - t0))
         iters += batch
     return best / 1e9
 
 
-def probe(dtypes: list[str], min_time_s: float = 0.5) -> dict:
-    """GFLOP/s per dtype and shape, and each dtype's peak (the roofline)."""
-    out: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "dtypes": {}}
+def probe(dtypes: list[str], min_time_s: float = 0.5, device: str = "cpu") -> dict:
+    """GFLOP/s per dtype and shape, and each dtype's peak (the roofline), on `device`."""
+    out: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": device, "dtypes": {}}
+    shapes_of = CUDA_SHAPES if torch.device(device).type == "cuda" else SHAPES
+    if torch.device(device).type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
     for name in dtypes:
         dtype = getattr(torch, name)
-        shapes = {label: matmul_gflops(m, k, n, dtype, min_time_s) for label, m, k, n in SHAPES}
+        shapes = {label: matmul_gflops(m, k, n, dtype, min_time_s, device=device) for label, m, k, n in shapes_of}
         out["dtypes"][name] = {"shapes_gflops": shapes, "peak_gflops": max(shapes.values())}
     return out
 
@@ -87,9 +96,10 @@ def main() -> None:
     p.add_argument("--model-dir", help="model directory for the parameter count (default: smollm2's)")
     p.add_argument("--tokens-per-s", type=float, help="a measured decode rate to place under the roofline")
     p.add_argument("--min-time", type=float, default=0.5, help="seconds timed per shape")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU's own roofline")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args()
-    result = probe(args.dtype, args.min_time)
+    result = probe(args.dtype, args.min_time, args.device)
     if args.tokens_per_s:
         if args.model_dir:
             model_dir = Path(args.model_dir)

@@ -72,6 +72,9 @@ def machine_info() -> dict[str, Any]:
 
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
     except ImportError:
         pass
     return info
@@ -234,6 +237,14 @@ def ember_dtype(log_path: Path) -> str | None:
     return None
 
 
+def gguf_or_none() -> str | None:
+    """The GGUF llama.cpp serves, or None where there is none (a model directory named by the env)."""
+    try:
+        return str(model_paths.gguf_path())
+    except FileNotFoundError:
+        return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", nargs="+", default=list(lifecycle.PEERS), choices=list(lifecycle.PEERS))
@@ -246,8 +257,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=60, help="seconds per level; running requests are then cancelled")
     p.add_argument("--roofline-time", type=float, default=0.5, help="seconds timed per roofline shape")
     p.add_argument("--no-install", action="store_true", help="use the peers' virtualenvs as they are")
+    p.add_argument("--device", default="auto", help="where the roofline is probed: cpu, cuda, or auto "
+                   "(cuda when torch sees a GPU, as Ember's shards do)")
     p.add_argument("--out", default=str(HERE / "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,12 +280,15 @@ def main(argv: list[str] | None = None) -> None:
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {k: v for k, v in vars(args).items()},
-        "model": {"dir": str(model_dir), "gguf": str(model_paths.gguf_path()),
+        "model": {"dir": str(model_dir), "gguf": gguf_or_none(),
                   "params": roofline.param_count(model_dir)},
         "servers": {},
     }
-    print("roofline probe ...", flush=True)
-    results["roofline"] = roofline.probe(["float32", "bfloat16", "int8"], args.roofline_time)
+    if os.environ.get("EMBER_BENCH_MODEL_NOTE"):
+        results["model"]["note"] = os.environ["EMBER_BENCH_MODEL_NOTE"]
+    print(f"roofline probe on {args.device} ...", flush=True)
+    dtypes = ["float32", "bfloat16", "int8"] if args.device == "cpu" else ["float32", "bfloat16"]
+    results["roofline"] = roofline.probe(dtypes, args.roofline_time, args.device)
     for name in args.servers:
         entry = bench_server(lifecycle.PEERS[name], args, prompts, log_dir)
         entry["summary"] = aggregate(entry["levels"])

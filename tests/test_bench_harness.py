@@ -339,3 +339,71 @@ def test_step_profile_splits_a_step_into_parts_inside_it(tiny_llama_dir, tmp_pat
                                   "machine": {"cpu_model": "cpu", "logical_cpus": 2, "loadavg_at_start": [0.0]},
                                   "command": "x"})
     assert "| down projection | 1.00 | 12 % |" in text and "decoder layers" in text
+
+
+def test_report_divides_by_the_ember_setting_that_ran_and_names_the_gpu():
+    """A GPU run serves ember-bf16 alone (the quantized settings have CPU kernels only): the ratios divide
+    by it, and the machine section names the GPU and the model's note."""
+    summary = lambda tps: run_all.aggregate([_level("short", 0, tps)])  # noqa: E731
+    results = {
+        "command": "run_all.py", "started": "t0", "config": {
+            "max_new_tokens": 16, "concurrency": [4], "repeats": 1, "min_requests": 8, "rounds": 2,
+            "time_limit": 60, "scenarios": ["short"]},
+        "machine": {"cpu_model": "CPU", "flags": [], "loadavg_at_start": [1.0], "gpu": "Some GPU", "gpu_count": 1},
+        "model": {"params": 100, "dir": "d", "gguf": None, "note": "random weights"},
+        "servers": {"ember-bf16": {"status": "ok", "error": None, "summary": summary(400.0)},
+                    "naive": {"status": "ok", "error": None, "summary": summary(50.0)}},
+        "roofline": {"dtypes": {}},
+    }
+    text = report.render(results, [])
+    assert "| ember-bf16 ÷ server |" in text
+    assert "| 4 | naive | 50.0 [50.0–50.0] | 8.00× |" in text
+    assert "GPU: Some GPU × 1" in text and "GGUF `none`. random weights." in text
+
+
+def test_random_model_keeps_the_shapes_and_tokenizer_and_loads(tiny_llama_dir, tmp_path):
+    import random_model
+    from safetensors import safe_open
+
+    from ember.shard.runner import Sequence, load_runner
+
+    out = random_model.build(tiny_llama_dir, tmp_path / "random", seed=1)
+    assert (out / "tokenizer.json").read_bytes() == (tiny_llama_dir / "tokenizer.json").read_bytes()
+
+    def tensors(d: Path) -> dict:
+        with safe_open(str(next(d.glob("*.safetensors"))), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    real, fake = tensors(tiny_llama_dir), tensors(out)
+    assert {k: v.shape for k, v in real.items()} == {k: v.shape for k, v in fake.items()}
+    name = next(k for k in real if k.endswith("q_proj.weight"))
+    assert not real[name].float().equal(fake[name].float())
+    runner = load_runner(out, dtype="float32", device="cpu")
+    assert runner.step([Sequence(0, [3, 4, 5])]).logits.isfinite().all()
+
+
+def test_naive_server_streams_and_a_failed_generate_still_ends_its_stream(tiny_llama_dir):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+    import torch
+    from naive_server import NaiveEngine
+
+    engine = NaiveEngine(str(tiny_llama_dir), torch.float32, "tiny", "cpu")
+
+    async def collect(body: dict) -> list[bytes]:
+        return [chunk async for chunk in engine.stream(body)]
+
+    body = {"prompt": "hello world", "max_tokens": 5, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    chunks = asyncio.run(asyncio.wait_for(collect(body), 120))
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    usage = json.loads(chunks[-2][len(b"data: "):])["usage"]
+    assert usage["completion_tokens"] == 5
+
+    def broken(**kwargs):
+        raise RuntimeError("generate failed")
+
+    engine.model.generate = broken
+    chunks = asyncio.run(asyncio.wait_for(collect(body), 60))  # before the fix: waited forever
+    event = json.loads(chunks[-1][len(b"data: "):])
+    with pytest.raises(RuntimeError, match="generate failed"):  # the load generator counts it an error
+        load.consume_event(load.RequestResult(), load.APIS["openai"], event, 0.0)

@@ -4,11 +4,14 @@
 
 Every server loads the same weights: Ember, vLLM and the naive server the
 converted safetensors directory, llama.cpp the GGUF it was converted from.
+`EMBER_BENCH_MODEL_DIR` / `EMBER_BENCH_GGUF` name other files (a machine the
+store cannot fetch on, say: see benchmarks/gpu_bench.sh).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ember.launcher.store import DEFAULT_MODELS, cache_root, resolve_model
@@ -16,11 +19,17 @@ from ember.launcher.store import DEFAULT_MODELS, cache_root, resolve_model
 
 def model_dir(model_id: str = "smollm2") -> Path:
     """The converted Hugging Face directory (config, tokenizer, model.safetensors)."""
+    if os.environ.get("EMBER_BENCH_MODEL_DIR"):
+        return Path(os.environ["EMBER_BENCH_MODEL_DIR"])
     return resolve_model(model_id).path
 
 
 def gguf_path(model_id: str = "smollm2") -> Path:
     """The GGUF the default model was converted from, fetched into `<cache>/gguf/` by the store."""
+    if os.environ.get("EMBER_BENCH_GGUF"):
+        return Path(os.environ["EMBER_BENCH_GGUF"])
+    if os.environ.get("EMBER_BENCH_MODEL_DIR"):
+        raise FileNotFoundError("EMBER_BENCH_MODEL_DIR names the model and EMBER_BENCH_GGUF is unset: no GGUF")
     if model_id not in DEFAULT_MODELS:
         raise ValueError(f"no GGUF known for {model_id!r}; the store ships {sorted(DEFAULT_MODELS)}")
     resolve_model(model_id)  # fetches the GGUF if the cache lacks it

@@ -1,6 +1,6 @@
 """The naive baseline: one request at a time over transformers' `generate`, streamed.
 
-    python benchmarks/peers/naive_server.py --model-dir DIR --port 8003 [--dtype float32]
+    python benchmarks/peers/naive_server.py --model-dir DIR --port 8003 [--dtype float32] [--device auto]
 
 What a first attempt at serving looks like: no batching, no paged cache, the
 model's own `generate` in a thread and a `TextIteratorStreamer` turning its
@@ -37,15 +37,16 @@ class StopWhenSet(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class NaiveEngine:
     """A model, its tokenizer, and a lock making requests take turns."""
 
-    def __init__(self, model_dir: str, dtype: torch.dtype, name: str) -> None:
+    def __init__(self, model_dir: str, dtype: torch.dtype, name: str, device: str = "cpu") -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.device = device
         self.name = name
         self.lock = asyncio.Lock()
 
@@ -65,16 +66,21 @@ class NaiveEngine:
     async def stream(self, body: dict) -> AsyncIterator[bytes]:
         """Generate under the lock; yield OpenAI completion chunks as SSE lines."""
         async with self.lock:
-            input_ids = self.tokenizer(str(body.get("prompt", "")), return_tensors="pt").input_ids
+            input_ids = self.tokenizer(str(body.get("prompt", "")), return_tensors="pt").input_ids.to(self.device)
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             outputs: list[torch.Tensor] = []
+            failures: list[str] = []
             gone = threading.Event()
 
             def run() -> None:
                 kwargs = self.generate_kwargs(body, input_ids, streamer)
-                with torch.inference_mode():
-                    outputs.append(self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(
-                        [StopWhenSet(gone)])))
+                try:
+                    with torch.inference_mode():
+                        outputs.append(self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(
+                            [StopWhenSet(gone)])))
+                except Exception as exc:  # noqa: BLE001 - reported to the client, not lost in a thread
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    streamer.end()  # a failed generate must not leave the stream waiting forever
 
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
@@ -90,6 +96,9 @@ class NaiveEngine:
             finally:
                 gone.set()
                 await asyncio.to_thread(thread.join)
+            if failures:
+                yield sse({"error": {"message": failures[0], "type": "server_error"}})
+                return
             generated = outputs[0].shape[1] - input_ids.shape[1] if outputs else 0
             yield self.chunk(rid, "", "length" if generated >= int(body.get("max_tokens") or 16) else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -132,11 +141,13 @@ def main() -> None:
     p.add_argument("--served-model-name", default="smollm2")
     p.add_argument("--port", type=int, default=8003)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when torch sees a GPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = NaiveEngine(args.model_dir, getattr(torch, args.dtype), args.served_model_name)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    engine = NaiveEngine(args.model_dir, getattr(torch, args.dtype), args.served_model_name, device)
     uvicorn.run(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning")
 
 

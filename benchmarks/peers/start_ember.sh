@@ -10,5 +10,5 @@ QUANTIZE_ARGS=()
 if [[ -n "${EMBER_BENCH_QUANTIZE-int4}" ]]; then
     QUANTIZE_ARGS=(--quantize "${EMBER_BENCH_QUANTIZE-int4}")
 fi
-MATMUL_DTYPE="${EMBER_BENCH_MATMUL_DTYPE:-bfloat16}" exec "$REPO_ROOT/.venv/bin/ember-launcher" --model-id "${EMBER_BENCH_MODEL_ID:-smollm2}" \
+MATMUL_DTYPE="${EMBER_BENCH_MATMUL_DTYPE:-bfloat16}" exec "$REPO_ROOT/.venv/bin/ember-launcher" --model-id "${EMBER_BENCH_MODEL_ID:-${EMBER_BENCH_MODEL_DIR:-smollm2}}" \
     --hostname 127.0.0.1 --port "$PORT" --shard-uds-path "/tmp/ember-bench-$PORT" "${QUANTIZE_ARGS[@]}" ${EMBER_EXTRA_ARGS:-}

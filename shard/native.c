@@ -964,9 +964,10 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
 #pragma omp for schedule(dynamic, 1)
                 for (int64_t task = 0; task < rows * split; task++) {
                     if (!ok) continue;
+                    /* no guess at the next task: a prompt's rows mostly share their sequence, already fetched */
                     decode_task(task, split, per_task, wide, qkv_width, kc, vc, tables, row_seq, table_width, lens,
                                 heads, kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores,
-                                sc.acc, sc.sums, task + threads < rows * split ? task + threads : -1, bf16);
+                                sc.acc, sc.sums, -1, bf16);
                 }
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < rows; r++)

@@ -310,6 +310,17 @@ static inline __attribute__((always_inline)) void attend64(
 }
 #endif
 
+/* The first key a query at context length `len` sees: all of them, or the last `window` (0: no window). */
+static inline int64_t window_start(int64_t len, int64_t window) {
+    return (window > 0 && len > window) ? len - window : 0;
+}
+
+/* A guess at the task this thread takes after `task` (of `tasks`) when `threads` share them in order
+ * (dynamic, one at a time, tasks of about equal cost): `task` + `threads`, or -1 past the end. */
+static inline int64_t likely_next(int64_t task, int64_t tasks, int threads) {
+    return task + threads < tasks ? task + threads : -1;
+}
+
 /* Task `task` of a decode step's attention: sequence task / split, KV heads of its share `per_task`. */
 static inline __attribute__((always_inline)) void decode_task(
     int64_t task, int64_t split, int64_t per_task, const float *q, int64_t q_stride, const void *k, const void *v,
@@ -320,14 +331,14 @@ static inline __attribute__((always_inline)) void decode_task(
     const int64_t groups = heads / kv_heads;
     const int64_t b = task / split, h0 = (task % split) * per_task, h1 = h0 + per_task;
     const int64_t len = lens[b];
-    const int64_t start = (window > 0 && len > window) ? len - window : 0;
+    const int64_t start = window_start(len, window);
     /* next_task (or -1): a guess at this thread's next task, whose rows (every head: split must be 1) are
      * fetched while this one computes */
     next_rows next = {0};
     if (next_task >= 0 && split == 1) {
         const int64_t nlen = lens[next_task];
         next = (next_rows){tables + (row_seq ? row_seq[next_task] : next_task) * table_width,
-                           (window > 0 && nlen > window) ? nlen - window : 0, nlen, block_size,
+                           window_start(nlen, window), nlen, block_size,
                            kv_heads * dim * (bf16 ? 2 : 4), (const char *)k, (const char *)v};
     }
     const float *qb = q + b * q_stride + h0 * groups * dim;
@@ -420,7 +431,7 @@ static int paged_decode(const float *q, int64_t q_stride, const void *k, const v
             if (!ok) continue;
             decode_task(task, split, per_task, q, q_stride, k, v, tables, NULL, table_width, lens, heads, kv_heads, dim,
                         block_size, window, scale, out, heads * dim, sc.slots, sc.scores, sc.acc, sc.sums,
-                        task + threads < batch * split ? task + threads : -1, bf16);
+                        likely_next(task, batch * split, threads), bf16);
         }
         scratch_free(&sc);
     }
@@ -949,7 +960,7 @@ int decode_layers(const int64_t *layer, int64_t num_layers, float *delta, float 
                     if (ok)
                         decode_task(r, 1, kv_heads, wide, qkv_width, kc, vc, tables, NULL, table_width, lens, heads,
                                     kv_heads, dim, block_size, window, scale, attn, q_width, sc.slots, sc.scores,
-                                    sc.acc, sc.sums, r + threads < rows ? r + threads : -1, bf16);
+                                    sc.acc, sc.sums, likely_next(r, rows, threads), bf16);
                     quantize_row(attn + r * q_width, q_width, xq + r * q_width, dx + r * qg, sx + r * qg);
                 }
             } else {

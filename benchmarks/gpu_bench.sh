@@ -13,7 +13,8 @@
 #               (benchmarks/random_model.py). Lengths are forced, so speed is the real model's.
 # run installs Ember into the image's own Python (editable, no dependencies from the network), links
 # it as .venv (the start scripts' interpreter), checks the CUDA path against transformers
-# (tests marked for CUDA), then runs benchmarks/run_all.py: Ember in bf16 (the quantized settings
+# (tests marked for CUDA), times decode steps with and without CUDA graphs (benchmarks/cuda_profile.py),
+# then runs benchmarks/run_all.py: Ember in bf16 (the quantized settings
 # have CPU kernels only) and the naive transformers server in bf16 on the GPU. vLLM's CUDA build is
 # not among them: its wheels are hundreds of MB and cannot be installed without a registry.
 set -euo pipefail
@@ -61,7 +62,11 @@ MODEL=/tmp/ember-gpu-model
 
 echo "== the CUDA path against transformers"
 timeout 300 .venv/bin/python -m pytest -q -ra -p no:cacheprovider -m "not slow" -k cuda \
-    tests/test_model_parity.py tests/test_sampling.py || echo "CUDA tests failed (exit $?)"
+    tests/test_model_parity.py tests/test_sampling.py tests/test_cuda_graphs.py || echo "CUDA tests failed (exit $?)"
+
+echo "== decode steps in process: CUDA graphs against eager, and torch.profiler's view"
+timeout 240 .venv/bin/python benchmarks/cuda_profile.py --model-dir "$MODEL" --batches 1 32 --steps 24 --out "$OUT" \
+    || echo "cuda_profile failed (exit $?)"
 
 echo "== comparison"
 export EMBER_BENCH_MODEL_DIR="$MODEL" NAIVE_DTYPE=bfloat16

@@ -55,6 +55,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def batch_sizes(text: str) -> str:
+    """`--cuda-graphs`: `0`, or comma-separated positive batch sizes (checked here, parsed by the shard)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if parts == ["0"]:
+        return "0"
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected 0 or comma-separated positive batch sizes, got {text!r}")
+    return ",".join(parts)
+
+
 @dataclass(frozen=True)
 class Flag:
     """One launcher flag. `kind` is value, bool (a switch) or list (repeatable)."""
@@ -105,6 +115,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--kv-cache-bytes", "Memory budget of the KV cache of each shard on CPU, in bytes (units like 2GiB "
          "accepted). Default: the shard's choice.", type=parse_bytes),
     Flag("--cuda-memory-fraction", "Fraction of each GPU's memory a shard may use (KV cache sizing).", type=float),
+    Flag("--cuda-graphs", "Batch sizes whose decode steps replay CUDA graphs, comma-separated (as TGI); `0` "
+         "turns them off. A step's batch is padded up to the next size; larger batches run eagerly. Each "
+         "graph is captured the first time its batch size and context width are needed, not at start-up. "
+         "Default: 1,2,4,8,16,32,64,128,256 (one shard only; sharded models run eagerly).", type=batch_sizes),
     Flag("--cache-dir", "Where fetched and converted models are cached.", env="EMBER_CACHE"),
     # -- processes
     Flag("--shard-uds-path", "Prefix of the shards' unix sockets; rank r listens on `{prefix}-{r}`.",

@@ -165,6 +165,8 @@ def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
     if args.cuda_memory_fraction is not None:
         argv += ["--cuda-memory-fraction", str(args.cuda_memory_fraction)]
         env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
+    if args.cuda_graphs is not None:
+        argv += ["--cuda-graphs", args.cuda_graphs]
     if args.json_output:
         argv.append("--json-output")
     return ChildSpec("shard", rank, argv, env, sockets=[socket])

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-bytes", type=int, default=int(env("KV_CACHE_BYTES", "0")) or None,
                    help="CPU: bytes for the KV cache (default: a share of free memory)")
     s.add_argument("--cuda-memory-fraction", type=float, default=float(env("CUDA_MEMORY_FRACTION", "0.9")))
+    s.add_argument("--cuda-graphs", default=env("CUDA_GRAPHS"),
+                   help="batch sizes whose decode steps replay CUDA graphs, comma-separated; 0 turns them off "
+                        "(default 1,2,4,...,256 on CUDA; captured the first time each is needed)")
     s.add_argument("--json-output", action="store_true", default=env("JSON_OUTPUT", "") in ("1", "true"))
     s.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     return p
@@ -110,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     device = _device(args.rank)
     dtype = _dtype(args.dtype, device)
     executor = model_executor()
+    from ember.shard.cuda_graphs import parse_batch_sizes
+
+    cuda_graphs = parse_batch_sizes(args.cuda_graphs) if device.type == "cuda" else ()
 
     def load():
         """On the model thread: every torch op of this process runs there (see `model_executor`)."""
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         return load_runner(model_dir, dtype, device, rank=args.rank, world_size=args.world_size, group=group,
                            kv_cache_bytes=args.kv_cache_bytes, cuda_memory_fraction=args.cuda_memory_fraction,
                            matmul_dtype=args.matmul_dtype, quantize=args.quantize,
-                           kv_cache_dtype=args.kv_cache_dtype)
+                           kv_cache_dtype=args.kv_cache_dtype, cuda_graphs=cuda_graphs)
 
     runner = executor.submit(load).result()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -52,6 +52,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        spare_block: bool = False,
     ) -> None:
         if num_blocks < 1:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
@@ -62,7 +63,10 @@ class PagedKVCache:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        # One block beyond the allocator's, owned by no sequence: padding rows of fixed-shape steps
+        # (CUDA graphs) write their keys and values there.
+        self.scratch_block: int | None = num_blocks if spare_block else None
+        shape = (num_blocks + int(spare_block), block_size, kv_heads, head_dim)
         # Zeros, not empty: padded gathers read unused slots, and NaN garbage times a zero weight is NaN.
         self.k = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
@@ -83,6 +87,6 @@ class PagedKVCache:
         return max(0, -(-num_tokens // self.block_size) - num_blocks_held)
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `layer` viewed as `[num_blocks * block_size, kv_heads, head_dim]` slots."""
-        n = self.num_blocks * self.block_size
-        return self.k[layer].view(n, self.kv_heads, self.head_dim), self.v[layer].view(n, self.kv_heads, self.head_dim)
+        """K and V of `layer` viewed as `[blocks * block_size, kv_heads, head_dim]` slots (spare block included)."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, self.kv_heads, self.head_dim), v.view(-1, self.kv_heads, self.head_dim)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.shard.attention import AttentionMetadata
+from ember.shard.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ember.shard.dist import TRIVIAL_GROUP, Group, all_reduce, init_distributed
 from ember.shard.kv_cache import DEFAULT_BLOCK_SIZE, OutOfBlocks, PagedKVCache
 from ember.shard.models.llama import SUPPORTED_MODEL_TYPES, LlamaForCausalLM
@@ -179,6 +180,7 @@ class PagedRunner(ModelRunner):
         cuda_memory_fraction: float = 1.0,
         block_size: int = DEFAULT_BLOCK_SIZE,
         kv_dtype: torch.dtype | None = None,
+        decode_graphs: tuple[int, ...] = (),
     ) -> None:
         self.model = model
         self.device = device
@@ -205,6 +207,10 @@ class PagedRunner(ModelRunner):
             world_size=group.world_size,
             prefill_with_cached_batch=True,
         )
+        # Decode steps by CUDA graph (eagerly through the same fixed shapes off CUDA: how tests check them).
+        self.graphs: DecodeGraphs | None = None
+        if decode_graphs and group.world_size == 1:
+            self.graphs = DecodeGraphs(model, decode_graphs, capture=device.type == "cuda")
         initial = min(kv_cache_bytes, INITIAL_KV_BYTES) if kv_cache_bytes else INITIAL_KV_BYTES
         self.cache = self._new_cache(initial // self._bytes_per_block())
 
@@ -225,7 +231,7 @@ class PagedRunner(ModelRunner):
         spec = self.model.spec
         return PagedKVCache(
             spec.num_layers, num_blocks, self.model.kv_heads_per_rank, spec.head_dim,
-            self.kv_dtype, self.device, self.block_size,
+            self.kv_dtype, self.device, self.block_size, spare_block=self.graphs is not None,
         )
 
     # --- stepping -----------------------------------------------------------------------------
@@ -250,6 +256,12 @@ class PagedRunner(ModelRunner):
         if min(num_new) < 1:
             raise ValueError("every sequence in a step needs at least one uncached token")
         self._allocate(seqs)
+        if self.graphs is not None and not want_prompt_logits and max(num_new) == 1:
+            logits = self.graphs.run(seqs, self.cache)
+            if logits is not None:
+                for s in seqs:
+                    s.num_cached = len(s.token_ids)
+                return StepOutput(logits=logits)
         ids: list[int] = []
         for s in seqs:
             ids.extend(s.token_ids[s.num_cached:])
@@ -353,6 +365,7 @@ def load_runner(
     matmul_dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
+    cuda_graphs: tuple[int, ...] | None = None,
 ) -> ModelRunner:
     """Load a model directory: Ember's paged code for llama/mistral/qwen2, transformers' otherwise.
 
@@ -363,6 +376,9 @@ def load_runner(
     quarter of bf16's bytes, multiplied in bfloat16.
     `kv_cache_dtype` (paged code only; None or "auto": see `default_kv_dtype`)
     stores the cached keys and values in another dtype than the activations.
+    `cuda_graphs` (paged code, world size 1): the batch sizes whose decode steps replay CUDA graphs
+    (`cuda_graphs.py`); None: `DEFAULT_BATCH_SIZES` on CUDA, none elsewhere; given off CUDA, the
+    same fixed-shape steps run eagerly.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -419,8 +435,12 @@ def load_runner(
     log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, KV cache in %s, %s)",
              model_type, rank, world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note,
              dtype_name(kv_dtype), device)
+    if cuda_graphs is None:
+        cuda_graphs = DEFAULT_BATCH_SIZES if device.type == "cuda" else ()
+    if cuda_graphs and group.world_size > 1:
+        log.info("CUDA graphs are not used with tensor parallelism (world size %d)", group.world_size)
     return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction,
-                       kv_dtype=kv_dtype)
+                       kv_dtype=kv_dtype, decode_graphs=cuda_graphs)
 
 
 def default_kv_dtype(dtype: torch.dtype, matmul: torch.dtype, device: torch.device) -> torch.dtype:

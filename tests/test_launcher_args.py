@@ -139,6 +139,21 @@ def test_router_drains_for_the_launchers_grace_period(tmp_path):
     assert spec.argv[spec.argv.index("--graceful-shutdown-timeout") + 1] == "119.0"
 
 
+def test_cuda_graphs_flag_reaches_the_shard_checked(tmp_path, capsys):
+    from ember.launcher.main import shard_spec
+    from ember.launcher.store import ResolvedModel
+
+    model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
+    assert "--cuda-graphs" not in shard_spec(parse_args([], CPU_ENV), model, 0).argv  # the shard's default
+    for given, passed in (("1, 2,32", "1,2,32"), ("0", "0")):
+        argv = shard_spec(parse_args(["--cuda-graphs", given], CPU_ENV), model, 0).argv
+        assert argv[argv.index("--cuda-graphs") + 1] == passed
+    assert parse_args([], dict(CPU_ENV, CUDA_GRAPHS="4,8")).cuda_graphs == "4,8"
+    with pytest.raises(SystemExit):
+        parse_args(["--cuda-graphs", "1,x"], CPU_ENV)
+    assert "--cuda-graphs" in capsys.readouterr().err
+
+
 def test_launcher_modules_import_no_torch():
     """The supervisor stays light: torch belongs to the shards."""
     code = ("import sys, ember.launcher.main, ember.launcher.supervisor, ember.launcher.store; "

@@ -99,7 +99,10 @@ def choose_api(peer: lifecycle.Peer, url: str) -> str:
 
 def bench_server(peer: lifecycle.Peer, args: argparse.Namespace, prompts: dict, log_dir: Path) -> dict:
     """Install, start, warm up and measure one server; errors end up in the returned entry."""
-    entry: dict[str, Any] = {"name": peer.name, "note": peer.note, "status": "ok", "error": None, "levels": []}
+    note = peer.note
+    if peer.name == "naive":  # its dtype and device are the start script's environment (start_naive.sh)
+        note += f"; {os.environ.get('NAIVE_DTYPE', 'float32')}, device {os.environ.get('NAIVE_DEVICE', 'auto')}"
+    entry: dict[str, Any] = {"name": peer.name, "note": note, "status": "ok", "error": None, "levels": []}
     started = time.monotonic()
     try:
         if not args.no_install:

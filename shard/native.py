@@ -57,12 +57,14 @@ class Kernels:
         self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
                                                  ctypes.c_int])
         self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
+        self._bf16_linear = _typed(lib.bf16_linear, [_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int])
+        self.bf16 = bool(lib.bf16_supported())  # built with AVX-512 BF16
         self._kv_store = _typed(lib.kv_store, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
         self._argmax_lse = _typed(lib.argmax_lse, [_PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
         self._topk_rows = _typed(lib.topk_rows, [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_int])
         self._decode_layers = _typed(lib.decode_layers, [
             _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64, _PTR, _PTR,
-            _PTR, _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int])
+            _PTR, _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int])
 
     def argmax_lse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x [rows, vocab] (float32, contiguous): the first index of its maximum (int64) and
@@ -85,8 +87,9 @@ class Kernels:
     def decode_layers(self, table: torch.Tensor, delta: torch.Tensor, residual: torch.Tensor, heads: int,
                       kv_heads: int, head_dim: int, inter: int, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                       slots: torch.Tensor, tables: torch.Tensor, row_seq: torch.Tensor | None, lens: torch.Tensor,
-                      block_size: int, bf16_cache: bool) -> None:
-        """Every decoder layer of a w4a8 step in one call (`decode_layers` in native.c).
+                      block_size: int, bf16_cache: bool, bf16_weights: bool = False) -> None:
+        """Every decoder layer of a w4a8 step (or of bf16 weights, `bf16_weights`) in one call
+        (`decode_layers` in native.c).
 
         `table` [layers, DECODE_LAYER_FIELDS] int64 holds each layer's weight and cache addresses;
         `delta` [rows, hidden] float32 enters with the embeddings and leaves with the last layer's
@@ -98,9 +101,19 @@ class Kernels:
             table.data_ptr(), table.shape[0], delta.data_ptr(), residual.data_ptr(), rows, hidden, heads, kv_heads,
             head_dim, inter, eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], slots.data_ptr(),
             tables.data_ptr(), row_seq.data_ptr() if row_seq is not None else None, tables.shape[1], lens.data_ptr(), block_size, head_dim ** -0.5, int(bf16_cache),
-            torch.get_num_threads())
+            int(bf16_weights), torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"decode_layers failed ({rc})")
+
+    def bf16_linear(self, x: torch.Tensor, weight: "BF16Weight") -> torch.Tensor:
+        """[rows, n] float32: x [rows, k] (float32, contiguous) rounded to bf16, times the packed weight."""
+        rows, k = x.shape
+        n = weight.shape[0]
+        out = torch.empty(rows, n, dtype=torch.float32)
+        if self._bf16_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), n, out.data_ptr(),
+                             torch.get_num_threads()) != 0:
+            raise RuntimeError(f"bf16_linear failed for x {tuple(x.shape)} and weight {weight.shape}")
+        return out
 
     def kv_store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor) -> bool:
@@ -247,6 +260,50 @@ class Q4Weight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.d, self.m))
+
+
+@dataclass
+class BF16Weight:
+    """A [n, k] linear weight in bfloat16, packed for `bf16_linear` / `decode_layers` (native.c): tiles of
+    16 output features by pairs of inputs, [n / 16, k / 2, 16, 2]. Multiplies float32 activations
+    rounded to bf16, as oneDNN's bf16 linear does, into float32 outputs."""
+
+    packed: torch.Tensor  # bfloat16 [n / 16, k / 2, 16, 2]
+    shape: tuple[int, int]
+    dtype = torch.bfloat16
+
+    @staticmethod
+    def fits(shape: tuple[int, int]) -> bool:
+        return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 32 == 0
+
+    @classmethod
+    def usable(cls, weight: torch.Tensor) -> bool:
+        """On this CPU's kernels, for a float32 model's weight of a shape the kernel takes."""
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cls.fits(tuple(weight.shape)):
+            return False
+        k = kernels()
+        return k is not None and k.bf16
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor) -> "BF16Weight":
+        n, k = weight.shape
+        packed = weight.detach().to(torch.bfloat16).view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+        return cls(packed, (n, k))
+
+    def dense(self) -> torch.Tensor:
+        """[n, k] bfloat16, the packing undone."""
+        return self.packed.permute(0, 2, 1, 3).reshape(self.shape)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., k] → [..., n] float32."""
+        flat = x.reshape(-1, self.shape[1])
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        return kernels().bf16_linear(flat, self).view(*x.shape[:-1], self.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * 2
 
 
 def _typed(fn, argtypes: list) -> "ctypes._CFuncPtr":

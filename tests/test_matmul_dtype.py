@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from ember.shard import native
 from ember.shard.layers import OneDNNWeight
 from ember.shard.models.llama import RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
@@ -35,7 +37,10 @@ def test_logits_stay_close_to_float32_and_best_candidates_are_exact(tiny_llama_d
         assert got.dtype == torch.float32
         # bf16 keeps ~3 significant digits: errors stay a small fraction of the logits' spread.
         assert (got - ref).abs().max() < 0.1 * ref.std()
-    # The rescored candidates carry float32 head logits of the (bf16-computed) hidden state.
+    # The rescored candidates carry float32 head logits of the (bf16-computed) hidden state. The
+    # hidden state is recomputed below by the modules without a cache; the fused step would read the
+    # prompt's keys back from the bf16 cache instead (the fused step is tested in test_native.py).
+    mixed.model.fused = None
     seq = Sequence(0, list(PROMPTS[0]))
     hidden_logits = mixed.step([seq]).logits[0]
     mixed.free(seq)
@@ -57,10 +62,14 @@ def test_float32_default_is_untouched(tiny_llama_dir):
 
 
 def test_cpu_linear_weights_are_reordered_once_for_onednn(tiny_llama_dir):
-    """On CPU the linear weights live in oneDNN's layout (float32 and bf16), with the same products."""
+    """On CPU the linear weights live in oneDNN's layout (float32, and bf16 where Ember's bf16 kernel
+    cannot run), with the same products."""
     for dtype, matmul, tol in (("float32", None, 1e-5), ("float32", "bfloat16", 2e-2)):
         runner = load_runner(tiny_llama_dir, dtype=dtype, matmul_dtype=matmul)
         weight = runner.model.layers[0].mlp.gate_up.weight
+        if isinstance(weight, native.BF16Weight):
+            assert matmul == "bfloat16" and native.kernels().bf16
+            continue
         if not OneDNNWeight.usable(torch.device("cpu"), weight.dtype):
             assert isinstance(weight, torch.Tensor)
             continue
@@ -70,3 +79,34 @@ def test_cpu_linear_weights_are_reordered_once_for_onednn(tiny_llama_dir):
         out = weight.linear(x)
         assert out.shape == (5, 3, 256) and out.dtype == weight.dtype
         torch.testing.assert_close(out.float(), plain.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 32, 40])
+@pytest.mark.parametrize("shape", [(48, 64), (64, 96), (256, 64)])
+def test_bf16_kernel_matches_bf16_inputs_with_float32_sums(rows, shape):
+    """Ember's bf16 kernel: activations rounded to bf16 as torch rounds them, float32 sums, per row
+    (odd tile counts, row counts across its 12-row passes)."""
+    if native.kernels() is None or not native.kernels().bf16:
+        pytest.skip("needs Ember's AVX-512 BF16 kernels")
+    n, k = shape
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    weight = torch.randn(n, k, generator=g)
+    packed = native.BF16Weight.pack(weight)
+    assert torch.equal(packed.dense(), weight.to(torch.bfloat16))
+    x = torch.randn(rows, k, generator=g)
+    want = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
+    got = packed.linear(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    alone = packed.linear(x[-1:].clone())  # a row's numbers do not depend on the batch
+    assert torch.equal(alone[0], got[-1])
+
+
+def test_bf16_matmuls_take_the_fused_step_where_the_kernel_runs(tiny_llama_dir):
+    runner = load_runner(tiny_llama_dir, dtype="float32", matmul_dtype="bfloat16")
+    kernels = native.kernels()
+    if kernels is None or not kernels.bf16:
+        assert runner.model.fused is None
+        return
+    assert runner.model.fused is not None and runner.model.fused.bf16_weights
+    assert isinstance(runner.model.fast_head, native.BF16Weight)

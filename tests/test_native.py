@@ -319,12 +319,27 @@ def _fused_run(runner, prefill_fused: bool, decode_fused: bool, newcomer: list[i
     return steps
 
 
+# The settings whose decoder layers run in one C call: w4a8 (VNNI) and bf16 weights (AVX-512 BF16).
+FUSED_SETTINGS = {"w4a8": {"quantize": "w4a8"}, "bf16": {"matmul_dtype": "bfloat16"}}
+
+
+@pytest.fixture(params=list(FUSED_SETTINGS))
+def fused_setting(request, kernels):
+    """(load_runner keywords, kernels) of a fused setting this CPU runs."""
+    if request.param == "w4a8" and not kernels.q4:
+        pytest.skip("this CPU has no AVX-512 VNNI: --quantize w4a8 is refused here")
+    if request.param == "bf16" and not kernels.bf16:
+        pytest.skip("this CPU has no AVX-512 BF16: bf16 weights take oneDNN, op by op")
+    return FUSED_SETTINGS[request.param], kernels
+
+
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
-def test_fused_decode_layers_match_the_per_op_kernels(q4, tiny_model_factory, kv_dtype, monkeypatch):
-    """w4a8 decode steps run every layer in one C call: the same numbers as the modules calling the
+def test_fused_decode_layers_match_the_per_op_kernels(fused_setting, tiny_model_factory, kv_dtype, monkeypatch):
+    """Decode steps run every layer in one C call: the same numbers as the modules calling the
     kernels op by op (Llama; Mistral's sliding window, crossed here), bit for bit."""
+    setting, q4 = fused_setting
     for variant in ("llama", "mistral"):
-        runner = load_runner(tiny_model_factory(variant), dtype="float32", quantize="w4a8", kv_cache_dtype=kv_dtype)
+        runner = load_runner(tiny_model_factory(variant), dtype="float32", kv_cache_dtype=kv_dtype, **setting)
         assert runner.model.fused is not None
         calls = []
         original = q4.decode_layers
@@ -339,11 +354,12 @@ def test_fused_decode_layers_match_the_per_op_kernels(q4, tiny_model_factory, kv
 
 
 @pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
-def test_fused_prefill_and_mixed_steps_stay_close_to_sdpa(q4, tiny_model_factory, kv_dtype, monkeypatch):
+def test_fused_prefill_and_mixed_steps_stay_close_to_sdpa(fused_setting, tiny_model_factory, kv_dtype, monkeypatch):
     """Short prompts (alone and joining a running batch) go through the fused call too, attending row by
     row over the cache instead of SDPA: the same numbers up to float32 summation order (and, with a bf16
     cache, the prompt's own keys read back rounded, as decode steps read them)."""
-    runner = load_runner(tiny_model_factory("mistral"), dtype="float32", quantize="w4a8", kv_cache_dtype=kv_dtype)
+    setting, q4 = fused_setting
+    runner = load_runner(tiny_model_factory("mistral"), dtype="float32", kv_cache_dtype=kv_dtype, **setting)
     calls = []
     original = q4.decode_layers
     monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))

@@ -54,7 +54,7 @@ PEERS: dict[str, Peer] = {
                       version_probe=("llama-cpp", "llama_cpp"),
                       note="llama-cpp-python[server] on the Q4_1 GGUF; one request at a time"),
     "naive": Peer("naive", "start_naive.sh", "/health", "openai", version_probe=(None, "transformers"),
-                  note="transformers generate + TextIteratorStreamer, float32, one request at a time"),
+                  note="transformers generate + TextIteratorStreamer, one request at a time"),
 }
 
 

@@ -239,6 +239,7 @@ class LlamaForCausalLM(torch.nn.Module):
             cast_weight(layer.mlp.down, dtype, with_bias=False)
         if self.lm_head.group.is_trivial and dtype != self.lm_head.weight.dtype:
             self.fast_head = _fast_copy(self.lm_head.weight.data, dtype)
+        self.fused = FusedDecode.build(self)  # bf16 weights on Ember's kernel: the layers in one C call
 
     def quantize(self, kind: str) -> list[str]:
         """Pack the decoder layers' linear weights as `kind` (int8 / int4, see `PackedWeight`).
@@ -300,7 +301,8 @@ class LlamaForCausalLM(torch.nn.Module):
 
 
 class FusedDecode:
-    """Steps of a w4a8 model with every decoder layer in one C call (`decode_layers`, native.c).
+    """Steps with every decoder layer in one C call (`decode_layers`, native.c): w4a8 models, and float32
+    models whose linear weights are bf16 on Ember's kernel (`--matmul-dtype bfloat16`, `native.BF16Weight`).
 
     Same arithmetic as the per-layer modules over Ember's kernels, without the Python, the
     allocations and the thread forks between ops: at SmolLM2's size these cost as much as the
@@ -311,14 +313,15 @@ class FusedDecode:
     decode steps read every key. Longer chunks take the modules and SDPA.
 
     Built only where every piece fits (world size 1, all four projections of every layer on the
-    VNNI kernel without biases, silu MLP, float32 activations); `run` returns None for a step it
+    VNNI kernel or all on the bf16 one, without biases, silu MLP, float32 activations); `run` returns None for a step it
     cannot take (a KV cache dtype other than float32 / bf16, a long chunk), which then takes the
     modules.
     """
 
-    def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels) -> None:
+    def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels, bf16_weights: bool) -> None:
         spec = model.spec
         self.kernels = kernels
+        self.bf16_weights = bf16_weights
         self.heads, self.kv_heads = model.layers[0].attn.heads, model.layers[0].attn.kv_heads
         self.head_dim, self.inter = spec.head_dim, spec.intermediate_size
         self.eps = float(model.layers[0].input_norm.eps)
@@ -326,8 +329,11 @@ class FusedDecode:
         for layer in model.layers:
             fields = [layer.input_norm.weight.data_ptr(), layer.post_norm.weight.data_ptr()]
             for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                q4 = linear.weight.q4
-                fields += [q4.packed.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr()]
+                if bf16_weights:
+                    fields += [linear.weight.packed.data_ptr(), 0, 0]
+                else:
+                    q4 = linear.weight.q4
+                    fields += [q4.packed.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr()]
             rows.append(fields + [0, 0, layer.attn.window or 0])  # the cache's two addresses: see `_table`
         self.table = torch.tensor(rows, dtype=torch.long)
         self.layers = model.layers  # keeps the weights whose addresses the table holds alive
@@ -336,7 +342,19 @@ class FusedDecode:
     @classmethod
     def build(cls, model: "LlamaForCausalLM") -> "FusedDecode | None":
         kernels = native.kernels()
-        if kernels is None or not kernels.q4 or not model.lm_head.group.is_trivial:
+        if kernels is None or not model.lm_head.group.is_trivial:
+            return None
+        linears = [w for layer in model.layers
+                   for w in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
+        if any(linear.bias is not None for linear in linears):
+            return None
+        if all(isinstance(linear.weight, native.BF16Weight) for linear in linears):
+            bf16_weights = kernels.bf16
+        elif all(isinstance(linear.weight, PackedWeight) and linear.weight.q4 is not None for linear in linears):
+            bf16_weights = False
+            if not kernels.q4:
+                return None
+        else:
             return None
         if model.embed.weight.dtype != torch.float32 or model.spec.hidden_act not in ("silu", "swish"):
             return None
@@ -346,10 +364,7 @@ class FusedDecode:
             for norm in (layer.input_norm, layer.post_norm):
                 if not native.Kernels.fits(norm.weight):
                     return None
-            for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                if not isinstance(linear.weight, PackedWeight) or linear.weight.q4 is None or linear.bias is not None:
-                    return None
-        return cls(model, kernels)
+        return cls(model, kernels, bf16_weights)
 
     def _table(self, cache: PagedKVCache) -> torch.Tensor:
         key = (id(cache), cache.k[0].data_ptr())
@@ -375,11 +390,14 @@ class FusedDecode:
         residual = torch.empty_like(delta)
         self.kernels.decode_layers(
             self._table(cache), delta, residual, self.heads, self.kv_heads, self.head_dim, self.inter, self.eps,
-            cos, sin, meta.slots, tables, row_seq, lens, cache.block_size, cache.dtype == torch.bfloat16)
+            cos, sin, meta.slots, tables, row_seq, lens, cache.block_size, cache.dtype == torch.bfloat16,
+            self.bf16_weights)
         return delta, residual
 
 
-def _fast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | OneDNNWeight:
-    """A copy of the head in `dtype`, in oneDNN's layout where it can be."""
+def _fast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | OneDNNWeight | native.BF16Weight:
+    """A copy of the head in `dtype`: on Ember's bf16 kernel or in oneDNN's layout where it can be."""
+    if dtype == torch.bfloat16 and native.BF16Weight.usable(weight):
+        return native.BF16Weight.pack(weight)
     copy = weight.to(dtype)
     return OneDNNWeight(copy) if OneDNNWeight.usable(copy.device, dtype) else copy

@@ -19,8 +19,10 @@ Writes benchmarks/results/router_overhead.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import grpc_load  # noqa: E402
 import load  # noqa: E402
 import report  # noqa: E402
-from servers import router_process, shard_process  # noqa: E402
+from servers import http_ok, shard_healthy, start_router, start_shard, stop_process, wait_for  # noqa: E402
 
 # The shard's speed settings, read from the environment: recorded with the command.
 SHARD_ENV = ("QUANTIZE", "MATMUL_DTYPE", "DTYPE", "OMP_NUM_THREADS")
@@ -69,9 +71,21 @@ def decode_step(before: dict[str, float], after: dict[str, float]) -> dict:
             "forward_mean_ms": delta("tgi_batch_forward_duration_sum") / n * 1e3 if n else float("nan")}
 
 
-def run_pair(url: str, uds: str, level: load.Level, encode, model: str, http_first: bool) -> dict:
-    """One HTTP level and one gRPC level on the same prompts, with the load average around each."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of process `pid`, or of this one (the load client)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_pair(url: str, uds: str, level: load.Level, encode, model: str, http_first: bool,
+             pids: dict[str, int] | None = None) -> dict:
+    """One HTTP level and one gRPC level on the same prompts, with the load average around each and the
+    CPU time each process spent in it (`pids`: the router's and the shard's; the client is this one)."""
     runs: dict = {}
+    pids = pids or {}
 
     def http() -> dict:
         before = decode_totals(url)
@@ -85,7 +99,10 @@ def run_pair(url: str, uds: str, level: load.Level, encode, model: str, http_fir
     order: list[tuple[str, Callable[[], dict]]] = [("http", http), ("grpc", grpc)]
     for name, fn in (order if http_first else order[::-1]):
         load_before = os.getloadavg()[0]
+        cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()} | {"client": cpu_seconds()}
         summary = fn()
+        cpu_after = {who: cpu_seconds(pid) for who, pid in pids.items()} | {"client": cpu_seconds()}
+        summary["cpu_s"] = {who: cpu_after[who] - cpu_before[who] for who in cpu_before}
         summary["loadavg_1m"] = [load_before, os.getloadavg()[0]]
         runs[name] = summary
         print(f"{name:>4} {load.format_summary(summary)} step={summary['decode_step']['call_mean_ms']:.1f}ms "
@@ -121,6 +138,20 @@ def overhead(level_runs: list[dict]) -> dict:
                                     "itl_p99": h["itl_p99_ms"] - g["itl_p99_ms"],
                                     "beyond_decode": h["tpot_beyond_decode_ms"] - g["tpot_beyond_decode_ms"]}
     out["overhead_ttft_p50_ms"] = h["ttft_p50_ms"] - g["ttft_p50_ms"]
+    # CPU time per shard call (Decode and Prefill) while each side ran: on a machine whose cores the
+    # shard's threads all use, the router's time is taken from the shard's steps, and so is the load
+    # client's, which differs between the sides (HTTP parsing per token against one gRPC reply per step).
+    cpu: dict = {}
+    for side in ("http", "grpc"):
+        runs = [r[side] for r in level_runs if "cpu_s" in r[side]]
+        if not runs:
+            continue
+        calls = lambda r: r["decode_step"]["calls"] + r["decode_step"]["prefill_calls"]  # noqa: E731
+        cpu[side] = {who: statistics.median(1e3 * r["cpu_s"][who] / max(calls(r), 1) for r in runs)
+                     for who in runs[0]["cpu_s"]}
+    if cpu:
+        cpu["router_share_of_step"] = cpu["http"].get("router", float("nan")) / g["decode_call_ms"]
+        out["cpu_ms_per_call"] = cpu
     # Each repeat's two runs follow each other within seconds: their difference cancels the
     # machine's slower drift, which moves the medians of either side by more than the overhead.
     paired = [r["http"]["itl_ms"]["p50"] - r["grpc"]["itl_ms"]["p50"] for r in level_runs]
@@ -154,6 +185,21 @@ def markdown(result: dict) -> str:
             f"| {o['beyond_decode']:+.1f} | {h['prefill_calls']:.0f} / {g['prefill_calls']:.0f} "
             f"| {h['ttft_p50_ms']:.0f} | {g['ttft_p50_ms']:.0f} "
             f"| {h['output_tokens_per_s']:.1f} | {g['output_tokens_per_s']:.1f} |")
+    cpu_rows = [(c, lv["summary"]["cpu_ms_per_call"]) for c, lv in result["levels"].items()
+                if "cpu_ms_per_call" in lv["summary"]]
+    if cpu_rows:
+        lines += ["", "CPU time per shard call (Decode or Prefill) while each side ran, ms (medians over repeats):", "",
+                  "| concurrency | router (HTTP side) | router ÷ gRPC Decode call | shard HTTP / gRPC "
+                  "| load client HTTP / gRPC |", "|---:|---:|---:|---:|---:|"]
+        for c, cpu in cpu_rows:
+            h, g = cpu["http"], cpu["grpc"]
+            lines.append(f"| {c} | {h['router']:.2f} | {100 * cpu['router_share_of_step']:.1f} % "
+                         f"| {h['shard']:.1f} / {g['shard']:.1f} | {h['client']:.2f} / {g['client']:.2f} |")
+        lines += ["", "The shard's threads use every core here, so any CPU time of the router or of the load "
+                  "client is taken from the shard's steps: the router's time per call is the part of the "
+                  "overhead that belongs to the router; the load client's differs between the sides (an SSE "
+                  "event to parse per token against one gRPC reply per step) and lands in the HTTP side's "
+                  "latencies too."]
     lines += ["", "Overhead = HTTP − gRPC at the same level. The paired column takes each repeat's HTTP "
               "and gRPC runs (back to back, order swapped every repeat) and gives the median of their "
               "differences in ITL p50, and its share of the gRPC ITL p50 (a decode step): the machine's "
@@ -197,10 +243,15 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}, "levels": {},
     }
     first = 0
-    with tempfile.TemporaryDirectory() as tmp, \
-            shard_process(model_dir, f"{tmp}/ember", timeout=300, env={"LOG_LEVEL": "WARNING"}) as uds, \
-            router_process(uds, model_dir, model_id=args.model_id, timeout=300,
-                           capture=Path(tmp) / "router.log") as url:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as procs:
+        shard, uds = start_shard(model_dir, f"{tmp}/ember", env={"LOG_LEVEL": "WARNING"})
+        procs.callback(stop_process, shard)
+        wait_for(lambda: shard_healthy(uds), 300, "shard", shard)
+        router_log = procs.enter_context(open(Path(tmp) / "router.log", "wb"))
+        router, url = start_router(uds, model_dir, model_id=args.model_id, stderr=router_log)
+        procs.callback(stop_process, router)
+        wait_for(lambda: http_ok(f"{url}/health"), 300, "router", router)
+        pids = {"router": router.pid, "shard": shard.pid}
         warm = load.Level(2, 2, args.time_limit, 8, source, 10_000)
         run_pair(url, uds, warm, encode, args.model_id, True)  # first-request costs, not measured
         for c in args.concurrency:
@@ -209,7 +260,8 @@ def main() -> None:
             for repeat in range(args.repeats):
                 level = load.Level(c, n, args.time_limit, args.max_new_tokens, source, first)
                 first += n
-                level_runs.append(run_pair(url, uds, level, encode, args.model_id, http_first=repeat % 2 == 0))
+                level_runs.append(run_pair(url, uds, level, encode, args.model_id, http_first=repeat % 2 == 0,
+                                           pids=pids))
             result["levels"][str(c)] = {"runs": level_runs, "summary": overhead(level_runs)}
             print(json.dumps({c: result["levels"][str(c)]["summary"]["overhead_per_token_ms"]}), flush=True)
     report.write_result(result, Path(args.out), markdown)

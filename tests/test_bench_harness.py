@@ -319,6 +319,31 @@ def test_router_overhead_pairs_each_repeats_runs():
     assert "| +1.00 [+0.5 – +1.0] | 3.9 % |" in text
 
 
+def test_router_overhead_counts_each_process_cpu_per_shard_call():
+    import os
+
+    import router_overhead
+
+    # /proc's reading of a process (router, shard) agrees with getrusage's of this one (the client).
+    assert abs(router_overhead.cpu_seconds(os.getpid()) - router_overhead.cpu_seconds()) < 0.1
+
+    def side(router_s: float, calls: int, prefills: int) -> dict:
+        return {"itl_ms": {"p50": 30.0, "p99": 60.0}, "tpot_ms": {"mean": 30.0}, "ttft_ms": {"p50": 1.0, "p99": 2.0},
+                "output_tokens_per_s": 1.0, "errors": 0,
+                "decode_step": {"call_mean_ms": 30.0, "calls": calls, "prefill_calls": prefills},
+                "cpu_s": {"router": router_s, "shard": 6.0, "client": 0.2}}
+
+    # 90 Decode + 10 Prefill calls: 0.2 s of router CPU is 2 ms per call, a 15th of a 30 ms step.
+    runs = [{"http": side(0.2, 90, 10), "grpc": side(0.0, 98, 2)} for _ in range(3)]
+    cpu = router_overhead.overhead(runs)["cpu_ms_per_call"]
+    assert cpu["http"]["router"] == pytest.approx(2.0) and cpu["grpc"]["shard"] == pytest.approx(60.0)
+    assert cpu["router_share_of_step"] == pytest.approx(2.0 / 30.0)
+    text = router_overhead.markdown({"model_id": "m", "max_new_tokens": 8, "scenario": "short", "prompt_tokens": 64,
+                                     "repeats": 3, "machine": {"cpus": 2, "loadavg_start": 0.0, "loadavg_end": 0.0},
+                                     "levels": {"32": {"summary": router_overhead.overhead(runs)}}, "command": "x"})
+    assert "| 32 | 2.00 | 6.7 % | 60.0 / 60.0 | 2.00 / 2.00 |" in text
+
+
 def test_step_profile_splits_a_step_into_parts_inside_it(tiny_llama_dir, tmp_path):
     import argparse
 

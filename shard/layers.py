@@ -157,10 +157,16 @@ class PackedWeight:
         self.shape = shape
         self.q4 = q4
         self._kernels = native.kernels() if q4 is not None else None
-        self.dense: OneDNNWeight | torch.Tensor | None = None
+        self.dense: OneDNNWeight | native.BF16Weight | torch.Tensor | None = None
         if keep_dense and q4 is None:
             back = self._read_back()
-            self.dense = OneDNNWeight(back) if OneDNNWeight.usable(back.device, back.dtype) else back
+            kernels = native.kernels() if back.device.type == "cpu" else None
+            if kernels is not None and kernels.bf16 and native.BF16Weight.fits(shape):
+                self.dense = native.BF16Weight.pack(back)  # Ember's bf16 kernel: float32 in, float32 out
+            elif OneDNNWeight.usable(back.device, back.dtype):
+                self.dense = OneDNNWeight(back)
+            else:
+                self.dense = back
 
     @staticmethod
     def unfit_reason(kind: str, shape: tuple[int, ...], device: torch.device) -> str | None:
@@ -205,12 +211,14 @@ class PackedWeight:
         return cls(kind, packed, scales_and_zeros.to(cls.compute_dtype), tuple(w.shape), keep_dense)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] → [..., out] in bfloat16 (float32 from Ember's int4 kernel)."""
+        """x [..., in] → [..., out] in bfloat16 (float32 from Ember's int4 and bf16 kernels)."""
         if self.q4 is not None:
             if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
                 return self._kernels.q4_linear(x, self.q4)
             flat = x.reshape(-1, self.shape[1]).float().contiguous()
             return self._kernels.q4_linear(flat, self.q4).view(*x.shape[:-1], self.shape[0])
+        if isinstance(self.dense, native.BF16Weight) and x.numel() > PACKED_MAX_ROWS * self.shape[1]:
+            return self.dense.linear(x)  # rounds x to bf16 itself, as the casts below would
         flat = x.reshape(-1, self.shape[1]).to(self.compute_dtype)
         if flat.shape[0] > PACKED_MAX_ROWS and self.dense is not None:
             out = self.dense.linear(flat) if isinstance(self.dense, OneDNNWeight) else F.linear(flat, self.dense)
@@ -240,7 +248,7 @@ class PackedWeight:
         if self.q4 is not None:
             return self.q4.nbytes
         dense = 0 if self.dense is None else (
-            self.dense.nbytes if isinstance(self.dense, OneDNNWeight) else self.dense.numel() * 2)
+            self.dense.nbytes if isinstance(self.dense, (OneDNNWeight, native.BF16Weight)) else self.dense.numel() * 2)
         return sum(t.numel() * t.element_size() for t in (self.data, self.scales)) + dense
 
 

@@ -59,7 +59,8 @@ def cast_weight(module: torch.nn.Module, dtype: torch.dtype, with_bias: bool) ->
     """Store a linear layer's weight in `dtype`: reordered for oneDNN once where it can (CPU), else
     as a plain tensor (and its bias too, when it enters the matmul)."""
     weight = module.weight.data
-    if dtype == torch.bfloat16 and native.BF16Weight.usable(weight):
+    bf16_kernel = dtype == torch.bfloat16 and weight.dtype == torch.float32
+    if bf16_kernel and native.BF16Weight.runs(weight.device, weight.shape):
         # float32 activations times bf16 weights on Ember's AVX-512 BF16 kernel: oneDNN's arithmetic
         # (inputs rounded to bf16, float32 sums) without rounding the outputs to bf16, 20-25 % faster at
         # 32 rows and twice at one on SmolLM2's shapes, and the weight layout of the fused decode step.
@@ -160,8 +161,7 @@ class PackedWeight:
         self.dense: OneDNNWeight | native.BF16Weight | torch.Tensor | None = None
         if keep_dense and q4 is None:
             back = self._read_back()
-            kernels = native.kernels() if back.device.type == "cpu" else None
-            if kernels is not None and kernels.bf16 and native.BF16Weight.fits(shape):
+            if native.BF16Weight.runs(back.device, shape):
                 self.dense = native.BF16Weight.pack(back)  # Ember's bf16 kernel: float32 in, float32 out
             elif OneDNNWeight.usable(back.device, back.dtype):
                 self.dense = OneDNNWeight(back)

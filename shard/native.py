@@ -277,9 +277,9 @@ class BF16Weight:
         return len(shape) == 2 and shape[0] % 16 == 0 and shape[1] % 32 == 0
 
     @classmethod
-    def usable(cls, weight: torch.Tensor) -> bool:
-        """On this CPU's kernels, for a float32 model's weight of a shape the kernel takes."""
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cls.fits(tuple(weight.shape)):
+    def runs(cls, device: torch.device, shape: tuple[int, ...]) -> bool:
+        """The kernel takes this shape and this machine's kernels have it (AVX-512 BF16)."""
+        if device.type != "cpu" or not cls.fits(tuple(shape)):
             return False
         k = kernels()
         return k is not None and k.bf16

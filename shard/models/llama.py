@@ -399,7 +399,8 @@ class FusedDecode:
 
 def _fast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | OneDNNWeight | native.BF16Weight:
     """A copy of the head in `dtype`: on Ember's bf16 kernel or in oneDNN's layout where it can be."""
-    if dtype == torch.bfloat16 and native.BF16Weight.usable(weight):
+    bf16_kernel = dtype == torch.bfloat16 and weight.dtype == torch.float32
+    if bf16_kernel and native.BF16Weight.runs(weight.device, weight.shape):
         return native.BF16Weight.pack(weight)
     copy = weight.to(dtype)
     return OneDNNWeight(copy) if OneDNNWeight.usable(copy.device, dtype) else copy

@@ -132,7 +132,7 @@ class DecodeGraphs:
                 self.buckets.clear()
                 return None
             self.buckets[(batch, width)] = bucket
-        bucket.inputs.copy_(self._host_inputs(seqs, batch, width, cache), non_blocking=False)
+        bucket.inputs.copy_(self._host_inputs(seqs, batch, width, cache))
         if bucket.graph is not None:
             bucket.graph.replay()
         else:

@@ -310,14 +310,14 @@ class FusedDecode:
     allocations and the thread forks between ops: at SmolLM2's size these cost as much as the
     attention. Decode steps match the modules bit for bit (tested). Steps with new prompts (prefill,
     mixed) run too while every prompt chunk is at most `FUSED_MAX_NEW_TOKENS` long: each token then
-    attends row by row over its sequence's keys in the cache, which beats SDPA's fixed cost per call
-    on short prompts; the prompt's own keys are read back in the cache's dtype (bf16 by default), as
+    attends row by row over its sequence's keys in the cache, faster than the modules with SDPA up to
+    that length; the prompt's own keys are read back in the cache's dtype (bf16 by default), as
     decode steps read every key. Longer chunks take the modules and SDPA.
 
     Built only where every piece fits (world size 1, all four projections of every layer on the
-    VNNI kernel or all on the bf16 one, without biases, silu MLP, float32 activations); `run` returns None for a step it
-    cannot take (a KV cache dtype other than float32 / bf16, a long chunk), which then takes the
-    modules.
+    VNNI kernel or all on the bf16 one, without biases, silu MLP, float32 activations); `run`
+    returns None for a step it cannot take (a KV cache dtype other than float32 / bf16, a long
+    chunk), which then takes the modules.
     """
 
     def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels, bf16_weights: bool) -> None:

@@ -20,8 +20,12 @@ entries and onboards them in one of two ways:
   one pauses), and pass both batches to the next Decode, which merges them.
 
 Finished and cancelled requests are filtered out after every step so their KV
-blocks return at once. Generations are handed to each request's own asyncio
-queue; nothing else happens per token here.
+blocks return at once. Generations are handed to each request's own channel;
+nothing else happens per token here. They are handed over only once the next
+shard call has been sent (`ShardedClient.on_sent`): each hand-over wakes the
+request's task, which writes an SSE frame, and asyncio runs tasks in the order
+they were woken, so handing over first would start the shard's next step only
+after every stream's write (about a millisecond at 32 streams on this CPU).
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class Batcher:
         self.batch_ids = itertools.count()
         self.healthy = True
         self.task: asyncio.Task | None = None
+        # Generations of the last shard call, not yet handed to their requests (see _deliver).
+        self.undelivered: list[tuple[Entry, pb.Generation]] = []
+        client.on_sent = self._deliver
 
     # -- entry points used by Infer ------------------------------------------------
     def start(self) -> None:
@@ -93,6 +100,7 @@ class Batcher:
             self.wakeup.clear()
             try:
                 await self._drain()
+                self._deliver()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the batching task die
@@ -251,9 +259,19 @@ class Batcher:
                 if done:
                     self.metrics.request_failure.inc("dropped")
                 continue
-            entry.send(gen)
+            self.undelivered.append((entry, gen))
             if done:
                 entry.finished = True
+
+    def _deliver(self) -> None:
+        """Hand the last call's generations to their requests: right after the next shard call is
+        sent (ShardedClient.on_sent), when the batching task has nothing more to send, and before
+        any failure is reported (so a request's tokens come before its error)."""
+        pending = self.undelivered
+        if pending:
+            self.undelivered = []
+            for entry, gen in pending:
+                entry.send(gen)
 
     async def _prune(self, batch: pb.CachedBatch) -> pb.CachedBatch | None:
         """Filter finished and cancelled requests out of a cached batch."""
@@ -292,6 +310,7 @@ class Batcher:
                 log.error("ClearCache(%d) failed: %s", batch_id, _rpc_message(clear_exc))
 
     def _fail(self, entries: list[Entry], message: str) -> None:
+        self._deliver()
         for e in entries:
             self.running.pop(e.id, None)
             if not e.finished:

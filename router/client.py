@@ -8,7 +8,7 @@ router waits for all of them and reads rank 0's answer.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 
@@ -43,6 +43,10 @@ class ShardedClient:
         # Calls that run the model (collectives inside) must reach every rank in the
         # same order; the batching task and e.g. embeddings routes call concurrently.
         self._model_lock = asyncio.Lock()
+        # Called as soon as a call's requests are handed to gRPC, before its reply is awaited:
+        # the batcher delivers the last step's tokens there (Batcher._deliver), so their fan-out
+        # to the clients runs while the shards work on this call instead of delaying its start.
+        self.on_sent: Callable[[], None] | None = None
 
     @classmethod
     async def connect(cls, master_uds_path: str, timeout: float = 30.0) -> "ShardedClient":
@@ -55,6 +59,8 @@ class ShardedClient:
 
     async def _all(self, method: str, request: Any, timeout: float | None = None) -> list[Any]:
         calls = [getattr(s.stub, method)(request, timeout=timeout) for s in self.shards]
+        if self.on_sent is not None:
+            self.on_sent()
         if len(calls) == 1:
             return [await calls[0]]
         return list(await asyncio.gather(*calls))

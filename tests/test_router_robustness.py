@@ -261,3 +261,31 @@ def test_a_crash_in_the_batching_step_frees_the_running_batch_on_the_shard(socke
     assert list(first.tokens.ids)  # it was decoding
     assert isinstance(failed, GenerationError)
     assert "batch 0" in str(gone) or "NOT_FOUND" in str(gone)
+
+
+def test_a_steps_tokens_reach_their_requests_after_the_next_call_is_sent(socket, pool):
+    """Every SSE write waits behind the hand-over that wakes it: tokens go out once the shard
+    has its next step, and the last one still arrives when no call follows it."""
+    async def scenario():
+        batcher, validator = await _batcher(socket, pool)
+        try:
+            params = GenerateParameters(max_new_tokens=5, ignore_eos=True)
+            entry = Entry(await validator.validate(GenerateRequest("Hello", params)))
+            log: list[str] = []
+            send, stub = entry.send, batcher.client.shards[0].stub
+            decode = stub.Decode
+            entry.send = lambda item: (log.append("token"), send(item))
+            stub.Decode = lambda request, **kw: (log.append("decode"), decode(request, **kw))[1]
+            batcher.append(entry)
+            events = [await entry.events.get()]
+            while not isinstance(events[-1], Exception) and not events[-1].HasField("generated_text"):
+                events.append(await entry.events.get())
+            return log, events
+        finally:
+            await batcher.stop()
+            await batcher.client.close()
+
+    log, events = asyncio.run(scenario())
+    assert not any(isinstance(e, Exception) for e in events) and len(events) == 5
+    # Prefill gave the first token, four Decodes the rest; each token is handed over after the next call.
+    assert log == ["decode", "token"] * 4 + ["token"]

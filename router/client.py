@@ -18,6 +18,9 @@ from ember.proto import generate_pb2_grpc as pb_grpc
 _OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.max_send_message_length", -1),
+    # Shard calls are never retried by gRPC (a failed step is reported, not replayed); without the
+    # retry machinery each call costs the client less CPU (measured: ~10-20 % of a Decode call's).
+    ("grpc.enable_retries", 0),
 ]
 
 

@@ -219,3 +219,19 @@ def test_an_entry_delivers_its_generations_in_order_to_a_waiting_reader():
         return first, rest, channel.get_nowait(), channel.empty()
 
     assert asyncio.run(scenario()) == (1, [2, 3], 4, True)
+
+
+def test_short_texts_are_encoded_on_the_loop_and_long_ones_on_the_pool(tiny_llama_dir):
+    from ember.router.tokenizer import INLINE_CHARS
+
+    pool = TokenizerPool(str(tiny_llama_dir), 1)
+    short, long = "Hello world, " * 3, "Hello world, " * (INLINE_CHARS // 13 + 1)
+    expected = {t: pool.encode_sync(t) for t in (short, long)}
+    assert len(short) <= INLINE_CHARS < len(long)
+    assert asyncio.run(pool.encode(long)).ids == expected[long].ids
+    pool.close()  # no worker left: only the loop can still encode
+    enc = asyncio.run(pool.encode(short))
+    assert enc.ids == expected[short].ids and enc.offsets == expected[short].offsets
+    assert all(short[a:b] for a, b in enc.offsets[1:])  # character spans of the text
+    with pytest.raises(RuntimeError):
+        asyncio.run(pool.encode(long))

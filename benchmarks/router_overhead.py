@@ -195,11 +195,12 @@ def markdown(result: dict) -> str:
             h, g = cpu["http"], cpu["grpc"]
             lines.append(f"| {c} | {h['router']:.2f} | {100 * cpu['router_share_of_step']:.1f} % "
                          f"| {h['shard']:.1f} / {g['shard']:.1f} | {h['client']:.2f} / {g['client']:.2f} |")
-        lines += ["", "The shard's threads use every core here, so any CPU time of the router or of the load "
-                  "client is taken from the shard's steps: the router's time per call is the part of the "
-                  "overhead that belongs to the router; the load client's differs between the sides (an SSE "
-                  "event to parse per token against one gRPC reply per step) and lands in the HTTP side's "
-                  "latencies too."]
+        lines += ["", "The shard's threads use every core here, so the CPU time of the router and of the load "
+                  "client competes with the shard's steps: the router's time per call bounds what it can add "
+                  "to a step, and the paired ITL column above is what it did add (part of the router's work "
+                  "runs while the shard waits between steps, e.g. on its own gRPC reply). The load client's "
+                  "time differs between the sides (an SSE event to parse per token against one gRPC reply "
+                  "per step) and lands in the HTTP side's latencies too."]
     lines += ["", "Overhead = HTTP − gRPC at the same level. The paired column takes each repeat's HTTP "
               "and gRPC runs (back to back, order swapped every repeat) and gives the median of their "
               "differences in ITL p50, and its share of the gRPC ITL p50 (a decode step): the machine's "

@@ -55,6 +55,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def batch_sizes(text: str) -> str:
     """`--cuda-graphs`: `0`, or comma-separated positive batch sizes (checked here, parsed by the shard)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -119,6 +126,10 @@ FLAGS: tuple[Flag, ...] = (
          "turns them off. A step's batch is padded up to the next size; larger batches run eagerly. Each "
          "graph is captured the first time its batch size and context width are needed, not at start-up. "
          "Default: 1,2,4,8,16,32,64,128,256 (one shard only; sharded models run eagerly).", type=batch_sizes),
+    Flag("--prefill-chunk-tokens", "Most prompt tokens a shard's step runs (Ember; vLLM's chunked prefill): "
+         "longer prompts go on in the next steps beside the running requests' tokens, so running streams "
+         "never wait for a whole long prompt. `0` runs whole prompts. Default: 512 on CPU, 2048 on CUDA.",
+         type=non_negative_int),
     Flag("--cache-dir", "Where fetched and converted models are cached.", env="EMBER_CACHE"),
     # -- processes
     Flag("--shard-uds-path", "Prefix of the shards' unix sockets; rank r listens on `{prefix}-{r}`.",

@@ -167,6 +167,8 @@ def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
         env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
     if args.cuda_graphs is not None:
         argv += ["--cuda-graphs", args.cuda_graphs]
+    if args.prefill_chunk_tokens is not None:
+        argv += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
     if args.json_output:
         argv.append("--json-output")
     return ChildSpec("shard", rank, argv, env, sockets=[socket])

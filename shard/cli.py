@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-graphs", default=env("CUDA_GRAPHS"),
                    help="batch sizes whose decode steps replay CUDA graphs, comma-separated; 0 turns them off "
                         "(default 1,2,4,...,256 on CUDA; captured the first time each is needed)")
+    s.add_argument("--prefill-chunk-tokens", type=int, default=int(env("PREFILL_CHUNK_TOKENS", "-1")),
+                   help="most prompt tokens a step runs; longer prompts go on in the next steps, so running "
+                        "streams never wait for a whole long prompt (default 512 on CPU, 2048 on CUDA; 0: "
+                        "whole prompts)")
     s.add_argument("--json-output", action="store_true", default=env("JSON_OUTPUT", "") in ("1", "true"))
     s.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
     return p
@@ -92,6 +96,11 @@ def _dtype(name: str | None, device):
     return getattr(torch, name)
 
 
+# Prompt tokens per step by default, [CPU, CUDA]: on 2 Zen 4 cores 512 prompt tokens take ~0.3 s, as many as
+# the router onboards per step (`--prefill-step-tokens`), so only prompts longer than that are cut.
+DEFAULT_PREFILL_CHUNK = (512, 2048)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     setup_logging(f"shard-{args.rank}", args.json_output, args.log_level)
@@ -131,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
 
     runner = executor.submit(load).result()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer), kv_cache_bytes=args.kv_cache_bytes)
+    chunk = args.prefill_chunk_tokens if args.prefill_chunk_tokens >= 0 else DEFAULT_PREFILL_CHUNK[device.type == "cuda"]
+    engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer), kv_cache_bytes=args.kv_cache_bytes,
+                    prefill_chunk=chunk)
     log.info("rank %d: model loaded in %.2fs (%s attention)", args.rank, time.perf_counter() - start,
              runner.info.attention_impl)
     asyncio.run(serve(engine, args.uds_path, args.rank, args.world_size, executor))

@@ -25,9 +25,10 @@ class UnknownBatch(KeyError):
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, kv_cache_bytes: int | None = None) -> None:
+    def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, kv_cache_bytes: int | None = None,
+                 prefill_chunk: int = 0) -> None:
         self.runner = runner
-        self.ctx = Context(runner, tokenizer, grammar_compiler)
+        self.ctx = Context(runner, tokenizer, grammar_compiler, prefill_chunk)
         self.kv_cache_bytes = kv_cache_bytes
         self.batches: dict[int, GenerationBatch] = {}
 

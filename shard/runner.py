@@ -86,8 +86,13 @@ class ModelRunner(ABC):
     info: RunnerInfo
 
     @abstractmethod
-    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False) -> StepOutput:
-        """Run token_ids[num_cached:] of every sequence in one forward; then num_cached = len(token_ids)."""
+    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False,
+             num_new: list[int] | None = None) -> StepOutput:
+        """Run token_ids[num_cached:] of every sequence in one forward; then num_cached = len(token_ids).
+
+        `num_new` (runners with `info.prefill_with_cached_batch` only): run just that many of each
+        sequence's uncached tokens, a prompt in chunks; the logits are those of each one's last token run.
+        """
 
     @abstractmethod
     def free(self, seq: Sequence) -> None:
@@ -249,30 +254,35 @@ class PagedRunner(ModelRunner):
                 seq.blocks.extend(self.cache.allocator.allocate(n))
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False) -> StepOutput:
+    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False,
+             num_new: list[int] | None = None) -> StepOutput:
         if not seqs:
             raise ValueError("step() needs at least one sequence")
-        num_new = [len(s.token_ids) - s.num_cached for s in seqs]
+        uncached = [len(s.token_ids) - s.num_cached for s in seqs]
+        if num_new is None:
+            num_new = uncached
+        elif any(not 1 <= n <= u for n, u in zip(num_new, uncached)) or len(num_new) != len(seqs):
+            raise ValueError("num_new: between 1 and the uncached tokens of each sequence")
         if min(num_new) < 1:
             raise ValueError("every sequence in a step needs at least one uncached token")
         self._allocate(seqs)
-        if self.graphs is not None and not want_prompt_logits and max(num_new) == 1:
+        if self.graphs is not None and not want_prompt_logits and max(uncached) == 1:
             logits = self.graphs.run(seqs, self.cache)
             if logits is not None:
                 for s in seqs:
                     s.num_cached = len(s.token_ids)
                 return StepOutput(logits=logits)
         ids: list[int] = []
-        for s in seqs:
-            ids.extend(s.token_ids[s.num_cached:])
+        for s, n in zip(seqs, num_new):
+            ids.extend(s.token_ids[s.num_cached:s.num_cached + n])
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
         meta = AttentionMetadata.build(
             [s.num_cached for s in seqs], num_new, [s.blocks for s in seqs], self.block_size, self.device
         )
         hidden = self.model(input_ids, meta, self.cache)
         output = self._logits(hidden, num_new, want_prompt_logits)
-        for s in seqs:
-            s.num_cached = len(s.token_ids)
+        for s, n in zip(seqs, num_new):
+            s.num_cached += n
         return output
 
     def _logits(self, hidden: torch.Tensor, num_new: list[int], want_prompt_logits: bool) -> StepOutput:

@@ -159,3 +159,20 @@ def test_launcher_modules_import_no_torch():
     code = ("import sys, ember.launcher.main, ember.launcher.supervisor, ember.launcher.store; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_prefill_chunk_tokens_reaches_the_shard_and_its_parser(tmp_path):
+    from ember.launcher.main import shard_spec
+    from ember.launcher.store import ResolvedModel
+    from ember.shard.cli import _parser
+
+    model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
+    assert "--prefill-chunk-tokens" not in shard_spec(parse_args([], CPU_ENV), model, 0).argv  # the shard's default
+    for given in ("0", "256"):
+        argv = shard_spec(parse_args(["--prefill-chunk-tokens", given], CPU_ENV), model, 0).argv
+        assert argv[argv.index("--prefill-chunk-tokens") + 1] == given
+        shard_argv = argv[argv.index("--model-id"):]
+        assert _parser().parse_args(["serve", *shard_argv]).prefill_chunk_tokens == int(given)
+    assert parse_args([], dict(CPU_ENV, PREFILL_CHUNK_TOKENS="64")).prefill_chunk_tokens == 64
+    with pytest.raises(SystemExit):
+        parse_args(["--prefill-chunk-tokens", "-1"], CPU_ENV)

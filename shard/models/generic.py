@@ -67,9 +67,12 @@ class GenericRunner(ModelRunner):
                     self.info.model_type)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False) -> StepOutput:
+    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False,
+             num_new: list[int] | None = None) -> StepOutput:
         if not seqs:
             raise ValueError("step() needs at least one sequence")
+        if num_new is not None:
+            raise ValueError("the generic path runs whole prompts, not chunks")
         past_lens = [s.num_cached for s in seqs]
         new = [s.token_ids[s.num_cached:] for s in seqs]
         if min(len(n) for n in new) < 1:

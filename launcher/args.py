@@ -128,7 +128,7 @@ FLAGS: tuple[Flag, ...] = (
          "Default: 1,2,4,8,16,32,64,128,256 (one shard only; sharded models run eagerly).", type=batch_sizes),
     Flag("--prefill-chunk-tokens", "Most prompt tokens a shard's step runs (Ember; vLLM's chunked prefill): "
          "longer prompts go on in the next steps beside the running requests' tokens, so running streams "
-         "never wait for a whole long prompt. `0` runs whole prompts. Default: 512 on CPU, 2048 on CUDA.",
+         "never wait for a whole long prompt. `0` runs whole prompts. Default: 256 on CPU, 2048 on CUDA.",
          type=non_negative_int),
     Flag("--cache-dir", "Where fetched and converted models are cached.", env="EMBER_CACHE"),
     # -- processes

@@ -5,11 +5,15 @@
 
 `concurrency` workers submit requests back to back, as load.py's do, to a
 small batching loop of our own that plays the router's part without HTTP,
-validation or SSE: it prefills waiting requests (all of them when nothing
-runs; while a batch runs, when enough wait relative to it — the router's
-`waiting_served_ratio` — or the oldest waited `max_waiting_tokens` steps),
-decodes the running batch together with the new one (the shard merges them)
-and hands each generation to its worker, which stamps its arrival. The
+validation or SSE, with the router's default rules: when the shard can
+prefill beside a cached batch (Info `prefill_with_cached_batch`, Ember's
+paged shard), waiting requests join at every step, about
+`prefill_step_tokens` of prompts a step (the first always), in one Prefill
+that carries the running batch; otherwise (or with `PREFILL_CHUNKING=0`, as
+the router) TGI's: prefill waiting requests when enough wait relative to the
+running batch (`waiting_served_ratio`) or the oldest waited
+`max_waiting_tokens` steps, then decode both batches together. Each
+generation goes to its worker, which stamps its arrival. The
 figures come from load.py's `summarize`, so `HTTP ITL - gRPC ITL` at the same
 level is the router's cost per token (see router_overhead.py).
 
@@ -25,6 +29,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +88,22 @@ class Submitted:
 
 @dataclass
 class Policy:
-    """The router's onboarding rule and prefill budget (TGI's defaults)."""
+    """The router's onboarding rules and prefill budgets, with its defaults."""
 
     waiting_served_ratio: float = 1.2
     max_waiting_tokens: int = 20
     max_batch_prefill_tokens: int = 4096
+    # Newcomers join the running batch at every step, in a Prefill carrying it (the router's rule when
+    # the shard says `prefill_with_cached_batch`), about `prefill_step_tokens` of prompts a step.
+    prefill_with_running: bool = False
+    prefill_step_tokens: int = 512
+
+    @classmethod
+    async def of_shard(cls, shards: "Shards") -> "Policy":
+        """The rules the router would pick for this shard (and PREFILL_CHUNKING, as the router reads it)."""
+        info = await shards.call("Info", pb.InfoRequest())
+        chunking = os.environ.get("PREFILL_CHUNKING", "1").lower() not in ("0", "false", "no", "off")
+        return cls(prefill_with_running=info.prefill_with_cached_batch and chunking)
 
 
 class MiniBatcher:
@@ -142,6 +158,10 @@ class MiniBatcher:
                 return
             batches = [cached]
             new = self._take(waited)
+            if new and self.policy.prefill_with_running:  # the newcomers' prompts and the running tokens
+                waited = 2
+                cached = await self._prefill(new, running=cached)
+                continue
             if new:
                 waited = 1
                 added = await self._prefill(new)
@@ -161,24 +181,30 @@ class MiniBatcher:
         if not self.waiting:
             return []
         p = self.policy
-        if waited is not None and waited < p.max_waiting_tokens \
+        if not p.prefill_with_running and waited is not None and waited < p.max_waiting_tokens \
                 and len(self.waiting) < int(len(self.running) * p.waiting_served_ratio):
             return []
         taken, tokens = [], 0
         while self.waiting and tokens + self.waiting[0].prompt_tokens <= p.max_batch_prefill_tokens:
+            if p.prefill_with_running and taken and tokens + self.waiting[0].prompt_tokens > p.prefill_step_tokens:
+                break
             tokens += self.waiting[0].prompt_tokens
             taken.append(self.waiting.pop(0))
         return taken
 
-    async def _prefill(self, items: list[Submitted]) -> pb.CachedBatch | None:
+    async def _prefill(self, items: list[Submitted], running: pb.CachedBatch | None = None) -> pb.CachedBatch | None:
+        """Prefill `items` as a new batch; with `running`, in the same forward as its next tokens."""
         if not items:
-            return None
+            return running
         for item in items:
             self.running[item.request.id] = item
         max_tokens = sum(i.prompt_tokens + i.request.stopping_parameters.max_new_tokens for i in items)
         batch = pb.Batch(id=next(self.batch_ids), requests=[i.request for i in items], size=len(items),
                          max_tokens=max_tokens)
-        reply = await self.shards.call("Prefill", pb.PrefillRequest(batch=batch))
+        request = pb.PrefillRequest(batch=batch)
+        if running is not None:
+            request.cached_batch.CopyFrom(running)
+        reply = await self.shards.call("Prefill", request)
         self.prefill_calls += 1
         self._dispatch(reply.generations)
         return reply.batch if reply.HasField("batch") else None
@@ -239,7 +265,7 @@ async def run_level(uds: str, level: Level, encode: Encode, policy: Policy | Non
     shards = await Shards.connect(uds)
     if warmup is not None:
         await shards.call("Warmup", warmup)
-    batcher = MiniBatcher(shards, policy or Policy())
+    batcher = MiniBatcher(shards, policy or await Policy.of_shard(shards))
     batcher.start()
     results: list[RequestResult] = []
     ids = itertools.count(ID_BASE + level.first_index)

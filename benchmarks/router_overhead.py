@@ -38,7 +38,7 @@ import report  # noqa: E402
 from servers import http_ok, shard_healthy, start_router, start_shard, stop_process, wait_for  # noqa: E402
 
 # The shard's speed settings, read from the environment: recorded with the command.
-SHARD_ENV = ("QUANTIZE", "MATMUL_DTYPE", "DTYPE", "OMP_NUM_THREADS")
+SHARD_ENV = ("QUANTIZE", "MATMUL_DTYPE", "DTYPE", "OMP_NUM_THREADS", "PREFILL_CHUNK_TOKENS")
 
 RESULTS = ROOT / "benchmarks" / "results"
 DECODE_METRICS = ("tgi_batch_inference_duration", "tgi_batch_forward_duration")

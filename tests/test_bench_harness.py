@@ -432,3 +432,46 @@ def test_naive_server_streams_and_a_failed_generate_still_ends_its_stream(tiny_l
     event = json.loads(chunks[-1][len(b"data: "):])
     with pytest.raises(RuntimeError, match="generate failed"):  # the load generator counts it an error
         load.consume_event(load.RequestResult(), load.APIS["openai"], event, 0.0)
+
+
+@pytest.mark.parametrize("chunking", ["1", "0"])
+def test_grpc_load_batches_with_the_routers_rule_for_the_shard(tiny_llama_dir, tmp_path, monkeypatch, chunking):
+    """The gRPC side of router_overhead.py schedules as the router would: newcomers join the running
+    batch at every step in a Prefill carrying it (PREFILL_CHUNKING=0: TGI's separate prefills)."""
+    import grpc_load
+    from servers import shard_process
+
+    monkeypatch.setenv("PREFILL_CHUNKING", chunking)
+
+    async def scenario(uds: str):
+        shards = await grpc_load.Shards.connect(uds)
+        calls: list[bool] = []
+        call = shards.call
+
+        async def recorded(method, request):
+            if method == "Prefill":
+                calls.append(request.HasField("cached_batch"))
+            return await call(method, request)
+
+        shards.call = recorded
+        batcher = grpc_load.MiniBatcher(shards, await grpc_load.Policy.of_shard(shards))
+        batcher.start()
+        results = [load.RequestResult() for _ in range(4)]
+        first = [asyncio.ensure_future(grpc_load.stream_request(
+            batcher, grpc_load.make_request(900 + i, [1, 5 + i, 9, 13], "", 12), results[i])) for i in range(2)]
+        async with asyncio.timeout(30):
+            while not batcher.decode_calls:  # the first two are decoding
+                await asyncio.sleep(0.005)
+        late = [asyncio.ensure_future(grpc_load.stream_request(
+            batcher, grpc_load.make_request(900 + i, [1, 7, 11, 5 + i], "", 4), results[i])) for i in (2, 3)]
+        async with asyncio.timeout(60):
+            await asyncio.gather(*first, *late)
+        await batcher.stop()
+        await shards.close()
+        return calls, results
+
+    with shard_process(tiny_llama_dir, str(tmp_path / "s")) as uds:
+        calls, results = load.run_async(scenario(uds))
+    assert [r.reported_tokens for r in results] == [12, 12, 4, 4] and all(r.completed for r in results)
+    assert calls[0] is False and len(calls) >= 2
+    assert any(calls) == (chunking == "1")  # the late ones joined the running batch's forward

@@ -13,8 +13,9 @@ next steps, in order, from where their cached prefix ends; a request yields
 its first token in the step that finishes its prompt, and none before. So a
 long prompt arriving never stalls the running streams for longer than one
 chunk's forward (on 2 cores: ~0.15 s for the default 256 prompt tokens, where
-a whole 1,000-token prompt took ~0.6-0.9 s). Requests asking for prompt logprobs run
-their prompt whole.
+a whole 1,000-token prompt took ~0.6-0.9 s). Requests asking for prompt
+logprobs run their prompt whole. Only the rows with a token sample, so a
+seeded request draws the same numbers however its prompt was cut.
 """
 
 from __future__ import annotations

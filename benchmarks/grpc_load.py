@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import grpc
 
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
+from ember.router.limits import shares_prefill_with_running
 from load import Level, RequestResult, format_summary, run_async, summarize
 
 # Far above the router's ids (which count from 0), so both can share one shard.
@@ -102,8 +102,7 @@ class Policy:
     async def of_shard(cls, shards: "Shards") -> "Policy":
         """The rules the router would pick for this shard (and PREFILL_CHUNKING, as the router reads it)."""
         info = await shards.call("Info", pb.InfoRequest())
-        chunking = os.environ.get("PREFILL_CHUNKING", "1").lower() not in ("0", "false", "no", "off")
-        return cls(prefill_with_running=info.prefill_with_cached_batch and chunking)
+        return cls(prefill_with_running=shares_prefill_with_running(info.prefill_with_cached_batch))
 
 
 class MiniBatcher:
@@ -159,7 +158,6 @@ class MiniBatcher:
             batches = [cached]
             new = self._take(waited)
             if new and self.policy.prefill_with_running:  # the newcomers' prompts and the running tokens
-                waited = 2
                 cached = await self._prefill(new, running=cached)
                 continue
             if new:

@@ -16,7 +16,7 @@ import signal
 import sys
 
 from ember.proto import generate_pb2 as pb
-from ember.router.limits import Limits, LimitsError, apply_capacity, resolve_pre_warmup
+from ember.router.limits import Limits, LimitsError, apply_capacity, resolve_pre_warmup, shares_prefill_with_running
 
 log = logging.getLogger("ember.router")
 
@@ -152,8 +152,7 @@ async def build(args: argparse.Namespace):
     limits.check()
     metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
     metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
-    with_running = info.prefill_with_cached_batch and os.environ.get("PREFILL_CHUNKING", "1").lower() not in (
-        "0", "false", "no", "off")
+    with_running = shares_prefill_with_running(info.prefill_with_cached_batch)
     log.info("new requests join the running batch %s", "in a shared forward (Prefill with the running batch)"
              if with_running else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)")
     batcher = Batcher(client, limits, metrics, prefill_with_running=with_running)

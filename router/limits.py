@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -48,6 +49,12 @@ class Limits:
                 f"Given: {self.max_total_tokens} and {self.max_batch_total_tokens}")
         if self.max_concurrent_requests < 1:
             raise LimitsError("`max_concurrent_requests` must be >= 1")
+
+
+def shares_prefill_with_running(shard_can: bool) -> bool:
+    """Whether newcomers join the running batch in one Prefill: when the shard can (Info
+    `prefill_with_cached_batch`) and `PREFILL_CHUNKING` does not turn it off, as in TGI."""
+    return shard_can and os.environ.get("PREFILL_CHUNKING", "1").lower() not in ("0", "false", "no", "off")
 
 
 def resolve_pre_warmup(max_input: int | None, max_total: int | None, max_prefill: int | None,

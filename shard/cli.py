@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
 
     runner = executor.submit(load).result()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    chunk = args.prefill_chunk_tokens if args.prefill_chunk_tokens >= 0 else DEFAULT_PREFILL_CHUNK[device.type == "cuda"]
+    chunk = args.prefill_chunk_tokens
+    if chunk < 0:
+        chunk = DEFAULT_PREFILL_CHUNK[1 if device.type == "cuda" else 0]
     engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer), kv_cache_bytes=args.kv_cache_bytes,
                     prefill_chunk=chunk)
     log.info("rank %d: model loaded in %.2fs (%s attention)", args.rank, time.perf_counter() - start,

@@ -69,7 +69,8 @@ DECODE_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "m
 def compile_times(model_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from ember.shard.grammar import GrammarCompiler, regex_for
+    from ember.schema_regex import regex_for
+    from ember.shard.grammar import GrammarCompiler
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     start = time.perf_counter()
@@ -119,7 +120,7 @@ def decode_speed(stub, batch: int, prompt: list[int], new_tokens: int, regex: st
 def decode_figures(model_dir: Path, batch: int, new_tokens: int, runs: int) -> dict:
     from transformers import AutoTokenizer
 
-    from ember.shard.grammar import regex_for
+    from ember.schema_regex import regex_for
 
     prompt = AutoTokenizer.from_pretrained(model_dir)("Write a JSON object with a long story:")["input_ids"]
     regex = regex_for("json", DECODE_SCHEMA, validate=False)
@@ -152,7 +153,7 @@ def main() -> None:
     args = p.parse_args()
     model_dir = Path(args.model_id)
     if not model_dir.is_dir():
-        from ember.launcher.store import resolve_model
+        from ember.store import resolve_model
 
         model_dir = resolve_model(args.model_id).path
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "model_id": args.model_id,

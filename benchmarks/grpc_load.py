@@ -308,7 +308,7 @@ def tokenizer_encode(tokenizer_json: Path) -> Encode:
 
 
 def main() -> None:
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
     from prompts import prompt_set
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -559,7 +559,7 @@ def _prompt_source(args: argparse.Namespace) -> Callable[[int], tuple[str, int]]
 
 
 def _default_tokenizer() -> Path:
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
 
     return resolve_model("smollm2").path / "tokenizer.json"
 

@@ -55,7 +55,7 @@ def main() -> None:
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
     from ember.shard.runner import load_runner
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -104,7 +104,7 @@ def main() -> None:
         if args.model_dir:
             model_dir = Path(args.model_dir)
         else:
-            from ember.launcher.store import resolve_model
+            from ember.store import resolve_model
 
             model_dir = resolve_model("smollm2").path
         peak = result["dtypes"][args.dtype[0]]["peak_gflops"]

@@ -229,7 +229,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "router_overhead.json"))
     args = p.parse_args()
 
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
     from prompts import prompt_set
 
     model_dir = resolve_model(args.model_id).path

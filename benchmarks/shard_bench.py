@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "shard.json"))
     args = p.parse_args()
 
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
     from transformers import AutoTokenizer
 
     cache = os.environ.get("EMBER_CACHE", str(Path.home() / ".cache" / "ember"))

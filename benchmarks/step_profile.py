@@ -158,7 +158,7 @@ def main() -> None:
     args = p.parse_args()
     args.quantize = args.quantize or None
 
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
 
     model_dir = resolve_model(args.model_id).path
     machine = run_all.machine_info()

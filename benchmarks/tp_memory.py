@@ -231,7 +231,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     from ember.launcher.args import parse_bytes
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
     from prompts import prompt_set
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _resolve_model(args: argparse.Namespace, sink: LogSink) -> Any:
     """Fetch/convert once, before any shard starts, so N ranks never race on the cache."""
-    from ember.launcher.progress import LogProgress
-    from ember.launcher.store import resolve_model
+    from ember.progress import LogProgress
+    from ember.store import resolve_model
 
     sink.launcher(f"resolving model {args.model_id!r}")
     model = resolve_model(args.model_id, cache_dir=args.cache_dir, progress=LogProgress(stream=LineWriter(sink)))

@@ -1,7 +1,7 @@
 """Grammar checks in the router: a bad schema or regex is a 422 before queueing.
 
 JSON schemas are compiled to a regex here, with the shard's own rules
-(`ember.shard.grammar.regex_for`: outlines-core plus exact integer bounds and
+(`ember.schema_regex.regex_for`: outlines-core plus exact integer bounds and
 single optional spaces between JSON tokens), so the shard only ever receives
 GRAMMAR_TYPE_REGEX, as TGI does. When no shard checks the regex (unit
 tests), it is checked here with outlines-core's regex engine; on a served
@@ -16,7 +16,7 @@ from typing import Any
 
 from ember.router.errors import ValidationError
 from ember.router.types import Grammar
-from ember.shard.grammar import GrammarError, regex_for
+from ember.schema_regex import GrammarError, regex_for
 
 
 def _schema_value(value: Any) -> dict:

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = Path(args.model_id)
     if not model_dir.is_dir():
-        from ember.launcher.store import resolve_model
+        from ember.store import resolve_model
 
         model_dir = resolve_model(args.model_id).path
     device = _device(args.rank)

@@ -329,7 +329,7 @@ def _compiler() -> str | None:
 def library_path(cache_dir: Path | None = None) -> Path:
     """Where the build for this source, these flags and this CPU lives."""
     if cache_dir is None:
-        from ember.launcher.store import cache_root
+        from ember.store import cache_root
 
         cache_dir = cache_root()
     key = hashlib.sha256()

@@ -26,7 +26,7 @@ from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
 from ember.shard.batch import BadRequest
 from ember.shard.engine import Engine, UnknownBatch
-from ember.shard.grammar import GrammarError
+from ember.schema_regex import GrammarError
 from ember.shard.kv_cache import OutOfBlocks
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ def smollm2_dir() -> Path:
 
     The first run on a machine downloads and converts it (about a minute); later runs reuse it.
     """
-    from ember.launcher.store import resolve_model
+    from ember.store import resolve_model
 
     return resolve_model("smollm2").path
 

@@ -13,14 +13,8 @@ import pytest
 import torch
 
 from ember.proto import generate_pb2
-from ember.shard.grammar import (
-    GrammarCompiler,
-    GrammarError,
-    GrammarState,
-    build_vocabulary,
-    integer_range_regex,
-    regex_for,
-)
+from ember.schema_regex import GrammarError, integer_range_regex, regex_for
+from ember.shard.grammar import GrammarCompiler, GrammarState, build_vocabulary
 from ember.shard.sampling import BatchSampler, SamplingParams
 
 PERSON = {
@@ -154,7 +148,7 @@ def test_invalid_grammars_raise(grammar_type, value):
 
 def test_regex_for_imports_no_torch():
     code = (
-        "import sys; from ember.shard.grammar import regex_for; "
+        "import sys; from ember.schema_regex import regex_for; "
         "regex_for('json', '{\"type\": \"integer\"}'); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -132,7 +132,7 @@ def test_router_receives_tgi_router_flags_only():
 
 def test_router_drains_for_the_launchers_grace_period(tmp_path):
     from ember.launcher.main import router_spec
-    from ember.launcher.store import ResolvedModel
+    from ember.store import ResolvedModel
 
     args = parse_args(["--graceful-termination-timeout", "120"], CPU_ENV)
     spec = router_spec(args, ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir"))
@@ -141,7 +141,7 @@ def test_router_drains_for_the_launchers_grace_period(tmp_path):
 
 def test_cuda_graphs_flag_reaches_the_shard_checked(tmp_path, capsys):
     from ember.launcher.main import shard_spec
-    from ember.launcher.store import ResolvedModel
+    from ember.store import ResolvedModel
 
     model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
     assert "--cuda-graphs" not in shard_spec(parse_args([], CPU_ENV), model, 0).argv  # the shard's default
@@ -156,14 +156,14 @@ def test_cuda_graphs_flag_reaches_the_shard_checked(tmp_path, capsys):
 
 def test_launcher_modules_import_no_torch():
     """The supervisor stays light: torch belongs to the shards."""
-    code = ("import sys, ember.launcher.main, ember.launcher.supervisor, ember.launcher.store; "
+    code = ("import sys, ember.launcher.main, ember.launcher.supervisor, ember.store; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_prefill_chunk_tokens_reaches_the_shard_and_its_parser(tmp_path):
     from ember.launcher.main import shard_spec
-    from ember.launcher.store import ResolvedModel
+    from ember.store import ResolvedModel
     from ember.shard.cli import _parser
 
     model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")

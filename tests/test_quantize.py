@@ -354,7 +354,7 @@ def test_shard_cli_flag_and_env(monkeypatch):
 def test_launcher_flag_reaches_the_shard_command_line(tmp_path, capsys):
     from ember.launcher.args import parse_args
     from ember.launcher.main import shard_spec
-    from ember.launcher.store import ResolvedModel
+    from ember.store import ResolvedModel
 
     cpu = {"CUDA_VISIBLE_DEVICES": ""}
     model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from ember.launcher import store
-from ember.launcher.progress import LogProgress
-from ember.launcher.store import DefaultModel, ModelStoreError, ResolvedModel, resolve_model
+from ember import store
+from ember.progress import LogProgress
+from ember.store import DefaultModel, ModelStoreError, ResolvedModel, resolve_model
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,7 +14,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ember.launcher.store import DEFAULT_MODELS, cache_root, resolve_model
+from ember.store import DEFAULT_MODELS, cache_root, resolve_model
 
 
 def model_dir(model_id: str = "smollm2") -> Path:

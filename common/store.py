@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from ember.launcher.progress import LogProgress, ProgressFn
+from ember.progress import LogProgress, ProgressFn
 
 Source = Literal["dir", "gguf", "default"]
 CONVERSION_FORMAT = 1

@@ -7,7 +7,7 @@ random weights (so they stream from memory, as in a decode step), per dtype and
 rows per step: `F.linear` on the plain weight, `mkldnn._linear_pointwise` on the
 weight from `mkldnn._reorder_linear_weight` (Ember's `OneDNNWeight`), torch's
 int4 weight-only kernel (`--quantize int4`) and Ember's int4 x int8 kernel
-(`--quantize w4a8`, `shard/native.c`). Writes benchmarks/results/linear_layout.json/.md.
+(`--quantize w4a8`, `shard/kernels/matmul_q4.c`). Writes benchmarks/results/linear_layout.json/.md.
 """
 
 from __future__ import annotations

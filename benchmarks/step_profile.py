@@ -28,7 +28,7 @@ import run_all
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 64
 
-# decode_layers' phases (native.c, PHASE(i)), in order
+# decode_layers' phases (shard/kernels/fused_step.c, PHASE(i)), in order
 PHASES = ("norm + quantize (input)", "qkv projection", "rotary + K/V write + attention + quantize",
           "o projection", "add + norm + quantize (post)", "gate/up projection", "silu*mul + quantize",
           "down projection")

@@ -4,7 +4,7 @@ One forward covers the new tokens of every sequence, flattened. Index tensors
 (slots, positions, gathers, masks) are built once per step in `AttentionMetadata`
 and reused by every layer, so the per-layer cost is a few tensor ops:
 
-* decode (one new token per sequence), on CPU: Ember's C kernel (`native.c`)
+* decode (one new token per sequence), on CPU: Ember's C kernel (`kernels/attention.c`)
   reads each sequence's K/V rows in place through its block table, once.
 * decode elsewhere (CUDA, or no C compiler): gather each sequence's K/V by whole
   blocks of its block table into a padded `[B, L, kv_heads, head_dim]`, one

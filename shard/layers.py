@@ -130,7 +130,7 @@ class PackedWeight:
       (torch's `_weight_int4pack_mm_for_cpu`).
     * `w4a8`: int4 weights as `int4` (float32 scale and minimum) times activations
       quantized per row and group of 32 to int8, on Ember's AVX-512 VNNI kernel
-      (`native.c`: llama.cpp's Q4_1 x Q8_1 scheme). 2-3x faster than bf16 at any
+      (`kernels/matmul_q4.c`: llama.cpp's Q4_1 x Q8_1 scheme). 2-3x faster than bf16 at any
       row count and 0.75 bytes per weight, at a cost in precision that the other
       kinds do not pay (benchmarks/results/quality.md). This is the layout of GGUF's Q4_1
       blocks (w = d·q + m, q in 0..15, m the block's minimum, d its range / 15),
@@ -182,8 +182,10 @@ class PackedWeight:
         if kind == "w4a8":
             kernels = native.kernels()
             if kernels is None or not kernels.q4:
-                return ("w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX-512 VNNI CPU "
-                        "(use int4 here)")
+                here = (f"Ember's kernels are unavailable: {native.unavailable_reason()}" if kernels is None
+                        else "this CPU has no AVX-512 VNNI")
+                return (f"w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX-512 VNNI CPU "
+                        f"({here}; use int4)")
         return None
 
     @classmethod
@@ -262,6 +264,43 @@ def pack_weight(module: torch.nn.Module, kind: str) -> str | None:
     del module.weight  # the float parameter goes; the packed weight is a plain attribute
     module.weight = packed
     return None
+
+
+def linear_path(weight) -> tuple[str, str]:
+    """(the path a linear layer's weight multiplies on, why): what `_linear` dispatches on, decided at load
+    by `cast_weight` / `pack_weight` (native.py's docstring lists every path)."""
+    if isinstance(weight, native.BF16Weight):
+        return "bf16 weights on Ember's AVX-512 BF16 kernel (float32 sums)", "bf16 matmuls on a CPU with AVX-512 BF16"
+    if isinstance(weight, OneDNNWeight):
+        if weight.dtype == torch.bfloat16:
+            return "oneDNN, bf16 weights in its blocked layout", _why_not_bf16_kernel(weight.shape)
+        return f"oneDNN, {_dtype_name(weight.dtype)} weights in its blocked layout", "CPU: reordered once at load"
+    if isinstance(weight, PackedWeight):
+        if weight.q4 is not None:
+            return ("w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
+                    "--quantize w4a8 on a CPU with AVX-512 VNNI")
+        beyond = linear_path(weight.dense)[0] if weight.dense is not None else f"torch's {weight.kind} kernel"
+        return (f"{weight.kind} on torch's kernel up to {PACKED_MAX_ROWS} rows, beyond: {beyond}",
+                f"--quantize {weight.kind}: torch's packed kernel wins at a few rows, a bf16 GEMM beyond")
+    dtype = _dtype_name(weight.dtype)
+    if weight.device.type != "cpu":
+        return f"torch F.linear, {dtype} weights", f"on {weight.device.type}: Ember's layouts and kernels are CPU's"
+    if isinstance(weight, torch.Tensor) and not OneDNNWeight.usable(weight.device, weight.dtype):
+        return f"torch F.linear, {dtype} weights", f"oneDNN does not take {dtype} weights here"
+    return f"torch F.linear, {dtype} weights", "kept as loaded"
+
+
+def _why_not_bf16_kernel(shape: tuple[int, int]) -> str:
+    kernels = native.kernels()
+    if kernels is None:
+        return f"bf16 matmuls without Ember's C kernels ({native.unavailable_reason()})"
+    if not kernels.bf16:
+        return "bf16 matmuls on a CPU without AVX-512 BF16 (Ember's bf16 kernel needs it)"
+    return f"bf16 matmuls, but Ember's bf16 kernel takes no {shape[0]}x{shape[1]} weight (out % 16, in % 32)"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class RowParallelLinear(torch.nn.Module):

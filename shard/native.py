@@ -1,14 +1,52 @@
-"""Ember's C kernels for the CPU (`native.c`): built once per machine, loaded through ctypes.
+"""Ember's C kernels for the CPU (`kernels/*.c`): built once per machine, loaded through ctypes.
 
-The source is compiled with the machine's C compiler (`$CC`, else `cc`) at
-first use, for the CPU it runs on (`-march=native`) and with OpenMP, into the
-cache (`$EMBER_CACHE/kernels`, keyed by source, flags and CPU). The OpenMP
-runtime is torch's own (`libgomp.so.1` is already loaded when torch is), so
-the kernels share torch's threads rather than adding a second pool.
+Which kernel runs when
+----------------------
+Each path below is fixed at load (where a step's row count picks between two, the rule is), in
+`layers.cast_weight` / `pack_weight` and `LlamaForCausalLM.cast_matmuls` / `quantize`;
+`LlamaForCausalLM.kernel_paths` lists them, and the shard logs one line per kind of layer at load
+("decoder linears: ...", "fused step: ...", "lm head: ...") with the reason.
 
-Without a compiler, or with `EMBER_NATIVE=0`, `kernels()` returns None and
-the callers keep their torch paths: the kernels are a speed-up, never a
-requirement.
+* Decoder linears (qkv, o_proj, gate_up, down; one path per weight, `layers.linear_path` names it):
+  float32 on CPU: oneDNN's linear on the weight reordered once into its blocked layout (`OneDNNWeight`,
+  torch's, not this library). `--matmul-dtype bfloat16` with AVX-512 BF16: `bf16_linear`
+  (matmul_bf16.c) on `BF16Weight` tiles, activations rounded to bf16, float32 sums; without AVX-512 BF16
+  (or a shape it does not take): oneDNN in bf16. `--quantize int8|int4`: torch's packed kernels up to
+  `layers.PACKED_MAX_ROWS` rows, a bf16 copy (bf16 kernel or oneDNN) beyond. `--quantize w4a8` (AVX-512 VNNI):
+  `q4_linear` (matmul_q4.c), int4 codes x int8 activations, at any row count. Off CPU: torch's F.linear.
+* Fused step: w4a8 weights, or bf16 weights on the bf16 kernel, with float32 activations, world size 1,
+  silu and no biases: `decode_layers` (fused_step.c) runs every decoder layer of a step in one call
+  (decode steps, and steps whose prompt chunks are at most `llama.FUSED_MAX_NEW_TOKENS` long);
+  `FusedDecode.build` says why a model does not fuse. Other steps go layer by layer, below.
+* Layer by layer, float32 on CPU: `rms_norm_f32` (with the residual add), `rotary_f32`, `silu_mul_f32`,
+  `kv_store` (the step's K/V into the paged cache, float32 or bf16) and, for decode attention,
+  `paged_decode_f32` / `_bf16` (attention.c: the cache read in place through the block table). Prefill
+  attention is torch's SDPA; other dtypes and devices take torch's ops.
+* LM head: w4a8: 8-bit codes on `q4_linear`; int4: torch's int4 kernel up to `llama.PACKED_HEAD_MAX_ROWS`
+  rows, its bf16 copy beyond; `--matmul-dtype bfloat16`: a bf16 copy (bf16 kernel or oneDNN); each row's 16 best
+  candidates (`topk_rows`, sampling.c) are then rescored in the model's dtype. Otherwise torch's F.linear.
+* Sampling: batches that are all greedy and ask for no alternatives: `argmax_lse` (sampling.c).
+
+The interface
+-------------
+`ENTRY_POINTS` declares every entry point with its named, typed parameters. Each returns a status: 0, or
+an `EMBER_E_*` code (kernels/ember.h) that the wrappers raise as `NativeError`, naming the entry point
+and the check that failed (`ember_status_message`). `decode_layers` takes one `DecodeStep` (the model's
+shapes, set at load; the cache's, set when it is allocated; the step's tensors) pointing at a table of
+`DecodeLayer` (each layer's norm weights, its four projections as `LinearWeights`, its K/V cache and
+window): ctypes mirrors of ember.h's structs, whose sizes, field names and offsets `check_layout`
+compares with the library's (`ember_layout`) at load; a library that differs is refused.
+
+The build
+---------
+Every `.c` file of `kernels/` is compiled together, with the machine's C compiler (`$CC`, else `cc`), at
+first use, for the CPU it runs on (`-march=native`) and with OpenMP, into one shared library in the cache
+(`$EMBER_CACHE/kernels`, keyed by every source and header, the flags and the CPU). The OpenMP runtime is
+torch's own (`libgomp.so.1` is already loaded when torch is), so the kernels share torch's threads rather
+than adding a second pool.
+
+Without a compiler, or with `EMBER_NATIVE=0`, `kernels()` returns None (`unavailable_reason` says why)
+and the callers keep their torch paths: the kernels are a speed-up, never a requirement.
 """
 
 from __future__ import annotations
@@ -27,44 +65,204 @@ from pathlib import Path
 
 import torch
 
+from ember import settings
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native.c")
+KERNELS_DIR = Path(__file__).with_name("kernels")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+_P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-_PTR = ctypes.c_void_p
+_INT = ctypes.c_int
+_F32 = ctypes.c_float
 
 _lock = threading.Lock()
 _loaded: "Kernels | None | bool" = False  # False: not tried yet
+_why_unavailable: str | None = None
+
+
+class NativeError(RuntimeError):
+    """A kernel refused a call or failed (`status`, an EMBER_E_* code named `name`, says which check), or
+    the library does not match this module's declarations (`status` None)."""
+
+    def __init__(self, message: str, entry: str | None = None, status: int | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+        self.status = status
+        self.name = name
+
+
+# --- the structs decode_layers reads: mirrors of kernels/ember.h, checked against it at load ------------
+
+class LinearWeights(ctypes.Structure):
+    """`ember_linear`: one projection's weight, w4a8's packed codes with their scales d and minimums m
+    (`Q4Weight`), or bf16 weights' packed tiles (`BF16Weight`, d and m NULL)."""
+
+    c_type = "ember_linear"
+    _fields_ = [("packed", _P), ("d", _P), ("m", _P)]
+
+    @classmethod
+    def of(cls, weight: Q4Weight | BF16Weight) -> LinearWeights:
+        if isinstance(weight, Q4Weight):
+            return cls(weight.packed.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr())
+        if isinstance(weight, BF16Weight):
+            return cls(weight.packed.data_ptr(), None, None)
+        raise TypeError(f"decode_layers takes Q4Weight or BF16Weight projections, not {type(weight).__name__}")
+
+
+class DecodeLayer(ctypes.Structure):
+    """`ember_decode_layer`: one decoder layer of decode_layers' table, filled once at load (the cache
+    addresses when the cache is allocated). The caller keeps the tensors behind these addresses alive."""
+
+    c_type = "ember_decode_layer"
+    _fields_ = [
+        ("input_norm", _P), ("post_norm", _P),  # RMSNorm weights [hidden] float32
+        ("qkv", LinearWeights), ("o_proj", LinearWeights), ("gate_up", LinearWeights), ("down", LinearWeights),
+        ("k_cache", _P), ("v_cache", _P),  # the layer's flat caches [slots, kv_heads * head_dim]
+        ("window", _I64),  # sliding window in keys (0: none)
+    ]
+
+
+class DecodeStep(ctypes.Structure):
+    """`ember_decode_step`: decode_layers' arguments. The model's fields are set once at load, the cache's
+    when it is allocated, the step's by `set_rows` before each call."""
+
+    c_type = "ember_decode_step"
+    _fields_ = [
+        # the model
+        ("layers", ctypes.POINTER(DecodeLayer)), ("num_layers", _I64), ("hidden", _I64), ("heads", _I64),
+        ("kv_heads", _I64), ("head_dim", _I64), ("inter", _I64),
+        ("eps", _F32), ("scale", _F32),  # the RMSNorms' epsilon; the attention's scale (head_dim ** -0.5)
+        ("bf16_weights", ctypes.c_int32),  # 1: every projection bf16 (BF16Weight); 0: w4a8 (Q4Weight)
+        # the cache
+        ("bf16_cache", ctypes.c_int32), ("block_size", _I64),
+        # the step
+        ("rows", _I64), ("rot", _I64), ("table_width", _I64),
+        ("delta", _P), ("residual", _P),  # [rows, hidden] float32: in the embeddings; out the output, residual
+        ("cos", _P), ("sin", _P),  # [rows, rot] float32
+        ("slots", _P), ("tables", _P), ("row_seq", _P), ("lens", _P),  # int64: [rows], [seqs, width], [rows]
+        ("threads", ctypes.c_int32),
+    ]
+
+    def set_rows(self, delta: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slots: torch.Tensor, tables: torch.Tensor, row_seq: torch.Tensor | None,
+                 lens: torch.Tensor) -> None:
+        """The step's tensors (contiguous; int64 indices), which the caller keeps alive through the call.
+        Row r is a token of sequence `row_seq[r]` (None: of sequence r, one token each), whose block
+        table is `tables[row_seq[r]]`, and attends over `lens[r]` keys of it."""
+        self.rows = delta.shape[0]
+        self.delta, self.residual = delta.data_ptr(), residual.data_ptr()
+        self.cos, self.sin, self.rot = cos.data_ptr(), sin.data_ptr(), cos.shape[-1]
+        self.slots, self.tables, self.table_width = slots.data_ptr(), tables.data_ptr(), tables.shape[1]
+        self.row_seq = row_seq.data_ptr() if row_seq is not None else None
+        self.lens = lens.data_ptr()
+        self.threads = torch.get_num_threads()
+
+
+MIRRORS = (LinearWeights, DecodeLayer, DecodeStep)  # checked against the library's layouts at load
+
+# Every entry point of the library (kernels/*.c) with its parameters, as C declares them. Each returns a
+# status (0: done; else an EMBER_E_* code, raised as NativeError), but the *_supported probes (1: built
+# with the instructions their kernels need).
+_PAGED_DECODE = (("q", _P), ("q_stride", _I64), ("k", _P), ("v", _P), ("tables", _P), ("table_width", _I64),
+                 ("lens", _P), ("batch", _I64), ("heads", _I64), ("kv_heads", _I64), ("dim", _I64),
+                 ("block_size", _I64), ("window", _I64), ("scale", _F32), ("out", _P), ("threads", _INT))
+ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
+    # attention.c
+    "paged_decode_f32": _PAGED_DECODE,
+    "paged_decode_bf16": _PAGED_DECODE,
+    # elementwise.c
+    "rms_norm_f32": (("x", _P), ("delta", _P), ("h", _P), ("w", _P), ("eps", _F32), ("out", _P), ("rows", _I64),
+                     ("dim", _I64), ("threads", _INT)),
+    "silu_mul_f32": (("gu", _P), ("out", _P), ("rows", _I64), ("inter", _I64), ("threads", _INT)),
+    "rotary_f32": (("x", _P), ("rows", _I64), ("row_stride", _I64), ("heads", _I64), ("dim", _I64), ("cos", _P),
+                   ("sin", _P), ("rot", _I64), ("threads", _INT)),
+    "kv_store": (("k", _P), ("k_stride", _I64), ("v", _P), ("v_stride", _I64), ("slots", _P), ("rows", _I64),
+                 ("width", _I64), ("k_cache", _P), ("v_cache", _P), ("bf16", _INT)),
+    # matmul_bf16.c, matmul_q4.c
+    "bf16_supported": (),
+    "bf16_linear": (("x", _P), ("rows", _I64), ("k", _I64), ("w", _P), ("n", _I64), ("out", _P), ("threads", _INT)),
+    "q4_supported": (),
+    "q4_linear": (("x", _P), ("rows", _I64), ("k", _I64), ("packed", _P), ("d", _P), ("m", _P), ("n", _I64),
+                  ("out", _P), ("bits", _INT), ("threads", _INT)),
+    # fused_step.c
+    "decode_layers": (("step", ctypes.POINTER(DecodeStep)),),
+    # sampling.c
+    "argmax_lse": (("x", _P), ("rows", _I64), ("vocab", _I64), ("ids", _P), ("lse", _P), ("threads", _INT)),
+    "topk_rows": (("x", _P), ("rows", _I64), ("vocab", _I64), ("k", _I64), ("idx", _P), ("threads", _INT)),
+}
+
+
+def _type_abi(lib: ctypes.CDLL) -> None:
+    """Type abi.c's functions: the statuses' text and the structs' layouts."""
+    try:
+        for name, restype, argtypes in (
+            ("ember_status_name", ctypes.c_char_p, [_INT]),
+            ("ember_status_message", ctypes.c_char_p, [_INT]),
+            ("ember_layout", _I64, [ctypes.c_char_p, ctypes.c_char_p]),
+            ("ember_layout_field", ctypes.c_char_p, [ctypes.c_char_p, _I64]),
+        ):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    except AttributeError as err:
+        raise NativeError(f"not Ember's kernels, or built from other sources: {err}") from None
+
+
+def check_layout(lib: ctypes.CDLL, mirror: type[ctypes.Structure]) -> None:
+    """Refuse (NativeError) a library whose struct `mirror.c_type` differs from its ctypes mirror: in
+    size, in its fields' names and order, or in any field's offset."""
+    c_type, ours = mirror.c_type, f"native.{mirror.__name__}"
+    size = lib.ember_layout(c_type.encode(), None)
+    if size < 0:
+        raise NativeError(f"the library declares no struct {c_type} ({ours} mirrors it)")
+    if size != ctypes.sizeof(mirror):
+        raise NativeError(f"struct {c_type} is {size} bytes in the library but {ctypes.sizeof(mirror)} in {ours}: "
+                          "kernels/ember.h and native.py must declare the same fields")
+    theirs, i = [], 0
+    while (name := lib.ember_layout_field(c_type.encode(), i)) is not None:
+        theirs.append(name.decode())
+        i += 1
+    names = [field[0] for field in mirror._fields_]
+    if theirs != names:
+        raise NativeError(f"struct {c_type} has fields {theirs} in the library but {names} in {ours}")
+    for name in names:
+        offset = lib.ember_layout(c_type.encode(), name.encode())
+        if offset != getattr(mirror, name).offset:
+            raise NativeError(f"struct {c_type}: field {name} is at byte {offset} in the library but "
+                              f"{getattr(mirror, name).offset} in {ours}")
 
 
 class Kernels:
-    """The loaded library with typed entry points."""
+    """The loaded library with typed entry points (`ENTRY_POINTS`), its structs checked (`MIRRORS`)."""
 
     def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        _type_abi(lib)
+        for mirror in MIRRORS:
+            check_layout(lib, mirror)
+        self.lib = lib
         self.path = path
-        self._decode = {}
-        for dtype, name in ((torch.float32, "paged_decode_f32"), (torch.bfloat16, "paged_decode_bf16")):
-            fn = getattr(lib, name)
+        for name, params in ENTRY_POINTS.items():
+            try:
+                fn = getattr(lib, name)
+            except AttributeError:
+                raise NativeError(f"the library has no entry point {name} (declared in native.ENTRY_POINTS)",
+                                  name) from None
             fn.restype = ctypes.c_int
-            fn.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64,
-                           ctypes.c_float, _PTR, ctypes.c_int]
-            self._decode[dtype] = fn
-        self._rms_norm = _typed(lib.rms_norm_f32, [_PTR, _PTR, _PTR, _PTR, ctypes.c_float, _PTR, _I64, _I64,
-                                                   ctypes.c_int])
-        self._silu_mul = _typed(lib.silu_mul_f32, [_PTR, _PTR, _I64, _I64, ctypes.c_int])
-        self._rotary = _typed(lib.rotary_f32, [_PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int])
-        self._q4_linear = _typed(lib.q4_linear, [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, ctypes.c_int,
-                                                 ctypes.c_int])
-        self.q4 = bool(lib.q4_supported())  # built with AVX-512 VNNI
-        self._bf16_linear = _typed(lib.bf16_linear, [_PTR, _I64, _I64, _PTR, _I64, _PTR, ctypes.c_int])
-        self.bf16 = bool(lib.bf16_supported())  # built with AVX-512 BF16
-        self._kv_store = _typed(lib.kv_store, [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
-        self._argmax_lse = _typed(lib.argmax_lse, [_PTR, _I64, _I64, _PTR, _PTR, ctypes.c_int])
-        self._topk_rows = _typed(lib.topk_rows, [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_int])
-        self._decode_layers = _typed(lib.decode_layers, [
-            _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, _PTR, _PTR, _I64, _PTR, _PTR,
-            _PTR, _I64, _PTR, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int])
+            fn.argtypes = [kind for _, kind in params]
+            setattr(self, f"_{name}", fn)
+        self._decode = {torch.float32: self._paged_decode_f32, torch.bfloat16: self._paged_decode_bf16}
+        self.q4 = bool(self._q4_supported())  # built with AVX-512 VNNI
+        self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
+
+    def error(self, entry: str, status: int, detail: str = "") -> NativeError:
+        """The NativeError for `status` returned by `entry`: which check failed, in the library's words."""
+        name, message = self.lib.ember_status_name(status), self.lib.ember_status_message(status)
+        if name is None:
+            return NativeError(f"{entry} failed with status {status}, which the library does not name", entry, status)
+        detail = f" [{detail}]" if detail else ""
+        return NativeError(f"{entry} failed: {message.decode()} ({name.decode()}){detail}", entry, status,
+                           name.decode())
 
     def argmax_lse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x [rows, vocab] (float32, contiguous): the first index of its maximum (int64) and
@@ -80,39 +278,28 @@ class Kernels:
         contiguous), in no particular order (k <= 256)."""
         rows, vocab = x.shape
         idx = torch.empty(rows, k, dtype=torch.long)
-        if self._topk_rows(x.data_ptr(), rows, vocab, k, idx.data_ptr(), torch.get_num_threads()) != 0:
-            raise ValueError(f"topk_indices: k={k} must be in 1..min(256, {vocab})")
+        status = self._topk_rows(x.data_ptr(), rows, vocab, k, idx.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise self.error("topk_rows", status, f"k={k}, vocab={vocab}")
         return idx
 
-    def decode_layers(self, table: torch.Tensor, delta: torch.Tensor, residual: torch.Tensor, heads: int,
-                      kv_heads: int, head_dim: int, inter: int, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                      slots: torch.Tensor, tables: torch.Tensor, row_seq: torch.Tensor | None, lens: torch.Tensor,
-                      block_size: int, bf16_cache: bool, bf16_weights: bool = False) -> None:
-        """Every decoder layer of a w4a8 step (or of bf16 weights, `bf16_weights`) in one call
-        (`decode_layers` in native.c).
-
-        `table` [layers, DECODE_LAYER_FIELDS] int64 holds each layer's weight and cache addresses;
-        `delta` [rows, hidden] float32 enters with the embeddings and leaves with the last layer's
-        output, `residual` leaves with the residual stream before it. Row r is a token of sequence
-        `row_seq[r]` (None: of sequence r, one token each), whose block table is `tables[row_seq[r]]`,
-        and attends over `lens[r]` keys of it (int64 tensors, contiguous)."""
-        rows, hidden = delta.shape
-        rc = self._decode_layers(
-            table.data_ptr(), table.shape[0], delta.data_ptr(), residual.data_ptr(), rows, hidden, heads, kv_heads,
-            head_dim, inter, eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], slots.data_ptr(),
-            tables.data_ptr(), row_seq.data_ptr() if row_seq is not None else None, tables.shape[1], lens.data_ptr(), block_size, head_dim ** -0.5, int(bf16_cache),
-            int(bf16_weights), torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"decode_layers failed ({rc})")
+    def decode_layers(self, step: DecodeStep) -> None:
+        """Every decoder layer of a step of w4a8 (or bf16, `step.bf16_weights`) weights in one call
+        (`decode_layers`, fused_step.c): `step.delta` enters with the embeddings and leaves with the last
+        layer's output, `step.residual` leaves with the residual stream before it."""
+        status = self._decode_layers(ctypes.byref(step))
+        if status != 0:
+            raise self.error("decode_layers", status, f"{step.rows} rows, {step.num_layers} layers")
 
     def bf16_linear(self, x: torch.Tensor, weight: "BF16Weight") -> torch.Tensor:
         """[rows, n] float32: x [rows, k] (float32, contiguous) rounded to bf16, times the packed weight."""
         rows, k = x.shape
         n = weight.shape[0]
         out = torch.empty(rows, n, dtype=torch.float32)
-        if self._bf16_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), n, out.data_ptr(),
-                             torch.get_num_threads()) != 0:
-            raise RuntimeError(f"bf16_linear failed for x {tuple(x.shape)} and weight {weight.shape}")
+        status = self._bf16_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), n, out.data_ptr(),
+                                   torch.get_num_threads())
+        if status != 0:
+            raise self.error("bf16_linear", status, f"x {tuple(x.shape)}, weight {weight.shape}")
         return out
 
     def kv_store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
@@ -142,17 +329,17 @@ class Kernels:
         dim = x.shape[-1]
         out = torch.empty_like(x)
         summed = torch.empty_like(x) if residual is not None else x
-        self._rms_norm(x.data_ptr(), residual.data_ptr() if residual is not None else None,
-                       summed.data_ptr() if residual is not None else None, weight.data_ptr(), eps,
-                       out.data_ptr(), x.numel() // dim, dim, torch.get_num_threads())
+        self._rms_norm_f32(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                           summed.data_ptr() if residual is not None else None, weight.data_ptr(), eps,
+                           out.data_ptr(), x.numel() // dim, dim, torch.get_num_threads())
         return out, summed
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for `gate_up` = [gate | up] along the last dimension."""
         inter = gate_up.shape[-1] // 2
         out = gate_up.new_empty(*gate_up.shape[:-1], inter)
-        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
-                       torch.get_num_threads())
+        self._silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
+                           torch.get_num_threads())
         return out
 
     def q4_linear(self, x: torch.Tensor, weight: Q4Weight) -> torch.Tensor:
@@ -160,18 +347,18 @@ class Kernels:
         n, k = weight.shape
         rows = x.shape[0]
         out = torch.empty(rows, n, dtype=torch.float32)
-        rc = self._q4_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), weight.d.data_ptr(),
-                             weight.m.data_ptr(), n, out.data_ptr(), weight.bits, torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"q4_linear failed ({rc})")
+        status = self._q4_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), weight.d.data_ptr(),
+                                 weight.m.data_ptr(), n, out.data_ptr(), weight.bits, torch.get_num_threads())
+        if status != 0:
+            raise self.error("q4_linear", status, f"x {tuple(x.shape)}, weight {weight.shape}, {weight.bits} bits")
         return out
 
     def rotary_(self, rows: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotate, in place, the first `heads` heads of each row of `rows` [T, width] (float32, rows
         contiguous inside); cos/sin [T, rot] contiguous, sin signed as `RotaryEmbedding` keeps it."""
         assert rows.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
-        self._rotary(rows.data_ptr(), rows.shape[0], rows.stride(0), heads, dim, cos.data_ptr(), sin.data_ptr(),
-                     cos.shape[-1], torch.get_num_threads())
+        self._rotary_f32(rows.data_ptr(), rows.shape[0], rows.stride(0), heads, dim, cos.data_ptr(), sin.data_ptr(),
+                         cos.shape[-1], torch.get_num_threads())
 
     def supports_decode(self, cache_dtype: torch.dtype) -> bool:
         return cache_dtype in self._decode
@@ -194,18 +381,18 @@ class Kernels:
         tables = tables.contiguous()
         lens = lens.contiguous()
         out = torch.empty(batch, heads, dim, dtype=torch.float32)
-        rc = self._decode[k.dtype](
+        status = self._decode[k.dtype](
             q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1],
             lens.data_ptr(), batch, heads, kv_heads, dim, block_size, window or 0, scale, out.data_ptr(),
             torch.get_num_threads(),
         )
-        if rc != 0:
-            raise MemoryError("paged decode attention could not allocate its scratch buffers")
+        if status != 0:
+            raise self.error("paged_decode_bf16" if k.dtype == torch.bfloat16 else "paged_decode_f32", status,
+                             f"batch {batch}, longest context {int(lens.max())}")
         return out
 
 
 Q4_GROUP = 32
-DECODE_LAYER_FIELDS = 17  # addresses per layer in decode_layers' table (native.c)
 
 
 @dataclass
@@ -213,7 +400,7 @@ class Q4Weight:
     """A [n, k] weight as Q4_1 blocks (w = d·q + m per 32 inputs), laid out for `q4_linear`; with
     `bits` 8 the same with 8-bit codes (Ember's int8 LM head under w4a8)."""
 
-    packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte (8 bits: [.., 8, 16, 4]), native.c
+    packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte (8 bits: [.., 8, 16, 4]), matmul_q4.c
     d: torch.Tensor  # float32 [n / 16, k / 32, 16]
     m: torch.Tensor  # float32 [n / 16, k / 32, 16]
     shape: tuple[int, int]
@@ -264,7 +451,7 @@ class Q4Weight:
 
 @dataclass
 class BF16Weight:
-    """A [n, k] linear weight in bfloat16, packed for `bf16_linear` / `decode_layers` (native.c): tiles of
+    """A [n, k] linear weight in bfloat16, packed for `bf16_linear` / `decode_layers` (matmul_bf16.c): tiles of
     16 output features by pairs of inputs, [n / 16, k / 2, 16, 2]. Multiplies float32 activations
     rounded to bf16, as oneDNN's bf16 linear does, into float32 outputs."""
 
@@ -306,12 +493,6 @@ class BF16Weight:
         return self.packed.numel() * 2
 
 
-def _typed(fn, argtypes: list) -> "ctypes._CFuncPtr":
-    fn.restype = ctypes.c_int
-    fn.argtypes = argtypes
-    return fn
-
-
 def _cpu_tag() -> str:
     """What -march=native depends on: the CPU's model and flags."""
     try:
@@ -326,20 +507,27 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
+def sources() -> list[Path]:
+    """The library's C files (compiled together into one shared object)."""
+    return sorted(KERNELS_DIR.glob("*.c"))
+
+
 def library_path(cache_dir: Path | None = None) -> Path:
-    """Where the build for this source, these flags and this CPU lives."""
+    """Where the build for these sources (and headers), these flags and this CPU lives."""
     if cache_dir is None:
         from ember.store import cache_root
 
-        cache_dir = cache_root()
+        cache_dir = cache_root(_settings["cache_dir"])
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_tag().encode(), platform.machine().encode()):
+    for source in sorted(KERNELS_DIR.glob("*.[ch]")):
+        key.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    for part in (" ".join(FLAGS).encode(), _cpu_tag().encode(), platform.machine().encode()):
         key.update(part)
     return Path(cache_dir) / "kernels" / f"ember_native-{key.hexdigest()[:16]}.so"
 
 
 def build(target: Path, flags: list[str] | None = None) -> Path:
-    """Compile `native.c` into `target` (atomically: concurrent shards never load a half-written file).
+    """Compile `kernels/*.c` into `target` (atomically: concurrent shards never load a half-written file).
     `flags` replaces FLAGS (tests build the portable, non-AVX-512 variant with it)."""
     cc = _compiler()
     if cc is None:
@@ -349,7 +537,8 @@ def build(target: Path, flags: list[str] | None = None) -> Path:
     os.close(fd)
     try:
         log.info("building Ember's CPU kernels with %s (once per machine)", cc)
-        done = subprocess.run([cc, *(flags or FLAGS), str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        command = [cc, *(flags or FLAGS), *map(str, sources()), "-o", tmp, "-lm"]
+        done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -360,21 +549,35 @@ def build(target: Path, flags: list[str] | None = None) -> Path:
 
 
 def load(path: Path) -> Kernels:
-    """A built library, typed."""
+    """A built library, typed; NativeError where it does not match this module's declarations."""
     return Kernels(ctypes.CDLL(str(path)), path)
 
 
+# The shard's --native-kernels and --cache-dir (None: the registry's env var or default, for library callers).
+_settings: dict = {"enabled": None, "cache_dir": None}
+
+
+def configure(enabled: bool | None = None, cache_dir: str | None = None) -> None:
+    """Apply the shard's settings before the first `kernels()` call."""
+    _settings.update(enabled=enabled, cache_dir=cache_dir)
+
+
 def kernels() -> Kernels | None:
-    """The CPU kernels, built on first call; None where they are off or cannot be built."""
-    global _loaded
+    """The CPU kernels, built on first call; None where they are off or cannot be built (see
+    `unavailable_reason`)."""
+    global _loaded, _why_unavailable
     if _loaded is not False:
         return _loaded or None
     with _lock:
         if _loaded is not False:
             return _loaded or None
         _loaded = None
-        if os.environ.get("EMBER_NATIVE", "1") in ("0", "false", "no", "off"):
-            log.info("EMBER_NATIVE=0: CPU kernels off, torch paths only")
+        enabled = _settings["enabled"]
+        if enabled is None:
+            enabled = settings.value("native-kernels")
+        if not enabled:
+            log.info("--native-kernels false (EMBER_NATIVE=0): CPU kernels off, torch paths only")
+            _why_unavailable = "switched off by --native-kernels false (EMBER_NATIVE=0)"
             return None
         try:
             path = library_path()
@@ -383,11 +586,20 @@ def kernels() -> Kernels | None:
             _loaded = load(path)
         except Exception as err:  # a speed-up, never a requirement
             log.warning("CPU kernels unavailable, using torch paths: %s", err)
+            _why_unavailable = str(err)
             _loaded = None
         return _loaded
 
 
+def unavailable_reason() -> str | None:
+    """Why `kernels()` is None (None: they are loaded)."""
+    if kernels() is not None:
+        return None
+    return _why_unavailable or "switched off in this process"
+
+
 def reset_for_tests(value: "Kernels | None | bool" = False) -> None:
     """Forget (or force) the loaded kernels; tests compare both paths in one process."""
-    global _loaded
+    global _loaded, _why_unavailable
     _loaded = value
+    _why_unavailable = None

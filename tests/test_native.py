@@ -1,8 +1,10 @@
-"""Ember's C kernels (`shard/native.c`): the paged decode attention against the torch path, and the
-bf16 KV cache (`--kv-cache-dtype`) they read."""
+"""Ember's C kernels (`shard/kernels/`, loaded by `shard/native.py`): the paged decode attention against
+the torch path, the bf16 KV cache (`--kv-cache-dtype`) they read, the matmuls, the fused step, and the
+interface itself (struct layouts checked at load, status codes named, the path per kind of layer)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
 
@@ -166,7 +168,8 @@ def test_launcher_flag_reaches_the_shard_command_line(tmp_path):
 
     cpu = {"CUDA_VISIBLE_DEVICES": ""}
     model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
-    assert "--kv-cache-dtype" not in shard_spec(parse_args([], cpu), model, 0).argv
+    argv = shard_spec(parse_args([], cpu), model, 0).argv  # the registry's default, passed explicitly
+    assert argv[argv.index("--kv-cache-dtype") + 1] == "auto"
     argv = shard_spec(parse_args(["--kv-cache-dtype", "bfloat16"], cpu), model, 0).argv
     assert argv[argv.index("--kv-cache-dtype") + 1] == "bfloat16"
     argv = shard_spec(parse_args([], dict(cpu, KV_CACHE_DTYPE="float32")), model, 0).argv
@@ -388,9 +391,12 @@ def test_long_prompt_chunks_take_sdpa(q4, tiny_llama_dir, monkeypatch):
 
 
 def test_fused_decode_is_built_only_where_it_fits(q4, tiny_model_factory):
-    """Qwen2's qkv bias keeps the per-layer modules (the fused kernel has no bias); int4 never fuses."""
-    assert load_runner(tiny_model_factory("qwen2"), dtype="float32", quantize="w4a8").model.fused is None
-    assert load_runner(tiny_model_factory("llama"), dtype="float32", quantize="int4").model.fused is None
+    """Qwen2's qkv bias keeps the per-layer modules (the fused kernel has no bias); int4 never fuses. The
+    model says why."""
+    qwen2 = load_runner(tiny_model_factory("qwen2"), dtype="float32", quantize="w4a8").model
+    assert qwen2.fused is None and "biases" in qwen2.fused_why
+    int4 = load_runner(tiny_model_factory("llama"), dtype="float32", quantize="int4").model
+    assert int4.fused is None and "int4 on torch's kernel" in int4.fused_why
 
 
 @pytest.mark.slow
@@ -489,8 +495,9 @@ def test_topk_indices_is_the_set_torch_picks(kernels, k):
     assert got.shape == (7, k)
     for g, w in zip(got.sort(-1).values, want.sort(-1).values):
         assert torch.equal(g, w)
-    with pytest.raises(ValueError):
+    with pytest.raises(native.NativeError, match=r"k must be in 1 \.\. min\(256, vocab\)") as err:
         kernels.topk_indices(x, 257)
+    assert (err.value.entry, err.value.status, err.value.name) == ("topk_rows", -7, "EMBER_E_TOPK")
 
 
 def test_greedy_sampler_fast_path_matches_log_softmax(kernels):
@@ -542,3 +549,143 @@ def test_w4a8_head_is_int8_and_greedy_choices_stay_exact(q4, tiny_llama_dir):
     best = exact.topk(4, dim=-1).indices
     torch.testing.assert_close(got.gather(1, best), exact.gather(1, best), atol=1e-5, rtol=1e-5)
     assert (got - exact).abs().max() < 0.05 * exact.std()
+
+
+# --- the interface: struct layouts, status codes, the path per kind of layer --------------------------
+
+def test_struct_mirrors_match_the_library(kernels):
+    for mirror in native.MIRRORS:
+        native.check_layout(kernels.lib, mirror)  # raises on any difference
+    assert ctypes.sizeof(native.DecodeLayer) == kernels.lib.ember_layout(b"ember_decode_layer", None)
+    assert native.DecodeStep.threads.offset == kernels.lib.ember_layout(b"ember_decode_step", b"threads")
+
+
+def test_a_struct_mismatch_is_refused_with_a_clear_error(kernels, monkeypatch, caplog):
+    class Short(ctypes.Structure):  # a field missing: a different size
+        c_type = "ember_decode_step"
+        _fields_ = native.DecodeStep._fields_[:-1]
+
+    with pytest.raises(native.NativeError, match=r"ember_decode_step is \d+ bytes in the library but \d+ in "
+                                                 r"native.Short"):
+        native.check_layout(kernels.lib, Short)
+
+    class Swapped(ctypes.Structure):  # same size, two fields in the other order
+        c_type = "ember_decode_layer"
+        _fields_ = [native.DecodeLayer._fields_[1], native.DecodeLayer._fields_[0], *native.DecodeLayer._fields_[2:]]
+
+    with pytest.raises(native.NativeError, match="ember_decode_layer has fields .* in the library but"):
+        native.check_layout(kernels.lib, Swapped)
+
+    class Unknown(ctypes.Structure):
+        c_type = "ember_nothing"
+        _fields_ = [("x", ctypes.c_int)]
+
+    with pytest.raises(native.NativeError, match="declares no struct ember_nothing"):
+        native.check_layout(kernels.lib, Unknown)
+
+    # Loading refuses the library, and the shard keeps its torch paths, saying why.
+    monkeypatch.setattr(native, "MIRRORS", (native.LinearWeights, native.DecodeLayer, Short))
+    with pytest.raises(native.NativeError, match="bytes in the library"):
+        native.load(kernels.path)
+    native.reset_for_tests(False)
+    with caplog.at_level(logging.WARNING, logger="ember.shard.native"):
+        assert native.kernels() is None
+    assert "CPU kernels unavailable" in caplog.text and "ember_decode_step" in caplog.text
+    assert "ember_decode_step" in native.unavailable_reason()
+
+
+def test_status_codes_name_the_check_that_failed(kernels):
+    names = {status: kernels.lib.ember_status_name(status) for status in range(0, -9, -1)}
+    assert all(names.values()) and len(set(names.values())) == len(names)  # every code named, once
+    assert kernels.lib.ember_status_name(-99) is None
+    err = kernels.error("q4_linear", -4, "x (1, 32)")
+    assert isinstance(err, native.NativeError) and isinstance(err, RuntimeError)
+    assert str(err) == "q4_linear failed: codes must be 4 or 8 bits wide (EMBER_E_BITS) [x (1, 32)]"
+    assert (err.entry, err.status, err.name) == ("q4_linear", -4, "EMBER_E_BITS")
+    assert "does not name" in str(kernels.error("q4_linear", -99))
+
+
+def test_kernels_raise_the_named_error(q4):
+    import dataclasses
+
+    weight = native.Q4Weight.pack(*_q4_codes(16, 32))
+    with pytest.raises(native.NativeError, match=r"codes must be 4 or 8 bits wide \(EMBER_E_BITS\)"):
+        q4.q4_linear(torch.randn(2, 32), dataclasses.replace(weight, bits=5))
+    # decode_layers through its struct: widths the int8 groups cannot split are refused before any work.
+    step = native.DecodeStep(num_layers=0, hidden=48, heads=1, kv_heads=1, head_dim=64, inter=64)
+    with pytest.raises(native.NativeError, match="multiples of 32 \\(EMBER_E_LAYER_WIDTHS\\)") as err:
+        q4.decode_layers(step)
+    assert err.value.entry == "decode_layers"
+
+
+def test_every_entry_point_is_declared_and_typed(kernels):
+    for name, params in native.ENTRY_POINTS.items():
+        fn = getattr(kernels, f"_{name}")
+        assert fn.argtypes == [kind for _, kind in params] and fn.restype is ctypes.c_int
+    assert not hasattr(kernels.lib, "ember_native_version")  # gone: nothing read it
+
+
+def test_the_cache_key_covers_every_source_and_header(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "kernels"
+    shutil.copytree(native.KERNELS_DIR, copy)
+    monkeypatch.setattr(native, "KERNELS_DIR", copy)
+    assert [p.name for p in native.sources()] == sorted(p.name for p in copy.glob("*.c"))
+    before = native.library_path(tmp_path)
+    (copy / "ember.h").write_text((copy / "ember.h").read_text() + "\n/* changed */\n")
+    assert native.library_path(tmp_path) != before
+
+
+def _paths(runner) -> dict[str, tuple[str, str]]:
+    paths = runner.model.kernel_paths(runner.cache.k[0].dtype)
+    assert [kind for kind, _, _ in paths] == ["decoder linears", "fused step", "attention", "norm, rotary, silu*mul",
+                                              "lm head"]
+    return {kind: (path, why) for kind, path, why in paths}
+
+
+def test_paths_under_float32(kernels, tiny_llama_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="ember.shard.models.llama"):
+        runner = load_runner(tiny_llama_dir, dtype="float32")
+    paths = _paths(runner)
+    for kind, (path, why) in paths.items():  # logged at load, one line per kind
+        assert f"{kind}: {path} (why: {why})" in caplog.text
+    from ember.shard.layers import OneDNNWeight
+
+    if OneDNNWeight.usable(torch.device("cpu"), torch.float32):
+        assert paths["decoder linears"][0] == "oneDNN, float32 weights in its blocked layout"
+    assert paths["fused step"][0].startswith("none") and "w4a8 or bf16" in paths["fused step"][1]
+    assert paths["attention"][0].startswith("decode: Ember's paged kernel")
+    assert paths["norm, rotary, silu*mul"][0].startswith("Ember's C kernels")
+    assert paths["lm head"] == ("torch F.linear, float32 weights", "matmuls in the model's dtype")
+
+
+def test_paths_without_the_kernels(tiny_llama_dir):
+    native.reset_for_tests(None)
+    try:
+        paths = _paths(load_runner(tiny_llama_dir, dtype="float32"))
+    finally:
+        native.reset_for_tests(False)
+    assert "unavailable" in paths["fused step"][1]
+    assert paths["attention"][0] == "decode: blocks gathered, torch SDPA; prefill: torch SDPA"
+    assert paths["norm, rotary, silu*mul"][0] == "torch ops"
+
+
+def test_paths_under_bf16_matmuls(kernels, tiny_llama_dir):
+    if not kernels.bf16 or not kernels.q4:
+        pytest.skip("this CPU has no AVX-512 BF16 (and VNNI): bf16 weights take oneDNN, op by op")
+    paths = _paths(load_runner(tiny_llama_dir, dtype="float32", matmul_dtype="bfloat16"))
+    assert paths["decoder linears"][0] == "bf16 weights on Ember's AVX-512 BF16 kernel (float32 sums)"
+    assert paths["fused step"][0].startswith("2 layers in one C call (decode_layers, bf16 weights)")
+    assert "KV cache in bfloat16" in paths["attention"][1]
+    assert paths["lm head"][0] == ("bf16 weights on Ember's AVX-512 BF16 kernel (float32 sums); each row's top 16 "
+                                   "(topk_rows) rescored in float32")
+
+
+def test_paths_under_w4a8(q4, tiny_llama_dir):
+    paths = _paths(load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8"))
+    assert paths["decoder linears"] == ("w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
+                                        "--quantize w4a8 on a CPU with AVX-512 VNNI")
+    assert paths["fused step"][0].startswith("2 layers in one C call (decode_layers, w4a8)")
+    assert paths["lm head"][0].startswith("8-bit codes per 32 inputs on Ember's VNNI kernel; each row's top 16")
+    assert paths["lm head"][0].endswith("rescored in float32")

@@ -7,6 +7,8 @@ embeddings (SmolLM2). The forward runs over flattened ragged tokens.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +31,12 @@ from ember.shard.layers import (
     OneDNNWeight,
     PackedWeight,
     _linear,
+    linear_path,
     pack_weight,
 )
 from ember.shard.weights import Weights, check_tp_divisible
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = PAGED_MODEL_TYPES
 # With low-precision matmuls, the logits of this many best tokens per row are recomputed in the model dtype.
@@ -210,6 +215,7 @@ class LlamaForCausalLM(torch.nn.Module):
         self.fast_head: torch.Tensor | OneDNNWeight | None = None  # see cast_matmuls
         self.packed_head: PackedWeight | None = None  # see quantize
         self.fused: FusedDecode | None = None  # see quantize
+        self.fused_why = "the fused step is built by cast_matmuls / quantize, on CPU"  # why fused, or why not
         self.q8_head: native.Q4Weight | None = None  # see quantize
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
@@ -241,7 +247,7 @@ class LlamaForCausalLM(torch.nn.Module):
             cast_weight(layer.mlp.down, dtype, with_bias=False)
         if self.lm_head.group.is_trivial and dtype != self.lm_head.weight.dtype:
             self.fast_head = _fast_copy(self.lm_head.weight.data, dtype)
-        self.fused = FusedDecode.build(self)  # bf16 weights on Ember's kernel: the layers in one C call
+        self.fused, self.fused_why = FusedDecode.build(self)  # bf16 weights on Ember's kernel: one C call
 
     def quantize(self, kind: str) -> list[str]:
         """Pack the decoder layers' linear weights as `kind` (int8 / int4, see `PackedWeight`).
@@ -264,8 +270,7 @@ class LlamaForCausalLM(torch.nn.Module):
                 reason = pack_weight(module, kind)
                 if reason:
                     kept.append(f"layer {i} {name}: {reason}")
-        if kind == "w4a8":
-            self.fused = FusedDecode.build(self)
+        self.fused, self.fused_why = FusedDecode.build(self)  # w4a8: the layers in one C call
         head = self.lm_head.weight.data
         head_fits = PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None
         if kind == "w4a8" and self.lm_head.group.is_trivial and head_fits:
@@ -301,10 +306,88 @@ class LlamaForCausalLM(torch.nn.Module):
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()
         return approx.scatter_(1, best, exact)
 
+    def kernel_paths(self, kv_dtype: torch.dtype | None = None) -> list[tuple[str, str, str]]:
+        """(kind of layer, the path it runs on, why) per kind of layer, as decided at load by
+        `cast_matmuls` / `quantize` (native.py's docstring lists the paths); `kv_dtype`: the KV cache's
+        (default: the model's). What `log_kernel_paths` logs."""
+        device, dtype = self.embed.weight.device, self.embed.weight.dtype
+        kv_dtype = kv_dtype or dtype
+        kernels = native.kernels() if device.type == "cpu" else None
+        if kernels is not None:
+            no_kernels = ""
+        elif device.type != "cpu":
+            no_kernels = f"on {device.type}: Ember's kernels are CPU's"
+        else:
+            no_kernels = f"Ember's C kernels are unavailable: {native.unavailable_reason()}"
+        name = str(dtype).removeprefix("torch.")
+        paths = []
+
+        found: dict[tuple[str, str], int] = {}
+        for layer in self.layers:
+            for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                key = linear_path(linear.weight)
+                found[key] = found.get(key, 0) + 1
+        if len(found) == 1:
+            paths.append(("decoder linears", *next(iter(found))))
+        else:
+            paths.append(("decoder linears", "; ".join(f"{n} x {path}" for (path, _), n in found.items()),
+                          "; ".join(dict.fromkeys(why for _, why in found))))
+
+        if self.fused is not None:
+            kind = "bf16 weights" if self.fused.bf16_weights else "w4a8"
+            path = (f"{len(self.layers)} layers in one C call (decode_layers, {kind}) for decode steps and prompt "
+                    f"chunks up to {FUSED_MAX_NEW_TOKENS} tokens")
+            paths.append(("fused step", path, self.fused_why))
+        else:
+            paths.append(("fused step", "none: layer by layer through the modules", self.fused_why))
+
+        if kernels is not None and kernels.supports_decode(kv_dtype):
+            paths.append(("attention", "decode: Ember's paged kernel, the cache read in place; prefill: torch SDPA",
+                          f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}"))
+        else:
+            why = no_kernels if kernels is None else f"Ember's kernel reads no {kv_dtype} cache"
+            paths.append(("attention", "decode: blocks gathered, torch SDPA; prefill: torch SDPA", why))
+
+        if kernels is not None and dtype == torch.float32:
+            act = "" if self.spec.hidden_act in ("silu", "swish") else f" ({self.spec.hidden_act} in torch)"
+            paths.append(("norm, rotary, silu*mul", f"Ember's C kernels, row by row{act}",
+                          "float32 activations on CPU"))
+        else:
+            paths.append(("norm, rotary, silu*mul", "torch ops",
+                          no_kernels if kernels is None else f"activations in {name}: the kernels take float32"))
+
+        k = min(RESCORED_CANDIDATES, self.lm_head.vocab_size)
+        rescored = f"; each row's top {k} ({'topk_rows' if kernels else 'torch.topk'}) rescored in {name}"
+        if self.q8_head is not None:
+            paths.append(("lm head", "8-bit codes per 32 inputs on Ember's VNNI kernel" + rescored,
+                          "--quantize w4a8: 1.25 bytes per weight, twice bf16's products per instruction"))
+        elif self.packed_head is not None:
+            beyond = linear_path(self.fast_head)[0] if self.fast_head is not None else "the model's dtype"
+            kind = self.packed_head.kind
+            paths.append(("lm head", f"{kind} on torch's kernel up to {PACKED_HEAD_MAX_ROWS} rows, beyond: {beyond}"
+                          + rescored, f"--quantize {kind}"))
+        elif self.fast_head is not None:
+            path, why = linear_path(self.fast_head)
+            paths.append(("lm head", path + rescored, why))
+        elif self.lm_head.group.is_trivial:
+            paths.append(("lm head", f"torch F.linear, {name} weights", "matmuls in the model's dtype"))
+        else:
+            paths.append(("lm head", f"torch F.linear, {name} weights, vocab-sharded, all-gathered",
+                          f"tensor parallel (world size {self.lm_head.group.world_size})"))
+        return paths
+
+    def log_kernel_paths(self, kv_dtype: torch.dtype | None = None) -> list[tuple[str, str, str]]:
+        """Log `kernel_paths`, one line per kind of layer; returns them."""
+        paths = self.kernel_paths(kv_dtype)
+        for kind, path, why in paths:
+            log.info("%s: %s (why: %s)", kind, path, why)
+        return paths
+
 
 class FusedDecode:
-    """Steps with every decoder layer in one C call (`decode_layers`, native.c): w4a8 models, and float32
-    models whose linear weights are bf16 on Ember's kernel (`--matmul-dtype bfloat16`, `native.BF16Weight`).
+    """Steps with every decoder layer in one C call (`decode_layers`, kernels/fused_step.c): w4a8 models,
+    and float32 models whose linear weights are bf16 on Ember's kernel (`--matmul-dtype bfloat16`,
+    `native.BF16Weight`).
 
     Same arithmetic as the per-layer modules over Ember's kernels, without the Python, the
     allocations and the thread forks between ops: at SmolLM2's size these cost as much as the
@@ -314,68 +397,91 @@ class FusedDecode:
     that length; the prompt's own keys are read back in the cache's dtype (bf16 by default), as
     decode steps read every key. Longer chunks take the modules and SDPA.
 
-    Built only where every piece fits (world size 1, all four projections of every layer on the
-    VNNI kernel or all on the bf16 one, without biases, silu MLP, float32 activations); `run`
-    returns None for a step it cannot take (a KV cache dtype other than float32 / bf16, a long
+    Built only where every piece fits (`unfit_reason`: world size 1, all four projections of every
+    layer on the VNNI kernel or all on the bf16 one, without biases, silu MLP, float32 activations);
+    `run` returns None for a step it cannot take (a KV cache dtype other than float32 / bf16, a long
     chunk), which then takes the modules.
+
+    The kernel's arguments live in one `native.DecodeStep`, built here once: the model's shapes and a
+    `native.DecodeLayer` table of each layer's weights; the cache's addresses are bound when the
+    cache first shows up (`_bind_cache`), the step's tensors before each call.
     """
 
     def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels, bf16_weights: bool) -> None:
         spec = model.spec
         self.kernels = kernels
         self.bf16_weights = bf16_weights
-        self.heads, self.kv_heads = model.layers[0].attn.heads, model.layers[0].attn.kv_heads
-        self.head_dim, self.inter = spec.head_dim, spec.intermediate_size
-        self.eps = float(model.layers[0].input_norm.eps)
-        rows = []
-        for layer in model.layers:
-            fields = [layer.input_norm.weight.data_ptr(), layer.post_norm.weight.data_ptr()]
-            for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                if bf16_weights:
-                    fields += [linear.weight.packed.data_ptr(), 0, 0]
-                else:
-                    q4 = linear.weight.q4
-                    fields += [q4.packed.data_ptr(), q4.d.data_ptr(), q4.m.data_ptr()]
-            rows.append(fields + [0, 0, layer.attn.window or 0])  # the cache's two addresses: see `_table`
-        self.table = torch.tensor(rows, dtype=torch.long)
+        self.layer_table = (native.DecodeLayer * len(model.layers))()
+        for entry, layer in zip(self.layer_table, model.layers):
+            entry.input_norm = layer.input_norm.weight.data_ptr()
+            entry.post_norm = layer.post_norm.weight.data_ptr()
+            for name, linear in (("qkv", layer.attn.qkv), ("o_proj", layer.attn.o_proj),
+                                 ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)):
+                weight = linear.weight if bf16_weights else linear.weight.q4
+                setattr(entry, name, native.LinearWeights.of(weight))
+            entry.window = layer.attn.window or 0  # k_cache / v_cache: see _bind_cache
+        attn = model.layers[0].attn
+        self.step = native.DecodeStep(
+            layers=ctypes.cast(self.layer_table, ctypes.POINTER(native.DecodeLayer)),
+            num_layers=len(model.layers), hidden=spec.hidden_size, heads=attn.heads, kv_heads=attn.kv_heads,
+            head_dim=spec.head_dim, inter=spec.intermediate_size, eps=float(model.layers[0].input_norm.eps),
+            scale=spec.head_dim ** -0.5, bf16_weights=int(bf16_weights))
         self.layers = model.layers  # keeps the weights whose addresses the table holds alive
         self._cache_key: tuple | None = None
 
-    @classmethod
-    def build(cls, model: "LlamaForCausalLM") -> "FusedDecode | None":
+    @staticmethod
+    def unfit_reason(model: LlamaForCausalLM) -> str | None:
+        """Why `model`'s decoder layers cannot run in one C call (None: they can)."""
+        if model.embed.weight.device.type != "cpu":
+            return f"on {model.embed.weight.device.type}: the fused step is a CPU kernel"
         kernels = native.kernels()
-        if kernels is None or not model.lm_head.group.is_trivial:
-            return None
+        if kernels is None:
+            return f"Ember's C kernels are unavailable ({native.unavailable_reason()})"
+        if not model.lm_head.group.is_trivial:
+            return f"tensor parallel (world size {model.lm_head.group.world_size}): the fused step has no all-reduce"
         linears = [w for layer in model.layers
                    for w in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
         if any(linear.bias is not None for linear in linears):
-            return None
+            return "the linears have biases (e.g. Qwen2's qkv bias), which the fused step does not add"
         if all(isinstance(linear.weight, native.BF16Weight) for linear in linears):
-            bf16_weights = kernels.bf16
-        elif all(isinstance(linear.weight, PackedWeight) and linear.weight.q4 is not None for linear in linears):
-            bf16_weights = False
-            if not kernels.q4:
-                return None
-        else:
-            return None
-        if model.embed.weight.dtype != torch.float32 or model.spec.hidden_act not in ("silu", "swish"):
-            return None
+            if not kernels.bf16:
+                return "bf16 weights on a CPU without AVX-512 BF16"
+        elif not all(isinstance(linear.weight, PackedWeight) and linear.weight.q4 is not None for linear in linears):
+            paths = sorted({linear_path(linear.weight)[0] for linear in linears})
+            return f"the linears are {' / '.join(paths)}: the fused step takes w4a8 or bf16 on Ember's kernel"
+        if not kernels.q4:
+            return "a CPU without AVX-512 VNNI (the fused step is built with the int8 kernels)"
+        if model.embed.weight.dtype != torch.float32:
+            return f"activations in {model.embed.weight.dtype}: the fused step takes float32"
+        if model.spec.hidden_act not in ("silu", "swish"):
+            return f"activation {model.spec.hidden_act!r}: the fused step has silu only"
         if len({layer.input_norm.eps for layer in model.layers} | {layer.post_norm.eps for layer in model.layers}) != 1:
-            return None
+            return "the layers' RMSNorm epsilons differ: the fused step takes one"
         for layer in model.layers:
             for norm in (layer.input_norm, layer.post_norm):
                 if not native.Kernels.fits(norm.weight):
-                    return None
-        return cls(model, kernels, bf16_weights)
+                    return "an RMSNorm weight is not a contiguous float32 CPU tensor"
+        return None
 
-    def _table(self, cache: PagedKVCache) -> torch.Tensor:
-        key = (id(cache), cache.k[0].data_ptr())
+    @classmethod
+    def build(cls, model: LlamaForCausalLM) -> tuple[FusedDecode | None, str]:
+        """(the fused step, or None, and why): what `kernel_paths` reports."""
+        reason = cls.unfit_reason(model)
+        if reason is not None:
+            return None, reason
+        bf16_weights = isinstance(model.layers[0].attn.qkv.weight, native.BF16Weight)
+        why = "bf16 weights on Ember's kernel" if bf16_weights else "w4a8 weights"
+        return cls(model, native.kernels(), bf16_weights), f"{why}, float32 activations, world size 1"
+
+    def _bind_cache(self, cache: PagedKVCache) -> None:
+        """Point the table at `cache`'s layers (once per cache)."""
+        key = (id(cache), cache.k[0].data_ptr(), cache.dtype, cache.block_size)
         if key != self._cache_key:
-            for i in range(len(self.layers)):
-                self.table[i, 14] = cache.k[i].data_ptr()
-                self.table[i, 15] = cache.v[i].data_ptr()
+            for entry, k, v in zip(self.layer_table, cache.k, cache.v):
+                entry.k_cache, entry.v_cache = k.data_ptr(), v.data_ptr()
+            self.step.bf16_cache = int(cache.dtype == torch.bfloat16)
+            self.step.block_size = cache.block_size
             self._cache_key = key
-        return self.table
 
     def run(self, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
             cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -390,10 +496,9 @@ class FusedDecode:
             return None
         delta = embeddings  # a fresh tensor from F.embedding: the kernel writes the layers' output into it
         residual = torch.empty_like(delta)
-        self.kernels.decode_layers(
-            self._table(cache), delta, residual, self.heads, self.kv_heads, self.head_dim, self.inter, self.eps,
-            cos, sin, meta.slots, tables, row_seq, lens, cache.block_size, cache.dtype == torch.bfloat16,
-            self.bf16_weights)
+        self._bind_cache(cache)
+        self.step.set_rows(delta, residual, cos, sin, meta.slots, tables, row_seq, lens)
+        self.kernels.decode_layers(self.step)
         return delta, residual
 
 

@@ -1,0 +1,399 @@
+/*
+ * Paged decode attention, shared by paged_decode_* (attention.c) and decode_layers (fused_step.c): one
+ * new token per sequence (or, in decode_layers, each row of a prompt chunk) attends over its cached
+ * context, read in place from the paged KV cache through the block table. The torch fallback gathers
+ * each sequence's blocks into a padded tensor first and reads it again in SDPA; here every cached K/V
+ * row is read exactly once.
+ *
+ * Layouts (all contiguous except q's row stride):
+ *   q        [batch, heads, dim] float32, rows `q_stride` floats apart
+ *   k, v     [num_blocks * block_size, kv_heads, dim] (float32 or bf16)
+ *   tables   [batch, table_width] int64 block ids
+ *   lens     [batch] int64 context length after this step (keys per sequence)
+ *   out      [batch, heads, dim] float32
+ * `window` > 0 keeps only the last `window` keys (sliding-window layers).
+ * Query heads h*groups .. h*groups+groups-1 share KV head h (GQA).
+ */
+#ifndef EMBER_ATTENTION_H
+#define EMBER_ATTENTION_H
+
+#include <stdlib.h>
+
+#include "ember.h"
+
+/* Element i of a cache row: float32, or bf16 widened (its bits are a float's high half). */
+static inline __attribute__((always_inline)) float elem(const void *row, int64_t i, const int bf16) {
+    if (!bf16) return ((const float *)row)[i];
+    union { uint32_t u; float f; } v = {.u = (uint32_t)((const uint16_t *)row)[i] << 16};
+    return v.f;
+}
+
+static inline __attribute__((always_inline)) const void *row_at(const void *base, int64_t row, const int64_t dim,
+                                                                const int bf16) {
+    return bf16 ? (const void *)((const uint16_t *)base + row * dim) : (const void *)((const float *)base + row * dim);
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#define VEC 16
+/* Sixteen elements of a cache row as floats (bf16 widened in registers). */
+static inline __attribute__((always_inline)) __m512 load16(const void *row, int64_t i, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)row + i);
+    const __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+static inline __attribute__((always_inline)) float dot_row(const float *q, const void *row, const int64_t dim,
+                                                           const int bf16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < dim; i += VEC) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(row, i, bf16), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline __attribute__((always_inline)) void axpy_row(float *a, float p, const void *row, const int64_t dim,
+                                                           const int bf16) {
+    const __m512 pv = _mm512_set1_ps(p);
+    for (int64_t i = 0; i < dim; i += VEC)
+        _mm512_storeu_ps(a + i, _mm512_fmadd_ps(pv, load16(row, i, bf16), _mm512_loadu_ps(a + i)));
+}
+#define VECTOR_OK(dim) ((dim) % VEC == 0)
+#else
+#define VECTOR_OK(dim) 0
+static inline float dot_row(const float *q, const void *row, int64_t dim, int bf16) { return 0.f; }
+static inline void axpy_row(float *a, float p, const void *row, int64_t dim, int bf16) {}
+#endif
+
+/* One sequence's KV heads h0 .. h1-1 (their `groups` query heads each) over keys start .. start+n-1.
+ * Each cached row is read whole (all its KV heads of the task in turn): a block's rows are contiguous,
+ * so the reads stream. */
+static inline __attribute__((always_inline)) void attend(
+    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *acc,
+    float *sums, float *out, const int64_t groups, const int64_t dim, const int bf16) {
+    const int64_t rows = (h1 - h0) * groups; /* query heads of the task */
+    /* the cache slots of positions start .. start+n-1, once for both passes (no division per token) */
+    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
+        slots[t] = table[block] * block_size + offset;
+        if (++offset == block_size) offset = 0, block++;
+    }
+    const int64_t row_bytes = kv_heads * dim * (bf16 ? 2 : 4);
+    for (int64_t t = 0; t < n; t++) {
+        if (t + 8 < n) /* a later slot's keys and values ahead of use (see attend64) */
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+                __builtin_prefetch((const char *)k + slots[t + 8] * row_bytes + b, 0, 3);
+                __builtin_prefetch((const char *)v + slots[t + 8] * row_bytes + b, 0, 2);
+            }
+        for (int64_t h = h0; h < h1; h++) {
+            const void *kr = row_at(k, slots[t] * kv_heads + h, dim, bf16);
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t qi = (h - h0) * groups + g;
+                const float *qg = qb + qi * dim;
+                float dot = 0.f;
+                if (VECTOR_OK(dim)) {
+                    dot = dot_row(qg, kr, dim, bf16);
+                } else {
+                    _Pragma("omp simd reduction(+ : dot)")
+                    for (int64_t i = 0; i < dim; i++) dot += qg[i] * elem(kr, i, bf16);
+                }
+                scores[qi * n + t] = dot * scale;
+            }
+        }
+    }
+    for (int64_t qi = 0; qi < rows; qi++) {
+        float *s = scores + qi * n;
+        float top = s[0];
+        _Pragma("omp simd reduction(max : top)")
+        for (int64_t t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
+        float total = 0.f;
+        _Pragma("omp simd reduction(+ : total)")
+        for (int64_t t = 0; t < n; t++) {
+            s[t] = exp_neg(s[t] - top);
+            total += s[t];
+        }
+        sums[qi] = total;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(rows * dim));
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t h = h0; h < h1; h++) {
+            const void *vr = row_at(v, slots[t] * kv_heads + h, dim, bf16);
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t qi = (h - h0) * groups + g;
+                const float p = scores[qi * n + t];
+                float *a = acc + qi * dim;
+                if (VECTOR_OK(dim)) {
+                    axpy_row(a, p, vr, dim, bf16);
+                } else {
+                    _Pragma("omp simd")
+                    for (int64_t i = 0; i < dim; i++) a[i] += p * elem(vr, i, bf16);
+                }
+            }
+        }
+    }
+    for (int64_t qi = 0; qi < rows; qi++) {
+        const float inv = 1.f / sums[qi];
+        float *o = out + qi * dim;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < dim; i++) o[i] = acc[qi * dim + i] * inv;
+    }
+}
+
+/* The sequence this thread will most likely attend next (see decode_task): its cached rows, fetched into
+ * L2 one slot per call while this sequence computes, so that its first pass does not wait on memory. */
+typedef struct {
+    const int64_t *table;
+    int64_t pos, end, block_size, row_bytes;
+    const char *k, *v;
+} next_rows;
+
+#ifdef __AVX512F__
+#define ATTEND_PREFETCH 8 /* slots ahead */
+
+/* The cache is read in block-table order, which the hardware cannot guess at block boundaries: fetch a
+ * later slot's keys and values, every head (`row_bytes` from byte `at`), ahead of use, into L2 (keys into
+ * L1 instead were 8 % slower over 30 layers' caches that had left every cache level). */
+static inline __attribute__((always_inline)) void attend_prefetch(const void *k, const void *v, int64_t at,
+                                                                  int64_t row_bytes) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch((const char *)k + at + b, _MM_HINT_T1);
+        _mm_prefetch((const char *)v + at + b, _MM_HINT_T1);
+    }
+}
+
+static inline __attribute__((always_inline)) void next_rows_fetch(next_rows *nr) {
+    if (nr->pos >= nr->end) return;
+    const int64_t slot = nr->table[nr->pos / nr->block_size] * nr->block_size + nr->pos % nr->block_size;
+    attend_prefetch(nr->k, nr->v, slot * nr->row_bytes, nr->row_bytes);
+    nr->pos++;
+}
+
+/* Key t of KV head h (64 wide) as four float vectors; the first head's pass also prefetches a later slot
+ * (`fetch`). */
+static inline __attribute__((always_inline)) void key_row64(const void *k, const void *v, const int64_t *slots,
+                                                            int64_t t, int64_t n, int64_t h, int fetch,
+                                                            int64_t kv_heads, int64_t row_bytes, const int bf16,
+                                                            __m512 *out) {
+    if (fetch && t + ATTEND_PREFETCH < n) attend_prefetch(k, v, slots[t + ATTEND_PREFETCH] * row_bytes, row_bytes);
+    const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++) out[c] = load16(kr, 16 * c, bf16);
+}
+
+/* The lane-wise products of a 64-wide query (four vectors) and key, summed over the four: the dot product
+ * still to be summed across lanes. */
+static inline __attribute__((always_inline)) __m512 dot64(const __m512 *q, const __m512 *key) {
+    __m512 x = _mm512_mul_ps(q[0], key[0]);
+    x = _mm512_fmadd_ps(q[1], key[1], x);
+    x = _mm512_fmadd_ps(q[2], key[2], x);
+    return _mm512_fmadd_ps(q[3], key[3], x);
+}
+
+/* The horizontal sums of four vectors, as one: lane i of the result sums every lane of the i-th. */
+static inline __attribute__((always_inline)) __m128 reduce4(__m512 x, __m512 y, __m512 z, __m512 w) {
+    /* per 128-bit chunk: [x0+x2, y0+y2, x1+x3, y1+y3] and the same for z, w */
+    const __m512 xy = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    const __m512 zw = _mm512_add_ps(_mm512_unpacklo_ps(z, w), _mm512_unpackhi_ps(z, w));
+    /* per chunk: the chunk's sums of x, y, z, w */
+    const __m512 c = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(xy), _mm512_castps_pd(zw))),
+                                   _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(xy), _mm512_castps_pd(zw))));
+    /* the four chunks added: chunks 0+2, 1+3, then those two */
+    const __m512 d = _mm512_add_ps(c, _mm512_shuffle_f32x4(c, c, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512 e = _mm512_add_ps(d, _mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_castps512_ps128(e);
+}
+/* `attend` for 64-wide heads and G (1..4) query heads per KV head, with the G queries, and then the G
+ * output accumulators, in registers: each cached K and V row is widened once for all G heads, and the
+ * weighted sum never goes through memory. The same steps as `attend` (scores, softmax, the weighted sum
+ * over keys in order); only each score's sum across lanes is associated differently (reduce4), so the
+ * numbers agree to float32 rounding, not bit for bit. */
+static inline __attribute__((always_inline)) void attend64(
+    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *sums,
+    float *out, next_rows *next, const int G, const int bf16) {
+    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
+        slots[t] = table[block] * block_size + offset;
+        if (++offset == block_size) offset = 0, block++;
+    }
+    const int64_t row_bytes = kv_heads * 64 * (bf16 ? 2 : 4); /* one slot's keys (or values), every head */
+    for (int64_t h = h0; h < h1; h++) {
+        const int64_t q0 = (h - h0) * G;
+        {
+            __m512 qv[4][4];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) qv[g][c] = _mm512_loadu_ps(qb + (q0 + g) * 64 + 16 * c);
+            const __m128 scale4 = _mm_set1_ps(scale);
+            int64_t t = 0;
+            for (; t + 4 <= n; t += 4) {
+                /* four keys at a time: each query's four dot products reduced together (reduce4), about a
+                 * third of the shuffles and adds of four horizontal sums */
+                __m512 a[4][4]; /* [query][key] */
+                if (h != h0) next_rows_fetch(next);
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; j++) {
+                    __m512 kv4[4];
+                    key_row64(k, v, slots, t + j, n, h, h == h0, kv_heads, row_bytes, bf16, kv4);
+#pragma GCC unroll 4
+                    for (int g = 0; g < G; g++) a[g][j] = dot64(qv[g], kv4);
+                }
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++)
+                    _mm_storeu_ps(scores + (q0 + g) * n + t,
+                                  _mm_mul_ps(reduce4(a[g][0], a[g][1], a[g][2], a[g][3]), scale4));
+            }
+            for (; t < n; t++) {
+                __m512 kv4[4];
+                key_row64(k, v, slots, t, n, h, h == h0, kv_heads, row_bytes, bf16, kv4);
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) scores[(q0 + g) * n + t] = _mm512_reduce_add_ps(dot64(qv[g], kv4)) * scale;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float *sc = scores + (q0 + g) * n;
+            float top = sc[0];
+            _Pragma("omp simd reduction(max : top)")
+            for (int64_t t = 1; t < n; t++) top = sc[t] > top ? sc[t] : top;
+            float total = 0.f;
+            _Pragma("omp simd reduction(+ : total)")
+            for (int64_t t = 0; t < n; t++) {
+                sc[t] = exp_neg(sc[t] - top);
+                total += sc[t];
+            }
+            sums[q0 + g] = total;
+        }
+        __m512 acc[4][4];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            next_rows_fetch(next);
+            const void *vr = row_at(v, slots[t] * kv_heads + h, 64, bf16);
+            const __m512 v0 = load16(vr, 0, bf16), v1 = load16(vr, 16, bf16), v2 = load16(vr, 32, bf16),
+                         v3 = load16(vr, 48, bf16);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m512 p = _mm512_set1_ps(scores[(q0 + g) * n + t]);
+                acc[g][0] = _mm512_fmadd_ps(p, v0, acc[g][0]);
+                acc[g][1] = _mm512_fmadd_ps(p, v1, acc[g][1]);
+                acc[g][2] = _mm512_fmadd_ps(p, v2, acc[g][2]);
+                acc[g][3] = _mm512_fmadd_ps(p, v3, acc[g][3]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            const __m512 inv = _mm512_set1_ps(1.f / sums[q0 + g]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + (q0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+        }
+    }
+}
+#endif
+
+/* The first key a query at context length `len` sees: all of them, or the last `window` (0: no window). */
+static inline int64_t window_start(int64_t len, int64_t window) {
+    return (window > 0 && len > window) ? len - window : 0;
+}
+
+/* A guess at the task this thread takes after `task` (of `tasks`) when `threads` share them in order
+ * (dynamic, one at a time, tasks of about equal cost): `task` + `threads`, or -1 past the end. */
+static inline int64_t likely_next(int64_t task, int64_t tasks, int threads) {
+    return task + threads < tasks ? task + threads : -1;
+}
+
+/* Task `task` of a decode step's attention: sequence task / split, KV heads of its share `per_task`. */
+static inline __attribute__((always_inline)) void decode_task(
+    int64_t task, int64_t split, int64_t per_task, const float *q, int64_t q_stride, const void *k, const void *v,
+    const int64_t *tables, const int64_t *row_seq, int64_t table_width, const int64_t *lens, int64_t heads,
+    int64_t kv_heads, int64_t dim,
+    int64_t block_size, int64_t window, float scale, float *out, int64_t out_stride, int64_t *slots, float *scores,
+    float *acc, float *sums, int64_t next_task, const int bf16) {
+    const int64_t groups = heads / kv_heads;
+    const int64_t b = task / split, h0 = (task % split) * per_task, h1 = h0 + per_task;
+    const int64_t len = lens[b];
+    const int64_t start = window_start(len, window);
+    /* next_task (or -1): a guess at this thread's next task, whose rows (every head: split must be 1) are
+     * fetched while this one computes */
+    next_rows next = {0};
+    if (next_task >= 0 && split == 1) {
+        const int64_t nlen = lens[next_task];
+        next = (next_rows){tables + (row_seq ? row_seq[next_task] : next_task) * table_width,
+                           window_start(nlen, window), nlen, block_size,
+                           kv_heads * dim * (bf16 ? 2 : 4), (const char *)k, (const char *)v};
+    }
+    const float *qb = q + b * q_stride + h0 * groups * dim;
+    const int64_t *table = tables + (row_seq ? row_seq[b] : b) * table_width;
+    float *o = out + b * out_stride + h0 * groups * dim;
+    /* constant head sizes let the compiler unroll the row loops completely */
+#ifdef __AVX512F__
+    if (dim == 64 && groups <= 4) {
+        const int64_t n = len - start;
+        switch (groups) {
+            case 1: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o,
+                             &next, 1, bf16); return;
+            case 2: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o,
+                             &next, 2, bf16); return;
+            case 3: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o,
+                             &next, 3, bf16); return;
+            default: attend64(qb, k, v, table, start, n, h0, h1, kv_heads, block_size, scale, slots, scores, sums, o,
+                              &next, 4, bf16); return;
+        }
+    }
+#endif
+    (void)next; /* `attend` fetches nothing ahead */
+    if (dim == 64)
+        attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
+               groups, 64, bf16);
+    else if (dim == 128)
+        attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
+               groups, 128, bf16);
+    else
+        attend(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, slots, scores, acc, sums, o,
+               groups, dim, bf16);
+}
+
+static inline int64_t longest_context(const int64_t *lens, int64_t batch) {
+    int64_t longest = 1;
+    for (int64_t b = 0; b < batch; b++)
+        if (lens[b] > longest) longest = lens[b];
+    return longest;
+}
+
+/* How a step's attention is shared: a task per sequence (whole rows read once), or per (sequence, KV
+ * head) when there are fewer sequences than threads; scratch sized for the longest context. */
+typedef struct {
+    int64_t groups, longest, split, per_task;
+} attend_plan;
+
+static inline attend_plan plan_attention(const int64_t *lens, int64_t batch, int64_t heads, int64_t kv_heads,
+                                         int threads) {
+    const int64_t split = batch >= threads ? 1 : kv_heads;
+    return (attend_plan){heads / kv_heads, longest_context(lens, batch), split, kv_heads / split};
+}
+
+/* Per-thread scratch of the decode attention (scores of the longest context, accumulators). */
+typedef struct {
+    float *scores, *acc, *sums;
+    int64_t *slots;
+} attend_scratch;
+
+/* This thread's scratch for `plan`; a failed allocation sets *failed (shared) and returns 0. */
+static inline int scratch_alloc(attend_scratch *sc, const attend_plan *plan, int64_t dim, int *failed) {
+    const int64_t heads = plan->per_task * plan->groups;
+    sc->scores = malloc(sizeof(float) * (size_t)(heads * plan->longest));
+    sc->acc = malloc(sizeof(float) * (size_t)(heads * dim));
+    sc->sums = malloc(sizeof(float) * (size_t)heads);
+    sc->slots = malloc(sizeof(int64_t) * (size_t)plan->longest);
+    const int ok = sc->scores && sc->acc && sc->sums && sc->slots;
+    if (!ok) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return ok;
+}
+
+static inline void scratch_free(attend_scratch *sc) {
+    free(sc->scores), free(sc->acc), free(sc->sums), free(sc->slots);
+}
+
+#endif

@@ -24,6 +24,10 @@ _OPTIONS = [
 ]
 
 
+# Called as soon as a Prefill/Decode is handed to gRPC (see ShardedClient._all).
+OnSent = Callable[[], None] | None
+
+
 def unix_url(path_or_url: str) -> str:
     return path_or_url if path_or_url.startswith("unix:") else f"unix://{path_or_url}"
 
@@ -46,10 +50,6 @@ class ShardedClient:
         # Calls that run the model (collectives inside) must reach every rank in the
         # same order; the batching task and e.g. embeddings routes call concurrently.
         self._model_lock = asyncio.Lock()
-        # Called as soon as a call's requests are handed to gRPC, before its reply is awaited:
-        # the batcher delivers the last step's tokens there (Batcher._deliver), so their fan-out
-        # to the clients runs while the shards work on this call instead of delaying its start.
-        self.on_sent: Callable[[], None] | None = None
 
     @classmethod
     async def connect(cls, master_uds_path: str, timeout: float = 30.0) -> "ShardedClient":
@@ -60,20 +60,24 @@ class ShardedClient:
         urls = list(reply.urls) or [master_uds_path]
         return cls([ShardClient(u) for u in urls])
 
-    async def _all(self, method: str, request: Any, timeout: float | None = None) -> list[Any]:
+    async def _all(self, method: str, request: Any, timeout: float | None = None, on_sent: OnSent = None) -> list[Any]:
+        """`on_sent` runs as soon as the requests are handed to gRPC, before the replies are awaited:
+        the batcher hands the last step's tokens over there (Batcher._deliver), so their fan-out to
+        the clients runs while the shards work on this call instead of delaying its start."""
         calls = [getattr(s.stub, method)(request, timeout=timeout) for s in self.shards]
-        if self.on_sent is not None:
-            self.on_sent()
+        if on_sent is not None:
+            on_sent()
         if len(calls) == 1:
             return [await calls[0]]
         return list(await asyncio.gather(*calls))
 
-    async def _ordered(self, method: str, request: Any, timeout: float | None = None) -> list[Any]:
+    async def _ordered(self, method: str, request: Any, timeout: float | None = None,
+                       on_sent: OnSent = None) -> list[Any]:
         """`_all` for calls that run the model: one at a time, so every rank sees one order."""
         if len(self.shards) == 1:
-            return await self._all(method, request, timeout)
+            return await self._all(method, request, timeout, on_sent)
         async with self._model_lock:
-            return await self._all(method, request, timeout)
+            return await self._all(method, request, timeout, on_sent)
 
     async def info(self) -> pb.InfoResponse:
         return await self.shards[0].stub.Info(pb.InfoRequest(), timeout=30)
@@ -94,14 +98,15 @@ class ShardedClient:
         replies = await self._ordered("Warmup", request)
         return min(replies, key=lambda r: r.max_supported_total_tokens)
 
-    async def prefill(self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None) -> pb.PrefillResponse:
+    async def prefill(self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
+                      on_sent: OnSent = None) -> pb.PrefillResponse:
         request = pb.PrefillRequest(batch=batch)
         if cached_batch is not None:
             request.cached_batch.CopyFrom(cached_batch)
-        return (await self._ordered("Prefill", request))[0]
+        return (await self._ordered("Prefill", request, on_sent=on_sent))[0]
 
-    async def decode(self, batches: list[pb.CachedBatch]) -> pb.DecodeResponse:
-        return (await self._ordered("Decode", pb.DecodeRequest(batches=batches)))[0]
+    async def decode(self, batches: list[pb.CachedBatch], on_sent: OnSent = None) -> pb.DecodeResponse:
+        return (await self._ordered("Decode", pb.DecodeRequest(batches=batches), on_sent=on_sent))[0]
 
     async def embed(self, inputs: list[list[int]]) -> pb.EmbedResponse:
         req = pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=ids) for ids in inputs])

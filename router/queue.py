@@ -40,9 +40,6 @@ class Channel:
     def __len__(self) -> int:
         return len(self.items)
 
-    def qsize(self) -> int:
-        return len(self.items)
-
     def empty(self) -> bool:
         return not self.items
 

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from ember.proto import generate_pb2 as pb
-from ember.router import tools
+from ember.router.api.openai import tools
+from ember.router.api.openai.chat import _message
 from ember.router.batcher import Batcher
-from ember.router.chat import _message
 from ember.router.client import ShardedClient
 from ember.router.cli import warmup_request
 from ember.router.errors import BodyError, GenerationError, ValidationError
@@ -156,7 +156,7 @@ async def _batcher(socket: str, pool: TokenizerPool, with_running: bool = False)
     await client.clear_cache()
     await client.warmup(warmup_request(pool, limits))
     batcher = Batcher(client, limits, Metrics(limits.max_input_tokens, limits.max_total_tokens),
-                      prefill_with_running=with_running)
+                      shared_prefill=with_running)
     batcher.start()
     return batcher, Validator(pool, limits)
 
@@ -176,14 +176,15 @@ def test_cancel_while_a_request_finishes_in_prefill_is_a_drop_not_a_lost_request
             entry = Entry(valid)
             prefill = batcher.client.prefill
 
-            async def prefill_while_the_client_leaves(batch, cached=None):
-                call = asyncio.ensure_future(prefill(batch, cached))
+            async def prefill_while_the_client_leaves(batch, cached=None, **kw):
+                call = asyncio.ensure_future(prefill(batch, cached, **kw))
                 batcher.cancel(entry)  # the client leaves while its only token is being computed
                 return await call
 
             batcher.client.prefill = prefill_while_the_client_leaves
             batcher.append(entry)
-            await _until(lambda: not batcher.running and batcher.metrics.batch_inference_success.get("prefill"))
+            prefilled = batcher.metrics.batch_inference_success
+            await _until(lambda: not batcher.scheduler.running and prefilled.get("prefill"))
             return batcher.metrics.request_failure.get("dropped")
         finally:
             await batcher.stop()
@@ -208,9 +209,9 @@ def test_a_running_request_cancelled_during_a_shared_prefill_is_dropped_and_the_
             newcomer = Entry(await validator.validate(GenerateRequest("Hi there", short)))
             prefill, carried = batcher.client.prefill, []
 
-            async def the_running_client_leaves(batch, cached=None):
+            async def the_running_client_leaves(batch, cached=None, **kw):
                 carried.append(None if cached is None else list(cached.request_ids))
-                call = asyncio.ensure_future(prefill(batch, cached))
+                call = asyncio.ensure_future(prefill(batch, cached, **kw))
                 batcher.cancel(running)  # while its token is computed beside the newcomer's prompt
                 return await call
 
@@ -219,7 +220,7 @@ def test_a_running_request_cancelled_during_a_shared_prefill_is_dropped_and_the_
             events = [await newcomer.events.get()]
             while not isinstance(events[-1], Exception) and not events[-1].HasField("generated_text"):
                 events.append(await newcomer.events.get())
-            await _until(lambda: not batcher.running)
+            await _until(lambda: not batcher.scheduler.running)
             return carried, running.id, events, batcher.metrics.request_failure.get("dropped")
         finally:
             await batcher.stop()

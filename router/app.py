@@ -23,7 +23,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ember import __version__
-from ember.router import openapi, tgi
+from ember.router import openapi
+from ember.router.api import tgi
 from ember.router.client import ShardedClient
 from ember.router.errors import EmberError, UnhealthyError, error_response
 from ember.router.http import DIRECT_SEND, ApiKeyMiddleware, RequestIdMiddleware, read_json
@@ -108,9 +109,7 @@ async def health(request: Request) -> Response:
         await state.client.health()
     except Exception as exc:
         log.warning("health check failed: %s", exc)
-        state.infer.batcher.healthy = False
         return error_response(UnhealthyError())
-    state.infer.batcher.healthy = True
     return Response(status_code=200)
 
 

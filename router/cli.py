@@ -11,67 +11,19 @@ import argparse
 import asyncio
 import importlib.util
 import logging
-import os
 import signal
 import sys
 
 from ember.proto import generate_pb2 as pb
-from ember.router.limits import Limits, LimitsError, apply_capacity, resolve_pre_warmup, shares_prefill_with_running
+from ember import settings
+from ember.router.limits import Limits, LimitsError, apply_capacity, prefill_step_budget, resolve_pre_warmup
 
 log = logging.getLogger("ember.router")
 
-# flag, type, default (None = unset), help
-_FLAGS: list[tuple[str, type, object, str]] = [
-    ("master-shard-uds-path", str, "/tmp/ember-server-0", "unix socket of rank 0"),
-    ("tokenizer-name", str, None, "local directory holding the model's tokenizer"),
-    ("model-id", str, "ember", "model name reported by /info"),
-    ("model-sha", str, None, "model revision reported by /info"),
-    ("hostname", str, "0.0.0.0", "address to bind"),
-    ("port", int, 3000, "port to bind"),
-    ("max-concurrent-requests", int, 128, "requests in flight before 429"),
-    ("max-best-of", int, 2, "largest best_of"),
-    ("max-stop-sequences", int, 4, "most stop sequences per request"),
-    ("max-top-n-tokens", int, 5, "largest top_n_tokens"),
-    ("max-input-tokens", int, None, "longest prompt (default: max_total_tokens - 1)"),
-    ("max-total-tokens", int, None, "prompt + new tokens per request (default: from the model, <= 4096)"),
-    ("waiting-served-ratio", float, 1.2, "waiting/running ratio that triggers merging a new batch"),
-    ("max-batch-prefill-tokens", int, None, "prompt tokens per prefill (default: max_input_tokens + 50)"),
-    ("max-batch-total-tokens", int, None, "token budget of all running requests (default: Warmup's)"),
-    ("max-waiting-tokens", int, 20, "decode steps a waiting request may wait before forcing a merge"),
-    ("prefill-step-tokens", int, 512, "with shared prefills: prompt tokens a step takes on before newcomers "
-                                      "wait for the next step (the first always fits)"),
-    ("max-batch-size", int, None, "most requests per running batch"),
-    ("validation-workers", int, 2, "tokenizer threads"),
-    ("max-client-batch-size", int, 4, "most prompts per client request"),
-    ("payload-limit", int, 2_000_000, "largest request body in bytes (413 beyond)"),
-    ("api-key", str, None, "require `Authorization: Bearer KEY` on generation routes"),
-    ("graceful-shutdown-timeout", float, 90.0, "seconds in-flight requests get to finish on SIGTERM"),
-    ("grammar-compile-timeout", float, 30.0, "seconds a grammar's index may take to build (422 beyond)"),
-]
-
-
-def _env_name(flag: str) -> str:
-    return flag.upper().replace("-", "_")
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").lower() in ("1", "true", "yes", "on")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, environ=None) -> argparse.Namespace:
+    """The settings the registry says the router reads (`ember.settings`), from flags, then env, then defaults."""
     parser = argparse.ArgumentParser(prog="ember-router", description=__doc__.splitlines()[0])
-    for flag, kind, default, help_text in _FLAGS:
-        env = os.environ.get(_env_name(flag))
-        parser.add_argument(f"--{flag}", type=kind, default=kind(env) if env is not None else default,
-                            help=f"{help_text} [env {_env_name(flag)}]")
-    origins = os.environ.get("CORS_ALLOW_ORIGIN")
-    parser.add_argument("--cors-allow-origin", action="append",
-                        default=[o for o in (origins or "").split(",") if o],
-                        help="allowed CORS origin (repeatable) [env CORS_ALLOW_ORIGIN, comma-separated]")
-    parser.add_argument("--json-output", action="store_true", default=_truthy(os.environ.get("JSON_OUTPUT")))
-    parser.add_argument("--disable-grammar-support", action="store_true",
-                        default=_truthy(os.environ.get("DISABLE_GRAMMAR_SUPPORT")))
-    args = parser.parse_args(argv)
+    args = settings.parse(parser, settings.ROUTER, argv, environ)
     if not args.tokenizer_name:
         parser.error("--tokenizer-name (or TOKENIZER_NAME) is required")
     return args
@@ -110,7 +62,7 @@ def _limits(args: argparse.Namespace, info: pb.InfoResponse) -> Limits:
         waiting_served_ratio=args.waiting_served_ratio, max_batch_prefill_tokens=max_prefill,
         max_batch_total_tokens=args.max_batch_total_tokens or max(max_total, max_prefill),
         max_waiting_tokens=args.max_waiting_tokens, max_batch_size=args.max_batch_size,
-        prefill_step_tokens=args.prefill_step_tokens,
+        prefill_step_tokens=prefill_step_budget(info.prefill_chunk_tokens, max_prefill),
         validation_workers=args.validation_workers, max_client_batch_size=args.max_client_batch_size,
         disable_grammar_support=args.disable_grammar_support,
         grammar_compile_timeout=args.grammar_compile_timeout)
@@ -126,6 +78,7 @@ def _shard_info(info: pb.InfoResponse) -> dict:
         "vocab_size": info.vocab_size, "speculate": info.speculate, "requires_padding": info.requires_padding,
         "window_size": info.window_size if info.HasField("window_size") else None,
         "hidden_size": info.hidden_size, "supports_embeddings": info.supports_embeddings,
+        "precision": info.precision or None, "precision_reason": info.precision_reason or None,
     }
 
 
@@ -152,18 +105,21 @@ async def build(args: argparse.Namespace):
     limits.check()
     metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
     metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
-    with_running = shares_prefill_with_running(info.prefill_with_cached_batch)
-    log.info("new requests join the running batch %s", "in a shared forward (Prefill with the running batch)"
-             if with_running else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)")
-    batcher = Batcher(client, limits, metrics, prefill_with_running=with_running)
+    shared_prefill = info.shared_prefill and args.prefill_chunking
+    log.info("new requests join the running batch %s", f"in a shared forward (shared prefill, "
+             f"{limits.prefill_step_tokens} prompt tokens a step)" if shared_prefill
+             else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)")
+    if info.precision:
+        log.info("shards serve at %s: %s", info.precision, info.precision_reason)
+    batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill)
     infer = Infer(Validator(tokenizer, limits, client.compile_grammar), batcher, limits, metrics)
     state = AppState(
         infer=infer, client=client, tokenizer=tokenizer, limits=limits, metrics=metrics,
         model_id=args.model_id, model_sha=args.model_sha, shard_info=_shard_info(info),
-        payload_limit=args.payload_limit, compute_type=os.environ.get("COMPUTE_TYPE", info.device_type),
+        payload_limit=args.payload_limit, compute_type=args.compute_type or info.device_type,
         api_key=args.api_key, cors_allow_origin=args.cors_allow_origin)
     log.info("limits: %s", limits)
-    from ember.router import openai
+    from ember.router.api import openai
 
     return create_app(state, extra_routes=openai.install(state, args.tokenizer_name))
 
@@ -183,11 +139,11 @@ async def serve(args: argparse.Namespace) -> None:
     await uvicorn.Server(config).serve()
 
 
-def run_loop(main_coro) -> None:
+def run_loop(main_coro, event_loop: str = "auto") -> None:
     """Run the router's event loop: uvloop when installed (less CPU per streamed token: every
-    token is a socket write and a task wake-up), else asyncio's. EMBER_EVENT_LOOP=asyncio
-    forces asyncio's loop."""
-    if os.environ.get("EMBER_EVENT_LOOP", "auto").lower() != "asyncio":
+    token is a socket write and a task wake-up), else asyncio's. `--event-loop asyncio`
+    (EMBER_EVENT_LOOP=asyncio) forces asyncio's loop."""
+    if event_loop != "asyncio":
         try:
             import uvloop
         except ImportError:
@@ -206,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     from ember.logs import setup_logging
 
     args = parse_args(argv)
-    setup_logging("router", args.json_output)
+    setup_logging("router", args.json_output, args.log_level)
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal: exit 0 then.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
     try:
-        run_loop(serve(args))
+        run_loop(serve(args), args.event_loop)
     except LimitsError as exc:
         log.error("%s", exc)
         print(f"ember-router: {exc}", file=sys.stderr)

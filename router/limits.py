@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from ember import settings
+
+
+def _d(name: str):
+    return settings.default(name)
 
 
 class LimitsError(ValueError):
@@ -12,26 +17,28 @@ class LimitsError(ValueError):
 
 @dataclass
 class Limits:
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
+    """The router's limits; defaults from the settings registry, the token sizes settled at warmup."""
+
+    max_concurrent_requests: int = _d("max-concurrent-requests")
+    max_best_of: int = _d("max-best-of")
+    max_stop_sequences: int = _d("max-stop-sequences")
+    max_top_n_tokens: int = _d("max-top-n-tokens")
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096
-    waiting_served_ratio: float = 1.2
+    waiting_served_ratio: float = _d("waiting-served-ratio")
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int = 16384
-    max_waiting_tokens: int = 20
-    # With shared prefills: prompt tokens one step takes on before it stops adding newcomers
-    # (the first newcomer always fits). Smaller: earlier first tokens for the first arrivals of a
-    # burst and shorter pauses for running streams; the matmuls stay compute-bound at a few hundred.
-    prefill_step_tokens: int = 512
+    max_waiting_tokens: int = _d("max-waiting-tokens")
+    # With shared prefills: prompt tokens one step takes on before it stops adding newcomers (the
+    # first newcomer always fits): the shard's prefill budget (Info `prefill_chunk_tokens`), so the
+    # router never hands a step more prompt than the shard runs in it (`prefill_step_budget`).
+    prefill_step_tokens: int = 256
     max_batch_size: int | None = None
-    validation_workers: int = 2
-    max_client_batch_size: int = 4
+    validation_workers: int = _d("validation-workers")
+    max_client_batch_size: int = _d("max-client-batch-size")
     disable_grammar_support: bool = False
     # Seconds the shards may take to build a grammar's index before the request fails (422).
-    grammar_compile_timeout: float = 30.0
+    grammar_compile_timeout: float = _d("grammar-compile-timeout")
 
     def check(self) -> None:
         """TGI's start-up checks, with its messages."""
@@ -51,10 +58,11 @@ class Limits:
             raise LimitsError("`max_concurrent_requests` must be >= 1")
 
 
-def shares_prefill_with_running(shard_can: bool) -> bool:
-    """Whether newcomers join the running batch in one Prefill: when the shard can (Info
-    `prefill_with_cached_batch`) and `PREFILL_CHUNKING` does not turn it off, as in TGI."""
-    return shard_can and os.environ.get("PREFILL_CHUNKING", "1").lower() not in ("0", "false", "no", "off")
+def prefill_step_budget(shard_chunk: int, max_batch_prefill_tokens: int) -> int:
+    """Prompt tokens newcomers may bring into one shared step: the shard's own budget per step
+    (Info `prefill_chunk_tokens`, the one `--prefill-chunk-tokens` setting), or, where the shard runs
+    whole prompts (0), the whole prefill budget."""
+    return shard_chunk or max_batch_prefill_tokens
 
 
 def resolve_pre_warmup(max_input: int | None, max_total: int | None, max_prefill: int | None,

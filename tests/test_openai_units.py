@@ -7,12 +7,12 @@ import re
 
 import pytest
 
-from ember.router.chat import _message, _response_format
+from ember.router.api.openai.chat import _message, _response_format
+from ember.router.api.openai.common import StopHolder, sampling, trim_stop
+from ember.router.api.openai.tools import CallStreamer, ToolError, is_call, parse_call, plan
 from ember.router.chat_template import ChatTemplate, TemplateError
 from ember.router.errors import BodyError, ValidationError
 from ember.router.grammar import compile_grammar
-from ember.router.openai import StopHolder, sampling, trim_stop
-from ember.router.tools import CallStreamer, ToolError, is_call, parse_call, plan
 from ember.router.types import Grammar
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -184,8 +184,8 @@ def test_per_token_frames_are_the_bytes_of_the_json_they_stand_for(text):
     import math
 
     from ember.router.infer import TokenInfo
-    from ember.router.openai import content_frame, sse, sse_head, text_frame
-    from ember.router.tgi import _frame, _token_frame
+    from ember.router.api.openai.common import content_frame, sse, sse_head, text_frame
+    from ember.router.api.tgi.routes import _frame, _token_frame
 
     head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "org/mödel",
             "system_fingerprint": "0.1.0-native"}

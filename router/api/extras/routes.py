@@ -16,15 +16,14 @@ from starlette.routing import Route
 
 from ember.router.errors import BodyError, EmberError, ValidationError
 from ember.router.http import read_json
-from ember.router.openai import error_body
 
 if TYPE_CHECKING:
     from ember.router.app import AppState
 
 
 def _error(exc: EmberError) -> Response:
-    body = error_body(exc)
-    body["detail"] = [{"loc": ["body"], "msg": exc.message, "type": exc.error_type}]
+    body = {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status},
+            "detail": [{"loc": ["body"], "msg": exc.message, "type": exc.error_type}]}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 

@@ -1,6 +1,6 @@
 """POST /v1/chat/completions and /chat_tokenize: OpenAI's chat on the one internal request.
 
-The messages go through the model's chat template (`chat_template.py`) into
+The messages go through the model's chat template (`ember.router.chat_template`) into
 a prompt; the sampling fields, `response_format` and `tools` become a
 `GenerateRequest` (a grammar for the last two); `n` choices run as n
 requests. Answers are OpenAI's `chat.completion` or `chat.completion.chunk`
@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ember.router import tools as tool_calls
+from ember.router.api.openai import tools as tool_calls
+from ember.router.api.openai.common import (
+    FINISH, Choices, StopHolder, choice_count, completion_id, content_frame, field, fingerprint, merged, now,
+    openai_error, request_tag, sampling, sse, sse_head, stream_error, stream_options, trim_stop, usage,
+)
+from ember.router.api.openai.tools import ToolError, ToolPlan
 from ember.router.chat_template import ChatTemplate
 from ember.router.errors import BodyError, EmberError
 from ember.router.http import EventStream, read_json
 from ember.router.infer import Result, StreamItem, TokenInfo
-from ember.router.openai import (
-    FINISH, Choices, StopHolder, choice_count, completion_id, content_frame, field, fingerprint, merged, now,
-    openai_error, request_tag, sampling, sse, sse_head, stream_error, stream_options, trim_stop, usage,
-)
-from ember.router.tools import ToolError, ToolPlan
 from ember.router.types import GenerateParameters, GenerateRequest, Grammar, parse_grammar
 from ember.router.validation import ValidRequest
 

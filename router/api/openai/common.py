@@ -348,7 +348,10 @@ def install(state: "AppState", tokenizer_dir: str) -> list[BaseRoute]:
     """The OpenAI, llama-cpp-python extras and /chat_tokenize routes, their /invocations
     shapes and OpenAPI operations; the caller passes the routes to `create_app`."""
     from ember.router import app as app_module
-    from ember.router import chat, completions, embeddings, extras, openai_schema
+    from ember.router.api.extras import openapi as extras_openapi
+    from ember.router.api.extras import routes as extras
+    from ember.router.api.openai import chat, completions, embeddings
+    from ember.router.api.openai import openapi as openai_openapi
     from ember.router.chat_template import ChatTemplate
 
     template = ChatTemplate.from_dir(tokenizer_dir)
@@ -356,7 +359,8 @@ def install(state: "AppState", tokenizer_dir: str) -> list[BaseRoute]:
     state.invocation_handlers["messages"] = chat_api.handle_body
     state.invocation_handlers["prompt"] = completions.handle_body
     app_module.PROTECTED.add("/v1/embeddings")
-    openai_schema.register_all()
+    openai_openapi.register_all()
+    extras_openapi.register_all()
     return [
         Route("/v1/chat/completions", chat_api.completions, methods=["POST"]),
         Route("/v1/completions", completions.completions, methods=["POST"]),

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ember.router.errors import BodyError, EmberError, ValidationError
-from ember.router.http import EventStream, read_json
-from ember.router.infer import Result, TokenInfo
-from ember.router.openai import (
+from ember.router.api.openai.common import (
     FINISH, Choices, StopHolder, choice_count, completion_id, field, fingerprint, merged, now, openai_error,
     request_tag, sampling, sse, sse_head, stream_error, stream_options, text_frame, trim_stop, usage,
 )
+from ember.router.errors import BodyError, EmberError, ValidationError
+from ember.router.http import EventStream, read_json
+from ember.router.infer import Result, TokenInfo
 from ember.router.types import GenerateRequest
 
 if TYPE_CHECKING:

@@ -18,9 +18,9 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ember.router.api.openai.common import field, openai_error, usage
 from ember.router.errors import BodyError, EmberError, GenerationError, ValidationError
 from ember.router.http import read_json, unless_disconnected
-from ember.router.openai import field, openai_error, usage
 
 if TYPE_CHECKING:
     from ember.router.app import AppState

@@ -1,4 +1,4 @@
-"""The OpenAPI operations and schemas of the OpenAI, /extras and /chat_tokenize routes."""
+"""The OpenAPI operations and schemas of the OpenAI routes and /chat_tokenize."""
 
 from __future__ import annotations
 
@@ -46,11 +46,6 @@ SCHEMAS = {
         encoding_format={"type": "string", "enum": ["float", "base64"]}, dimensions=_INT),
     "Model": _obj(["id", "object", "created", "owned_by"], id=_STR, object=_STR, created=_INT, owned_by=_STR),
     "ModelList": _obj(["object", "data"], object=_STR, data={"type": "array", "items": _ref("Model")}),
-    "TokenizeInputRequest": _obj(["input"], model=_STR, input=_STR),
-    "TokenizeInputResponse": _obj(["tokens"], tokens={"type": "array", "items": _INT}),
-    "TokenizeInputCountResponse": _obj(["count"], count=_INT),
-    "DetokenizeInputRequest": _obj(["tokens"], model=_STR, tokens={"type": "array", "items": _INT}),
-    "DetokenizeInputResponse": _obj(["text"], text=_STR),
     "ChatTokenizeResponse": _obj(["tokenize_response", "templated_text"], templated_text=_STR,
                                  tokenize_response={"type": "array", "items": _ref("SimpleToken")}),
 }
@@ -85,8 +80,3 @@ def register_all() -> None:
     openapi.register("/chat_tokenize", "post", _op("Template and tokenize a chat request", "ChatRequest",
                                                    _ref("ChatTokenizeResponse"), 413, 422,
                                                    tag="Text Generation Inference"))
-    for path, body, ok, summary in (
-            ("/extras/tokenize", "TokenizeInputRequest", "TokenizeInputResponse", "Tokenize"),
-            ("/extras/tokenize/count", "TokenizeInputRequest", "TokenizeInputCountResponse", "Count tokens"),
-            ("/extras/detokenize", "DetokenizeInputRequest", "DetokenizeInputResponse", "Detokenize")):
-        openapi.register(path, "post", _op(summary, body, _ref(ok), 413, 422, tag="Extras"))

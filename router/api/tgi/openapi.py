@@ -1,15 +1,15 @@
-"""The OpenAPI document for Ember's routes (served at /openapi.json, shown at /docs).
+"""TGI's part of the OpenAPI document: its schemas and the operations of its routes.
 
-Each API family registers its operations with `register`; `document()` lists
-those whose path the running app serves, so the document never advertises
-a route that is missing.
+Follows the steering repo's `specs/tgi-openapi.json`. The service routes the app serves
+itself (/info, /health, /ping, /metrics, /tokenize) are TGI's too and listed
+here; `register_all` adds everything to the document (router/openapi.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ember import __version__
+from ember.router import openapi
 
 
 def _ref(name: str) -> dict:
@@ -117,30 +117,8 @@ OPERATIONS: dict[str, dict[str, dict]] = {
 }
 
 
-def register(path: str, method: str, operation: dict, schemas: dict[str, dict] | None = None) -> None:
-    """For other API families: add an operation (and its schemas) to the document."""
-    OPERATIONS.setdefault(path, {})[method.lower()] = operation
-    SCHEMAS.update(schemas or {})
-
-
-def document(routes: list) -> dict:
-    served = {getattr(r, "path", None) for r in routes}
-    paths = {p: ops for p, ops in OPERATIONS.items() if p in served}
-    return {
-        "openapi": "3.0.3",
-        "info": {"title": "Ember", "description": "Text generation inference server (TGI-compatible)",
-                 "license": {"name": "Apache 2.0"}, "version": __version__},
-        "paths": paths,
-        "components": {"schemas": SCHEMAS},
-    }
-
-
-SWAGGER_HTML = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Ember API</title>
-<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
-<body><div id="ui"></div>
-<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
-<noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-</body></html>
-"""
+def register_all() -> None:
+    """Add TGI's operations and schemas to the document (idempotent)."""
+    for path, ops in OPERATIONS.items():
+        for method, operation in ops.items():
+            openapi.register(path, method, operation, SCHEMAS)

@@ -27,7 +27,6 @@ from pathlib import Path
 import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 from ember.proto import generate_pb2 as pb  # noqa: E402
 from ember.proto import generate_pb2_grpc as pb_grpc  # noqa: E402

@@ -6,7 +6,7 @@
 `concurrency` workers submit requests back to back, as load.py's do, to a
 small batching loop of our own that plays the router's part without HTTP,
 validation or SSE, with the router's default rules: when the shard can
-prefill beside a cached batch (Info `prefill_with_cached_batch`, Ember's
+prefill beside a cached batch (Info `shared_prefill`, Ember's
 paged shard), waiting requests join at every step, about
 `prefill_step_tokens` of prompts a step (the first always), in one Prefill
 that carries the running batch; otherwise (or with `PREFILL_CHUNKING=0`, as
@@ -38,7 +38,8 @@ import grpc
 
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
-from ember.router.limits import shares_prefill_with_running
+from ember import settings
+from ember.router.limits import prefill_step_budget
 from load import Level, RequestResult, format_summary, run_async, summarize
 
 # Far above the router's ids (which count from 0), so both can share one shard.
@@ -90,19 +91,20 @@ class Submitted:
 class Policy:
     """The router's onboarding rules and prefill budgets, with its defaults."""
 
-    waiting_served_ratio: float = 1.2
-    max_waiting_tokens: int = 20
+    waiting_served_ratio: float = settings.default("waiting-served-ratio")
+    max_waiting_tokens: int = settings.default("max-waiting-tokens")
     max_batch_prefill_tokens: int = 4096
     # Newcomers join the running batch at every step, in a Prefill carrying it (the router's rule when
-    # the shard says `prefill_with_cached_batch`), about `prefill_step_tokens` of prompts a step.
-    prefill_with_running: bool = False
-    prefill_step_tokens: int = 512
+    # the shard says `shared_prefill`), about `prefill_step_tokens` of prompts a step.
+    shared_prefill: bool = False
+    prefill_step_tokens: int = 256
 
     @classmethod
     async def of_shard(cls, shards: "Shards") -> "Policy":
         """The rules the router would pick for this shard (and PREFILL_CHUNKING, as the router reads it)."""
         info = await shards.call("Info", pb.InfoRequest())
-        return cls(prefill_with_running=shares_prefill_with_running(info.prefill_with_cached_batch))
+        return cls(shared_prefill=info.shared_prefill and settings.value("prefill-chunking"),
+                   prefill_step_tokens=prefill_step_budget(info.prefill_chunk_tokens, cls.max_batch_prefill_tokens))
 
 
 class MiniBatcher:
@@ -157,7 +159,7 @@ class MiniBatcher:
                 return
             batches = [cached]
             new = self._take(waited)
-            if new and self.policy.prefill_with_running:  # the newcomers' prompts and the running tokens
+            if new and self.policy.shared_prefill:  # the newcomers' prompts and the running tokens
                 cached = await self._prefill(new, running=cached)
                 continue
             if new:
@@ -179,12 +181,12 @@ class MiniBatcher:
         if not self.waiting:
             return []
         p = self.policy
-        if not p.prefill_with_running and waited is not None and waited < p.max_waiting_tokens \
+        if not p.shared_prefill and waited is not None and waited < p.max_waiting_tokens \
                 and len(self.waiting) < int(len(self.running) * p.waiting_served_ratio):
             return []
         taken, tokens = [], 0
         while self.waiting and tokens + self.waiting[0].prompt_tokens <= p.max_batch_prefill_tokens:
-            if p.prefill_with_running and taken and tokens + self.waiting[0].prompt_tokens > p.prefill_step_tokens:
+            if p.shared_prefill and taken and tokens + self.waiting[0].prompt_tokens > p.prefill_step_tokens:
                 break
             tokens += self.waiting[0].prompt_tokens
             taken.append(self.waiting.pop(0))

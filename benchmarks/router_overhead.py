@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 import grpc_load  # noqa: E402
 import load  # noqa: E402

@@ -1,7 +1,9 @@
-"""Start Ember's processes as users do, for end-to-end tests.
+"""Start Ember's processes as users do, for end-to-end tests and benchmarks.
 
-Shared by the shard, router and launcher tests: extend it, keep one way of
-starting each process. Readiness is polled with a deadline, never slept on.
+Shared by the shard, router and launcher tests and by the benchmarks that
+start processes (tests/conftest.py puts this folder on the path): extend it,
+keep one way of starting each process. Readiness is polled with a deadline,
+never slept on.
 """
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ import httpx
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 import load  # noqa: E402
 import report  # noqa: E402

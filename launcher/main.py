@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ember.launcher.args import parse_args, router_flag_argv
+from ember.launcher.args import parse_args, router_flag_argv, shard_flag_argv
 from ember.launcher.logs import LineWriter, LogSink
 from ember.launcher.supervisor import (
     Child,
@@ -148,29 +148,12 @@ def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
     socket = shard_sockets(args.shard_uds_path, args.num_shard)[rank]
     argv = [*console_script("ember-shard", "ember.shard.cli"), "serve",
             "--model-id", str(model.path), "--uds-path", args.shard_uds_path,
-            "--rank", str(rank), "--world-size", str(args.num_shard),
-            "--master-addr", args.master_addr, "--master-port", str(args.master_port)]
+            "--rank", str(rank), "--world-size", str(args.num_shard)]
     env = _child_env()
+    # torch.distributed's own contract (not Ember settings): what its env:// rendezvous would read.
     env.update(RANK=str(rank), WORLD_SIZE=str(args.num_shard), MASTER_ADDR=args.master_addr,
                MASTER_PORT=str(args.master_port))
-    if args.dtype:
-        argv += ["--dtype", args.dtype]
-    if args.quantize:
-        argv += ["--quantize", args.quantize]
-    if args.kv_cache_dtype:
-        argv += ["--kv-cache-dtype", args.kv_cache_dtype]
-    if args.kv_cache_bytes is not None:
-        argv += ["--kv-cache-bytes", str(args.kv_cache_bytes)]
-        env["KV_CACHE_BYTES"] = str(args.kv_cache_bytes)  # plain bytes, whatever unit the user wrote
-    if args.cuda_memory_fraction is not None:
-        argv += ["--cuda-memory-fraction", str(args.cuda_memory_fraction)]
-        env["CUDA_MEMORY_FRACTION"] = str(args.cuda_memory_fraction)
-    if args.cuda_graphs is not None:
-        argv += ["--cuda-graphs", args.cuda_graphs]
-    if args.prefill_chunk_tokens is not None:
-        argv += ["--prefill-chunk-tokens", str(args.prefill_chunk_tokens)]
-    if args.json_output:
-        argv.append("--json-output")
+    argv += shard_flag_argv(args)  # every shard setting, explicitly: nothing rides on the environment
     return ChildSpec("shard", rank, argv, env, sockets=[socket])
 
 

@@ -38,7 +38,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("requires_padding", "dtype", "device_type", "window_size", "speculate", "block_size", "eos_token_ids", "pad_token_id", "vocab_size", "max_position_embeddings", "model_type", "world_size", "attention_impl", "hidden_size", "supports_embeddings", "prefill_with_cached_batch")
+    __slots__ = ("requires_padding", "dtype", "device_type", "window_size", "speculate", "block_size", "eos_token_ids", "pad_token_id", "vocab_size", "max_position_embeddings", "model_type", "world_size", "attention_impl", "hidden_size", "supports_embeddings", "shared_prefill", "prefill_chunk_tokens", "precision", "precision_reason")
     REQUIRES_PADDING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -54,7 +54,10 @@ class InfoResponse(_message.Message):
     ATTENTION_IMPL_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
-    PREFILL_WITH_CACHED_BATCH_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     requires_padding: bool
     dtype: str
     device_type: str
@@ -70,8 +73,11 @@ class InfoResponse(_message.Message):
     attention_impl: str
     hidden_size: int
     supports_embeddings: bool
-    prefill_with_cached_batch: bool
-    def __init__(self, requires_padding: _Optional[bool] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., window_size: _Optional[int] = ..., speculate: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., attention_impl: _Optional[str] = ..., hidden_size: _Optional[int] = ..., supports_embeddings: _Optional[bool] = ..., prefill_with_cached_batch: _Optional[bool] = ...) -> None: ...
+    shared_prefill: bool
+    prefill_chunk_tokens: int
+    precision: str
+    precision_reason: str
+    def __init__(self, requires_padding: _Optional[bool] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., window_size: _Optional[int] = ..., speculate: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., attention_impl: _Optional[str] = ..., hidden_size: _Optional[int] = ..., supports_embeddings: _Optional[bool] = ..., shared_prefill: _Optional[bool] = ..., prefill_chunk_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
 
 class ServiceDiscoveryRequest(_message.Message):
     __slots__ = ()

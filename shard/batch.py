@@ -69,7 +69,7 @@ class Context:
     def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, prefill_chunk: int = 0) -> None:
         self.runner = runner
         # Prompt tokens per step (0: whole prompts); only runners that attend over a cached prefix.
-        self.prefill_chunk = prefill_chunk if runner.info.prefill_with_cached_batch else 0
+        self.prefill_chunk = prefill_chunk if runner.info.shared_prefill else 0
         self.tokenizer = tokenizer
         self.grammar_compiler = grammar_compiler
         self.eos_ids = set(runner.info.eos_token_ids)

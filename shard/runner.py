@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ember import settings
 from ember.shard.attention import AttentionMetadata
 from ember.shard.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ember.shard.dist import TRIVIAL_GROUP, Group, all_reduce, init_distributed
@@ -67,7 +68,9 @@ class RunnerInfo:
     world_size: int
     # Steps may mix running sequences (one new token) with new prompts; padded batches would pad
     # every running sequence to the prompt's length, so only the ragged paged path says yes.
-    prefill_with_cached_batch: bool = False
+    shared_prefill: bool = False
+    # Whether `embed` gives mean-pooled final hidden states (/embed, /v1/embeddings): the runner's to say.
+    supports_embeddings: bool = False
 
 
 @dataclass
@@ -90,7 +93,7 @@ class ModelRunner(ABC):
              num_new: list[int] | None = None) -> StepOutput:
         """Run token_ids[num_cached:] of every sequence in one forward; then num_cached = len(token_ids).
 
-        `num_new` (runners with `info.prefill_with_cached_batch` only): run just that many of each
+        `num_new` (runners with `info.shared_prefill` only): run just that many of each
         sequence's uncached tokens, a prompt in chunks; the logits are those of each one's last token run.
         """
 
@@ -182,7 +185,7 @@ class PagedRunner(ModelRunner):
         device: torch.device,
         group: Group,
         kv_cache_bytes: int | None = None,
-        cuda_memory_fraction: float = 1.0,
+        cuda_memory_fraction: float = settings.default("cuda-memory-fraction"),
         block_size: int = DEFAULT_BLOCK_SIZE,
         kv_dtype: torch.dtype | None = None,
         decode_graphs: tuple[int, ...] = (),
@@ -210,7 +213,8 @@ class PagedRunner(ModelRunner):
             hidden_size=spec.hidden_size,
             requires_padding=False,
             world_size=group.world_size,
-            prefill_with_cached_batch=True,
+            shared_prefill=True,
+            supports_embeddings=True,
         )
         # Decode steps by CUDA graph (eagerly through the same fixed shapes off CUDA: how tests check them).
         self.graphs: DecodeGraphs | None = None
@@ -371,7 +375,7 @@ def load_runner(
     world_size: int = 1,
     group: Group | None = None,
     kv_cache_bytes: int | None = None,
-    cuda_memory_fraction: float = 1.0,
+    cuda_memory_fraction: float = settings.default("cuda-memory-fraction"),
     matmul_dtype: str | torch.dtype | None = None,
     quantize: str | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
@@ -424,8 +428,7 @@ def load_runner(
         return GenericRunner(model_dir, torch_dtype, device, world_size=world_size)
     if group is None:
         group = TRIVIAL_GROUP if world_size == 1 else init_distributed(
-            rank, world_size, os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            int(os.environ.get("MASTER_PORT", "29500")), device,
+            rank, world_size, settings.value("master-addr"), settings.value("master-port"), device,
         )
     weights = Weights(model_dir, torch_dtype, device, rank=rank, world_size=world_size)
     model = LlamaForCausalLM(config, weights, group).eval()
@@ -445,6 +448,7 @@ def load_runner(
     log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, KV cache in %s, %s)",
              model_type, rank, world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note,
              dtype_name(kv_dtype), device)
+    model.log_kernel_paths(kv_dtype)  # one line per kind of layer: which kernel runs it, and why
     if cuda_graphs is None:
         cuda_graphs = DEFAULT_BATCH_SIZES if device.type == "cuda" else ()
     if cuda_graphs and group.world_size > 1:

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The process helpers (`servers`: start a shard, a router, a launcher and wait for them) live with the
+# benchmarks, which use them too; tests may import benchmarks, never the other way round.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import tiny  # noqa: E402
 

@@ -76,8 +76,8 @@ def test_bad_env_value_is_refused_with_its_name(capsys):
 def test_every_flag_has_help_naming_its_env_var():
     helps = {a.option_strings[0]: a.help for a in build_parser({})._actions if a.option_strings}
     for flag in FLAGS:
-        assert f"[env: {flag.env_names[0]}]" in helps[flag.name]
-        assert len(helps[flag.name]) > 40
+        assert f"[env: {flag.env_names[0]}]" in helps[flag.flag]
+        assert len(helps[flag.flag]) > 40
 
 
 @pytest.mark.parametrize(

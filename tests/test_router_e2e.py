@@ -149,6 +149,9 @@ def test_service_routes(url):
     assert info["model_id"] == "tiny" and info["router"] == "ember-router"
     assert info["max_total_tokens"] == 512 and info["max_input_tokens"] == 511
     assert info["max_concurrent_requests"] == 10 and info["device_type"] == "cpu" and info["dtype"]
+    # The tiny model is float32 safetensors: the automatic precision keeps it, and says why.
+    assert info["precision"] == "float32" and "float32" in info["precision_reason"]
+    assert info["supports_embeddings"] is True
     for path in ("/health", "/ping"):
         assert httpx.get(url + path).status_code == 200
     tokens = post(url, "/tokenize", {"inputs": "Hello café"}).json()

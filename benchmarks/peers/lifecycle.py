@@ -39,6 +39,10 @@ class Peer:
 
 
 PEERS: dict[str, Peer] = {
+    "ember-default": Peer("ember-default", "start_ember_default.sh", "/health", "auto",
+                          version_probe=(None, "ember"),
+                          note="ember-launcher as `make run` starts it, no speed flags: the shard's automatic "
+                               "precision (w4a8 for the Q4_1 GGUF on an AVX-512 VNNI CPU, else int4)"),
     "ember": Peer("ember", "start_ember.sh", "/health", "auto", version_probe=(None, "ember"),
                   note="ember-launcher: one shard + router; --quantize int4 (Q4_1's codes on torch's kernel "
                        "for steps of <= 8 rows, bf16 matmuls above), bf16 KV cache, Ember's C kernels"),

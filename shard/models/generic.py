@@ -62,6 +62,8 @@ class GenericRunner(ModelRunner):
             hidden_size=int(cfg.hidden_size),
             requires_padding=True,
             world_size=1,
+            # transformers' causal LMs all return hidden states (output_hidden_states), which `embed` pools.
+            supports_embeddings=self.model.config.get_text_config(decoder=True).hidden_size > 0,
         )
         log.warning("generic path loaded for %s: transformers modules, padded batches, TP=1 (slower)",
                     self.info.model_type)

@@ -1,0 +1,60 @@
+"""The README's first examples, run as a new user runs them: `make run` (the launcher with no flags, the
+default model at the automatic precision), then each `curl` of the "Try it" block, word for word but the port."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from servers import Launcher, free_port
+
+pytestmark = pytest.mark.slow
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def try_it_commands() -> list[str]:
+    """The `curl` commands of the README's "Try it" block, continuation lines joined."""
+    section = README.read_text().split("## Try it", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip().startswith("curl ")]
+
+
+def test_the_try_it_block_has_the_examples_this_test_checks():
+    routes = [re.search(r"localhost:3000(/\S*)", c).group(1) for c in try_it_commands()]
+    assert routes == ["/v1/chat/completions", "/generate", "/generate_stream"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    port = free_port()
+    launcher = Launcher("--port", str(port), "--hostname", "127.0.0.1",
+                               "--shard-uds-path", str(tmp_path_factory.mktemp("readme") / "s"),
+                               env={k: "" for k in ("QUANTIZE", "MATMUL_DTYPE", "DTYPE")})
+    try:
+        launcher.wait_for_line("router answers GET /health", timeout=600)
+        yield port, launcher
+    finally:
+        launcher.kill()
+
+
+def _run(command: str, port: int) -> str:
+    out = subprocess.run(["bash", "-c", command.replace("localhost:3000", f"127.0.0.1:{port}")],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return out.stdout
+
+
+def test_the_first_examples_answer(served):
+    port, launcher = served
+    chat, generate, stream = (_run(c, port) for c in try_it_commands())
+    assert "Paris" in json.loads(chat)["choices"][0]["message"]["content"]
+    assert json.loads(generate)["generated_text"].strip()
+    events = [json.loads(line[len("data:"):]) for line in stream.splitlines() if line.startswith("data:")]
+    assert len(events) > 5 and events[-1]["generated_text"].strip()
+    # `make run` serves at the automatic precision, and says so at start.
+    assert any("precision" in line and "override" in line for line in launcher.output())

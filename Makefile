@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast proto bench clean
+.PHONY: install run test test-fast lint proto bench clean
 
 install: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/ember-launcher $(ARGS)
 
-test: install
+test: install lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)

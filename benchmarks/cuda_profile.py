@@ -40,10 +40,17 @@ def main() -> None:
         runner = load_runner(Path(args.model_dir), device=device, cuda_graphs=graphs)
         runner.warmup(PROMPT_TOKENS * max(args.batches), 4 * (PROMPT_TOKENS + args.steps) * max(args.batches))
         per_mode[mode] = profile_runner(runner, args, prompt, next_id, sync, device)
-        lines += [f"{mode}: batch {b}: {ms:.2f} ms per decode step (sampler included), {1e3 * b / ms:.0f} tok/s"
-                  for b, ms in per_mode[mode][0].items()]
-        text += [f"== {mode}", "by CPU time (self):", per_mode[mode][1].table(sort_by="self_cpu_time_total", row_limit=25),
-                 "by GPU time (self):", per_mode[mode][1].table(sort_by="self_cuda_time_total", row_limit=15)]
+        lines += [
+            f"{mode}: batch {b}: {ms:.2f} ms per decode step (sampler included), {1e3 * b / ms:.0f} tok/s"
+            for b, ms in per_mode[mode][0].items()
+        ]
+        text += [
+            f"== {mode}",
+            "by CPU time (self):",
+            per_mode[mode][1].table(sort_by="self_cpu_time_total", row_limit=25),
+            "by GPU time (self):",
+            per_mode[mode][1].table(sort_by="self_cuda_time_total", row_limit=15),
+        ]
         del runner
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -82,7 +89,9 @@ def profile_runner(runner, args, prompt, next_id, sync, device):
         times[batch] = decode(batch, args.steps)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ) as prof:
         decode(max(args.batches), 4)
     return times, prof.key_averages()
 

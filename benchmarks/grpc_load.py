@@ -30,17 +30,17 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import grpc
+from load import Level, RequestResult, format_summary, run_async, summarize
 
+from ember import settings
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
-from ember import settings
 from ember.router.limits import prefill_step_budget
-from load import Level, RequestResult, format_summary, run_async, summarize
 
 # Far above the router's ids (which count from 0), so both can share one shard.
 ID_BASE = 1 << 48
@@ -48,6 +48,7 @@ Encode = Callable[[str], list[int]]
 
 
 # ---------------------------------------------------------------- the shards
+
 
 class Shards:
     """Every rank's stub; model calls go to all of them (their collectives meet), rank 0 answers."""
@@ -57,10 +58,11 @@ class Shards:
         self.stubs = [pb_grpc.TextGenerationServiceStub(c) for c in channels]
 
     @classmethod
-    async def connect(cls, master_uds: str) -> "Shards":
+    async def connect(cls, master_uds: str) -> Shards:
         master = grpc.aio.insecure_channel(f"unix://{master_uds}")
-        reply = await pb_grpc.TextGenerationServiceStub(master).ServiceDiscovery(pb.ServiceDiscoveryRequest(),
-                                                                                 timeout=30)
+        reply = await pb_grpc.TextGenerationServiceStub(master).ServiceDiscovery(
+            pb.ServiceDiscoveryRequest(), timeout=30
+        )
         await master.close()
         urls = list(reply.urls) or [f"unix://{master_uds}"]
         return cls([grpc.aio.insecure_channel(u if u.startswith("unix:") else f"unix://{u}") for u in urls])
@@ -74,6 +76,7 @@ class Shards:
 
 
 # ---------------------------------------------------------------- the batching loop
+
 
 @dataclass(eq=False)
 class Submitted:
@@ -100,11 +103,13 @@ class Policy:
     prefill_step_tokens: int = 256
 
     @classmethod
-    async def of_shard(cls, shards: "Shards") -> "Policy":
+    async def of_shard(cls, shards: Shards) -> Policy:
         """The rules the router would pick for this shard (and PREFILL_CHUNKING, as the router reads it)."""
         info = await shards.call("Info", pb.InfoRequest())
-        return cls(shared_prefill=info.shared_prefill and settings.value("prefill-chunking"),
-                   prefill_step_tokens=prefill_step_budget(info.prefill_chunk_tokens, cls.max_batch_prefill_tokens))
+        return cls(
+            shared_prefill=info.shared_prefill and settings.value("prefill-chunking"),
+            prefill_step_tokens=prefill_step_budget(info.prefill_chunk_tokens, cls.max_batch_prefill_tokens),
+        )
 
 
 class MiniBatcher:
@@ -121,14 +126,18 @@ class MiniBatcher:
         self.task: asyncio.Task | None = None
         self.prefill_calls = 0
         self.decode_calls = 0
-        self.decode_s = 0.0   # Decode calls' wall time as this loop saw them
+        self.decode_s = 0.0  # Decode calls' wall time as this loop saw them
         self.forward_s = 0.0  # the shard's own forward time inside them
 
     def decode_step(self) -> dict:
         """Mean Decode call and forward per step, in ms: the shard's share of each token's time."""
         n = self.decode_calls
-        return {"calls": n, "prefill_calls": self.prefill_calls, "call_mean_ms": self.decode_s / n * 1e3 if n else float("nan"),
-                "forward_mean_ms": self.forward_s / n * 1e3 if n else float("nan")}
+        return {
+            "calls": n,
+            "prefill_calls": self.prefill_calls,
+            "call_mean_ms": self.decode_s / n * 1e3 if n else float("nan"),
+            "forward_mean_ms": self.forward_s / n * 1e3 if n else float("nan"),
+        }
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run())
@@ -181,8 +190,12 @@ class MiniBatcher:
         if not self.waiting:
             return []
         p = self.policy
-        if not p.shared_prefill and waited is not None and waited < p.max_waiting_tokens \
-                and len(self.waiting) < int(len(self.running) * p.waiting_served_ratio):
+        if (
+            not p.shared_prefill
+            and waited is not None
+            and waited < p.max_waiting_tokens
+            and len(self.waiting) < int(len(self.running) * p.waiting_served_ratio)
+        ):
             return []
         taken, tokens = [], 0
         while self.waiting and tokens + self.waiting[0].prompt_tokens <= p.max_batch_prefill_tokens:
@@ -199,8 +212,9 @@ class MiniBatcher:
         for item in items:
             self.running[item.request.id] = item
         max_tokens = sum(i.prompt_tokens + i.request.stopping_parameters.max_new_tokens for i in items)
-        batch = pb.Batch(id=next(self.batch_ids), requests=[i.request for i in items], size=len(items),
-                         max_tokens=max_tokens)
+        batch = pb.Batch(
+            id=next(self.batch_ids), requests=[i.request for i in items], size=len(items), max_tokens=max_tokens
+        )
         request = pb.PrefillRequest(batch=batch)
         if running is not None:
             request.cached_batch.CopyFrom(running)
@@ -221,12 +235,14 @@ class MiniBatcher:
 
 # ---------------------------------------------------------------- one level
 
+
 def make_request(rid: int, input_ids: list[int], text: str, max_new_tokens: int) -> pb.Request:
     """Greedy, forced length: what the HTTP side asks with temperature 0 and ignore_eos."""
     return pb.Request(
-        id=rid, inputs=text, input_ids=input_ids,
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                 repetition_penalty=1.0),
+        id=rid,
+        inputs=text,
+        input_ids=input_ids,
+        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens, ignore_eos_token=True),
     )
 
@@ -234,8 +250,9 @@ def make_request(rid: int, input_ids: list[int], text: str, max_new_tokens: int)
 def visible_tokens(gen: pb.Generation) -> int:
     """Tokens of this step a streaming client would receive as text."""
     t = gen.tokens
-    return sum(1 for text, special in itertools.zip_longest(t.texts, t.is_special, fillvalue=False)
-               if text and not special)
+    return sum(
+        1 for text, special in itertools.zip_longest(t.texts, t.is_special, fillvalue=False) if text and not special
+    )
 
 
 async def stream_request(batcher: MiniBatcher, request: pb.Request, result: RequestResult) -> None:
@@ -259,8 +276,9 @@ async def stream_request(batcher: MiniBatcher, request: pb.Request, result: Requ
         raise
 
 
-async def run_level(uds: str, level: Level, encode: Encode, policy: Policy | None = None,
-                    warmup: pb.WarmupRequest | None = None) -> dict:
+async def run_level(
+    uds: str, level: Level, encode: Encode, policy: Policy | None = None, warmup: pb.WarmupRequest | None = None
+) -> dict:
     """One level over gRPC, summarised as load.py summarises an HTTP level, plus `decode_step`."""
     shards = await Shards.connect(uds)
     if warmup is not None:
@@ -301,6 +319,7 @@ async def run_level(uds: str, level: Level, encode: Encode, policy: Policy | Non
 
 # ---------------------------------------------------------------- CLI
 
+
 def tokenizer_encode(tokenizer_json: Path) -> Encode:
     """The router's tokenization (special tokens added) from a tokenizer.json."""
     from tokenizers import Tokenizer
@@ -310,8 +329,9 @@ def tokenizer_encode(tokenizer_json: Path) -> Encode:
 
 
 def main() -> None:
-    from ember.store import resolve_model
     from prompts import prompt_set
+
+    from ember.store import resolve_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--uds", default="/tmp/ember-server-0", help="the master shard's socket")
@@ -326,12 +346,19 @@ def main() -> None:
     args = p.parse_args()
     tokenizer = resolve_model(args.model_id).path / "tokenizer.json"
     prompts, encode = prompt_set(args.scenario, tokenizer), tokenizer_encode(tokenizer)
-    warmup = pb.WarmupRequest(max_input_tokens=1024, max_prefill_tokens=4096, max_total_tokens=2048) \
-        if args.warmup else None
+    warmup = (
+        pb.WarmupRequest(max_input_tokens=1024, max_prefill_tokens=4096, max_total_tokens=2048) if args.warmup else None
+    )
     results, first = [], 0
     for concurrency in args.concurrency:
-        level = Level(concurrency, max(args.requests, concurrency), args.time_limit, args.max_new_tokens,
-                      lambda i: (prompts.text(i), prompts.tokens(i)), first)
+        level = Level(
+            concurrency,
+            max(args.requests, concurrency),
+            args.time_limit,
+            args.max_new_tokens,
+            lambda i: (prompts.text(i), prompts.tokens(i)),
+            first,
+        )
         first += level.max_requests
         summary = run_async(run_level(args.uds, level, encode, warmup=warmup))
         warmup = None

@@ -54,9 +54,12 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "linear_layout.json"))
     args = p.parse_args()
     torch.manual_seed(0)
-    result = {"command": " ".join([".venv/bin/python", *sys.argv]), "torch": torch.__version__,
-              "threads": torch.get_num_threads(),
-              "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}}
+    result = {
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+    }
     onednn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
     rows_out = []
     for dtype in (torch.float32, torch.bfloat16):
@@ -65,16 +68,27 @@ def main() -> None:
         for rows in args.rows:
             a = pass_ms(rows, plain, F.linear, args.repeats)
             b = pass_ms(rows, reordered, onednn, args.repeats)
-            rows_out.append({"dtype": str(dtype).removeprefix("torch."), "rows": rows, "plain_ms": a,
-                             "onednn_ms": b, "speedup": a / b})
+            rows_out.append(
+                {
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "rows": rows,
+                    "plain_ms": a,
+                    "onednn_ms": b,
+                    "speedup": a / b,
+                }
+            )
             print(f"{dtype} rows={rows}: F.linear {a:.2f} ms, oneDNN layout {b:.2f} ms ({a / b:.2f}x)", flush=True)
     int4 = []
     for _ in range(LAYERS):
         layer = []
         for n, k in SHAPES:
             q = torch.randint(0, 16, (n, k), dtype=torch.int32)
-            layer.append(((torch._convert_weight_to_int4pack_for_cpu(q, 1),
-                           torch.rand(k // 32, n, 2).bfloat16()), torch.bfloat16))
+            layer.append(
+                (
+                    (torch._convert_weight_to_int4pack_for_cpu(q, 1), torch.rand(k // 32, n, 2).bfloat16()),
+                    torch.bfloat16,
+                )
+            )
         int4.append(layer)
     int4_mm = lambda x, w: torch._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1])  # noqa: E731
     for rows in args.rows:
@@ -85,9 +99,18 @@ def main() -> None:
 
     kernels = native.kernels()
     if kernels is not None and kernels.q4:
-        q4 = [[(native.Q4Weight.pack(torch.randint(0, 16, (n, k)), torch.rand(n, k // 32) * 0.01,
-                                     -torch.rand(n, k // 32) * 0.05), torch.float32) for n, k in SHAPES]
-              for _ in range(LAYERS)]
+        q4 = [
+            [
+                (
+                    native.Q4Weight.pack(
+                        torch.randint(0, 16, (n, k)), torch.rand(n, k // 32) * 0.01, -torch.rand(n, k // 32) * 0.05
+                    ),
+                    torch.float32,
+                )
+                for n, k in SHAPES
+            ]
+            for _ in range(LAYERS)
+        ]
         for rows in args.rows:
             ms = pass_ms(rows, q4, kernels.q4_linear, args.repeats)
             rows_out.append({"dtype": "w4a8 (Ember's VNNI kernel, float32 in and out)", "rows": rows, "int4_ms": ms})
@@ -97,15 +120,21 @@ def main() -> None:
 
 
 def render(result: dict) -> str:
-    lines = ["# Linear layers: PyTorch's layout vs oneDNN's, SmolLM2-135M shapes (30 layers, one pass)", "",
-             f"{result['threads']} threads, load average {result['machine']['loadavg_start']:.1f} at start and "
-             f"{result['machine']['loadavg_end']:.1f} at the end; best of the repeats.", "",
-             "| dtype | rows | F.linear ms | oneDNN layout ms | speed-up | int4 / w4a8 kernel ms |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Linear layers: PyTorch's layout vs oneDNN's, SmolLM2-135M shapes (30 layers, one pass)",
+        "",
+        f"{result['threads']} threads, load average {result['machine']['loadavg_start']:.1f} at start and "
+        f"{result['machine']['loadavg_end']:.1f} at the end; best of the repeats.",
+        "",
+        "| dtype | rows | F.linear ms | oneDNN layout ms | speed-up | int4 / w4a8 kernel ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     nan = float("nan")
     for r in result["rows"]:
-        lines.append(f"| {r['dtype']} | {r['rows']} | {r.get('plain_ms', nan):.2f} | {r.get('onednn_ms', nan):.2f} "
-                     f"| {r.get('speedup', nan):.2f} | {r.get('int4_ms', nan):.2f} |")
+        lines.append(
+            f"| {r['dtype']} | {r['rows']} | {r.get('plain_ms', nan):.2f} | {r.get('onednn_ms', nan):.2f} "
+            f"| {r.get('speedup', nan):.2f} | {r.get('int4_ms', nan):.2f} |"
+        )
     return "\n".join(lines + ["", "Command:", "", "    " + result["command"], ""])
 
 

@@ -31,9 +31,10 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -55,6 +56,7 @@ def run_async(coro):
 
 # ---------------------------------------------------------------- statistics
 
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0..100), interpolated linearly between ranks; NaN when empty."""
     if not values:
@@ -67,6 +69,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # ---------------------------------------------------------------- wire formats
+
 
 def parse_sse_data(line: str) -> Any:
     """The JSON payload of one SSE `data:` line; DONE for `[DONE]`; None for other lines."""
@@ -93,8 +96,7 @@ class Api:
 
 def _tgi_body(prompt: str, max_new_tokens: int, model: str) -> dict:
     # TGI's API has no ignore_eos: greedy, and the actual count is recorded.
-    return {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "do_sample": False,
-                                             "details": True}}
+    return {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "do_sample": False, "details": True}}
 
 
 def _tgi_tokens(event: dict) -> int:
@@ -108,9 +110,16 @@ def _tgi_final(event: dict) -> int | None:
 
 
 def _openai_body(prompt: str, max_new_tokens: int, model: str) -> dict:
-    return {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0.0,
-            "stream": True, "ignore_eos": True, "min_tokens": max_new_tokens,
-            "stream_options": {"include_usage": True}}
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_new_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "min_tokens": max_new_tokens,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def _openai_tokens(event: dict) -> int:
@@ -131,13 +140,14 @@ APIS = {
 
 # ---------------------------------------------------------------- one request
 
+
 @dataclass
 class RequestResult:
     """What the client saw of one streamed request; times in seconds from its start."""
 
     prompt_tokens: int = 0
     stamps: list[float] = field(default_factory=list)  # arrival of each event carrying tokens
-    tokens: int = 0                   # counted from events
+    tokens: int = 0  # counted from events
     reported_tokens: int | None = None  # the server's own count (usage / details), when sent
     completed: bool = False
     cancelled_at: float | None = None
@@ -200,17 +210,17 @@ class _Response(asyncio.Protocol):
         self.lost: Exception | None = None
         self._begin(None)
 
-    def _begin(self, request: "_Request | None") -> None:
+    def _begin(self, request: _Request | None) -> None:
         self.request = request
-        self.head = b""            # status line and headers, until the blank line
+        self.head = b""  # status line and headers, until the blank line
         self.status = 0
         self.keep_alive = True
         self.chunked = False
-        self.remaining = -1        # bytes left: of the body (content-length) or of the current chunk
-        self.chunk_line = b""      # a chunk-size line split across reads
-        self.chunk_crlf = 0        # bytes of a chunk's trailing CRLF still to skip
-        self.trailers = False      # past the last chunk: trailer lines until an empty one
-        self.lines = b""           # the body's last, unfinished line
+        self.remaining = -1  # bytes left: of the body (content-length) or of the current chunk
+        self.chunk_line = b""  # a chunk-size line split across reads
+        self.chunk_crlf = 0  # bytes of a chunk's trailing CRLF still to skip
+        self.trailers = False  # past the last chunk: trailer lines until an empty one
+        self.lines = b""  # the body's last, unfinished line
         self.error_body = b""
         self.in_body = False
 
@@ -236,8 +246,11 @@ class _Response(asyncio.Protocol):
         except Exception as exc:  # bad event, error event, bad framing: the request fails
             self.keep_alive = False
             if not req.done.done():
-                req.done.set_exception(exc if isinstance(exc, (RuntimeError, ValueError, OSError))
-                                       else RuntimeError(f"bad response: {exc!r}"))
+                req.done.set_exception(
+                    exc
+                    if isinstance(exc, (RuntimeError, ValueError, OSError))
+                    else RuntimeError(f"bad response: {exc!r}")
+                )
             self.transport.close()
 
     # -- parsing
@@ -247,12 +260,12 @@ class _Response(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            data = self.head[end + 4:]
+            data = self.head[end + 4 :]
             self._headers(self.head[:end].decode("latin-1"))
             self.in_body = True
         if not self.chunked:
             if self.remaining >= 0:
-                data = data[:self.remaining]
+                data = data[: self.remaining]
                 self.remaining -= len(data)
             self._body(data, now)
             if self.remaining == 0:
@@ -269,7 +282,7 @@ class _Response(asyncio.Protocol):
                 continue
             if self.remaining > 0:
                 take = min(self.remaining, n - pos)
-                self._body(data[pos:pos + take], now)
+                self._body(data[pos : pos + take], now)
                 pos += take
                 self.remaining -= take
                 if self.remaining == 0:
@@ -377,16 +390,21 @@ class RawClient:
             if not conn.closed:
                 return conn
         loop = asyncio.get_running_loop()
-        _, conn = await asyncio.wait_for(
-            loop.create_connection(_Response, self.host, self.port), self.connect_timeout)
+        _, conn = await asyncio.wait_for(loop.create_connection(_Response, self.host, self.port), self.connect_timeout)
         return conn
 
     async def stream(self, api: Api, body: dict, result: RequestResult, started: float) -> None:
         """POST `body` to the API's path and fold its events into `result`; raises on failure."""
         payload = json.dumps(body).encode()
-        head = (b"POST " + (self.prefix + api.path).encode() + b" HTTP/1.1\r\nHost: " + self.host_header
-                + b"\r\nAccept: */*\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(payload)).encode() + b"\r\n\r\n")
+        head = (
+            b"POST "
+            + (self.prefix + api.path).encode()
+            + b" HTTP/1.1\r\nHost: "
+            + self.host_header
+            + b"\r\nAccept: */*\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+        )
         conn = await self._connection()
         self.open.add(conn)
         req = _Request(api, result, started, asyncio.get_running_loop().create_future())
@@ -412,8 +430,7 @@ class RawClient:
         self.open.clear()
 
 
-async def stream_request(client: "httpx.AsyncClient | RawClient", api: Api, body: dict,
-                         result: RequestResult) -> None:
+async def stream_request(client: httpx.AsyncClient | RawClient, api: Api, body: dict, result: RequestResult) -> None:
     """Send one streaming request, filling `result` as events arrive (partial on cancellation)."""
     started = time.perf_counter()
     try:
@@ -436,6 +453,7 @@ async def stream_request(client: "httpx.AsyncClient | RawClient", api: Api, body
 
 # ---------------------------------------------------------------- one level
 
+
 @dataclass
 class Level:
     """One measurement: a concurrency against a prompt supply, bounded in count and time."""
@@ -453,8 +471,15 @@ class Level:
         return [self.prompt(self.first_index + i) for i in range(self.max_requests)]
 
 
-async def run_level(url: str, api: Api, level: Level, model: str = "", request_timeout: float = 600,
-                    transport: httpx.AsyncBaseTransport | None = None, client: str = "raw") -> dict:
+async def run_level(
+    url: str,
+    api: Api,
+    level: Level,
+    model: str = "",
+    request_timeout: float = 600,
+    transport: httpx.AsyncBaseTransport | None = None,
+    client: str = "raw",
+) -> dict:
     """Run one level and summarise it; never exceeds `max_requests` nor (much) `time_limit_s`.
 
     `client`: "raw" (RawClient, the default: little CPU per event) or "httpx".
@@ -463,7 +488,7 @@ async def run_level(url: str, api: Api, level: Level, model: str = "", request_t
     next_index = 0
     prompts = level.prompts()
 
-    async def worker(http: "httpx.AsyncClient | RawClient", deadline: float) -> None:
+    async def worker(http: httpx.AsyncClient | RawClient, deadline: float) -> None:
         nonlocal next_index
         while next_index < level.max_requests and time.perf_counter() < deadline:
             text, n_prompt = prompts[next_index]
@@ -475,7 +500,7 @@ async def run_level(url: str, api: Api, level: Level, model: str = "", request_t
             except (httpx.HTTPError, RuntimeError, ValueError, OSError) as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
 
-    async def run(http: "httpx.AsyncClient | RawClient") -> tuple[float, float]:
+    async def run(http: httpx.AsyncClient | RawClient) -> tuple[float, float]:
         started = time.perf_counter()
         deadline = started + level.time_limit_s
         tasks = [asyncio.create_task(worker(http, deadline)) for _ in range(level.concurrency)]
@@ -500,8 +525,11 @@ async def run_level(url: str, api: Api, level: Level, model: str = "", request_t
 
 
 def _ms(values: list[float]) -> dict[str, float]:
-    return {"p50": percentile(values, 50) * 1e3, "p99": percentile(values, 99) * 1e3,
-            "mean": (statistics.fmean(values) * 1e3) if values else float("nan")}
+    return {
+        "p50": percentile(values, 50) * 1e3,
+        "p99": percentile(values, 99) * 1e3,
+        "mean": (statistics.fmean(values) * 1e3) if values else float("nan"),
+    }
 
 
 def summarize(results: list[RequestResult], level: Level, elapsed: float) -> dict:
@@ -525,10 +553,12 @@ def summarize(results: list[RequestResult], level: Level, elapsed: float) -> dic
         "output_tokens": tokens,
         "output_tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"),
         "requests_per_s": len(done) / elapsed if elapsed > 0 else float("nan"),
-        "output_counts": {"min": min(counts, default=0), "max": max(counts, default=0),
-                          "mean": statistics.fmean(counts) if counts else 0.0,
-                          "forced_share": (sum(c == level.max_new_tokens for c in counts) / len(counts))
-                          if counts else 0.0},
+        "output_counts": {
+            "min": min(counts, default=0),
+            "max": max(counts, default=0),
+            "mean": statistics.fmean(counts) if counts else 0.0,
+            "forced_share": (sum(c == level.max_new_tokens for c in counts) / len(counts)) if counts else 0.0,
+        },
         "prompt_tokens_mean": statistics.fmean([r.prompt_tokens for r in results]) if results else 0.0,
         "ttft_ms": _ms(ttfts + censored),
         "ttft_censored": len(censored),
@@ -539,14 +569,17 @@ def summarize(results: list[RequestResult], level: Level, elapsed: float) -> dic
 
 
 def format_summary(s: dict) -> str:
-    return (f"c={s['concurrency']:>3} sent={s['requests_sent']:>3} done={s['requests_completed']:>3} "
-            f"err={s['errors']} tok/s={s['output_tokens_per_s']:8.1f} req/s={s['requests_per_s']:6.2f} "
-            f"ttft p50/p99={s['ttft_ms']['p50']:7.0f}/{s['ttft_ms']['p99']:7.0f}ms "
-            f"itl p50/p99={s['itl_ms']['p50']:6.1f}/{s['itl_ms']['p99']:6.1f}ms "
-            f"out={s['output_counts']['mean']:.0f}")
+    return (
+        f"c={s['concurrency']:>3} sent={s['requests_sent']:>3} done={s['requests_completed']:>3} "
+        f"err={s['errors']} tok/s={s['output_tokens_per_s']:8.1f} req/s={s['requests_per_s']:6.2f} "
+        f"ttft p50/p99={s['ttft_ms']['p50']:7.0f}/{s['ttft_ms']['p99']:7.0f}ms "
+        f"itl p50/p99={s['itl_ms']['p50']:6.1f}/{s['itl_ms']['p99']:6.1f}ms "
+        f"out={s['output_counts']['mean']:.0f}"
+    )
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def _prompt_source(args: argparse.Namespace) -> Callable[[int], tuple[str, int]]:
     if args.prompt:
@@ -576,15 +609,18 @@ def main() -> None:
     p.add_argument("--scenario", choices=["short", "long", "mix"], default="short")
     p.add_argument("--tokenizer", help="tokenizer.json measuring the prompts (default: smollm2's)")
     p.add_argument("--prompt", help="send this one prompt every time instead of a prompt set")
-    p.add_argument("--client", choices=["raw", "httpx"], default="raw",
-                   help="HTTP client: raw (lean, asyncio protocol; the default) or httpx")
+    p.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="HTTP client: raw (lean, asyncio protocol; the default) or httpx",
+    )
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
     source = _prompt_source(args)
     results, first = [], 0
     for concurrency in args.concurrency:
-        level = Level(concurrency, max(args.requests, concurrency), args.time_limit, args.max_new_tokens,
-                      source, first)
+        level = Level(concurrency, max(args.requests, concurrency), args.time_limit, args.max_new_tokens, source, first)
         first += level.max_requests
         summary = run_async(run_level(args.url, APIS[args.api], level, args.model, client=args.client))
         results.append(summary)

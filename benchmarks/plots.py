@@ -18,9 +18,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = (("output_tokens_per_s", None, "output tokens/s", False),
-          ("ttft_p50_ms", "ttft_p99_ms", "TTFT ms (p50 solid, p99 dashed)", True),
-          ("itl_p50_ms", "itl_p99_ms", "inter-token latency ms (p50 solid, p99 dashed)", True))
+PANELS = (
+    ("output_tokens_per_s", None, "output tokens/s", False),
+    ("ttft_p50_ms", "ttft_p99_ms", "TTFT ms (p50 solid, p99 dashed)", True),
+    ("itl_p50_ms", "itl_p99_ms", "inter-token latency ms (p50 solid, p99 dashed)", True),
+)
 
 
 def _series(rows: list[dict], scenario: str, metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -38,8 +40,15 @@ def plot_scenario(results: dict, scenario: str, path: Path) -> None:
             xs, med, low, high = _series(rows, scenario, p50)
             if not xs:
                 continue
-            ax.errorbar(xs, med, yerr=[[m - lo for m, lo in zip(med, low)], [hi - m for m, hi in zip(med, high)]],
-                        marker="o", color=color, label=name, capsize=3)
+            ax.errorbar(
+                xs,
+                med,
+                yerr=[[m - lo for m, lo in zip(med, low)], [hi - m for m, hi in zip(med, high)]],
+                marker="o",
+                color=color,
+                label=name,
+                capsize=3,
+            )
             if p99:
                 xs99, med99, _, _ = _series(rows, scenario, p99)
                 ax.plot(xs99, med99, linestyle="--", marker="x", color=color)
@@ -54,8 +63,10 @@ def plot_scenario(results: dict, scenario: str, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     tokens = results["config"]["max_new_tokens"]
-    fig.suptitle(f"{scenario} prompts, {tokens} output tokens — {results['machine'].get('cpu_model')}, "
-                 f"{results['machine'].get('usable_cpus')} CPUs")
+    fig.suptitle(
+        f"{scenario} prompts, {tokens} output tokens — {results['machine'].get('cpu_model')}, "
+        f"{results['machine'].get('usable_cpus')} CPUs"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

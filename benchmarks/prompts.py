@@ -10,10 +10,10 @@ earlier requests, and repeats measure the same work as the first run.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
 
 SHORT_TOKENS = 64
 LONG_TOKENS = 1000
@@ -93,4 +93,3 @@ def prompt_set(scenario: str, tokenizer_json: Path) -> PromptSet:
         encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
         decode=lambda ids: tok.decode(ids),
     )
-

@@ -53,15 +53,15 @@ BOUNDS = {
 
 
 def text(path: str) -> str:
-    return subprocess.run(["git", "show", f"{TEXTS_REVISION}:{path}"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        ["git", "show", f"{TEXTS_REVISION}:{path}"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def compare(reference: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
     """Mean KL(reference ‖ got) in nats per position, and how often the top tokens agree."""
     ref_all, got_all = torch.cat(reference), torch.cat(got)
-    kl = F.kl_div(F.log_softmax(got_all, -1), F.log_softmax(ref_all, -1), log_target=True,
-                  reduction="batchmean").item()
+    kl = F.kl_div(F.log_softmax(got_all, -1), F.log_softmax(ref_all, -1), log_target=True, reduction="batchmean").item()
     return kl, (ref_all.argmax(-1) == got_all.argmax(-1)).float().mean().item()
 
 
@@ -88,16 +88,20 @@ def main() -> None:
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    from ember.store import resolve_model
     from ember.shard.runner import load_runner
+    from ember.store import resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = resolve_model("smollm2").path
     tok = AutoTokenizer.from_pretrained(model)
     token_lists = [tok(text(t))["input_ids"][: args.tokens] for t in TEXTS]
-    result = {"command": " ".join([".venv/bin/python", *sys.argv]),
-              "texts": [f"{t} at {TEXTS_REVISION}" for t in TEXTS], "tokens": [len(t) for t in token_lists],
-              "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}, "rows": []}
+    result = {
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "texts": [f"{t} at {TEXTS_REVISION}" for t in TEXTS],
+        "tokens": [len(t) for t in token_lists],
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+        "rows": [],
+    }
     reference = distributions(load_runner(model, dtype="float32"), token_lists)
     for name, kwargs in SETTINGS.items():
         try:
@@ -106,27 +110,42 @@ def main() -> None:
             result["rows"].append({"setting": name, "error": str(err)})
             continue
         kl, agree = compare(reference, got)
-        result["rows"].append({"setting": name, "kwargs": kwargs, "kl": kl, "top1": agree,
-                               "bound": BOUNDS[name], "holds": within(name, kl, agree)})
+        result["rows"].append(
+            {
+                "setting": name,
+                "kwargs": kwargs,
+                "kl": kl,
+                "top1": agree,
+                "bound": BOUNDS[name],
+                "holds": within(name, kl, agree),
+            }
+        )
         print(f"{name}: KL {kl:.5f} nats/token, top-1 agreement {agree:.4f}", flush=True)
     report.write_result(result, Path(args.out), render)
 
 
 def render(result: dict) -> str:
-    lines = ["# Precision of the CPU speed options: SmolLM2-135M against float32", "",
-             f"Teacher-forced next-token distributions over {sum(result['tokens'])} positions of "
-             f"{', '.join(result['texts'])}. KL(float32 ‖ setting) in nats per token; top-1: how often the "
-             "most likely token is float32's. Bound: what the setting must hold (KL at most, top-1 at least); "
-             "the automatic precision picks only settings that hold theirs, and tests/test_quality_bounds.py "
-             "keeps the same bounds on the tiny model.", "",
-             "| setting | KL | top-1 agreement | bound | holds |", "|---|---:|---:|---:|---|"]
+    lines = [
+        "# Precision of the CPU speed options: SmolLM2-135M against float32",
+        "",
+        f"Teacher-forced next-token distributions over {sum(result['tokens'])} positions of "
+        f"{', '.join(result['texts'])}. KL(float32 ‖ setting) in nats per token; top-1: how often the "
+        "most likely token is float32's. Bound: what the setting must hold (KL at most, top-1 at least); "
+        "the automatic precision picks only settings that hold theirs, and tests/test_quality_bounds.py "
+        "keeps the same bounds on the tiny model.",
+        "",
+        "| setting | KL | top-1 agreement | bound | holds |",
+        "|---|---:|---:|---:|---|",
+    ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['setting']} | – | not run: {r['error']} | | |")
         else:
             max_kl, min_top1 = r["bound"]
-            lines.append(f"| {r['setting']} | {r['kl']:.5f} | {100 * r['top1']:.1f} % | ≤ {max_kl} / "
-                         f"≥ {100 * min_top1:.0f} % | {'yes' if r['holds'] else '**no**'} |")
+            lines.append(
+                f"| {r['setting']} | {r['kl']:.5f} | {100 * r['top1']:.1f} % | ≤ {max_kl} / "
+                f"≥ {100 * min_top1:.0f} % | {'yes' if r['holds'] else '**no**'} |"
+            )
     return "\n".join(lines + ["", "Command:", "", "    " + result["command"], ""])
 
 

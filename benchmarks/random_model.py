@@ -34,8 +34,12 @@ def build(like: Path, out: Path, dtype: torch.dtype = torch.bfloat16, seed: int 
         raise FileNotFoundError(f"{like} holds no config.json")
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(like.iterdir()):
-        if (path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json")
-                and path.name not in NOT_COPIED):
+        if (
+            path.is_file()
+            and not path.name.endswith(WEIGHT_SUFFIXES)
+            and not path.name.endswith(".index.json")
+            and path.name not in NOT_COPIED
+        ):
             shutil.copy2(path, out / path.name)
     config = AutoConfig.from_pretrained(like, local_files_only=True)
     torch.manual_seed(seed)

@@ -25,8 +25,9 @@ SHAPES = (("square-2048", 2048, 2048, 2048), ("mlp-b32", 32, 576, 1536), ("lm-he
 CUDA_SHAPES = (("square-8192", 8192, 8192, 8192),) + SHAPES[1:]
 
 
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_time_s: float = 0.5,
-                  max_iters: int = 10_000, device: str = "cpu") -> float:
+def matmul_gflops(
+    m: int, k: int, n: int, dtype: torch.dtype, min_time_s: float = 0.5, max_iters: int = 10_000, device: str = "cpu"
+) -> float:
     """Best-of-batches GFLOP/s of `[m,k] @ [k,n]`, timed for at least `min_time_s` (bounded by `max_iters`).
     int8: `torch._int_mm` (int8 x int8 -> int32, oneDNN's VNNI GEMM on CPU), in GOP/s. On a GPU each
     batch of products ends with a synchronize, so the clock reads finished work."""
@@ -85,9 +86,14 @@ def param_count(model_dir: Path) -> int:
 def decode_share(tokens_per_s: float, params: int, peak_gflops: float) -> dict:
     """The FLOP rate a decode of `tokens_per_s` achieves, and its percentage of `peak_gflops`."""
     achieved = tokens_per_s * 2 * params / 1e9
-    return {"tokens_per_s": tokens_per_s, "params": params, "flops_per_token": 2 * params,
-            "achieved_gflops": achieved, "peak_gflops": peak_gflops,
-            "percent_of_peak": 100 * achieved / peak_gflops if peak_gflops else float("nan")}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "params": params,
+        "flops_per_token": 2 * params,
+        "achieved_gflops": achieved,
+        "peak_gflops": peak_gflops,
+        "percent_of_peak": 100 * achieved / peak_gflops if peak_gflops else float("nan"),
+    }
 
 
 def main() -> None:

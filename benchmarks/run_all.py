@@ -45,19 +45,26 @@ WARMUP_INDEX = 1_000_000  # warm-up prompts never coincide with measured ones
 METRICS = {
     "output_tokens_per_s": ("output_tokens_per_s", None),
     "requests_per_s": ("requests_per_s", None),
-    "ttft_p50_ms": ("ttft_ms", "p50"), "ttft_p99_ms": ("ttft_ms", "p99"),
-    "itl_p50_ms": ("itl_ms", "p50"), "itl_p99_ms": ("itl_ms", "p99"),
+    "ttft_p50_ms": ("ttft_ms", "p50"),
+    "ttft_p99_ms": ("ttft_ms", "p99"),
+    "itl_p50_ms": ("itl_ms", "p50"),
+    "itl_p99_ms": ("itl_ms", "p99"),
     "tpot_p50_ms": ("tpot_ms", "p50"),
-    "e2e_p50_ms": ("e2e_ms", "p50"), "e2e_p99_ms": ("e2e_ms", "p99"),
+    "e2e_p50_ms": ("e2e_ms", "p50"),
+    "e2e_p99_ms": ("e2e_ms", "p99"),
     "output_tokens_mean": ("output_counts", "mean"),
 }
 
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, flags and memory from /proc, plus the load when the run started."""
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
-                            "loadavg_at_start": os.getloadavg()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "loadavg_at_start": os.getloadavg(),
+    }
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
         fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
@@ -141,8 +148,14 @@ def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: 
             source = prompts[scenario]
             first = 0
             for concurrency, size in zip(args.concurrency, sizes):
-                level = load.Level(concurrency, size, args.time_limit, args.max_new_tokens,
-                                   lambda i, s=source: (s.text(i), s.tokens(i)), first)
+                level = load.Level(
+                    concurrency,
+                    size,
+                    args.time_limit,
+                    args.max_new_tokens,
+                    lambda i, s=source: (s.text(i), s.tokens(i)),
+                    first,
+                )
                 first += size
                 summary = load.run_async(load.run_level(url, load.APIS[api], level, model="smollm2"))
                 if summary["requests_cancelled"]:
@@ -169,18 +182,26 @@ def aggregate(levels: list[dict]) -> list[dict]:
         groups.setdefault((level["scenario"], level["concurrency"]), []).append(level)
     rows = []
     for (scenario, concurrency), group in groups.items():
-        row: dict[str, Any] = {"scenario": scenario, "concurrency": concurrency, "repeats": len(group),
-                               "errors": sum(g["errors"] for g in group),
-                               "cancelled": sum(g["requests_cancelled"] for g in group),
-                               "forced_share": statistics.fmean(g["output_counts"]["forced_share"] for g in group)}
+        row: dict[str, Any] = {
+            "scenario": scenario,
+            "concurrency": concurrency,
+            "repeats": len(group),
+            "errors": sum(g["errors"] for g in group),
+            "cancelled": sum(g["requests_cancelled"] for g in group),
+            "forced_share": statistics.fmean(g["output_counts"]["forced_share"] for g in group),
+        }
         for name, (key, sub) in METRICS.items():
             values = [g[key] if sub is None else g[key][sub] for g in group]
             values = [v for v in values if v == v]  # NaN: nothing measured
             if not values:
                 continue
             median = statistics.median(values)
-            row[name] = {"median": median, "min": min(values), "max": max(values),
-                         "spread_pct": 100 * (max(values) - min(values)) / median if median else 0.0}
+            row[name] = {
+                "median": median,
+                "min": min(values),
+                "max": max(values),
+                "spread_pct": 100 * (max(values) - min(values)) / median if median else 0.0,
+            }
         rows.append(row)
     return rows
 
@@ -222,10 +243,13 @@ def decode_roofline(results: dict, params: int) -> dict:
         dtypes = results["roofline"]["dtypes"]
         own = dtypes.get(probe["dtype"], {}).get("peak_gflops")
         bf16 = dtypes.get("bfloat16", {}).get("peak_gflops")
-        out[name] = {**roofline.decode_share(probe["tokens_per_s"], params, own), "dtype": probe["dtype"],
-                     "batch": probe["batch"],
-                     "percent_of_bf16_peak": 100 * probe["tokens_per_s"] * 2 * params / 1e9 / bf16 if bf16 else None,
-                     "note": "shard over gRPC, decode steps only; FLOPs/token = 2 x parameters"}
+        out[name] = {
+            **roofline.decode_share(probe["tokens_per_s"], params, own),
+            "dtype": probe["dtype"],
+            "batch": probe["batch"],
+            "percent_of_bf16_peak": 100 * probe["tokens_per_s"] * 2 * params / 1e9 / bf16 if bf16 else None,
+            "note": "shard over gRPC, decode steps only; FLOPs/token = 2 x parameters",
+        }
     return out
 
 
@@ -259,11 +283,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="requests per worker in a level")
     p.add_argument("--min-requests", type=int, default=8, help="fewest requests in a level")
-    p.add_argument("--time-limit", type=float, default=60, help="seconds per level; running requests are then cancelled")
+    p.add_argument(
+        "--time-limit", type=float, default=60, help="seconds per level; running requests are then cancelled"
+    )
     p.add_argument("--roofline-time", type=float, default=0.5, help="seconds timed per roofline shape")
     p.add_argument("--no-install", action="store_true", help="use the peers' virtualenvs as they are")
-    p.add_argument("--device", default="auto", help="where the roofline is probed: cpu, cuda, or auto "
-                   "(cuda when torch sees a GPU, as Ember's shards do)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the roofline is probed: cpu, cuda, or auto (cuda when torch sees a GPU, as Ember's shards do)",
+    )
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -285,8 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {k: v for k, v in vars(args).items()},
-        "model": {"dir": str(model_dir), "gguf": gguf_or_none(),
-                  "params": roofline.param_count(model_dir)},
+        "model": {"dir": str(model_dir), "gguf": gguf_or_none(), "params": roofline.param_count(model_dir)},
         "servers": {},
     }
     if os.environ.get("EMBER_BENCH_MODEL_NOTE"):

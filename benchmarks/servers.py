@@ -16,8 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 
@@ -61,18 +61,37 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
             proc.wait()
 
 
-def start_shard(model_dir: Path, uds_prefix: str, *extra: str, rank: int = 0, world_size: int = 1,
-                env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_shard(
+    model_dir: Path, uds_prefix: str, *extra: str, rank: int = 0, world_size: int = 1, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
     """Spawn `ember-shard serve`; returns the process and the socket path it will listen on."""
-    cmd = [str(BIN / "ember-shard"), "serve", "--model-id", str(model_dir), "--uds-path", uds_prefix,
-           "--rank", str(rank), "--world-size", str(world_size), *extra]
+    cmd = [
+        str(BIN / "ember-shard"),
+        "serve",
+        "--model-id",
+        str(model_dir),
+        "--uds-path",
+        uds_prefix,
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(world_size),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     return proc, f"{uds_prefix}-{rank}"
 
 
 @contextlib.contextmanager
-def shard_process(model_dir: Path, uds_prefix: str, *extra: str, rank: int = 0, world_size: int = 1,
-                  timeout: float = 120.0, env: dict | None = None) -> Iterator[str]:
+def shard_process(
+    model_dir: Path,
+    uds_prefix: str,
+    *extra: str,
+    rank: int = 0,
+    world_size: int = 1,
+    timeout: float = 120.0,
+    env: dict | None = None,
+) -> Iterator[str]:
     """Run `ember-shard serve` and yield its socket path once it answers Health."""
     proc, socket = start_shard(model_dir, uds_prefix, *extra, rank=rank, world_size=world_size, env=env)
     try:
@@ -99,19 +118,39 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def start_router(shard_socket: str, tokenizer_dir: Path, *extra: str, model_id: str = "tiny",
-                 env: dict | None = None, stderr=None) -> tuple[subprocess.Popen, str]:
+def start_router(
+    shard_socket: str, tokenizer_dir: Path, *extra: str, model_id: str = "tiny", env: dict | None = None, stderr=None
+) -> tuple[subprocess.Popen, str]:
     """Spawn `ember-router` on a free port; returns the process and its base URL."""
     port = free_port()
-    cmd = [str(BIN / "ember-router"), "--master-shard-uds-path", shard_socket, "--tokenizer-name",
-           str(tokenizer_dir), "--model-id", model_id, "--hostname", "127.0.0.1", "--port", str(port), *extra]
+    cmd = [
+        str(BIN / "ember-router"),
+        "--master-shard-uds-path",
+        shard_socket,
+        "--tokenizer-name",
+        str(tokenizer_dir),
+        "--model-id",
+        model_id,
+        "--hostname",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=stderr)
     return proc, f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
-def router_process(shard_socket: str, tokenizer_dir: Path, *extra: str, model_id: str = "tiny",
-                   timeout: float = 60.0, env: dict | None = None, capture: Path | None = None) -> Iterator[str]:
+def router_process(
+    shard_socket: str,
+    tokenizer_dir: Path,
+    *extra: str,
+    model_id: str = "tiny",
+    timeout: float = 60.0,
+    env: dict | None = None,
+    capture: Path | None = None,
+) -> Iterator[str]:
     """Run `ember-router` against a running shard; yield its base URL once /health answers.
 
     `capture`: a file receiving the router's stderr (its logs), for log assertions.
@@ -150,8 +189,11 @@ class Launcher:
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [str(BIN / "ember-launcher"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+            [str(BIN / "ember-launcher"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -169,12 +211,14 @@ class Launcher:
         def seen():
             if self.proc.poll() is not None:
                 self._reader.join(5)
-                found = next((l for l in self.output() if needle in l), None)
+                found = next((line for line in self.output() if needle in line), None)
                 if found is None:
-                    raise AssertionError(f"launcher exited ({self.proc.returncode}) before {needle!r}:\n"
-                                         + "\n".join(self.output()[-40:]))
+                    raise AssertionError(
+                        f"launcher exited ({self.proc.returncode}) before {needle!r}:\n"
+                        + "\n".join(self.output()[-40:])
+                    )
                 return found
-            return next((l for l in self.output() if needle in l), None)
+            return next((line for line in self.output() if needle in line), None)
 
         return wait_for(seen, timeout, f"launcher line {needle!r}")
 

@@ -25,9 +25,10 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
+from servers import shard_process  # noqa: E402
+
 from ember.proto import generate_pb2 as pb  # noqa: E402
 from ember.proto import generate_pb2_grpc as pb_grpc  # noqa: E402
-from servers import shard_process  # noqa: E402
 
 
 def request(rid: int, ids: list[int], max_new: int) -> pb.Request:
@@ -72,8 +73,14 @@ def batched_decode(model_dir: Path, env: dict, batch: int = 32, new_tokens: int 
         stub.Warmup(pb.WarmupRequest(max_prefill_tokens=1024, max_total_tokens=2048, max_input_tokens=1024))
         decode_speed(stub, batch, prompt, 8, 1)  # first steps of this shape
         runs = [decode_speed(stub, batch, prompt, new_tokens, 2 + i) for i in range(repeats)]
-    return {"batch": batch, "new_tokens": new_tokens, "prompt_tokens": len(prompt), "env": env,
-            "tokens_per_s": statistics.median(runs), "runs": runs}
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "prompt_tokens": len(prompt),
+        "env": env,
+        "tokens_per_s": statistics.median(runs),
+        "runs": runs,
+    }
 
 
 def timed_start(model_id: str, cache: str) -> float:
@@ -94,8 +101,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "shard.json"))
     args = p.parse_args()
 
-    from ember.store import resolve_model
     from transformers import AutoTokenizer
+
+    from ember.store import resolve_model
 
     cache = os.environ.get("EMBER_CACHE", str(Path.home() / ".cache" / "ember"))
     results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "model_id": args.model_id}

@@ -29,9 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT_TOKENS = 64
 
 # decode_layers' phases (shard/kernels/fused_step.c, PHASE(i)), in order
-PHASES = ("norm + quantize (input)", "qkv projection", "rotary + K/V write + attention + quantize",
-          "o projection", "add + norm + quantize (post)", "gate/up projection", "silu*mul + quantize",
-          "down projection")
+PHASES = (
+    "norm + quantize (input)",
+    "qkv projection",
+    "rotary + K/V write + attention + quantize",
+    "o projection",
+    "add + norm + quantize (post)",
+    "gate/up projection",
+    "silu*mul + quantize",
+    "down projection",
+)
 
 
 def profiled_kernels(tmp: str):
@@ -95,15 +102,21 @@ def run(args: argparse.Namespace, model_dir: Path, phases) -> list[dict]:
         for s in seqs:
             runner.free(s)
         n = args.steps
-        row = {"step_ms": 1e3 * (step_s + sample_s) / n, "layers_ms": 1e3 * forward.seconds / n,
-               "head_ms": 1e3 * head.seconds / n, "sampler_ms": 1e3 * sample_s / n}
+        row = {
+            "step_ms": 1e3 * (step_s + sample_s) / n,
+            "layers_ms": 1e3 * forward.seconds / n,
+            "head_ms": 1e3 * head.seconds / n,
+            "sampler_ms": 1e3 * sample_s / n,
+        }
         row["runner_other_ms"] = row["step_ms"] - row["layers_ms"] - row["head_ms"] - row["sampler_ms"]
         if phases is not None:
             row["phases_ms"] = {name: 1e3 * phases[i] / n for i, name in enumerate(PHASES)}
         if repeat:
             out.append(row)
-            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k != "phases_ms"},
-                  flush=True)
+            print(
+                {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items() if k != "phases_ms"},
+                flush=True,
+            )
     return out
 
 
@@ -120,25 +133,37 @@ def markdown(result: dict) -> str:
     s = result["summary"]
     b = result["batch"]
     lines = [
-        f"# Where a decode step's time goes (batch {b}, in process)", "",
+        f"# Where a decode step's time goes (batch {b}, in process)",
+        "",
         f"Model {result['model_id']}, quantize `{result['quantize']}`, matmul dtype `{result['matmul_dtype']}`, "
         f"{b} sequences of a {result['prompt_tokens']}-token prompt, {result['steps']} greedy decode steps, "
         f"median of {result['repeats']} repeats. Machine: {result['machine'].get('cpu_model')}, "
         f"{result['machine'].get('logical_cpus')} CPUs, load average {result['machine']['loadavg_at_start'][0]:.1f} "
-        "at start.", "",
-        "| part | ms per step | share |", "|---|---:|---:|",
+        "at start.",
+        "",
+        "| part | ms per step | share |",
+        "|---|---:|---:|",
     ]
     step = s["step_ms"]
-    for key, name in (("layers_ms", "decoder layers (`model.forward`)"), ("head_ms", "LM head (`model.logits`)"),
-                      ("runner_other_ms", "runner's other work (metadata, blocks, Python)"),
-                      ("sampler_ms", "sampler (greedy)")):
+    for key, name in (
+        ("layers_ms", "decoder layers (`model.forward`)"),
+        ("head_ms", "LM head (`model.logits`)"),
+        ("runner_other_ms", "runner's other work (metadata, blocks, Python)"),
+        ("sampler_ms", "sampler (greedy)"),
+    ):
         lines.append(f"| {name} | {s[key]:.2f} | {100 * s[key] / step:.0f} % |")
-    lines.append(f"| **step** [min–max] | **{step:.2f}** [{s['spread_step_ms'][0]:.2f}–{s['spread_step_ms'][1]:.2f}]"
-                 f" | 100 % |")
+    lines.append(
+        f"| **step** [min–max] | **{step:.2f}** [{s['spread_step_ms'][0]:.2f}–{s['spread_step_ms'][1]:.2f}] | 100 % |"
+    )
     lines.append(f"| tokens/s (batch / step) | {1e3 * b / step:.0f} | |")
     if "phases_ms" in s:
-        lines += ["", "Phases of the fused layer call (`decode_layers`, thread 0's view, barriers included):", "",
-                  "| phase | ms per step | share of the layers |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "Phases of the fused layer call (`decode_layers`, thread 0's view, barriers included):",
+            "",
+            "| phase | ms per step | share of the layers |",
+            "|---|---:|---:|",
+        ]
         total = sum(s["phases_ms"].values())
         for name, ms in s["phases_ms"].items():
             lines.append(f"| {name} | {ms:.2f} | {100 * ms / total:.0f} % |")
@@ -163,10 +188,17 @@ def main() -> None:
     model_dir = resolve_model(args.model_id).path
     machine = run_all.machine_info()
     machine.pop("flags", None)  # comparison.md lists them; here the model name and cores are enough
-    result = {"command": " ".join([".venv/bin/python", "benchmarks/step_profile.py", *sys.argv[1:]]),
-              "model_id": args.model_id, "quantize": args.quantize, "matmul_dtype": args.matmul_dtype,
-              "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "prompt_tokens": PROMPT_TOKENS,
-              "machine": machine}
+    result = {
+        "command": " ".join([".venv/bin/python", "benchmarks/step_profile.py", *sys.argv[1:]]),
+        "model_id": args.model_id,
+        "quantize": args.quantize,
+        "matmul_dtype": args.matmul_dtype,
+        "batch": args.batch,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "prompt_tokens": PROMPT_TOKENS,
+        "machine": machine,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         phases = profiled_kernels(tmp) if args.quantize == "w4a8" else None
         runs = run(args, model_dir, phases)

@@ -47,12 +47,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 STARTED = re.compile(r"^\[launcher\] started (shard (\d+)|router) \(pid (\d+)\)")
 KV_LINE = re.compile(r"^\[shard (\d+)\].*KV cache: (\d+) blocks of (\d+) tokens = (\d+) tokens \((\d+) bytes\)")
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split on output rows (weight and bias)
-ROW = ("o_proj", "down_proj")                                     # split on input columns (weight only)
-VOCAB = ("embed_tokens", "lm_head")                               # split on vocabulary rows, padded
+ROW = ("o_proj", "down_proj")  # split on input columns (weight only)
+VOCAB = ("embed_tokens", "lm_head")  # split on vocabulary rows, padded
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # ---------------------------------------------------------------- parameters per rank
+
 
 def rank_elements(name: str, shape: list[int], world_size: int) -> int:
     """Elements of tensor `name` that one rank holds under Ember's tensor-parallel split."""
@@ -74,18 +75,23 @@ def rank_parameters(model_dir: Path, world_size: int, dtype_bytes: int) -> dict:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 shape = list(f.get_slice(name).get_shape())
-                group = "layers" if ".layers." in name else \
-                    "embedding_and_head" if any(v in name for v in VOCAB) else "other"
+                group = (
+                    "layers"
+                    if ".layers." in name
+                    else "embedding_and_head"
+                    if any(v in name for v in VOCAB)
+                    else "other"
+                )
                 groups[group][0] += rank_elements(name, shape, world_size) * dtype_bytes
                 groups[group][1] += math.prod(shape) * dtype_bytes
     out = {g: {"rank_bytes": r, "model_bytes": m, "share": r / m if m else 0.0} for g, (r, m) in groups.items()}
-    out["total"] = {"rank_bytes": sum(r for r, _ in groups.values()),
-                    "model_bytes": sum(m for _, m in groups.values())}
+    out["total"] = {"rank_bytes": sum(r for r, _ in groups.values()), "model_bytes": sum(m for _, m in groups.values())}
     out["total"]["share"] = out["total"]["rank_bytes"] / out["total"]["model_bytes"]
     return out
 
 
 # ---------------------------------------------------------------- processes
+
 
 def proc_memory(pid: int) -> dict:
     """VmRSS, RssAnon, RssFile, RssShmem and VmHWM of one process, in bytes."""
@@ -124,6 +130,7 @@ def memory_snapshot(pids: dict[str, int]) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- load
 
+
 def decode_level(url: str, model: str, level: load.Level) -> dict:
     summary = load.run_async(load.run_level(url, load.APIS["openai"], level, model))
     tpot = summary["tpot_ms"]["mean"]
@@ -144,10 +151,27 @@ def measure(n: int, args: argparse.Namespace, model_dir: Path, source, first: in
     kv_per_rank = args.kv_cache_bytes // n
     with tempfile.TemporaryDirectory() as tmp:
         launcher = Launcher(
-            "--model-id", str(model_dir), "--num-shard", str(n), "--shard-uds-path", f"{tmp}/ember",
-            "--port", str(port), "--hostname", "127.0.0.1", "--master-port", str(free_port()),
-            "--kv-cache-bytes", str(kv_per_rank), "--max-total-tokens", "512", "--max-input-tokens", "256",
-            "--max-batch-prefill-tokens", "1024", *(["--dtype", args.dtype] if args.dtype else []),
+            "--model-id",
+            str(model_dir),
+            "--num-shard",
+            str(n),
+            "--shard-uds-path",
+            f"{tmp}/ember",
+            "--port",
+            str(port),
+            "--hostname",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "--kv-cache-bytes",
+            str(kv_per_rank),
+            "--max-total-tokens",
+            "512",
+            "--max-input-tokens",
+            "256",
+            "--max-batch-prefill-tokens",
+            "1024",
+            *(["--dtype", args.dtype] if args.dtype else []),
         )
         try:
             started = time.perf_counter()
@@ -156,8 +180,11 @@ def measure(n: int, args: argparse.Namespace, model_dir: Path, source, first: in
             url = f"http://127.0.0.1:{port}"
             pids = child_pids(launcher.output())
             rest = memory_snapshot(pids)
-            print(f"N={n}: serving after {ready_s:.0f}s; " + ", ".join(
-                f"{k} RSS {v['VmRSS'] / 2**20:.0f} MiB" for k, v in rest.items()), flush=True)
+            print(
+                f"N={n}: serving after {ready_s:.0f}s; "
+                + ", ".join(f"{k} RSS {v['VmRSS'] / 2**20:.0f} MiB" for k, v in rest.items()),
+                flush=True,
+            )
             answer = france(url)
             decode_level(url, args.model_id, load.Level(8, 8, args.time_limit, 8, source, 50_000 + first))  # warm
             runs = []
@@ -169,9 +196,12 @@ def measure(n: int, args: argparse.Namespace, model_dir: Path, source, first: in
         finally:
             launcher.kill()
     return {
-        "num_shard": n, "ready_s": ready_s, "kv_cache_bytes_per_rank_flag": kv_per_rank,
+        "num_shard": n,
+        "ready_s": ready_s,
+        "kv_cache_bytes_per_rank_flag": kv_per_rank,
         "kv_cache": {str(k): v for k, v in kv_bytes(lines).items()},
-        "memory_at_rest": rest, "memory_after_load": after,
+        "memory_at_rest": rest,
+        "memory_after_load": after,
         "parameters_per_rank": rank_parameters(model_dir, n, DTYPE_BYTES[args.dtype or "float32"]),
         "france": answer,
         "decode_batch8": {
@@ -186,6 +216,7 @@ def measure(n: int, args: argparse.Namespace, model_dir: Path, source, first: in
 
 # ---------------------------------------------------------------- report
 
+
 def _mib(b: float) -> str:
     return f"{b / 2**20:.0f}"
 
@@ -193,12 +224,15 @@ def _mib(b: float) -> str:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        "# Tensor parallelism: per-rank memory and decode speed (SmolLM2, CPU)", "",
+        "# Tensor parallelism: per-rank memory and decode speed (SmolLM2, CPU)",
+        "",
         f"Model {result['model_id']} in {result['dtype']}, {m['cpus']} CPUs, 1-minute load average "
         f"{m['loadavg_start']:.1f} at start and {m['loadavg_end']:.1f} at the end (other work shared the cores). "
         f"KV cache: {_mib(result['kv_cache_bytes_total'])} MiB in all, split over the ranks "
-        "(same token capacity for every N).", "",
-        "## Memory per rank (MiB)", "",
+        "(same token capacity for every N).",
+        "",
+        "## Memory per rank (MiB)",
+        "",
         "| N | rank | RSS at rest | anon | file | RSS after load | peak (HWM) | KV cache | parameters (computed) "
         "| layer-weight share | all-weight share |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -212,33 +246,52 @@ def markdown(result: dict) -> str:
                 f"| {n} | {r} | {_mib(rest['VmRSS'])} | {_mib(rest['RssAnon'])} | {_mib(rest['RssFile'])} "
                 f"| {_mib(after['VmRSS'])} | {_mib(after['VmHWM'])} | {_mib(kv)} "
                 f"| {_mib(params['total']['rank_bytes'])} | {params['layers']['share']:.3f} "
-                f"| {params['total']['share']:.3f} |")
-    lines += ["", "## Decode at batch 8 (8 concurrent streams through HTTP)", "",
-              "| N | decode tok/s (8 / TPOT) | output tok/s (incl. prefill) | ITL p50 (ms) | TTFT p50 (ms) "
-              "| France answer |", "|---:|---:|---:|---:|---:|---|"]
+                f"| {params['total']['share']:.3f} |"
+            )
+    lines += [
+        "",
+        "## Decode at batch 8 (8 concurrent streams through HTTP)",
+        "",
+        "| N | decode tok/s (8 / TPOT) | output tok/s (incl. prefill) | ITL p50 (ms) | TTFT p50 (ms) | France answer |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
     for run in result["runs"]:
         d = run["decode_batch8"]
-        lines.append(f"| {run['num_shard']} | {d['decode_tokens_per_s']:.1f} | {d['output_tokens_per_s']:.1f} "
-                     f"| {d['itl_p50_ms']:.1f} | {d['ttft_p50_ms']:.0f} | {run['france']!r} |")
-    lines += ["", "RSS = resident set of the `ember-shard` process (anon: tensors and heap; file: mapped "
-              "libraries and safetensors pages). Parameter bytes are computed from the safetensors headers with "
-              "Ember's split; shares are rank bytes / whole-model bytes. On 2 cores N = 3 cannot be faster: "
-              "the point is that each rank holds ~1/N of the layer weights and the answers agree.", "",
-              "Command:", "", f"    {result['command']}", ""]
+        lines.append(
+            f"| {run['num_shard']} | {d['decode_tokens_per_s']:.1f} | {d['output_tokens_per_s']:.1f} "
+            f"| {d['itl_p50_ms']:.1f} | {d['ttft_p50_ms']:.0f} | {run['france']!r} |"
+        )
+    lines += [
+        "",
+        "RSS = resident set of the `ember-shard` process (anon: tensors and heap; file: mapped "
+        "libraries and safetensors pages). Parameter bytes are computed from the safetensors headers with "
+        "Ember's split; shares are rank bytes / whole-model bytes. On 2 cores N = 3 cannot be faster: "
+        "the point is that each rank holds ~1/N of the layer weights and the answers agree.",
+        "",
+        "Command:",
+        "",
+        f"    {result['command']}",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
+    from prompts import prompt_set
+
     from ember.launcher.args import parse_bytes
     from ember.store import resolve_model
-    from prompts import prompt_set
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-id", default="smollm2")
     p.add_argument("--num-shard", type=int, nargs="+", default=[1, 3])
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--kv-cache-bytes", type=parse_bytes, default=parse_bytes("96MiB"),
-                   help="KV cache of all ranks together; each rank gets 1/N")
+    p.add_argument(
+        "--kv-cache-bytes",
+        type=parse_bytes,
+        default=parse_bytes("96MiB"),
+        help="KV cache of all ranks together; each rank gets 1/N",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), help="default: the shard's (float32 on CPU)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--time-limit", type=float, default=600)
@@ -250,9 +303,12 @@ def main() -> None:
     source = lambda i: (prompts.text(i), prompts.tokens(i))  # noqa: E731
     result: dict = {
         "command": " ".join([".venv/bin/python", "benchmarks/tp_memory.py", *sys.argv[1:]]),
-        "model_id": args.model_id, "dtype": args.dtype or "float32", "max_new_tokens": args.max_new_tokens,
+        "model_id": args.model_id,
+        "dtype": args.dtype or "float32",
+        "max_new_tokens": args.max_new_tokens,
         "kv_cache_bytes_total": args.kv_cache_bytes,
-        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}, "runs": [],
+        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0]},
+        "runs": [],
     }
     for i, n in enumerate(args.num_shard):
         result["runs"].append(measure(n, args, model_dir, source, first=i * 100))

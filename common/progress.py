@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 ProgressFn = Callable[[str, float, "float | None"], None]
 """`progress(stage, done, total)`: `total` is None when the size is not known yet."""

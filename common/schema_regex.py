@@ -75,11 +75,11 @@ def _natural_range(lo: int, hi: int | None) -> str:
     """Regex for the integers lo..hi (hi None = unbounded), 0 <= lo, without leading zeros."""
     parts = []
     length = len(str(lo))
-    top = hi if hi is not None else 10 ** length - 1
+    top = hi if hi is not None else 10**length - 1
     while lo <= top:
-        end = min(top, 10 ** length - 1)
+        end = min(top, 10**length - 1)
         parts.append(_digits_range(str(lo), str(end)))
-        lo, length = 10 ** length, length + 1
+        lo, length = 10**length, length + 1
     if hi is None:
         parts.append(f"[1-9][0-9]{{{length - 1},}}")
     return "|".join(f"({p})" for p in parts)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 DEFAULT_MODEL_ID = "smollm2"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -142,102 +143,250 @@ LS, LR, RS = (LAUNCHER, SHARD), (LAUNCHER, ROUTER), (ROUTER, SHARD)
 
 SETTINGS: tuple[Setting, ...] = (
     # -- the model and its precision
-    _s("model-id", f"Model to serve: `{DEFAULT_MODEL_ID}` (SmolLM2-135M-Instruct), a local Hugging Face directory "
-       "or a .gguf file. Resolved and converted once, before any shard starts; the shards get the resolved "
-       "directory, the router the name /info reports.", (LAUNCHER, ROUTER, SHARD), default=DEFAULT_MODEL_ID),
-    _s("dtype", "Activations dtype of the shards. Default: float32 on CPU (with the matmuls' own precision, "
-       "see --quantize), the model's dtype on CUDA.", LS, choices=DTYPES),
-    _s("quantize", "Weight quantization of the decoder's linear layers on CPU. Default (unset): the fastest "
-       "setting whose quality is stated (benchmarks/results/quality.md): a 4-bit GGUF runs `w4a8` where the CPU "
-       "has AVX-512 VNNI, else `int4`; a Q8_0 GGUF `int8`; bf16/fp16 weights run bf16 matmuls where the CPU "
-       "has AVX-512 BF16 or AMX; float32 otherwise. `int8`: a scale per output feature; `int4`: a scale and "
-       "minimum per 32 inputs (GGUF Q4_1's layout, so its 4-bit codes are kept), multiplied in bf16; `w4a8`: "
-       "int4 weights times int8 activations on Ember's AVX-512 VNNI kernel (llama.cpp's Q4_1 x Q8_1); `none`: "
-       "no quantization. TGI's GPU methods (awq, gptq, ...) are not available.", LS, type=quantize_kind),
-    _s("matmul-dtype", "dtype of the decoder's linear weights (Ember). `bfloat16` under float32 activations "
-       "keeps embedding, norms, attention and the best logits in float32 and runs the matmuls on the CPU's "
-       "bf16 units. Default: chosen with --quantize (given, it turns the automatic choice off).", LS,
-       choices=DTYPES),
-    _s("kv-cache-dtype", "dtype of the cached keys and values. `auto`: the model's, except bfloat16 for float32 "
-       "models on CPU with bf16 matmuls or quantized weights, where decode attention then reads half the "
-       "bytes. TGI's fp8 kinds are not available.", LS, default="auto",
-       choices=("auto", "float32", "bfloat16", "float16")),
-    _s("kv-cache-bytes", "Memory budget of the KV cache of each shard on CPU, in bytes (units like 2GiB "
-       "accepted). Default: a share of free memory.", LS, type=parse_bytes),
-    _s("cuda-memory-fraction", "Fraction of each GPU's memory a shard may use (KV cache sizing).", LS,
-       type=float, default=0.9),
-    _s("cuda-graphs", "Batch sizes whose decode steps replay CUDA graphs, comma-separated (as TGI); `0` turns "
-       "them off. A step's batch is padded up to the next size; larger batches run eagerly. Each graph is "
-       "captured the first time its batch size and context width are needed. Default: 1,2,4,...,256 (one "
-       "shard only; sharded models run eagerly).", LS, type=batch_sizes),
-    _s("prefill-chunk-tokens", "The prefill budget of a step (Ember; vLLM's max_num_batched_tokens): the most "
-       "prompt tokens a shard's step runs beside the running requests' tokens, and what the router lets "
-       "newcomers bring into one step. Longer prompts go on in the next steps, so running streams never wait "
-       "for a whole long prompt. `0` runs whole prompts. Default: 256 on CPU, 2048 on CUDA.", LS,
-       type=non_negative_int, aliases=("prefill-step-tokens",)),
-    _s("prefill-chunking", "Newcomers share the running batch's forward (one Prefill carrying the running "
-       "batch, cut into --prefill-chunk-tokens steps) where the shard can; `false`: TGI's separate prefills "
-       "ruled by --waiting-served-ratio and --max-waiting-tokens.", LR, type=parse_bool, default=True,
-       kind="optbool"),
-    _s("native-kernels", "Build and use Ember's C kernels on CPU (Ember); `false`: torch ops only.", LS,
-       type=parse_bool, default=True, kind="optbool", env="EMBER_NATIVE"),
-    _s("num-threads", "torch intra-op threads of each shard. Default: the CPUs the process may run on divided "
-       "by the number of shards.", LS, type=positive_int, env="OMP_NUM_THREADS"),
-    _s("cache-dir", "Where fetched and converted models and built kernels are cached (default ~/.cache/ember).",
-       LS, env="EMBER_CACHE"),
+    _s(
+        "model-id",
+        f"Model to serve: `{DEFAULT_MODEL_ID}` (SmolLM2-135M-Instruct), a local Hugging Face directory "
+        "or a .gguf file. Resolved and converted once, before any shard starts; the shards get the resolved "
+        "directory, the router the name /info reports.",
+        (LAUNCHER, ROUTER, SHARD),
+        default=DEFAULT_MODEL_ID,
+    ),
+    _s(
+        "dtype",
+        "Activations dtype of the shards. Default: float32 on CPU (with the matmuls' own precision, "
+        "see --quantize), the model's dtype on CUDA.",
+        LS,
+        choices=DTYPES,
+    ),
+    _s(
+        "quantize",
+        "Weight quantization of the decoder's linear layers on CPU. Default (unset): the fastest "
+        "setting whose quality is stated (benchmarks/results/quality.md): a 4-bit GGUF runs `w4a8` where the CPU "
+        "has AVX-512 VNNI, else `int4`; a Q8_0 GGUF `int8`; bf16/fp16 weights run bf16 matmuls where the CPU "
+        "has AVX-512 BF16 or AMX; float32 otherwise. `int8`: a scale per output feature; `int4`: a scale and "
+        "minimum per 32 inputs (GGUF Q4_1's layout, so its 4-bit codes are kept), multiplied in bf16; `w4a8`: "
+        "int4 weights times int8 activations on Ember's AVX-512 VNNI kernel (llama.cpp's Q4_1 x Q8_1); `none`: "
+        "no quantization. TGI's GPU methods (awq, gptq, ...) are not available.",
+        LS,
+        type=quantize_kind,
+    ),
+    _s(
+        "matmul-dtype",
+        "dtype of the decoder's linear weights (Ember). `bfloat16` under float32 activations "
+        "keeps embedding, norms, attention and the best logits in float32 and runs the matmuls on the CPU's "
+        "bf16 units. Default: chosen with --quantize (given, it turns the automatic choice off).",
+        LS,
+        choices=DTYPES,
+    ),
+    _s(
+        "kv-cache-dtype",
+        "dtype of the cached keys and values. `auto`: the model's, except bfloat16 for float32 "
+        "models on CPU with bf16 matmuls or quantized weights, where decode attention then reads half the "
+        "bytes. TGI's fp8 kinds are not available.",
+        LS,
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    ),
+    _s(
+        "kv-cache-bytes",
+        "Memory budget of the KV cache of each shard on CPU, in bytes (units like 2GiB "
+        "accepted). Default: a share of free memory.",
+        LS,
+        type=parse_bytes,
+    ),
+    _s(
+        "cuda-memory-fraction",
+        "Fraction of each GPU's memory a shard may use (KV cache sizing).",
+        LS,
+        type=float,
+        default=0.9,
+    ),
+    _s(
+        "cuda-graphs",
+        "Batch sizes whose decode steps replay CUDA graphs, comma-separated (as TGI); `0` turns "
+        "them off. A step's batch is padded up to the next size; larger batches run eagerly. Each graph is "
+        "captured the first time its batch size and context width are needed. Default: 1,2,4,...,256 (one "
+        "shard only; sharded models run eagerly).",
+        LS,
+        type=batch_sizes,
+    ),
+    _s(
+        "prefill-chunk-tokens",
+        "The prefill budget of a step (Ember; vLLM's max_num_batched_tokens): the most "
+        "prompt tokens a shard's step runs beside the running requests' tokens, and what the router lets "
+        "newcomers bring into one step. Longer prompts go on in the next steps, so running streams never wait "
+        "for a whole long prompt. `0` runs whole prompts. Default: 256 on CPU, 2048 on CUDA.",
+        LS,
+        type=non_negative_int,
+        aliases=("prefill-step-tokens",),
+    ),
+    _s(
+        "prefill-chunking",
+        "Newcomers share the running batch's forward (one Prefill carrying the running "
+        "batch, cut into --prefill-chunk-tokens steps) where the shard can; `false`: TGI's separate prefills "
+        "ruled by --waiting-served-ratio and --max-waiting-tokens.",
+        LR,
+        type=parse_bool,
+        default=True,
+        kind="optbool",
+    ),
+    _s(
+        "native-kernels",
+        "Build and use Ember's C kernels on CPU (Ember); `false`: torch ops only.",
+        LS,
+        type=parse_bool,
+        default=True,
+        kind="optbool",
+        env="EMBER_NATIVE",
+    ),
+    _s(
+        "num-threads",
+        "torch intra-op threads of each shard. Default: the CPUs the process may run on divided "
+        "by the number of shards.",
+        LS,
+        type=positive_int,
+        env="OMP_NUM_THREADS",
+    ),
+    _s(
+        "cache-dir",
+        "Where fetched and converted models and built kernels are cached (default ~/.cache/ember).",
+        LS,
+        env="EMBER_CACHE",
+    ),
     # -- processes
-    _s("num-shard", "Number of tensor-parallel shard processes. Default: 1 on CPU; on CUDA, the number of "
-       "visible GPUs (1 when --sharded false).", L, type=positive_int),
-    _s("sharded", "Shard the model across ranks (`--sharded` or `--sharded true|false`). true needs "
-       "--num-shard >= 2 (or >= 2 visible GPUs); false means one shard.", L, type=parse_bool, kind="optbool"),
-    _s("shard-uds-path", "Prefix of the shards' unix sockets; rank r listens on `{prefix}-{r}`.", L,
-       default="/tmp/ember-server"),
+    _s(
+        "num-shard",
+        "Number of tensor-parallel shard processes. Default: 1 on CPU; on CUDA, the number of "
+        "visible GPUs (1 when --sharded false).",
+        L,
+        type=positive_int,
+    ),
+    _s(
+        "sharded",
+        "Shard the model across ranks (`--sharded` or `--sharded true|false`). true needs "
+        "--num-shard >= 2 (or >= 2 visible GPUs); false means one shard.",
+        L,
+        type=parse_bool,
+        kind="optbool",
+    ),
+    _s(
+        "shard-uds-path",
+        "Prefix of the shards' unix sockets; rank r listens on `{prefix}-{r}`.",
+        L,
+        default="/tmp/ember-server",
+    ),
     _s("master-addr", "torch.distributed rendezvous address of the shards.", LS, default="localhost"),
     _s("master-port", "torch.distributed rendezvous port of the shards.", LS, type=int, default=29500),
-    _s("graceful-termination-timeout", "Seconds a child may take to exit after SIGTERM (the router drains "
-       "in-flight requests meanwhile) before it is killed.", L, type=float, default=90.0),
-    _s("shard-startup-timeout", "Seconds every shard has to load the model and answer Health (Ember-specific; "
-       "TGI waits forever).", L, type=float, default=600.0),
-    _s("router-startup-timeout", "Seconds the router has to warm up and answer GET /health (Ember-specific).",
-       L, type=float, default=300.0),
-    _s("json-output", "Emit JSON lines (the launcher's and every child's, with role and rank fields) instead "
-       "of prefixed text.", (LAUNCHER, ROUTER, SHARD), kind="bool"),
-    _s("log-level", "Log level of the shards and the router.", (LAUNCHER, ROUTER, SHARD), default="INFO",
-       choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    _s(
+        "graceful-termination-timeout",
+        "Seconds a child may take to exit after SIGTERM (the router drains "
+        "in-flight requests meanwhile) before it is killed.",
+        L,
+        type=float,
+        default=90.0,
+    ),
+    _s(
+        "shard-startup-timeout",
+        "Seconds every shard has to load the model and answer Health (Ember-specific; TGI waits forever).",
+        L,
+        type=float,
+        default=600.0,
+    ),
+    _s(
+        "router-startup-timeout",
+        "Seconds the router has to warm up and answer GET /health (Ember-specific).",
+        L,
+        type=float,
+        default=300.0,
+    ),
+    _s(
+        "json-output",
+        "Emit JSON lines (the launcher's and every child's, with role and rank fields) instead of prefixed text.",
+        (LAUNCHER, ROUTER, SHARD),
+        kind="bool",
+    ),
+    _s(
+        "log-level",
+        "Log level of the shards and the router.",
+        (LAUNCHER, ROUTER, SHARD),
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    ),
     # -- router: HTTP
     _s("hostname", "Address the HTTP server binds.", LR, default="0.0.0.0"),
     _s("port", "Port the HTTP server listens on.", LR, type=int, default=3000),
     _s("api-key", "Require `Authorization: Bearer <key>` on every request.", LR),
-    _s("cors-allow-origin", "Origin allowed by CORS (repeatable; the env var takes a comma-separated list).",
-       LR, kind="list"),
+    _s(
+        "cors-allow-origin",
+        "Origin allowed by CORS (repeatable; the env var takes a comma-separated list).",
+        LR,
+        kind="list",
+    ),
     _s("payload-limit", "Largest request body, in bytes (413 beyond).", LR, type=int, default=2_000_000),
     _s("validation-workers", "Tokenizer workers validating requests.", LR, type=positive_int, default=2),
-    _s("max-client-batch-size", "Most inputs in one embedding/batch request.", LR, type=positive_int,
-       default=4),
+    _s("max-client-batch-size", "Most inputs in one embedding/batch request.", LR, type=positive_int, default=4),
     _s("disable-grammar-support", "Refuse requests with a grammar.", LR, kind="bool"),
-    _s("grammar-compile-timeout", "Seconds the shards may take to build a grammar's index (422 beyond; "
-       "Ember).", LR, type=float, default=30.0),
-    _s("compute-type", "What /info reports as compute_type (TGI reads it from the environment). Default: the "
-       "shards' device type.", LR),
-    _s("event-loop", "The router's event loop: `auto` (uvloop when installed) or `asyncio` (Ember).", LR,
-       default="auto", choices=("auto", "asyncio"), env="EMBER_EVENT_LOOP"),
+    _s(
+        "grammar-compile-timeout",
+        "Seconds the shards may take to build a grammar's index (422 beyond; Ember).",
+        LR,
+        type=float,
+        default=30.0,
+    ),
+    _s(
+        "compute-type",
+        "What /info reports as compute_type (TGI reads it from the environment). Default: the shards' device type.",
+        LR,
+    ),
+    _s(
+        "event-loop",
+        "The router's event loop: `auto` (uvloop when installed) or `asyncio` (Ember).",
+        LR,
+        default="auto",
+        choices=("auto", "asyncio"),
+        env="EMBER_EVENT_LOOP",
+    ),
     # -- router: limits and batching
-    _s("max-concurrent-requests", "Requests in flight at once; more are answered 429.", LR, type=positive_int,
-       default=128),
+    _s(
+        "max-concurrent-requests",
+        "Requests in flight at once; more are answered 429.",
+        LR,
+        type=positive_int,
+        default=128,
+    ),
     _s("max-best-of", "Largest `best_of` accepted.", LR, type=positive_int, default=2),
     _s("max-stop-sequences", "Most stop sequences per request.", LR, type=non_negative_int, default=4),
     _s("max-top-n-tokens", "Largest `top_n_tokens` accepted.", LR, type=non_negative_int, default=5),
-    _s("max-input-tokens", "Longest prompt in tokens. Default: derived from max total tokens at warmup.", LR,
-       type=positive_int, aliases=("max-input-length",)),
-    _s("max-total-tokens", "Longest prompt + generation in tokens. Default: derived at warmup.", LR,
-       type=positive_int),
-    _s("waiting-served-ratio", "Waiting/running ratio above which waiting requests are prefilled into the "
-       "running batch (TGI's rule; with --prefill-chunking false).", LR, type=float, default=0.3),
+    _s(
+        "max-input-tokens",
+        "Longest prompt in tokens. Default: derived from max total tokens at warmup.",
+        LR,
+        type=positive_int,
+        aliases=("max-input-length",),
+    ),
+    _s("max-total-tokens", "Longest prompt + generation in tokens. Default: derived at warmup.", LR, type=positive_int),
+    _s(
+        "waiting-served-ratio",
+        "Waiting/running ratio above which waiting requests are prefilled into the "
+        "running batch (TGI's rule; with --prefill-chunking false).",
+        LR,
+        type=float,
+        default=0.3,
+    ),
     _s("max-batch-prefill-tokens", "Most tokens in one prefill.", LR, type=positive_int),
-    _s("max-batch-total-tokens", "Token budget of a batch. Default: the shards' capacity from warmup.", LR,
-       type=positive_int),
-    _s("max-waiting-tokens", "Decode steps waiting requests wait before being prefilled anyway.", LR,
-       type=non_negative_int, default=20),
+    _s(
+        "max-batch-total-tokens",
+        "Token budget of a batch. Default: the shards' capacity from warmup.",
+        LR,
+        type=positive_int,
+    ),
+    _s(
+        "max-waiting-tokens",
+        "Decode steps waiting requests wait before being prefilled anyway.",
+        LR,
+        type=non_negative_int,
+        default=20,
+    ),
     _s("max-batch-size", "Most requests in one batch. Default: unlimited.", LR, type=positive_int),
     # -- wiring the launcher computes
     _s("uds-path", "Socket prefix; rank r listens on PREFIX-r.", S, default="/tmp/ember-server", internal=True),
@@ -246,8 +395,14 @@ SETTINGS: tuple[Setting, ...] = (
     _s("master-shard-uds-path", "Unix socket of rank 0.", R, default="/tmp/ember-server-0", internal=True),
     _s("tokenizer-name", "Local directory holding the model's tokenizer.", R, internal=True),
     _s("model-sha", "Model revision reported by /info.", R, internal=True),
-    _s("graceful-shutdown-timeout", "Seconds in-flight requests get to finish on SIGTERM.", R, type=float,
-       default=90.0, internal=True),
+    _s(
+        "graceful-shutdown-timeout",
+        "Seconds in-flight requests get to finish on SIGTERM.",
+        R,
+        type=float,
+        default=90.0,
+        internal=True,
+    ),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -280,8 +435,9 @@ def read_by(process: str, *, offered: bool = False) -> list[Setting]:
 # --- command lines ---------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings: Iterable[Setting],
-                  environ: Mapping[str, str] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, settings: Iterable[Setting], environ: Mapping[str, str] | None = None
+) -> None:
     """Add `settings` to `parser`, each defaulting to its env var (parsed, or a parser error) or its default."""
     env = os.environ if environ is None else environ
     for setting in settings:
@@ -296,8 +452,16 @@ def _add(parser: argparse.ArgumentParser, s: Setting, env: Mapping[str, str]) ->
     if s.kind == "bool":
         parser.add_argument(*names, dest=s.dest, action="store_true", default=default, help=help_text)
     elif s.kind == "optbool":
-        parser.add_argument(*names, dest=s.dest, nargs="?", const=True, type=parse_bool, default=default,
-                            metavar="true|false", help=help_text)
+        parser.add_argument(
+            *names,
+            dest=s.dest,
+            nargs="?",
+            const=True,
+            type=parse_bool,
+            default=default,
+            metavar="true|false",
+            help=help_text,
+        )
     elif s.kind == "list":
         parser.add_argument(*names, dest=s.dest, action="append", default=None, metavar="VALUE", help=help_text)
         parser.set_defaults(**{f"_env_{s.dest}": default})
@@ -330,8 +494,12 @@ def finish(args: argparse.Namespace, settings: Iterable[Setting]) -> argparse.Na
     return args
 
 
-def parse(parser: argparse.ArgumentParser, process: str, argv: Sequence[str] | None = None,
-          environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+def parse(
+    parser: argparse.ArgumentParser,
+    process: str,
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> argparse.Namespace:
     """Add the settings `process` reads to `parser` and parse `argv`."""
     settings = read_by(process)
     add_arguments(parser, settings, environ)

@@ -12,14 +12,20 @@ def sharding_problem(config: dict, world_size: int) -> str | None:
         return None
     model_type = config.get("model_type", "")
     if model_type not in PAGED_MODEL_TYPES:
-        return (f"model_type {model_type!r} runs on the generic transformers path, which supports one shard "
-                f"only (tensor parallel size 1), but --num-shard is {world_size}")
+        return (
+            f"model_type {model_type!r} runs on the generic transformers path, which supports one shard "
+            f"only (tensor parallel size 1), but --num-shard is {world_size}"
+        )
     heads = config.get("num_attention_heads")
     kv_heads = config.get("num_key_value_heads") or heads
     if heads is not None and heads % world_size:
-        return (f"num_attention_heads={heads} is not divisible by --num-shard {world_size} "
-                f"(num_key_value_heads={kv_heads}); choose a --num-shard that divides both")
+        return (
+            f"num_attention_heads={heads} is not divisible by --num-shard {world_size} "
+            f"(num_key_value_heads={kv_heads}); choose a --num-shard that divides both"
+        )
     if kv_heads is not None and kv_heads % world_size:
-        return (f"num_key_value_heads={kv_heads} is not divisible by --num-shard {world_size} "
-                f"(num_attention_heads={heads}); choose a --num-shard that divides both")
+        return (
+            f"num_key_value_heads={kv_heads} is not divisible by --num-shard {world_size} "
+            f"(num_attention_heads={heads}); choose a --num-shard that divides both"
+        )
     return None

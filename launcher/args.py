@@ -14,7 +14,7 @@ import argparse
 import os
 import shutil
 import subprocess
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from ember import settings
 from ember.settings import (  # noqa: F401  (re-exported: the launcher's public parsing helpers)

@@ -50,8 +50,14 @@ class LogSink:
     def launcher(self, message: str, level: str = "INFO", **fields: Any) -> None:
         """A line of the launcher's own; `fields` become JSON keys (text mode shows the message only)."""
         if self._json:
-            record = {"timestamp": _timestamp(), "level": level, "role": LAUNCHER, "rank": None,
-                      "message": message, **fields}
+            record = {
+                "timestamp": _timestamp(),
+                "level": level,
+                "role": LAUNCHER,
+                "rank": None,
+                "message": message,
+                **fields,
+            }
             self._write(json.dumps(record, ensure_ascii=False))
             return
         marker = "" if level == "INFO" else f"{level}: "
@@ -64,8 +70,7 @@ class LogSink:
             parsed = json.loads(line)
         except ValueError:
             parsed = None
-        record = parsed if isinstance(parsed, dict) else {"timestamp": _timestamp(), "level": "INFO",
-                                                          "message": line}
+        record = parsed if isinstance(parsed, dict) else {"timestamp": _timestamp(), "level": "INFO", "message": line}
         record["role"] = role
         record["rank"] = rank
         return record

@@ -16,8 +16,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ember.launcher.args import parse_args, router_flag_argv, shard_flag_argv
 from ember.launcher.logs import LineWriter, LogSink
@@ -85,8 +86,9 @@ def _claim_sockets(args: argparse.Namespace, sink: LogSink) -> bool:
     """Refuse to start over live shards; remove sockets a crashed run left behind."""
     for path in shard_sockets(args.shard_uds_path, args.num_shard):
         if socket_listening(path):
-            sink.launcher(f"a shard already serves on {path}: another server uses --shard-uds-path "
-                          f"{args.shard_uds_path}", "ERROR")
+            sink.launcher(
+                f"a shard already serves on {path}: another server uses --shard-uds-path {args.shard_uds_path}", "ERROR"
+            )
             return False
         if os.path.exists(path):
             os.unlink(path)
@@ -99,8 +101,7 @@ def run(supervisor: Supervisor, args: argparse.Namespace, model: Any, sink: LogS
     try:
         _start_shards(supervisor, args, model)
         _start_router(supervisor, args, model)
-        sink.launcher(f"serving {model.model_id} on http://{args.hostname}:{args.port} "
-                      f"with {args.num_shard} shard(s)")
+        sink.launcher(f"serving {model.model_id} on http://{args.hostname}:{args.port} with {args.num_shard} shard(s)")
         supervisor.watch()
     except Interrupted as interrupt:
         sink.launcher(f"received {interrupt}: shutting down")
@@ -133,8 +134,9 @@ def _shards_pending(shards: list[Child]) -> dict[Child, str]:
 def _start_router(supervisor: Supervisor, args: argparse.Namespace, model: Any) -> None:
     router = supervisor.start(router_spec(args, model))
     url = f"http://{probe_host(args.hostname)}:{args.port}/health"
-    supervisor.wait_ready(lambda: {} if http_health(url) else {router: f"GET {url} is not 200 yet"},
-                          args.router_startup_timeout)
+    supervisor.wait_ready(
+        lambda: {} if http_health(url) else {router: f"GET {url} is not 200 yet"}, args.router_startup_timeout
+    )
     supervisor.sink.launcher("router answers GET /health")
 
 
@@ -146,22 +148,38 @@ def shard_sockets(prefix: str, num_shard: int) -> list[str]:
 def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
     """The `ember-shard serve` command line and environment of one rank."""
     socket = shard_sockets(args.shard_uds_path, args.num_shard)[rank]
-    argv = [*console_script("ember-shard", "ember.shard.cli"), "serve",
-            "--model-id", str(model.path), "--uds-path", args.shard_uds_path,
-            "--rank", str(rank), "--world-size", str(args.num_shard)]
+    argv = [
+        *console_script("ember-shard", "ember.shard.cli"),
+        "serve",
+        "--model-id",
+        str(model.path),
+        "--uds-path",
+        args.shard_uds_path,
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(args.num_shard),
+    ]
     env = _child_env()
     # torch.distributed's own contract (not Ember settings): what its env:// rendezvous would read.
-    env.update(RANK=str(rank), WORLD_SIZE=str(args.num_shard), MASTER_ADDR=args.master_addr,
-               MASTER_PORT=str(args.master_port))
+    env.update(
+        RANK=str(rank), WORLD_SIZE=str(args.num_shard), MASTER_ADDR=args.master_addr, MASTER_PORT=str(args.master_port)
+    )
     argv += shard_flag_argv(args)  # every shard setting, explicitly: nothing rides on the environment
     return ChildSpec("shard", rank, argv, env, sockets=[socket])
 
 
 def router_spec(args: argparse.Namespace, model: Any) -> ChildSpec:
     """The `ember-router` command line: rank 0's socket, the tokenizer directory, TGI's router flags."""
-    argv = [*console_script("ember-router", "ember.router.cli"),
-            "--master-shard-uds-path", shard_sockets(args.shard_uds_path, args.num_shard)[0],
-            "--tokenizer-name", str(model.path), "--model-id", str(model.model_id)]
+    argv = [
+        *console_script("ember-router", "ember.router.cli"),
+        "--master-shard-uds-path",
+        shard_sockets(args.shard_uds_path, args.num_shard)[0],
+        "--tokenizer-name",
+        str(model.path),
+        "--model-id",
+        str(model.model_id),
+    ]
     if getattr(model, "sha", None):
         argv += ["--model-sha", str(model.sha)]
     # The router drains for the launcher's whole grace period, a little less so it exits before SIGKILL.
@@ -191,8 +209,11 @@ def report_death(sink: LogSink, child: Child) -> None:
     child.output.join(timeout=1.0)  # let its final traceback reach the ring buffer
     lines = child.output.last_lines(CRASH_LINES)
     code = child.popen.returncode
-    fields = {"child": child.name, "exit_code": code if code is not None and code >= 0 else None,
-              "signal": -code if code is not None and code < 0 else None}
+    fields = {
+        "child": child.name,
+        "exit_code": code if code is not None and code >= 0 else None,
+        "signal": -code if code is not None and code < 0 else None,
+    }
     message = f"{child.name} died ({child.exit_description()})"
     if sink.json_output:
         sink.launcher(message, "ERROR", last_lines=lines, **fields)

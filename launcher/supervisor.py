@@ -24,8 +24,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ember.launcher.logs import ChildOutput, LogSink, child_label
 
@@ -52,7 +52,7 @@ class ChildSpec:
 
 @dataclass(frozen=True)
 class ChildExited:
-    child: "Child"
+    child: Child
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class SignalReceived:
 class ChildDied(Exception):
     """A child exited on its own: the whole server stops."""
 
-    def __init__(self, child: "Child") -> None:
+    def __init__(self, child: Child) -> None:
         super().__init__(f"{child.name} died: {child.exit_description()}")
         self.child = child
 
@@ -151,8 +151,12 @@ class Supervisor:
     def start(self, spec: ChildSpec) -> Child:
         """Start a child as the leader of a new process group, with its output pumped into the sink."""
         popen = subprocess.Popen(
-            spec.argv, env=spec.env or None, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, process_group=0,
+            spec.argv,
+            env=spec.env or None,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,
         )
         output = ChildOutput(spec.role, spec.rank, popen.stdout, self.sink, keep=self._keep)
         child = Child(spec, popen, output)
@@ -177,9 +181,12 @@ class Supervisor:
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StartupFailed("; ".join(
-                    f"{child.name} did not become ready within {timeout:g} s ({why})" for child, why in pending.items()
-                ))
+                raise StartupFailed(
+                    "; ".join(
+                        f"{child.name} did not become ready within {timeout:g} s ({why})"
+                        for child, why in pending.items()
+                    )
+                )
             self._raise_for(self._next_event(min(POLL_S, left)))
 
     def watch(self) -> None:
@@ -256,9 +263,10 @@ def shard_health(socket_paths: list[str], timeout: float = 10.0) -> list[str]:
 
     channels = [grpc.insecure_channel(f"unix://{path}") for path in socket_paths]
     try:
-        calls = [generate_pb2_grpc.TextGenerationServiceStub(ch).Health.future(generate_pb2.HealthRequest(),
-                                                                               timeout=timeout)
-                 for ch in channels]
+        calls = [
+            generate_pb2_grpc.TextGenerationServiceStub(ch).Health.future(generate_pb2.HealthRequest(), timeout=timeout)
+            for ch in channels
+        ]
         failed = []
         for path, call in zip(socket_paths, calls):
             try:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -39,8 +40,16 @@ log = logging.getLogger("ember.router.app")
 InvocationHandler = Callable[[Request, dict, float], Awaitable[Response]]
 
 # Routes behind --api-key (TGI's set).
-PROTECTED = {"/", "/generate", "/generate_stream", "/invocations", "/tokenize",
-             "/v1/chat/completions", "/v1/completions", "/vertex"}
+PROTECTED = {
+    "/",
+    "/generate",
+    "/generate_stream",
+    "/invocations",
+    "/tokenize",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/vertex",
+}
 
 
 @dataclass
@@ -163,10 +172,21 @@ class _App(Starlette):
 def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     middleware = [Middleware(RequestIdMiddleware)]
     if state.api_key:
-        middleware.append(Middleware(ApiKeyMiddleware, api_key=state.api_key,
-                                     protected=lambda method, path: method == "POST" and path in PROTECTED))
-    middleware.append(Middleware(CORSMiddleware, allow_origins=state.cors_allow_origin or ["*"],
-                                 allow_methods=["GET", "POST"], allow_headers=["content-type"]))
+        middleware.append(
+            Middleware(
+                ApiKeyMiddleware,
+                api_key=state.api_key,
+                protected=lambda method, path: method == "POST" and path in PROTECTED,
+            )
+        )
+    middleware.append(
+        Middleware(
+            CORSMiddleware,
+            allow_origins=state.cors_allow_origin or ["*"],
+            allow_methods=["GET", "POST"],
+            allow_headers=["content-type"],
+        )
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -178,7 +198,6 @@ def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> 
             await state.client.close()
             state.tokenizer.close()
 
-    app = _App(routes=[*tgi.ROUTES, *SERVICE_ROUTES, *(extra_routes or [])],
-                    middleware=middleware, lifespan=lifespan)
+    app = _App(routes=[*tgi.ROUTES, *SERVICE_ROUTES, *(extra_routes or [])], middleware=middleware, lifespan=lifespan)
     app.state.ember = state
     return app

@@ -54,8 +54,7 @@ def _rpc_message(exc: BaseException) -> str:
 
 
 class Batcher:
-    def __init__(self, client: ShardedClient, limits: Limits, metrics: Metrics,
-                 shared_prefill: bool = False) -> None:
+    def __init__(self, client: ShardedClient, limits: Limits, metrics: Metrics, shared_prefill: bool = False) -> None:
         self.client = client
         self.shared_prefill = shared_prefill
         self.limits = limits

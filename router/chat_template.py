@@ -26,8 +26,9 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     """transformers' `tojson` filter: no HTML escaping, unicode kept."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -63,15 +64,16 @@ def _read_json(path: Path) -> dict:
 class ChatTemplate:
     """One model's chat template and the special tokens it may reference."""
 
-    def __init__(self, source: str | None, tool_source: str | None = None,
-                 special_tokens: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, source: str | None, tool_source: str | None = None, special_tokens: dict[str, str] | None = None
+    ) -> None:
         self.source = source
         self.tool_source = tool_source
         self.special_tokens = special_tokens or {}
         self._compiled: dict[str, Any] = {}
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "ChatTemplate":
+    def from_dir(cls, directory: str | Path) -> ChatTemplate:
         d = Path(directory)
         config = _read_json(d / "tokenizer_config.json")
         raw: Any = None
@@ -82,8 +84,11 @@ class ChatTemplate:
         if raw is None:
             raw = config.get("chat_template")
         tokens = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        return cls(_pick(raw, "default"), _pick(raw, "tool_use") if isinstance(raw, list) else None,
-                   {k: v for k, v in tokens.items() if v is not None})
+        return cls(
+            _pick(raw, "default"),
+            _pick(raw, "tool_use") if isinstance(raw, list) else None,
+            {k: v for k, v in tokens.items() if v is not None},
+        )
 
     @property
     def mentions_tools(self) -> bool:
@@ -102,15 +107,21 @@ class ChatTemplate:
             self._compiled[source] = env.from_string(source)
         return self._compiled[source]
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None,
-               add_generation_prompt: bool = True, **extra: Any) -> str:
+    def render(
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """The prompt text. A final assistant message is continued, not closed."""
         source = (self.tool_source if tools and self.tool_source else None) or self.source
         if not source:
             raise TemplateError("this model has no chat template")
         continue_final = bool(messages) and messages[-1].get("role") == "assistant"
-        context = {**self.special_tokens, **extra, "messages": messages, "tools": tools or None,
-                   "add_generation_prompt": add_generation_prompt and not continue_final}
+        context = {
+            **self.special_tokens,
+            **extra,
+            "messages": messages,
+            "tools": tools or None,
+            "add_generation_prompt": add_generation_prompt and not continue_final,
+        }
         try:
             text = self._template(source).render(**context)
         except ValidationError:

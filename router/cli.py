@@ -14,11 +14,12 @@ import logging
 import signal
 import sys
 
-from ember.proto import generate_pb2 as pb
 from ember import settings
+from ember.proto import generate_pb2 as pb
 from ember.router.limits import Limits, LimitsError, apply_capacity, prefill_step_budget, resolve_pre_warmup
 
 log = logging.getLogger("ember.router")
+
 
 def parse_args(argv: list[str] | None = None, environ=None) -> argparse.Namespace:
     """The settings the registry says the router reads (`ember.settings`), from flags, then env, then defaults."""
@@ -37,48 +38,73 @@ def warmup_request(tokenizer, limits: Limits) -> pb.WarmupRequest:
     while remaining > 0:
         n = min(limits.max_input_tokens, remaining)
         ids = (base * (n // len(base) + 1))[:n]
-        requests.append(pb.Request(
-            id=i, inputs="_test", input_ids=ids,
-            parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                     repetition_penalty=1.0),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=new_tokens)))
+        requests.append(
+            pb.Request(
+                id=i,
+                inputs="_test",
+                input_ids=ids,
+                parameters=pb.NextTokenChooserParameters(
+                    temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0
+                ),
+                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=new_tokens),
+            )
+        )
         remaining -= n
         i += 1
-    batch = pb.Batch(id=0, requests=requests, size=len(requests),
-                     max_tokens=sum(len(r.input_ids) + new_tokens for r in requests))
-    return pb.WarmupRequest(batch=batch, max_input_tokens=limits.max_input_tokens,
-                            max_prefill_tokens=limits.max_batch_prefill_tokens,
-                            max_total_tokens=limits.max_total_tokens)
+    batch = pb.Batch(
+        id=0, requests=requests, size=len(requests), max_tokens=sum(len(r.input_ids) + new_tokens for r in requests)
+    )
+    return pb.WarmupRequest(
+        batch=batch,
+        max_input_tokens=limits.max_input_tokens,
+        max_prefill_tokens=limits.max_batch_prefill_tokens,
+        max_total_tokens=limits.max_total_tokens,
+    )
 
 
 def _limits(args: argparse.Namespace, info: pb.InfoResponse) -> Limits:
     max_input, max_total, max_prefill = resolve_pre_warmup(
-        args.max_input_tokens, args.max_total_tokens, args.max_batch_prefill_tokens,
-        info.max_position_embeddings)
+        args.max_input_tokens, args.max_total_tokens, args.max_batch_prefill_tokens, info.max_position_embeddings
+    )
     limits = Limits(
-        max_concurrent_requests=args.max_concurrent_requests, max_best_of=args.max_best_of,
-        max_stop_sequences=args.max_stop_sequences, max_top_n_tokens=args.max_top_n_tokens,
-        max_input_tokens=max_input, max_total_tokens=max_total,
-        waiting_served_ratio=args.waiting_served_ratio, max_batch_prefill_tokens=max_prefill,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_best_of=args.max_best_of,
+        max_stop_sequences=args.max_stop_sequences,
+        max_top_n_tokens=args.max_top_n_tokens,
+        max_input_tokens=max_input,
+        max_total_tokens=max_total,
+        waiting_served_ratio=args.waiting_served_ratio,
+        max_batch_prefill_tokens=max_prefill,
         max_batch_total_tokens=args.max_batch_total_tokens or max(max_total, max_prefill),
-        max_waiting_tokens=args.max_waiting_tokens, max_batch_size=args.max_batch_size,
+        max_waiting_tokens=args.max_waiting_tokens,
+        max_batch_size=args.max_batch_size,
         prefill_step_tokens=prefill_step_budget(info.prefill_chunk_tokens, max_prefill),
-        validation_workers=args.validation_workers, max_client_batch_size=args.max_client_batch_size,
+        validation_workers=args.validation_workers,
+        max_client_batch_size=args.max_client_batch_size,
         disable_grammar_support=args.disable_grammar_support,
-        grammar_compile_timeout=args.grammar_compile_timeout)
+        grammar_compile_timeout=args.grammar_compile_timeout,
+    )
     limits.check()
     return limits
 
 
 def _shard_info(info: pb.InfoResponse) -> dict:
     return {
-        "dtype": info.dtype, "device_type": info.device_type, "num_shard": info.world_size,
-        "attention_impl": info.attention_impl, "block_size": info.block_size,
-        "max_position_embeddings": info.max_position_embeddings, "model_type": info.model_type,
-        "vocab_size": info.vocab_size, "speculate": info.speculate, "requires_padding": info.requires_padding,
+        "dtype": info.dtype,
+        "device_type": info.device_type,
+        "num_shard": info.world_size,
+        "attention_impl": info.attention_impl,
+        "block_size": info.block_size,
+        "max_position_embeddings": info.max_position_embeddings,
+        "model_type": info.model_type,
+        "vocab_size": info.vocab_size,
+        "speculate": info.speculate,
+        "requires_padding": info.requires_padding,
         "window_size": info.window_size if info.HasField("window_size") else None,
-        "hidden_size": info.hidden_size, "supports_embeddings": info.supports_embeddings,
-        "precision": info.precision or None, "precision_reason": info.precision_reason or None,
+        "hidden_size": info.hidden_size,
+        "supports_embeddings": info.supports_embeddings,
+        "precision": info.precision or None,
+        "precision_reason": info.precision_reason or None,
     }
 
 
@@ -100,24 +126,37 @@ async def build(args: argparse.Namespace):
     await client.clear_cache()
     reply = await client.warmup(warmup_request(tokenizer, limits))
     log.info("warmup: capacity %d tokens", reply.max_supported_total_tokens)
-    apply_capacity(limits, reply.max_supported_total_tokens, args.max_total_tokens is not None,
-                   args.max_batch_total_tokens)
+    apply_capacity(
+        limits, reply.max_supported_total_tokens, args.max_total_tokens is not None, args.max_batch_total_tokens
+    )
     limits.check()
     metrics = Metrics(limits.max_input_tokens, limits.max_total_tokens)
     metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
     shared_prefill = info.shared_prefill and args.prefill_chunking
-    log.info("new requests join the running batch %s", f"in a shared forward (shared prefill, "
-             f"{limits.prefill_step_tokens} prompt tokens a step)" if shared_prefill
-             else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)")
+    log.info(
+        "new requests join the running batch %s",
+        f"in a shared forward (shared prefill, {limits.prefill_step_tokens} prompt tokens a step)"
+        if shared_prefill
+        else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)",
+    )
     if info.precision:
         log.info("shards serve at %s: %s", info.precision, info.precision_reason)
     batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill)
     infer = Infer(Validator(tokenizer, limits, client.compile_grammar), batcher, limits, metrics)
     state = AppState(
-        infer=infer, client=client, tokenizer=tokenizer, limits=limits, metrics=metrics,
-        model_id=args.model_id, model_sha=args.model_sha, shard_info=_shard_info(info),
-        payload_limit=args.payload_limit, compute_type=args.compute_type or info.device_type,
-        api_key=args.api_key, cors_allow_origin=args.cors_allow_origin)
+        infer=infer,
+        client=client,
+        tokenizer=tokenizer,
+        limits=limits,
+        metrics=metrics,
+        model_id=args.model_id,
+        model_sha=args.model_sha,
+        shard_info=_shard_info(info),
+        payload_limit=args.payload_limit,
+        compute_type=args.compute_type or info.device_type,
+        api_key=args.api_key,
+        cors_allow_origin=args.cors_allow_origin,
+    )
     log.info("limits: %s", limits)
     from ember.router.api import openai
 
@@ -133,9 +172,16 @@ async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     app = await build(args)
-    config = uvicorn.Config(app, host=args.hostname, port=args.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=args.graceful_shutdown_timeout, lifespan="on",
-                            http=_http_impl())
+    config = uvicorn.Config(
+        app,
+        host=args.hostname,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+        lifespan="on",
+        http=_http_impl(),
+    )
     await uvicorn.Server(config).serve()
 
 

@@ -8,7 +8,8 @@ router waits for all of them and reads rank 0's answer.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -52,7 +53,7 @@ class ShardedClient:
         self._model_lock = asyncio.Lock()
 
     @classmethod
-    async def connect(cls, master_uds_path: str, timeout: float = 30.0) -> "ShardedClient":
+    async def connect(cls, master_uds_path: str, timeout: float = 30.0) -> ShardedClient:
         """Ask the master shard for every rank's socket and connect to all of them."""
         master = ShardClient(master_uds_path)
         reply = await master.stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=timeout)
@@ -71,8 +72,9 @@ class ShardedClient:
             return [await calls[0]]
         return list(await asyncio.gather(*calls))
 
-    async def _ordered(self, method: str, request: Any, timeout: float | None = None,
-                       on_sent: OnSent = None) -> list[Any]:
+    async def _ordered(
+        self, method: str, request: Any, timeout: float | None = None, on_sent: OnSent = None
+    ) -> list[Any]:
         """`_all` for calls that run the model: one at a time, so every rank sees one order."""
         if len(self.shards) == 1:
             return await self._all(method, request, timeout, on_sent)
@@ -98,8 +100,9 @@ class ShardedClient:
         replies = await self._ordered("Warmup", request)
         return min(replies, key=lambda r: r.max_supported_total_tokens)
 
-    async def prefill(self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
-                      on_sent: OnSent = None) -> pb.PrefillResponse:
+    async def prefill(
+        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None, on_sent: OnSent = None
+    ) -> pb.PrefillResponse:
         request = pb.PrefillRequest(batch=batch)
         if cached_batch is not None:
             request.cached_batch.CopyFrom(cached_batch)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -75,12 +76,17 @@ class EventStream:
     coroutine call per token.
     """
 
-    def __init__(self, events: AsyncIterator[bytes], on_close: Callable[[], None],
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, events: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str] | None = None
+    ) -> None:
         self.events = events
         self.on_close = on_close
-        self.headers = {"content-type": "text/event-stream", "cache-control": "no-cache",
-                        "x-accel-buffering": "no", **(headers or {})}
+        self.headers = {
+            "content-type": "text/event-stream",
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+            **(headers or {}),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]

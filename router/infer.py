@@ -14,8 +14,8 @@ import logging
 import math
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from ember.proto import generate_pb2 as pb
 from ember.router.batcher import Batcher
@@ -24,7 +24,7 @@ from ember.router.limits import Limits
 from ember.router.metrics import Metrics
 from ember.router.queue import Entry
 from ember.router.types import GenerateRequest
-from ember.router.validation import ValidRequest, Validator
+from ember.router.validation import Validator, ValidRequest
 
 log = logging.getLogger("ember.router.infer")
 
@@ -91,14 +91,16 @@ class Result:
 
 
 def _tokens(msg: pb.Tokens) -> list[TokenInfo]:
-    return [TokenInfo(i, t, None if math.isnan(lp) else lp, s)
-            for i, t, lp, s in zip(msg.ids, msg.texts, msg.logprobs, msg.is_special)]
+    return [
+        TokenInfo(i, t, None if math.isnan(lp) else lp, s)
+        for i, t, lp, s in zip(msg.ids, msg.texts, msg.logprobs, msg.is_special)
+    ]
 
 
 class Permit:
     """One slot of max_concurrent_requests; released exactly once."""
 
-    def __init__(self, infer: "Infer") -> None:
+    def __init__(self, infer: Infer) -> None:
         self.infer = infer
         self.held = True
 
@@ -164,9 +166,13 @@ class Infer:
                 if isinstance(event, Exception):
                     if isinstance(event, EmberError):
                         self.count_failure(event)
-                    log.warning("Failed id=%s input_tokens=%d error=%s", entry.tag or entry.id,
-                                entry.request.input_length, event,
-                                extra={"fields": {"id": entry.tag or entry.id, "error": str(event)}})
+                    log.warning(
+                        "Failed id=%s input_tokens=%d error=%s",
+                        entry.tag or entry.id,
+                        entry.request.input_length,
+                        event,
+                        extra={"fields": {"id": entry.tag or entry.id, "error": str(event)}},
+                    )
                     raise event
                 if event.HasField("prefill_tokens"):
                     stream.prefill = _tokens(event.prefill_tokens)
@@ -186,23 +192,36 @@ class Infer:
         if n == 1 and not tops:  # the common case: one token, no top tokens
             lps, texts, special = toks.logprobs, toks.texts, toks.is_special
             lp = lps[0] if lps else math.nan
-            out = [StreamItem(index + 1, TokenInfo(ids[0], texts[0] if texts else "",
-                                                   None if lp != lp else lp, special[0] if special else False),
-                              [])]
+            out = [
+                StreamItem(
+                    index + 1,
+                    TokenInfo(
+                        ids[0], texts[0] if texts else "", None if lp != lp else lp, special[0] if special else False
+                    ),
+                    [],
+                )
+            ]
         else:
             ids, texts, lps, special = list(ids), list(toks.texts), list(toks.logprobs), list(toks.is_special)
             out = []
             for i in range(n):
                 lp = lps[i] if i < len(lps) else math.nan
-                token = TokenInfo(ids[i], texts[i] if i < len(texts) else "",
-                                  None if math.isnan(lp) else lp,
-                                  special[i] if i < len(special) else False)
+                token = TokenInfo(
+                    ids[i],
+                    texts[i] if i < len(texts) else "",
+                    None if math.isnan(lp) else lp,
+                    special[i] if i < len(special) else False,
+                )
                 top = _tokens(tops[i]) if i < len(tops) else []
                 out.append(StreamItem(index + i + 1, token, top))
         if out and gen.HasField("generated_text"):
             g = gen.generated_text
-            out[-1].end = End(g.text, g.generated_tokens, FINISH_REASONS.get(g.finish_reason, "length"),
-                              g.seed if g.HasField("seed") else stream.entry.request.seed)
+            out[-1].end = End(
+                g.text,
+                g.generated_tokens,
+                FINISH_REASONS.get(g.finish_reason, "length"),
+                g.seed if g.HasField("seed") else stream.entry.request.seed,
+            )
             if stream.primary:
                 self._finished(stream, g.generated_tokens, out[-1].end)
         return out
@@ -225,10 +244,15 @@ class Infer:
         m.generated_tokens.observe(generated)
         m.max_new_tokens.observe(entry.request.max_new_tokens)
         fields = {
-            "id": entry.tag or entry.id, "input_tokens": entry.request.input_length,
-            "generated_tokens": generated, "finish_reason": end.finish_reason, "seed": end.seed,
-            "validation_time_ms": round(t.validation * 1e3, 3), "queue_time_ms": round(t.queue * 1e3, 3),
-            "inference_time_ms": round(t.inference * 1e3, 3), "time_per_token_ms": round(t.per_token * 1e3, 3),
+            "id": entry.tag or entry.id,
+            "input_tokens": entry.request.input_length,
+            "generated_tokens": generated,
+            "finish_reason": end.finish_reason,
+            "seed": end.seed,
+            "validation_time_ms": round(t.validation * 1e3, 3),
+            "queue_time_ms": round(t.queue * 1e3, 3),
+            "inference_time_ms": round(t.inference * 1e3, 3),
+            "time_per_token_ms": round(t.per_token * 1e3, 3),
         }
         log.info("Success %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
@@ -241,8 +265,17 @@ class Infer:
             tops.append(item.top_tokens)
             if item.end is not None:
                 e = item.end
-                return Result(stream.entry.request, e.text, e.generated_tokens, e.finish_reason, e.seed,
-                              tokens, tops, stream.prefill, stream.timing)
+                return Result(
+                    stream.entry.request,
+                    e.text,
+                    e.generated_tokens,
+                    e.finish_reason,
+                    e.seed,
+                    tokens,
+                    tops,
+                    stream.prefill,
+                    stream.timing,
+                )
         exc = IncompleteGeneration()
         self.count_failure(exc)
         raise exc

@@ -45,15 +45,18 @@ class Limits:
         if self.max_input_tokens >= self.max_total_tokens:
             raise LimitsError(
                 f"`max_input_tokens` must be < `max_total_tokens` "
-                f"(got {self.max_input_tokens} and {self.max_total_tokens})")
+                f"(got {self.max_input_tokens} and {self.max_total_tokens})"
+            )
         if self.max_batch_prefill_tokens < self.max_input_tokens:
             raise LimitsError(
                 f"`max_batch_prefill_tokens` must be >= `max_input_tokens`. "
-                f"Given: {self.max_batch_prefill_tokens} and {self.max_input_tokens}")
+                f"Given: {self.max_batch_prefill_tokens} and {self.max_input_tokens}"
+            )
         if self.max_total_tokens > self.max_batch_total_tokens:
             raise LimitsError(
                 f"`max_total_tokens` must be <= `max_batch_total_tokens`. "
-                f"Given: {self.max_total_tokens} and {self.max_batch_total_tokens}")
+                f"Given: {self.max_total_tokens} and {self.max_batch_total_tokens}"
+            )
         if self.max_concurrent_requests < 1:
             raise LimitsError("`max_concurrent_requests` must be >= 1")
 
@@ -65,8 +68,13 @@ def prefill_step_budget(shard_chunk: int, max_batch_prefill_tokens: int) -> int:
     return shard_chunk or max_batch_prefill_tokens
 
 
-def resolve_pre_warmup(max_input: int | None, max_total: int | None, max_prefill: int | None,
-                       max_position_embeddings: int, cpu_cap: int = 4096) -> tuple[int, int, int]:
+def resolve_pre_warmup(
+    max_input: int | None,
+    max_total: int | None,
+    max_prefill: int | None,
+    max_position_embeddings: int,
+    cpu_cap: int = 4096,
+) -> tuple[int, int, int]:
     """max_input/max_total/max_batch_prefill before Warmup (TGI's defaults, capped for CPU)."""
     if max_total is None:
         cap = max_position_embeddings or cpu_cap

@@ -123,34 +123,40 @@ class Metrics:
         self.queue_duration = Histogram("tgi_request_queue_duration", "Time spent in the queue (s)", d)
         self.inference_duration = Histogram("tgi_request_inference_duration", "Inference duration (s)", d)
         self.time_per_token = Histogram(
-            "tgi_request_mean_time_per_token_duration", "Mean time per generated token (s)", d)
+            "tgi_request_mean_time_per_token_duration", "Mean time per generated token (s)", d
+        )
         self.input_length = Histogram(
-            "tgi_request_input_length", "Input length (tokens)", linear_buckets(max_input_tokens))
+            "tgi_request_input_length", "Input length (tokens)", linear_buckets(max_input_tokens)
+        )
         self.generated_tokens = Histogram(
-            "tgi_request_generated_tokens", "Generated tokens", linear_buckets(max_total_tokens))
+            "tgi_request_generated_tokens", "Generated tokens", linear_buckets(max_total_tokens)
+        )
         self.max_new_tokens = Histogram(
-            "tgi_request_max_new_tokens", "Requested max_new_tokens", linear_buckets(max_total_tokens))
+            "tgi_request_max_new_tokens", "Requested max_new_tokens", linear_buckets(max_total_tokens)
+        )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the queue")
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch")
-        self.batch_current_max_tokens = Gauge(
-            "tgi_batch_current_max_tokens", "Tokens reserved by the running batch")
+        self.batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens", "Tokens reserved by the running batch")
         self.batch_max_total_tokens = Gauge("tgi_batch_max_total_tokens", "Token budget of all batches")
         self.batch_peak_size = Gauge("ember_batch_peak_size", "Largest running batch seen since start")
         self.batch_next_size = Histogram(
-            "tgi_batch_next_size", "Size of each new prefill batch", [float(2**i) for i in range(11)])
+            "tgi_batch_next_size", "Size of each new prefill batch", [float(2**i) for i in range(11)]
+        )
         self.batch_concat = Counter("tgi_batch_concat", "Batches merged into the running one", ("reason",))
         self.batch_inference_count = Counter("tgi_batch_inference_count", "Shard calls", (m,))
         self.batch_inference_success = Counter("tgi_batch_inference_success", "Shard calls that succeeded", (m,))
         self.batch_inference_failure = Counter("tgi_batch_inference_failure", "Shard calls that failed", (m,))
-        self.batch_inference_duration = Histogram(
-            "tgi_batch_inference_duration", "Shard call duration (s)", d, (m,))
+        self.batch_inference_duration = Histogram("tgi_batch_inference_duration", "Shard call duration (s)", d, (m,))
         self.batch_forward_duration = Histogram(
-            "tgi_batch_forward_duration", "Forward duration on the shard (s)", d, (m,))
+            "tgi_batch_forward_duration", "Forward duration on the shard (s)", d, (m,)
+        )
         self.batch_decode_duration = Histogram(
-            "tgi_batch_decode_duration", "Detokenisation duration on the shard (s)", d, (m,))
+            "tgi_batch_decode_duration", "Detokenisation duration on the shard (s)", d, (m,)
+        )
         self.batch_filter_duration = Histogram("tgi_batch_filter_duration", "FilterBatch duration (s)", d, (m,))
         self.batch_concat_duration = Histogram(
-            "tgi_batch_concat_duration", "Batch concatenation duration on the shard (s)", d, (m,))
+            "tgi_batch_concat_duration", "Batch concatenation duration on the shard (s)", d, (m,)
+        )
 
     def all(self) -> list[_Metric]:
         return [v for v in vars(self).values() if isinstance(v, _Metric)]

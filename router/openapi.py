@@ -24,8 +24,12 @@ def document(routes: list) -> dict:
     paths = {p: ops for p, ops in OPERATIONS.items() if p in served}
     return {
         "openapi": "3.0.3",
-        "info": {"title": "Ember", "description": "Text generation inference server (TGI-compatible)",
-                 "license": {"name": "Apache 2.0"}, "version": __version__},
+        "info": {
+            "title": "Ember",
+            "description": "Text generation inference server (TGI-compatible)",
+            "license": {"name": "Apache 2.0"},
+            "version": __version__,
+        },
         "paths": paths,
         "components": {"schemas": SCHEMAS},
     }

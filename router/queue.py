@@ -91,9 +91,14 @@ class Entry:
     def to_pb(self) -> pb.Request:
         r = self.request
         return pb.Request(
-            id=self.id, inputs=r.inputs, input_ids=r.input_ids, parameters=r.parameters,
-            stopping_parameters=r.stopping, prefill_logprobs=r.decoder_input_details,
-            top_n_tokens=r.top_n_tokens)
+            id=self.id,
+            inputs=r.inputs,
+            input_ids=r.input_ids,
+            parameters=r.parameters,
+            stopping_parameters=r.stopping,
+            prefill_logprobs=r.decoder_input_details,
+            top_n_tokens=r.top_n_tokens,
+        )
 
     def send(self, item: Any) -> None:
         self.events.put_nowait(item)
@@ -118,8 +123,14 @@ class Queue:
             return False
         return True
 
-    def next_batch(self, min_size: int | None, max_size: int | None,
-                   prefill_budget: int, token_budget: int, step_prefill: int | None = None) -> list[Entry]:
+    def next_batch(
+        self,
+        min_size: int | None,
+        max_size: int | None,
+        prefill_budget: int,
+        token_budget: int,
+        step_prefill: int | None = None,
+    ) -> list[Entry]:
         """Entries that fit both budgets, in order; none when fewer than min_size fit.
 
         `step_prefill`: a softer prompt budget that stops taking entries once reached,

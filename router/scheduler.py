@@ -104,8 +104,13 @@ class Scheduler:
         if not self.cached:
             self.merge_next = False
             lim = self.limits
-            entries = self.queue.next_batch(None, lim.max_batch_size, lim.max_batch_prefill_tokens,
-                                            lim.max_batch_total_tokens - self.reserved(), self._step_prefill())
+            entries = self.queue.next_batch(
+                None,
+                lim.max_batch_size,
+                lim.max_batch_prefill_tokens,
+                lim.max_batch_total_tokens - self.reserved(),
+                self._step_prefill(),
+            )
             self.metrics.queue_size.set(len(self.queue))
             if not entries:
                 return None
@@ -152,8 +157,9 @@ class Scheduler:
             if max_size <= 0:
                 return []
         token_budget = lim.max_batch_total_tokens - self.reserved()
-        entries = self.queue.next_batch(min_size, max_size, lim.max_batch_prefill_tokens, token_budget,
-                                        self._step_prefill())
+        entries = self.queue.next_batch(
+            min_size, max_size, lim.max_batch_prefill_tokens, token_budget, self._step_prefill()
+        )
         self.metrics.queue_size.set(len(self.queue))
         if entries:
             reason = "chunking" if joins_running else "wait_exceeded" if wait_exceeded else "backpressure"
@@ -170,8 +176,12 @@ class Scheduler:
         for e in entries:
             e.batched_at = now
             running[e.id] = e
-        batch = pb.Batch(id=next(self.batch_ids), requests=[e.to_pb() for e in entries],
-                         size=len(entries), max_tokens=sum(e.budget for e in entries))
+        batch = pb.Batch(
+            id=next(self.batch_ids),
+            requests=[e.to_pb() for e in entries],
+            size=len(entries),
+            max_tokens=sum(e.budget for e in entries),
+        )
         self.metrics.batch_next_size.observe(len(entries))
         self.update_gauges()
         return Forward(cached, batch, entries)

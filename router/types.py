@@ -139,7 +139,7 @@ def parse_grammar(value: dict) -> Grammar:
     if kind in ("json_object", "json_schema"):
         kind = "json"
     if kind not in ("json", "regex") or "value" not in value:
-        raise BodyError("parameters.grammar: expected {\"type\": \"json\"|\"regex\", \"value\": ...}")
+        raise BodyError('parameters.grammar: expected {"type": "json"|"regex", "value": ...}')
     if kind == "regex" and not isinstance(value["value"], str):
         raise BodyError("parameters.grammar: a regex grammar's value must be a string")
     return Grammar(type=kind, value=value["value"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import grpc
 
@@ -67,8 +67,7 @@ GrammarBuilder = Callable[[str, float], Awaitable[object]]
 
 
 class Validator:
-    def __init__(self, tokenizer: TokenizerPool, limits: Limits,
-                 build_grammar: GrammarBuilder | None = None) -> None:
+    def __init__(self, tokenizer: TokenizerPool, limits: Limits, build_grammar: GrammarBuilder | None = None) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.build_grammar = build_grammar
@@ -114,10 +113,18 @@ class Validator:
         # The shard samples exactly when told to: any non-default warper turns it on.
         do_sample = p.do_sample or temperature != 1.0 or top_k > 0 or top_p < 1.0 or typical_p < 1.0
         return pb.NextTokenChooserParameters(
-            temperature=temperature, top_k=top_k, top_p=top_p, typical_p=typical_p,
-            do_sample=do_sample, repetition_penalty=repetition, frequency_penalty=frequency,
-            presence_penalty=presence, min_p=min_p, watermark=p.watermark,
-            logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in p.logit_bias.items()])
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            typical_p=typical_p,
+            do_sample=do_sample,
+            repetition_penalty=repetition,
+            frequency_penalty=frequency,
+            presence_penalty=presence,
+            min_p=min_p,
+            watermark=p.watermark,
+            logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in p.logit_bias.items()],
+        )
 
     def _seed(self, p: GenerateParameters, best_of: int) -> int:
         if p.seed is None:
@@ -135,18 +142,19 @@ class Validator:
             raise ValidationError("`max_new_tokens` must be strictly positive")
         if len(p.stop) > self.limits.max_stop_sequences:
             raise ValidationError(
-                f"`stop` supports up to {self.limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+                f"`stop` supports up to {self.limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+            )
         seed = self._seed(p, best_of)
         top_n = p.top_n_tokens or 0
         if not 0 <= top_n <= self.limits.max_top_n_tokens:
-            raise ValidationError(
-                f"`top_n_tokens` must be >= 0 and <= {self.limits.max_top_n_tokens}. Given: {top_n}")
+            raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {self.limits.max_top_n_tokens}. Given: {top_n}")
         if not req.inputs:
             raise ValidationError("`inputs` cannot be empty")
         if p.truncate is not None and (p.truncate <= 0 or p.truncate > self.limits.max_input_tokens):
             raise ValidationError(
                 f"`truncate` must be strictly positive and less than {self.limits.max_input_tokens}. "
-                f"Given: {p.truncate}")
+                f"Given: {p.truncate}"
+            )
         return chooser, seed, top_n
 
     async def _grammar(self, req: GenerateRequest, chooser: pb.NextTokenChooserParameters) -> None:
@@ -174,7 +182,8 @@ class Validator:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise ValidationError(
-                    f"grammar is too complex: building its index took longer than {limit:g}s") from None
+                    f"grammar is too complex: building its index took longer than {limit:g}s"
+                ) from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValidationError(f"grammar is not valid: {exc.details()}") from None
             raise
@@ -186,10 +195,10 @@ class Validator:
         if n_input + max_new > lim.max_total_tokens:
             raise ValidationError(
                 f"`inputs` tokens + `max_new_tokens` must be <= {lim.max_total_tokens}. "
-                f"Given: {n_input} `inputs` tokens and {max_new} `max_new_tokens`")
+                f"Given: {n_input} `inputs` tokens and {max_new} `max_new_tokens`"
+            )
         if n_input > lim.max_input_tokens:
-            raise ValidationError(
-                f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_input}")
+            raise ValidationError(f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_input}")
         return max_new
 
     async def validate(self, req: GenerateRequest, stream: bool = False) -> ValidRequest:
@@ -200,18 +209,31 @@ class Validator:
         chooser.seed = seed
         await self._grammar(req, chooser)
         enc = await self.tokenizer.encode(req.inputs, req.add_special_tokens)
-        ids = enc.ids[-p.truncate:] if p.truncate else enc.ids
+        ids = enc.ids[-p.truncate :] if p.truncate else enc.ids
         max_new = self._lengths(len(ids), p.max_new_tokens)
         if not 0 <= p.min_new_tokens <= max_new:
             raise ValidationError(
-                f"`min_new_tokens` must be >= 0 and <= `max_new_tokens`. Given: {p.min_new_tokens} and {max_new}")
+                f"`min_new_tokens` must be >= 0 and <= `max_new_tokens`. Given: {p.min_new_tokens} and {max_new}"
+            )
         if p.decoder_input_details and stream:
             raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
         stopping = pb.StoppingCriteriaParameters(
-            max_new_tokens=max_new, stop_sequences=p.stop, ignore_eos_token=p.ignore_eos,
-            min_new_tokens=p.min_new_tokens)
+            max_new_tokens=max_new,
+            stop_sequences=p.stop,
+            ignore_eos_token=p.ignore_eos,
+            min_new_tokens=p.min_new_tokens,
+        )
         return ValidRequest(
-            inputs=req.inputs, input_ids=ids, max_new_tokens=max_new, parameters=chooser,
-            stopping=stopping, top_n_tokens=top_n, decoder_input_details=p.decoder_input_details,
-            details=p.details, return_full_text=bool(p.return_full_text), seed=seed, best_of=best_of,
-            validation_time=time.monotonic() - started)
+            inputs=req.inputs,
+            input_ids=ids,
+            max_new_tokens=max_new,
+            parameters=chooser,
+            stopping=stopping,
+            top_n_tokens=top_n,
+            decoder_input_details=p.decoder_input_details,
+            details=p.details,
+            return_full_text=bool(p.return_full_text),
+            seed=seed,
+            best_of=best_of,
+            validation_time=time.monotonic() - started,
+        )

@@ -51,7 +51,7 @@ class AttentionMetadata:
     block_size: int = 0
     context_width: int = 0  # decode: the longest context of the step (keys per sequence, padded)
     max_position: int = 0
-    decode_part: "AttentionMetadata | None" = None  # mixed: decode indices of the leading sequences
+    decode_part: AttentionMetadata | None = None  # mixed: decode indices of the leading sequences
     # Steps with new prompts, for kernels that attend row by row over the cache (native decode_layers):
     block_table: torch.Tensor | None = None  # [S, max blocks] every sequence's block table, 0-padded
     row_seq: torch.Tensor | None = None  # [T] the sequence of each new token
@@ -71,7 +71,7 @@ class AttentionMetadata:
         block_tables: list[list[int]] | None,
         block_size: int,
         device: torch.device,
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """Indices for a ragged step; `block_tables=None` runs without the cache (embeddings)."""
         if block_tables is not None and all(n == 1 for n in num_new):
             return cls._build_decode(num_cached, block_tables, block_size, device)
@@ -88,8 +88,7 @@ class AttentionMetadata:
         positions = torch.arange(total) - (starts - cached)[seq_idx]
         spans = [SeqSpan(s, n, c) for s, n, c in zip(starts.tolist(), num_new, num_cached)]
         max_position = max(c + n for c, n in zip(num_cached, num_new)) - 1
-        meta = cls(positions=positions.to(device), slots=None, is_decode=False, spans=spans,
-                   max_position=max_position)
+        meta = cls(positions=positions.to(device), slots=None, is_decode=False, spans=spans, max_position=max_position)
         if block_tables is None:
             return meta
         table = _padded_table(block_tables)
@@ -107,7 +106,7 @@ class AttentionMetadata:
     @classmethod
     def _build_decode(
         cls, num_cached: list[int], block_tables: list[list[int]], block_size: int, device: torch.device
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """One new token per sequence: plain-Python index arithmetic (no per-token tensor ops).
 
         The context is gathered by whole blocks (`gather_blocks`, padded with block 0
@@ -209,8 +208,9 @@ def _decode(q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None) ->
     batch, heads, dim = q.shape
     kernels = native.kernels() if q.device.type == "cpu" else None
     if kernels is not None and kernels.supports_decode(kv[0].dtype):
-        out = kernels.paged_decode(q.float(), kv[0], kv[1], meta.gather_blocks, meta.context_lens,
-                                   meta.block_size, window, dim ** -0.5)
+        out = kernels.paged_decode(
+            q.float(), kv[0], kv[1], meta.gather_blocks, meta.context_lens, meta.block_size, window, dim**-0.5
+        )
         return out.view(batch, heads * dim).to(q.dtype)
     kv_heads = kv[0].shape[1]
     blocks = meta.gather_blocks.view(-1)
@@ -247,8 +247,12 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.
             e = s + run * n
             shape = (run, n, -1, dim)
             o = F.scaled_dot_product_attention(
-                q[s:e].view(shape).transpose(1, 2), k[s:e].view(shape).transpose(1, 2),
-                v[s:e].view(shape).transpose(1, 2), is_causal=True, enable_gqa=True)
+                q[s:e].view(shape).transpose(1, 2),
+                k[s:e].view(shape).transpose(1, 2),
+                v[s:e].view(shape).transpose(1, 2),
+                is_causal=True,
+                enable_gqa=True,
+            )
             out[s:e] = o.transpose(1, 2).reshape(run * n, heads, dim)
             i += run
             continue

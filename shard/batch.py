@@ -90,7 +90,7 @@ class GenerationBatch:
     # ---- building -------------------------------------------------------------------------
 
     @classmethod
-    def from_pb(cls, batch: pb.Batch, ctx: Context) -> "GenerationBatch":
+    def from_pb(cls, batch: pb.Batch, ctx: Context) -> GenerationBatch:
         if not batch.requests:
             raise BadRequest(f"batch {batch.id} has no requests")
         states = [_request_state(r, ctx) for r in batch.requests]
@@ -98,7 +98,7 @@ class GenerationBatch:
         return cls(batch.id, states, sampler, ctx)
 
     @classmethod
-    def concatenate(cls, batches: list["GenerationBatch"]) -> "GenerationBatch":
+    def concatenate(cls, batches: list[GenerationBatch]) -> GenerationBatch:
         if len(batches) == 1:
             return batches[0]
         requests = [r for b in batches for r in b.requests]
@@ -159,8 +159,9 @@ class GenerationBatch:
 
         start = time.perf_counter_ns()
         # The rows whose prompt is done have a next token; a prompt still in chunks has none yet.
-        ready = [k for k, i in enumerate(rows)
-                 if self.requests[i].seq.num_cached == len(self.requests[i].seq.token_ids)]
+        ready = [
+            k for k, i in enumerate(rows) if self.requests[i].seq.num_cached == len(self.requests[i].seq.token_ids)
+        ]
         generations = []
         finished = set()
         if ready:

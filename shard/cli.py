@@ -105,17 +105,39 @@ def main(argv: list[str] | None = None) -> None:
         """On the model thread: every torch op of this process runs there (see `model_executor`)."""
         threads = set_threads(args.num_threads, args.world_size)
         precision = choose(model_dir, device, args.dtype, args.matmul_dtype, args.quantize)
-        log.info("rank %d/%d: precision %s (%s%s)", args.rank, args.world_size, precision.summary,
-                 precision.reason, "; --quantize, --matmul-dtype or --dtype override it" if precision.automatic
-                 else "")
+        log.info(
+            "rank %d/%d: precision %s (%s%s)",
+            args.rank,
+            args.world_size,
+            precision.summary,
+            precision.reason,
+            "; --quantize, --matmul-dtype or --dtype override it" if precision.automatic else "",
+        )
         dtype = _dtype(precision.dtype, device)
-        log.info("rank %d/%d: loading %s on %s in %s (%d threads)", args.rank, args.world_size, model_dir, device,
-                 dtype, threads)
+        log.info(
+            "rank %d/%d: loading %s on %s in %s (%d threads)",
+            args.rank,
+            args.world_size,
+            model_dir,
+            device,
+            dtype,
+            threads,
+        )
         group = init_distributed(args.rank, args.world_size, args.master_addr, args.master_port, device)
-        runner = load_runner(model_dir, dtype, device, rank=args.rank, world_size=args.world_size, group=group,
-                             kv_cache_bytes=args.kv_cache_bytes, cuda_memory_fraction=args.cuda_memory_fraction,
-                             matmul_dtype=precision.matmul_dtype, quantize=precision.quantize,
-                             kv_cache_dtype=args.kv_cache_dtype, cuda_graphs=cuda_graphs)
+        runner = load_runner(
+            model_dir,
+            dtype,
+            device,
+            rank=args.rank,
+            world_size=args.world_size,
+            group=group,
+            kv_cache_bytes=args.kv_cache_bytes,
+            cuda_memory_fraction=args.cuda_memory_fraction,
+            matmul_dtype=precision.matmul_dtype,
+            quantize=precision.quantize,
+            kv_cache_dtype=args.kv_cache_dtype,
+            cuda_graphs=cuda_graphs,
+        )
         return runner, precision
 
     runner, precision = executor.submit(load).result()
@@ -123,10 +145,20 @@ def main(argv: list[str] | None = None) -> None:
     chunk = args.prefill_chunk_tokens
     if chunk is None:
         chunk = DEFAULT_PREFILL_CHUNK[1 if device.type == "cuda" else 0]
-    engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer), kv_cache_bytes=args.kv_cache_bytes,
-                    prefill_chunk=chunk, precision=(precision.summary, precision.reason))
-    log.info("rank %d: model loaded in %.2fs (%s attention)", args.rank, time.perf_counter() - start,
-             runner.info.attention_impl)
+    engine = Engine(
+        runner,
+        tokenizer,
+        GrammarCompiler(tokenizer),
+        kv_cache_bytes=args.kv_cache_bytes,
+        prefill_chunk=chunk,
+        precision=(precision.summary, precision.reason),
+    )
+    log.info(
+        "rank %d: model loaded in %.2fs (%s attention)",
+        args.rank,
+        time.perf_counter() - start,
+        runner.info.attention_impl,
+    )
     asyncio.run(serve(engine, args.uds_path, args.rank, args.world_size, executor))
 
 

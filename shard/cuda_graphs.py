@@ -72,7 +72,7 @@ class _Bucket:
     width: int
     inputs: torch.Tensor  # [4 * batch + batch * width] int64: ids, positions, slots, lengths, block tables
     meta: AttentionMetadata
-    graph: "torch.cuda.CUDAGraph | None" = None
+    graph: torch.cuda.CUDAGraph | None = None
 
     @property
     def ids(self) -> torch.Tensor:
@@ -127,8 +127,12 @@ class DecodeGraphs:
                 bucket = self._new_bucket(batch, width, cache)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly from now on
                 self.disabled_reason = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graph capture failed (batch %d, %d keys); decode steps run eagerly: %s",
-                            batch, width * block_size, self.disabled_reason)
+                log.warning(
+                    "CUDA graph capture failed (batch %d, %d keys); decode steps run eagerly: %s",
+                    batch,
+                    width * block_size,
+                    self.disabled_reason,
+                )
                 self.buckets.clear()
                 return None
             self.buckets[(batch, width)] = bucket
@@ -166,15 +170,18 @@ class DecodeGraphs:
     def _new_bucket(self, batch: int, width: int, cache: PagedKVCache) -> _Bucket:
         device = cache.device
         if self.out is None:
-            self.out = torch.empty(self.max_batch, self.model.lm_head.vocab_size, dtype=torch.float32,
-                                   device=device)
+            self.out = torch.empty(self.max_batch, self.model.lm_head.vocab_size, dtype=torch.float32, device=device)
         inputs = torch.empty(4 * batch + batch * width, dtype=torch.long, device=device)
         ids, positions, slots, lens = inputs[: 4 * batch].view(4, batch)
         meta = AttentionMetadata(
-            positions=positions, slots=slots, is_decode=True,
+            positions=positions,
+            slots=slots,
+            is_decode=True,
             spans=[SeqSpan(i, 1, 0) for i in range(batch)],
-            context_lens=lens, gather_blocks=inputs[4 * batch:].view(batch, width),
-            block_size=cache.block_size, context_width=width * cache.block_size,
+            context_lens=lens,
+            gather_blocks=inputs[4 * batch :].view(batch, width),
+            block_size=cache.block_size,
+            context_width=width * cache.block_size,
             max_position=0,  # positions are checked against the rotary table before each step (`run`)
         )
         bucket = _Bucket(batch, width, inputs, meta)

@@ -20,7 +20,8 @@ decoded whole).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _REPLACEMENT = "\ufffd"
 # Prompt tokens kept as context for the first generated tokens' leading spaces.
@@ -61,13 +62,13 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> str:
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        full_text = self._decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        full_text = self._decode(self._ids[self._prefix :])
         pending = len(self._ids) - self._read
         if not final and full_text.endswith(_REPLACEMENT) and pending < _MAX_PENDING:
             return ""
-        piece = full_text[len(prefix_text):]
+        piece = full_text[len(prefix_text) :]
         # The tokens just emitted become the context window of the next step.
-        del self._ids[:self._read]
+        del self._ids[: self._read]
         self._prefix, self._read = 0, len(self._ids)
         return piece

@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from ember.proto import generate_pb2 as pb
 from ember.shard.batch import BadRequest, Context, GenerationBatch
 from ember.shard.runner import ModelRunner
@@ -25,8 +23,15 @@ class UnknownBatch(KeyError):
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, kv_cache_bytes: int | None = None,
-                 prefill_chunk: int = 0, precision: tuple[str, str] = ("", "")) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer,
+        grammar_compiler,
+        kv_cache_bytes: int | None = None,
+        prefill_chunk: int = 0,
+        precision: tuple[str, str] = ("", ""),
+    ) -> None:
         self.runner = runner
         self.precision, self.precision_reason = precision
         self.ctx = Context(runner, tokenizer, grammar_compiler, prefill_chunk)
@@ -85,8 +90,7 @@ class Engine:
             generations, timings = self._step_stored(batch)
         return self._reply(pb.PrefillResponse, generations, batch, timings, start, concat_ns)
 
-    def _reply(self, response_type, generations, batch: GenerationBatch, timings, start: int,
-               concat_ns: int | None):
+    def _reply(self, response_type, generations, batch: GenerationBatch, timings, start: int, concat_ns: int | None):
         """A Prefill or Decode response: the generations, what stays cached, and the step's timings."""
         return response_type(
             generations=generations,

@@ -136,7 +136,7 @@ class GrammarCompiler:
     def eos_token_id(self) -> int:
         return self.vocabulary.get_eos_token_id()
 
-    def new_state(self, grammar_type: int | str, value: str | dict) -> "GrammarState":
+    def new_state(self, grammar_type: int | str, value: str | dict) -> GrammarState:
         """A fresh per-request state for a grammar (compiled or taken from the cache)."""
         return GrammarState(self.compile(grammar_type, value), self.eos_token_id)
 

@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ember.shard.dist import Group, all_gather, all_reduce
 from ember.shard import native
+from ember.shard.dist import Group, all_gather, all_reduce
 from ember.shard.weights import Weights
 
 
@@ -26,7 +26,7 @@ class ColumnParallelLinear(torch.nn.Module):
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def load(cls, weights: Weights, prefixes: list[str], bias: bool = False) -> "ColumnParallelLinear":
+    def load(cls, weights: Weights, prefixes: list[str], bias: bool = False) -> ColumnParallelLinear:
         """Concatenate this rank's slice of each `prefix.weight` along the output dimension."""
         weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
         b = torch.cat([weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes]) if bias else None
@@ -150,8 +150,15 @@ class PackedWeight:
 
     compute_dtype = torch.bfloat16
 
-    def __init__(self, kind: str, data: torch.Tensor | None, scales: torch.Tensor | None, shape: tuple[int, int],
-                 keep_dense: bool = True, q4: "native.Q4Weight | None" = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        data: torch.Tensor | None,
+        scales: torch.Tensor | None,
+        shape: tuple[int, int],
+        keep_dense: bool = True,
+        q4: native.Q4Weight | None = None,
+    ) -> None:
         self.kind = kind
         self.data = data
         self.scales = scales
@@ -177,19 +184,26 @@ class PackedWeight:
             return f"--quantize {kind} has CPU kernels only (device {device.type})"
         out_features, in_features = shape
         if kind in ("int4", "w4a8") and (out_features % 16 or in_features % INT4_GROUP):
-            return (f"{kind} needs output features divisible by 16 and input features by {INT4_GROUP}, "
-                    f"got {out_features}x{in_features}")
+            return (
+                f"{kind} needs output features divisible by 16 and input features by {INT4_GROUP}, "
+                f"got {out_features}x{in_features}"
+            )
         if kind == "w4a8":
             kernels = native.kernels()
             if kernels is None or not kernels.q4:
-                here = (f"Ember's kernels are unavailable: {native.unavailable_reason()}" if kernels is None
-                        else "this CPU has no AVX-512 VNNI")
-                return (f"w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX-512 VNNI CPU "
-                        f"({here}; use int4)")
+                here = (
+                    f"Ember's kernels are unavailable: {native.unavailable_reason()}"
+                    if kernels is None
+                    else "this CPU has no AVX-512 VNNI"
+                )
+                return (
+                    f"w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX-512 VNNI CPU "
+                    f"({here}; use int4)"
+                )
         return None
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, kind: str, keep_dense: bool = True) -> "PackedWeight":
+    def quantize(cls, weight: torch.Tensor, kind: str, keep_dense: bool = True) -> PackedWeight:
         """Pack `weight` [out, in]; `keep_dense=False`: no bf16 copy (the packed kernel for any rows)."""
         reason = cls.unfit_reason(kind, tuple(weight.shape), weight.device)
         if reason:
@@ -205,8 +219,9 @@ class PackedWeight:
         scale = ((groups.amax(dim=-1) - low) / 15.0).clamp(min=1e-12)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         if kind == "w4a8":  # Ember's VNNI kernel: float32 d and m, no dense copy (it beats bf16 at any rows)
-            return cls(kind, None, None, tuple(w.shape),
-                       q4=native.Q4Weight.pack(q.view(out_features, in_features), scale, low))
+            return cls(
+                kind, None, None, tuple(w.shape), q4=native.Q4Weight.pack(q.view(out_features, in_features), scale, low)
+            )
         packed = torch._convert_weight_to_int4pack_for_cpu(q.view(out_features, in_features), 1)
         # The kernel computes (q - 8)·scale + zero, so zero is the value of q = 8: m + 8·d.
         scales_and_zeros = torch.stack([scale, low + 8.0 * scale], dim=-1).transpose(0, 1).contiguous()
@@ -249,8 +264,15 @@ class PackedWeight:
     def nbytes(self) -> int:
         if self.q4 is not None:
             return self.q4.nbytes
-        dense = 0 if self.dense is None else (
-            self.dense.nbytes if isinstance(self.dense, (OneDNNWeight, native.BF16Weight)) else self.dense.numel() * 2)
+        dense = (
+            0
+            if self.dense is None
+            else (
+                self.dense.nbytes
+                if isinstance(self.dense, (OneDNNWeight, native.BF16Weight))
+                else self.dense.numel() * 2
+            )
+        )
         return sum(t.numel() * t.element_size() for t in (self.data, self.scales)) + dense
 
 
@@ -277,11 +299,15 @@ def linear_path(weight) -> tuple[str, str]:
         return f"oneDNN, {_dtype_name(weight.dtype)} weights in its blocked layout", "CPU: reordered once at load"
     if isinstance(weight, PackedWeight):
         if weight.q4 is not None:
-            return ("w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
-                    "--quantize w4a8 on a CPU with AVX-512 VNNI")
+            return (
+                "w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
+                "--quantize w4a8 on a CPU with AVX-512 VNNI",
+            )
         beyond = linear_path(weight.dense)[0] if weight.dense is not None else f"torch's {weight.kind} kernel"
-        return (f"{weight.kind} on torch's kernel up to {PACKED_MAX_ROWS} rows, beyond: {beyond}",
-                f"--quantize {weight.kind}: torch's packed kernel wins at a few rows, a bf16 GEMM beyond")
+        return (
+            f"{weight.kind} on torch's kernel up to {PACKED_MAX_ROWS} rows, beyond: {beyond}",
+            f"--quantize {weight.kind}: torch's packed kernel wins at a few rows, a bf16 GEMM beyond",
+        )
     dtype = _dtype_name(weight.dtype)
     if weight.device.type != "cpu":
         return f"torch F.linear, {dtype} weights", f"on {weight.device.type}: Ember's layouts and kernels are CPU's"
@@ -313,7 +339,7 @@ class RowParallelLinear(torch.nn.Module):
         self.group = group
 
     @classmethod
-    def load(cls, weights: Weights, prefix: str, group: Group, bias: bool = False) -> "RowParallelLinear":
+    def load(cls, weights: Weights, prefix: str, group: Group, bias: bool = False) -> RowParallelLinear:
         weight = weights.get_sharded(f"{prefix}.weight", dim=1)
         b = weights.get(f"{prefix}.bias") if bias else None
         return cls(weight, b, group)
@@ -338,7 +364,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.stop = self.start + weight.shape[0]
 
     @classmethod
-    def load(cls, weights: Weights, name: str, group: Group) -> "VocabParallelEmbedding":
+    def load(cls, weights: Weights, name: str, group: Group) -> VocabParallelEmbedding:
         vocab_size = weights.shape(name)[0]
         return cls(weights.get_sharded(name, dim=0, allow_padding=True), vocab_size, group)
 
@@ -361,13 +387,13 @@ class ParallelLMHead(torch.nn.Module):
         self.group = group
 
     @classmethod
-    def load(cls, weights: Weights, name: str, group: Group) -> "ParallelLMHead":
+    def load(cls, weights: Weights, name: str, group: Group) -> ParallelLMHead:
         """`name` is `lm_head.weight`, or `model.embed_tokens.weight` for tied embeddings."""
         vocab_size = weights.shape(name)[0]
         return cls(weights.get_sharded(name, dim=0, allow_padding=True), vocab_size, group)
 
     @classmethod
-    def tied(cls, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
+    def tied(cls, embedding: VocabParallelEmbedding) -> ParallelLMHead:
         """Share the embedding's storage (tied embeddings: no second copy in memory)."""
         return cls(embedding.weight.data, embedding.vocab_size, embedding.group)
 
@@ -387,7 +413,7 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     @classmethod
-    def load(cls, weights: Weights, name: str, eps: float) -> "RMSNorm":
+    def load(cls, weights: Weights, name: str, eps: float) -> RMSNorm:
         return cls(weights.get(name), eps)
 
     def add_and_norm(self, delta: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,7 +490,7 @@ class RotaryEmbedding(torch.nn.Module):
         self._build(initial_len)
 
     @classmethod
-    def from_config(cls, config: dict, head_dim: int, dtype: torch.dtype, device: torch.device) -> "RotaryEmbedding":
+    def from_config(cls, config: dict, head_dim: int, dtype: torch.dtype, device: torch.device) -> RotaryEmbedding:
         max_pos = int(config.get("max_position_embeddings", 4096))
         inv_freq = inverse_frequencies(rope_parameters(config), head_dim, max_pos)
         return cls(inv_freq, dtype, device, initial_len=min(max_pos, 8192))

@@ -77,7 +77,7 @@ _INT = ctypes.c_int
 _F32 = ctypes.c_float
 
 _lock = threading.Lock()
-_loaded: "Kernels | None | bool" = False  # False: not tried yet
+_loaded: Kernels | None | bool = False  # False: not tried yet
 _why_unavailable: str | None = None
 
 
@@ -85,8 +85,9 @@ class NativeError(RuntimeError):
     """A kernel refused a call or failed (`status`, an EMBER_E_* code named `name`, says which check), or
     the library does not match this module's declarations (`status` None)."""
 
-    def __init__(self, message: str, entry: str | None = None, status: int | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, message: str, entry: str | None = None, status: int | None = None, name: str | None = None
+    ) -> None:
         super().__init__(message)
         self.entry = entry
         self.status = status
@@ -94,6 +95,7 @@ class NativeError(RuntimeError):
 
 
 # --- the structs decode_layers reads: mirrors of kernels/ember.h, checked against it at load ------------
+
 
 class LinearWeights(ctypes.Structure):
     """`ember_linear`: one projection's weight, w4a8's packed codes with their scales d and minimums m
@@ -117,9 +119,14 @@ class DecodeLayer(ctypes.Structure):
 
     c_type = "ember_decode_layer"
     _fields_ = [
-        ("input_norm", _P), ("post_norm", _P),  # RMSNorm weights [hidden] float32
-        ("qkv", LinearWeights), ("o_proj", LinearWeights), ("gate_up", LinearWeights), ("down", LinearWeights),
-        ("k_cache", _P), ("v_cache", _P),  # the layer's flat caches [slots, kv_heads * head_dim]
+        ("input_norm", _P),
+        ("post_norm", _P),  # RMSNorm weights [hidden] float32
+        ("qkv", LinearWeights),
+        ("o_proj", LinearWeights),
+        ("gate_up", LinearWeights),
+        ("down", LinearWeights),
+        ("k_cache", _P),
+        ("v_cache", _P),  # the layer's flat caches [slots, kv_heads * head_dim]
         ("window", _I64),  # sliding window in keys (0: none)
     ]
 
@@ -131,23 +138,45 @@ class DecodeStep(ctypes.Structure):
     c_type = "ember_decode_step"
     _fields_ = [
         # the model
-        ("layers", ctypes.POINTER(DecodeLayer)), ("num_layers", _I64), ("hidden", _I64), ("heads", _I64),
-        ("kv_heads", _I64), ("head_dim", _I64), ("inter", _I64),
-        ("eps", _F32), ("scale", _F32),  # the RMSNorms' epsilon; the attention's scale (head_dim ** -0.5)
+        ("layers", ctypes.POINTER(DecodeLayer)),
+        ("num_layers", _I64),
+        ("hidden", _I64),
+        ("heads", _I64),
+        ("kv_heads", _I64),
+        ("head_dim", _I64),
+        ("inter", _I64),
+        ("eps", _F32),
+        ("scale", _F32),  # the RMSNorms' epsilon; the attention's scale (head_dim ** -0.5)
         ("bf16_weights", ctypes.c_int32),  # 1: every projection bf16 (BF16Weight); 0: w4a8 (Q4Weight)
         # the cache
-        ("bf16_cache", ctypes.c_int32), ("block_size", _I64),
+        ("bf16_cache", ctypes.c_int32),
+        ("block_size", _I64),
         # the step
-        ("rows", _I64), ("rot", _I64), ("table_width", _I64),
-        ("delta", _P), ("residual", _P),  # [rows, hidden] float32: in the embeddings; out the output, residual
-        ("cos", _P), ("sin", _P),  # [rows, rot] float32
-        ("slots", _P), ("tables", _P), ("row_seq", _P), ("lens", _P),  # int64: [rows], [seqs, width], [rows]
+        ("rows", _I64),
+        ("rot", _I64),
+        ("table_width", _I64),
+        ("delta", _P),
+        ("residual", _P),  # [rows, hidden] float32: in the embeddings; out the output, residual
+        ("cos", _P),
+        ("sin", _P),  # [rows, rot] float32
+        ("slots", _P),
+        ("tables", _P),
+        ("row_seq", _P),
+        ("lens", _P),  # int64: [rows], [seqs, width], [rows]
         ("threads", ctypes.c_int32),
     ]
 
-    def set_rows(self, delta: torch.Tensor, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 slots: torch.Tensor, tables: torch.Tensor, row_seq: torch.Tensor | None,
-                 lens: torch.Tensor) -> None:
+    def set_rows(
+        self,
+        delta: torch.Tensor,
+        residual: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        tables: torch.Tensor,
+        row_seq: torch.Tensor | None,
+        lens: torch.Tensor,
+    ) -> None:
         """The step's tensors (contiguous; int64 indices), which the caller keeps alive through the call.
         Row r is a token of sequence `row_seq[r]` (None: of sequence r, one token each), whose block
         table is `tables[row_seq[r]]`, and attends over `lens[r]` keys of it."""
@@ -165,27 +194,80 @@ MIRRORS = (LinearWeights, DecodeLayer, DecodeStep)  # checked against the librar
 # Every entry point of the library (kernels/*.c) with its parameters, as C declares them. Each returns a
 # status (0: done; else an EMBER_E_* code, raised as NativeError), but the *_supported probes (1: built
 # with the instructions their kernels need).
-_PAGED_DECODE = (("q", _P), ("q_stride", _I64), ("k", _P), ("v", _P), ("tables", _P), ("table_width", _I64),
-                 ("lens", _P), ("batch", _I64), ("heads", _I64), ("kv_heads", _I64), ("dim", _I64),
-                 ("block_size", _I64), ("window", _I64), ("scale", _F32), ("out", _P), ("threads", _INT))
+_PAGED_DECODE = (
+    ("q", _P),
+    ("q_stride", _I64),
+    ("k", _P),
+    ("v", _P),
+    ("tables", _P),
+    ("table_width", _I64),
+    ("lens", _P),
+    ("batch", _I64),
+    ("heads", _I64),
+    ("kv_heads", _I64),
+    ("dim", _I64),
+    ("block_size", _I64),
+    ("window", _I64),
+    ("scale", _F32),
+    ("out", _P),
+    ("threads", _INT),
+)
 ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
     # attention.c
     "paged_decode_f32": _PAGED_DECODE,
     "paged_decode_bf16": _PAGED_DECODE,
     # elementwise.c
-    "rms_norm_f32": (("x", _P), ("delta", _P), ("h", _P), ("w", _P), ("eps", _F32), ("out", _P), ("rows", _I64),
-                     ("dim", _I64), ("threads", _INT)),
+    "rms_norm_f32": (
+        ("x", _P),
+        ("delta", _P),
+        ("h", _P),
+        ("w", _P),
+        ("eps", _F32),
+        ("out", _P),
+        ("rows", _I64),
+        ("dim", _I64),
+        ("threads", _INT),
+    ),
     "silu_mul_f32": (("gu", _P), ("out", _P), ("rows", _I64), ("inter", _I64), ("threads", _INT)),
-    "rotary_f32": (("x", _P), ("rows", _I64), ("row_stride", _I64), ("heads", _I64), ("dim", _I64), ("cos", _P),
-                   ("sin", _P), ("rot", _I64), ("threads", _INT)),
-    "kv_store": (("k", _P), ("k_stride", _I64), ("v", _P), ("v_stride", _I64), ("slots", _P), ("rows", _I64),
-                 ("width", _I64), ("k_cache", _P), ("v_cache", _P), ("bf16", _INT)),
+    "rotary_f32": (
+        ("x", _P),
+        ("rows", _I64),
+        ("row_stride", _I64),
+        ("heads", _I64),
+        ("dim", _I64),
+        ("cos", _P),
+        ("sin", _P),
+        ("rot", _I64),
+        ("threads", _INT),
+    ),
+    "kv_store": (
+        ("k", _P),
+        ("k_stride", _I64),
+        ("v", _P),
+        ("v_stride", _I64),
+        ("slots", _P),
+        ("rows", _I64),
+        ("width", _I64),
+        ("k_cache", _P),
+        ("v_cache", _P),
+        ("bf16", _INT),
+    ),
     # matmul_bf16.c, matmul_q4.c
     "bf16_supported": (),
     "bf16_linear": (("x", _P), ("rows", _I64), ("k", _I64), ("w", _P), ("n", _I64), ("out", _P), ("threads", _INT)),
     "q4_supported": (),
-    "q4_linear": (("x", _P), ("rows", _I64), ("k", _I64), ("packed", _P), ("d", _P), ("m", _P), ("n", _I64),
-                  ("out", _P), ("bits", _INT), ("threads", _INT)),
+    "q4_linear": (
+        ("x", _P),
+        ("rows", _I64),
+        ("k", _I64),
+        ("packed", _P),
+        ("d", _P),
+        ("m", _P),
+        ("n", _I64),
+        ("out", _P),
+        ("bits", _INT),
+        ("threads", _INT),
+    ),
     # fused_step.c
     "decode_layers": (("step", ctypes.POINTER(DecodeStep)),),
     # sampling.c
@@ -217,8 +299,10 @@ def check_layout(lib: ctypes.CDLL, mirror: type[ctypes.Structure]) -> None:
     if size < 0:
         raise NativeError(f"the library declares no struct {c_type} ({ours} mirrors it)")
     if size != ctypes.sizeof(mirror):
-        raise NativeError(f"struct {c_type} is {size} bytes in the library but {ctypes.sizeof(mirror)} in {ours}: "
-                          "kernels/ember.h and native.py must declare the same fields")
+        raise NativeError(
+            f"struct {c_type} is {size} bytes in the library but {ctypes.sizeof(mirror)} in {ours}: "
+            "kernels/ember.h and native.py must declare the same fields"
+        )
     theirs, i = [], 0
     while (name := lib.ember_layout_field(c_type.encode(), i)) is not None:
         theirs.append(name.decode())
@@ -229,8 +313,10 @@ def check_layout(lib: ctypes.CDLL, mirror: type[ctypes.Structure]) -> None:
     for name in names:
         offset = lib.ember_layout(c_type.encode(), name.encode())
         if offset != getattr(mirror, name).offset:
-            raise NativeError(f"struct {c_type}: field {name} is at byte {offset} in the library but "
-                              f"{getattr(mirror, name).offset} in {ours}")
+            raise NativeError(
+                f"struct {c_type}: field {name} is at byte {offset} in the library but "
+                f"{getattr(mirror, name).offset} in {ours}"
+            )
 
 
 class Kernels:
@@ -246,8 +332,9 @@ class Kernels:
             try:
                 fn = getattr(lib, name)
             except AttributeError:
-                raise NativeError(f"the library has no entry point {name} (declared in native.ENTRY_POINTS)",
-                                  name) from None
+                raise NativeError(
+                    f"the library has no entry point {name} (declared in native.ENTRY_POINTS)", name
+                ) from None
             fn.restype = ctypes.c_int
             fn.argtypes = [kind for _, kind in params]
             setattr(self, f"_{name}", fn)
@@ -261,8 +348,9 @@ class Kernels:
         if name is None:
             return NativeError(f"{entry} failed with status {status}, which the library does not name", entry, status)
         detail = f" [{detail}]" if detail else ""
-        return NativeError(f"{entry} failed: {message.decode()} ({name.decode()}){detail}", entry, status,
-                           name.decode())
+        return NativeError(
+            f"{entry} failed: {message.decode()} ({name.decode()}){detail}", entry, status, name.decode()
+        )
 
     def argmax_lse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of x [rows, vocab] (float32, contiguous): the first index of its maximum (int64) and
@@ -291,28 +379,49 @@ class Kernels:
         if status != 0:
             raise self.error("decode_layers", status, f"{step.rows} rows, {step.num_layers} layers")
 
-    def bf16_linear(self, x: torch.Tensor, weight: "BF16Weight") -> torch.Tensor:
+    def bf16_linear(self, x: torch.Tensor, weight: BF16Weight) -> torch.Tensor:
         """[rows, n] float32: x [rows, k] (float32, contiguous) rounded to bf16, times the packed weight."""
         rows, k = x.shape
         n = weight.shape[0]
         out = torch.empty(rows, n, dtype=torch.float32)
-        status = self._bf16_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), n, out.data_ptr(),
-                                   torch.get_num_threads())
+        status = self._bf16_linear(
+            x.data_ptr(), rows, k, weight.packed.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
+        )
         if status != 0:
             raise self.error("bf16_linear", status, f"x {tuple(x.shape)}, weight {weight.shape}")
         return out
 
-    def kv_store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor) -> bool:
+    def kv_store(
+        self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> bool:
         """Write k, v [T, KVH, D] (float32, heads contiguous in each row) into slots of the flat caches
         (float32 or bf16, contiguous); False (nothing written) when the layouts do not fit."""
         width = k.shape[1] * k.shape[2]
-        if (k.dtype != torch.float32 or v.dtype != torch.float32 or k_cache.dtype not in self._decode
-                or k.stride(2) != 1 or k.stride(1) != k.shape[2] or v.stride(2) != 1 or v.stride(1) != v.shape[2]
-                or not k_cache.is_contiguous() or not v_cache.is_contiguous() or slots.dtype != torch.long):
+        if (
+            k.dtype != torch.float32
+            or v.dtype != torch.float32
+            or k_cache.dtype not in self._decode
+            or k.stride(2) != 1
+            or k.stride(1) != k.shape[2]
+            or v.stride(2) != 1
+            or v.stride(1) != v.shape[2]
+            or not k_cache.is_contiguous()
+            or not v_cache.is_contiguous()
+            or slots.dtype != torch.long
+        ):
             return False
-        self._kv_store(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k.shape[0], width,
-                       k_cache.data_ptr(), v_cache.data_ptr(), int(k_cache.dtype == torch.bfloat16))
+        self._kv_store(
+            k.data_ptr(),
+            k.stride(0),
+            v.data_ptr(),
+            v.stride(0),
+            slots.data_ptr(),
+            k.shape[0],
+            width,
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            int(k_cache.dtype == torch.bfloat16),
+        )
         return True
 
     @staticmethod
@@ -323,23 +432,33 @@ class Kernels:
                 return False
         return True
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(r) * weight, r) with r = x + residual (or x): rows of the last dimension."""
         dim = x.shape[-1]
         out = torch.empty_like(x)
         summed = torch.empty_like(x) if residual is not None else x
-        self._rms_norm_f32(x.data_ptr(), residual.data_ptr() if residual is not None else None,
-                           summed.data_ptr() if residual is not None else None, weight.data_ptr(), eps,
-                           out.data_ptr(), x.numel() // dim, dim, torch.get_num_threads())
+        self._rms_norm_f32(
+            x.data_ptr(),
+            residual.data_ptr() if residual is not None else None,
+            summed.data_ptr() if residual is not None else None,
+            weight.data_ptr(),
+            eps,
+            out.data_ptr(),
+            x.numel() // dim,
+            dim,
+            torch.get_num_threads(),
+        )
         return out, summed
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for `gate_up` = [gate | up] along the last dimension."""
         inter = gate_up.shape[-1] // 2
         out = gate_up.new_empty(*gate_up.shape[:-1], inter)
-        self._silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter,
-                           torch.get_num_threads())
+        self._silu_mul_f32(
+            gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter, torch.get_num_threads()
+        )
         return out
 
     def q4_linear(self, x: torch.Tensor, weight: Q4Weight) -> torch.Tensor:
@@ -347,8 +466,18 @@ class Kernels:
         n, k = weight.shape
         rows = x.shape[0]
         out = torch.empty(rows, n, dtype=torch.float32)
-        status = self._q4_linear(x.data_ptr(), rows, k, weight.packed.data_ptr(), weight.d.data_ptr(),
-                                 weight.m.data_ptr(), n, out.data_ptr(), weight.bits, torch.get_num_threads())
+        status = self._q4_linear(
+            x.data_ptr(),
+            rows,
+            k,
+            weight.packed.data_ptr(),
+            weight.d.data_ptr(),
+            weight.m.data_ptr(),
+            n,
+            out.data_ptr(),
+            weight.bits,
+            torch.get_num_threads(),
+        )
         if status != 0:
             raise self.error("q4_linear", status, f"x {tuple(x.shape)}, weight {weight.shape}, {weight.bits} bits")
         return out
@@ -357,8 +486,17 @@ class Kernels:
         """Rotate, in place, the first `heads` heads of each row of `rows` [T, width] (float32, rows
         contiguous inside); cos/sin [T, rot] contiguous, sin signed as `RotaryEmbedding` keeps it."""
         assert rows.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
-        self._rotary_f32(rows.data_ptr(), rows.shape[0], rows.stride(0), heads, dim, cos.data_ptr(), sin.data_ptr(),
-                         cos.shape[-1], torch.get_num_threads())
+        self._rotary_f32(
+            rows.data_ptr(),
+            rows.shape[0],
+            rows.stride(0),
+            heads,
+            dim,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            cos.shape[-1],
+            torch.get_num_threads(),
+        )
 
     def supports_decode(self, cache_dtype: torch.dtype) -> bool:
         return cache_dtype in self._decode
@@ -382,13 +520,29 @@ class Kernels:
         lens = lens.contiguous()
         out = torch.empty(batch, heads, dim, dtype=torch.float32)
         status = self._decode[k.dtype](
-            q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), tables.data_ptr(), tables.shape[1],
-            lens.data_ptr(), batch, heads, kv_heads, dim, block_size, window or 0, scale, out.data_ptr(),
+            q.data_ptr(),
+            q.stride(0),
+            k.data_ptr(),
+            v.data_ptr(),
+            tables.data_ptr(),
+            tables.shape[1],
+            lens.data_ptr(),
+            batch,
+            heads,
+            kv_heads,
+            dim,
+            block_size,
+            window or 0,
+            scale,
+            out.data_ptr(),
             torch.get_num_threads(),
         )
         if status != 0:
-            raise self.error("paged_decode_bf16" if k.dtype == torch.bfloat16 else "paged_decode_f32", status,
-                             f"batch {batch}, longest context {int(lens.max())}")
+            raise self.error(
+                "paged_decode_bf16" if k.dtype == torch.bfloat16 else "paged_decode_f32",
+                status,
+                f"batch {batch}, longest context {int(lens.max())}",
+            )
         return out
 
 
@@ -407,7 +561,7 @@ class Q4Weight:
     bits: int = 4
 
     @classmethod
-    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int = 4) -> "Q4Weight":
+    def pack(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int = 4) -> Q4Weight:
         """codes [n, k] in 0..2^bits - 1, scale and low [n, k / 32] (float32)."""
         n, k = codes.shape
         tiles, groups = n // 16, k // Q4_GROUP
@@ -420,7 +574,7 @@ class Q4Weight:
         return cls(packed, per_tile(scale), per_tile(low), (n, k), bits)
 
     @classmethod
-    def quantize8(cls, weight: torch.Tensor) -> "Q4Weight":
+    def quantize8(cls, weight: torch.Tensor) -> Q4Weight:
         """8-bit codes of `weight` [n, k] (n % 16 == 0, k % 32 == 0): per 32 inputs, d = range / 255."""
         n, k = weight.shape
         groups = weight.detach().float().view(n, k // Q4_GROUP, Q4_GROUP)
@@ -472,7 +626,7 @@ class BF16Weight:
         return k is not None and k.bf16
 
     @classmethod
-    def pack(cls, weight: torch.Tensor) -> "BF16Weight":
+    def pack(cls, weight: torch.Tensor) -> BF16Weight:
         n, k = weight.shape
         packed = weight.detach().to(torch.bfloat16).view(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
         return cls(packed, (n, k))
@@ -598,7 +752,7 @@ def unavailable_reason() -> str | None:
     return _why_unavailable or "switched off in this process"
 
 
-def reset_for_tests(value: "Kernels | None | bool" = False) -> None:
+def reset_for_tests(value: Kernels | None | bool = False) -> None:
     """Forget (or force) the loaded kernels; tests compare both paths in one process."""
     global _loaded, _why_unavailable
     _loaded = value

@@ -90,28 +90,47 @@ def _w4a8_problem() -> str | None:
     return None
 
 
-def choose(model_dir: Path, device: torch.device, dtype: str | None = None, matmul_dtype: str | None = None,
-           quantize: str | None = None, flags: set[str] | None = None) -> Precision:
+def choose(
+    model_dir: Path,
+    device: torch.device,
+    dtype: str | None = None,
+    matmul_dtype: str | None = None,
+    quantize: str | None = None,
+    flags: set[str] | None = None,
+) -> Precision:
     """The precision to load `model_dir` at; explicit flags win (quantize `none`: no quantization)."""
     if dtype or matmul_dtype or quantize:
-        return Precision(dtype, matmul_dtype, None if quantize in (None, "none") else quantize,
-                         "as asked on the command line", automatic=False)
+        return Precision(
+            dtype,
+            matmul_dtype,
+            None if quantize in (None, "none") else quantize,
+            "as asked on the command line",
+            automatic=False,
+        )
     if device.type != "cpu":
         return Precision(None, None, None, f"{device.type}: the model's dtype", automatic=True)
     from ember.shard.runner import SUPPORTED_MODEL_TYPES
 
     config = _config(model_dir)
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        return Precision("float32", None, None, "float32: the generic transformers path has no faster CPU setting",
-                         automatic=True)
+        return Precision(
+            "float32", None, None, "float32: the generic transformers path has no faster CPU setting", automatic=True
+        )
     weight_type = source_weight_type(model_dir)
     if weight_type in FOUR_BIT_GGUF:
         problem = _w4a8_problem()
         if problem is None:
-            return Precision(None, None, "w4a8", f"the GGUF's weights are {weight_type} and the CPU has "
-                             "AVX-512 VNNI: 4-bit weights times int8 activations", automatic=True)
-        return Precision(None, None, "int4", f"the GGUF's weights are {weight_type}; not w4a8 because {problem}",
-                         automatic=True)
+            return Precision(
+                None,
+                None,
+                "w4a8",
+                f"the GGUF's weights are {weight_type} and the CPU has "
+                "AVX-512 VNNI: 4-bit weights times int8 activations",
+                automatic=True,
+            )
+        return Precision(
+            None, None, "int4", f"the GGUF's weights are {weight_type}; not w4a8 because {problem}", automatic=True
+        )
     if weight_type == "Q8_0":
         return Precision(None, None, "int8", "the GGUF's weights are Q8_0: 8-bit weights", automatic=True)
     stored = weight_type or config.get("torch_dtype") or config.get("dtype")
@@ -120,9 +139,25 @@ def choose(model_dir: Path, device: torch.device, dtype: str | None = None, matm
     if stored in ("bfloat16", "float16"):
         has = [f for f in BF16_CPU_FLAGS if f in flags]
         if has:
-            return Precision("float32", "bfloat16", None, f"the weights are {stored} and the CPU has {has[0]}: "
-                             "bf16 matmuls, float32 activations", automatic=True)
-        return Precision("float32", None, None, f"the weights are {stored} but the CPU has no AVX-512 BF16 or "
-                         "AMX: float32", automatic=True)
-    return Precision("float32", None, None, f"the weights are {stored or 'float32'}: float32 "
-                     "(--matmul-dtype bfloat16 or --quantize trade precision for speed)", automatic=True)
+            return Precision(
+                "float32",
+                "bfloat16",
+                None,
+                f"the weights are {stored} and the CPU has {has[0]}: bf16 matmuls, float32 activations",
+                automatic=True,
+            )
+        return Precision(
+            "float32",
+            None,
+            None,
+            f"the weights are {stored} but the CPU has no AVX-512 BF16 or AMX: float32",
+            automatic=True,
+        )
+    return Precision(
+        "float32",
+        None,
+        None,
+        f"the weights are {stored or 'float32'}: float32 "
+        "(--matmul-dtype bfloat16 or --quantize trade precision for speed)",
+        automatic=True,
+    )

@@ -34,8 +34,16 @@ INITIAL_KV_BYTES = 64 << 20  # the small cache that exists before Warmup sizes t
 CUDA_WIGGLE_ROOM = 0.9  # as TGI: leave 10% of the free memory to the allocator's fragmentation
 
 __all__ = [
-    "Sequence", "RunnerInfo", "StepOutput", "ModelRunner", "PagedRunner", "WarmupError",
-    "OutOfBlocks", "load_runner", "resolve_dtype", "read_json",
+    "Sequence",
+    "RunnerInfo",
+    "StepOutput",
+    "ModelRunner",
+    "PagedRunner",
+    "WarmupError",
+    "OutOfBlocks",
+    "load_runner",
+    "resolve_dtype",
+    "read_json",
 ]
 
 
@@ -89,8 +97,9 @@ class ModelRunner(ABC):
     info: RunnerInfo
 
     @abstractmethod
-    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False,
-             num_new: list[int] | None = None) -> StepOutput:
+    def step(
+        self, seqs: list[Sequence], want_prompt_logits: bool = False, num_new: list[int] | None = None
+    ) -> StepOutput:
         """Run token_ids[num_cached:] of every sequence in one forward; then num_cached = len(token_ids).
 
         `num_new` (runners with `info.shared_prefill` only): run just that many of each
@@ -239,8 +248,14 @@ class PagedRunner(ModelRunner):
             )
         spec = self.model.spec
         return PagedKVCache(
-            spec.num_layers, num_blocks, self.model.kv_heads_per_rank, spec.head_dim,
-            self.kv_dtype, self.device, self.block_size, spare_block=self.graphs is not None,
+            spec.num_layers,
+            num_blocks,
+            self.model.kv_heads_per_rank,
+            spec.head_dim,
+            self.kv_dtype,
+            self.device,
+            self.block_size,
+            spare_block=self.graphs is not None,
         )
 
     # --- stepping -----------------------------------------------------------------------------
@@ -258,8 +273,9 @@ class PagedRunner(ModelRunner):
                 seq.blocks.extend(self.cache.allocator.allocate(n))
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False,
-             num_new: list[int] | None = None) -> StepOutput:
+    def step(
+        self, seqs: list[Sequence], want_prompt_logits: bool = False, num_new: list[int] | None = None
+    ) -> StepOutput:
         if not seqs:
             raise ValueError("step() needs at least one sequence")
         uncached = [len(s.token_ids) - s.num_cached for s in seqs]
@@ -278,7 +294,7 @@ class PagedRunner(ModelRunner):
                 return StepOutput(logits=logits)
         ids: list[int] = []
         for s, n in zip(seqs, num_new):
-            ids.extend(s.token_ids[s.num_cached:s.num_cached + n])
+            ids.extend(s.token_ids[s.num_cached : s.num_cached + n])
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
         meta = AttentionMetadata.build(
             [s.num_cached for s in seqs], num_new, [s.blocks for s in seqs], self.block_size, self.device
@@ -362,8 +378,13 @@ class PagedRunner(ModelRunner):
             )
         self.cache = None
         self.cache = self._new_cache(num_blocks)
-        log.info("KV cache: %d blocks of %d tokens = %d tokens (%d bytes)", num_blocks, self.block_size,
-                 capacity, num_blocks * per_block)
+        log.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%d bytes)",
+            num_blocks,
+            self.block_size,
+            capacity,
+            num_blocks * per_block,
+        )
         return capacity
 
 
@@ -415,20 +436,33 @@ def load_runner(
         if matmul_dtype is not None and resolve_dtype(matmul_dtype, device) != torch.bfloat16:
             raise ValueError(f"--quantize {quantize} multiplies in bfloat16; drop --matmul-dtype {matmul_dtype}")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"--quantize {quantize} needs Ember's model code; model_type {model_type!r} "
-                             "runs on the generic path")
+            raise ValueError(
+                f"--quantize {quantize} needs Ember's model code; model_type {model_type!r} runs on the generic path"
+            )
         if device.type != "cpu":
-            raise ValueError(f"--quantize {quantize} has CPU kernels only; on {device.type} serve the model "
-                             "in its dtype")
+            raise ValueError(
+                f"--quantize {quantize} has CPU kernels only; on {device.type} serve the model in its dtype"
+            )
     if model_type not in SUPPORTED_MODEL_TYPES:
         from ember.shard.models.generic import GenericRunner
 
-        log.warning("model_type %r has no Ember model code: using transformers' modules "
-                    "(generic path: padded batches, TP=1, slower)", model_type)
+        log.warning(
+            "model_type %r has no Ember model code: using transformers' modules "
+            "(generic path: padded batches, TP=1, slower)",
+            model_type,
+        )
         return GenericRunner(model_dir, torch_dtype, device, world_size=world_size)
     if group is None:
-        group = TRIVIAL_GROUP if world_size == 1 else init_distributed(
-            rank, world_size, settings.value("master-addr"), settings.value("master-port"), device,
+        group = (
+            TRIVIAL_GROUP
+            if world_size == 1
+            else init_distributed(
+                rank,
+                world_size,
+                settings.value("master-addr"),
+                settings.value("master-port"),
+                device,
+            )
         )
     weights = Weights(model_dir, torch_dtype, device, rank=rank, world_size=world_size)
     model = LlamaForCausalLM(config, weights, group).eval()
@@ -445,16 +479,33 @@ def load_runner(
         kv_dtype = default_kv_dtype(torch_dtype, matmul, device)
     else:
         kv_dtype = resolve_dtype(kv_cache_dtype, device)
-    log.info("model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, KV cache in %s, %s)",
-             model_type, rank, world_size, dtype_name(torch_dtype), dtype_name(matmul), weights_note,
-             dtype_name(kv_dtype), device)
+    log.info(
+        "model_type %r: Ember paged model code (rank %d/%d, %s, matmuls in %s%s, KV cache in %s, %s)",
+        model_type,
+        rank,
+        world_size,
+        dtype_name(torch_dtype),
+        dtype_name(matmul),
+        weights_note,
+        dtype_name(kv_dtype),
+        device,
+    )
     model.log_kernel_paths(kv_dtype)  # one line per kind of layer: which kernel runs it, and why
     if cuda_graphs is None:
         cuda_graphs = DEFAULT_BATCH_SIZES if device.type == "cuda" else ()
     if cuda_graphs and group.world_size > 1:
         log.info("CUDA graphs are not used with tensor parallelism (world size %d)", group.world_size)
-    return PagedRunner(model, model_dir, config, device, group, kv_cache_bytes, cuda_memory_fraction,
-                       kv_dtype=kv_dtype, decode_graphs=cuda_graphs)
+    return PagedRunner(
+        model,
+        model_dir,
+        config,
+        device,
+        group,
+        kv_cache_bytes,
+        cuda_memory_fraction,
+        kv_dtype=kv_dtype,
+        decode_graphs=cuda_graphs,
+    )
 
 
 def default_kv_dtype(dtype: torch.dtype, matmul: torch.dtype, device: torch.device) -> torch.dtype:

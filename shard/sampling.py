@@ -25,9 +25,9 @@ only the tokens appended since the previous call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
 
 import torch
 
@@ -60,7 +60,7 @@ class SamplingParams:
     watermark: bool = False
 
     @classmethod
-    def from_pb(cls, pb: generate_pb2.NextTokenChooserParameters) -> "SamplingParams":
+    def from_pb(cls, pb: generate_pb2.NextTokenChooserParameters) -> SamplingParams:
         """From the proto; a proto3 zero where zero makes no sense (top_p, penalty) means "off"."""
         return cls(
             temperature=pb.temperature,
@@ -79,10 +79,7 @@ class SamplingParams:
 
     @property
     def has_warpers(self) -> bool:
-        return (
-            self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
-            or self.typical_p < 1.0 or self.min_p > 0.0
-        )
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0 or self.typical_p < 1.0 or self.min_p > 0.0
 
     @property
     def sampling(self) -> bool:
@@ -114,13 +111,14 @@ class _PenaltyState:
         self.counts = counts  # [P, V] float32: times generated (frequency/presence)
 
     @classmethod
-    def create(cls, params: list[SamplingParams], device: torch.device, vocab: int) -> "_PenaltyState | None":
+    def create(cls, params: list[SamplingParams], device: torch.device, vocab: int) -> _PenaltyState | None:
         rows = [i for i, p in enumerate(params) if p.has_penalties]
         if not rows:
             return None
         n = len(rows)
         return cls(
-            rows, [0] * n,
+            rows,
+            [0] * n,
             torch.zeros(n, vocab, dtype=torch.bool, device=device),
             torch.zeros(n, vocab, dtype=torch.float32, device=device),
         )
@@ -154,18 +152,20 @@ class _PenaltyState:
             ones = torch.ones(rc.shape[1], dtype=torch.float32, device=device)
             self.counts.index_put_((rc[0], rc[1]), ones, accumulate=True)
 
-    def select(self, keep: list[tuple[int, int]]) -> "_PenaltyState | None":
+    def select(self, keep: list[tuple[int, int]]) -> _PenaltyState | None:
         """Keep penalty rows given as (new batch row, old penalty row) pairs."""
         if not keep:
             return None
         idx = torch.tensor([p for _, p in keep], dtype=torch.int64, device=self.seen.device)
         return _PenaltyState(
-            [r for r, _ in keep], [self.consumed[p] for _, p in keep],
-            self.seen.index_select(0, idx), self.counts.index_select(0, idx),
+            [r for r, _ in keep],
+            [self.consumed[p] for _, p in keep],
+            self.seen.index_select(0, idx),
+            self.counts.index_select(0, idx),
         )
 
     @staticmethod
-    def concat(parts: list[tuple[int, "_PenaltyState | None"]]) -> "_PenaltyState | None":
+    def concat(parts: list[tuple[int, _PenaltyState | None]]) -> _PenaltyState | None:
         """Concatenate the states of batches placed at the given row offsets."""
         present = [(off, s) for off, s in parts if s is not None]
         if not present:
@@ -193,9 +193,7 @@ class _Plan:
         self.all_sample = len(self.sample_rows) == len(params)
         self.sample_idx = torch.tensor(self.sample_rows, dtype=torch.int64, device=device)
         self._warpers([params[i] for i in self.sample_rows], device, vocab)
-        self.modifies = bool(
-            self.watermark_rows or penalty_rows or self.bias is not None or self.sample_rows
-        )
+        self.modifies = bool(self.watermark_rows or penalty_rows or self.bias is not None or self.sample_rows)
 
     def _penalties(self, params: list[SamplingParams], rows: list[int], device: torch.device) -> None:
         self.penalty_idx = torch.tensor(rows, dtype=torch.int64, device=device)
@@ -282,7 +280,7 @@ class BatchSampler:
         vocab_size: int,
         generators: list[torch.Generator | None],
         penalty: _PenaltyState | None,
-    ) -> "BatchSampler":
+    ) -> BatchSampler:
         """A sampler over existing per-request state (generators, counts), for filter/concatenate."""
         sampler = cls.__new__(cls)
         sampler._setup(params, device, vocab_size, generators, penalty)
@@ -299,7 +297,7 @@ class BatchSampler:
 
     # ----- batch composition -------------------------------------------------
 
-    def filter(self, indices: list[int]) -> "BatchSampler":
+    def filter(self, indices: list[int]) -> BatchSampler:
         """A sampler for the requests at `indices` (in that order), keeping their state."""
         old = self._penalty
         keep = []
@@ -307,13 +305,15 @@ class BatchSampler:
             where = {row: p for p, row in enumerate(old.rows)}
             keep = [(new, where[i]) for new, i in enumerate(indices) if i in where]
         return BatchSampler._from_parts(
-            [self.params[i] for i in indices], self.device, self.vocab_size,
+            [self.params[i] for i in indices],
+            self.device,
+            self.vocab_size,
             [self.generators[i] for i in indices],
             old.select(keep) if old is not None else None,
         )
 
     @staticmethod
-    def concatenate(samplers: list["BatchSampler"]) -> "BatchSampler":
+    def concatenate(samplers: list[BatchSampler]) -> BatchSampler:
         """One sampler for the requests of all `samplers`, in order, keeping their state."""
         first = samplers[0]
         offsets, total = [], 0
@@ -321,7 +321,9 @@ class BatchSampler:
             offsets.append(total)
             total += len(s)
         return BatchSampler._from_parts(
-            [p for s in samplers for p in s.params], first.device, first.vocab_size,
+            [p for s in samplers for p in s.params],
+            first.device,
+            first.vocab_size,
             [g for s in samplers for g in s.generators],
             _PenaltyState.concat([(off, s._penalty) for off, s in zip(offsets, samplers)]),
         )

@@ -17,16 +17,16 @@ import os
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import grpc
 
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
+from ember.schema_regex import GrammarError
 from ember.shard.batch import BadRequest
 from ember.shard.engine import Engine, UnknownBatch
-from ember.schema_regex import GrammarError
 from ember.shard.kv_cache import OutOfBlocks
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ def model_executor() -> ThreadPoolExecutor:
 
 
 class Servicer(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, engine: Engine, uds_prefix: str, world_size: int,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self, engine: Engine, uds_prefix: str, world_size: int, executor: ThreadPoolExecutor | None = None
+    ) -> None:
         self.engine = engine
         self.urls = [f"unix://{socket_path(uds_prefix, r)}" for r in range(world_size)]
         self.executor = executor or model_executor()
@@ -107,14 +108,16 @@ class Servicer(pb_grpc.TextGenerationServiceServicer):
         cached = compiler.contains(request.grammar_type, request.grammar)
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.grammar_executor, compiler.compile, request.grammar_type, request.grammar)
+                self.grammar_executor, compiler.compile, request.grammar_type, request.grammar
+            )
         except GrammarError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.CompileGrammarResponse(cached=cached, total_ns=time.perf_counter_ns() - start)
 
 
-async def serve(engine: Engine, uds_prefix: str, rank: int, world_size: int,
-                executor: ThreadPoolExecutor | None = None) -> None:
+async def serve(
+    engine: Engine, uds_prefix: str, rank: int, world_size: int, executor: ThreadPoolExecutor | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT; the socket file exists only while serving.
 
     `executor` is the model thread (`model_executor()`) the engine was built on, if any.

@@ -42,7 +42,7 @@ class StopCriteria:
         self._tail = ""
 
     @classmethod
-    def from_pb(cls, pb: generate_pb2.StoppingCriteriaParameters, eos_token_ids: set[int]) -> "StopCriteria":
+    def from_pb(cls, pb: generate_pb2.StoppingCriteriaParameters, eos_token_ids: set[int]) -> StopCriteria:
         """Build from the request's proto stopping parameters."""
         return cls(
             eos_token_ids=eos_token_ids,
@@ -75,7 +75,7 @@ class StopCriteria:
         if not text:
             return False
         window = self._tail + text
-        self._tail = window[max(0, len(window) - self._keep):] if self._keep else ""
+        self._tail = window[max(0, len(window) - self._keep) :] if self._keep else ""
         if not may_stop:
             return False
         for stop in self.stop_sequences:

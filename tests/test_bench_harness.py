@@ -62,8 +62,7 @@ def test_openai_events_count_tokens_and_prefer_reported_usage():
 def test_tgi_final_event_ends_the_stream_with_its_count():
     api, result = load.APIS["tgi"], load.RequestResult()
     assert not load.consume_event(result, api, {"token": {"id": 5, "text": "a"}, "generated_text": None}, 0.1)
-    final = {"token": {"id": 2, "text": "", "special": True}, "generated_text": "a",
-             "details": {"generated_tokens": 2}}
+    final = {"token": {"id": 2, "text": "", "special": True}, "generated_text": "a", "details": {"generated_tokens": 2}}
     assert load.consume_event(result, api, final, 0.2)
     assert result.output_tokens == 2 and len(result.stamps) == 2
 
@@ -102,10 +101,17 @@ def _streaming_app(tokens: int) -> tuple[Starlette, list[dict]]:
 
 def test_level_sends_exactly_its_requests_with_forced_lengths():
     app, bodies = _streaming_app(tokens=5)
-    level = load.Level(concurrency=3, max_requests=7, time_limit_s=60, max_new_tokens=5,
-                       prompt=lambda i: (f"prompt {i}", 2), first_index=10)
-    s = asyncio.run(load.run_level("http://bench", load.APIS["openai"], level, model="m",
-                                   transport=httpx.ASGITransport(app=app)))
+    level = load.Level(
+        concurrency=3,
+        max_requests=7,
+        time_limit_s=60,
+        max_new_tokens=5,
+        prompt=lambda i: (f"prompt {i}", 2),
+        first_index=10,
+    )
+    s = asyncio.run(
+        load.run_level("http://bench", load.APIS["openai"], level, model="m", transport=httpx.ASGITransport(app=app))
+    )
     assert s["requests_sent"] == 7 and s["requests_completed"] == 7 and s["errors"] == 0
     assert s["output_tokens"] == 35
     assert sorted(b["prompt"] for b in bodies) == sorted(f"prompt {i}" for i in range(10, 17))
@@ -113,18 +119,19 @@ def test_level_sends_exactly_its_requests_with_forced_lengths():
 
 
 def test_level_records_http_errors():
-    app = Starlette(routes=[Route("/v1/completions", lambda r: Response("busy", status_code=429),
-                                  methods=["POST"])])
+    app = Starlette(routes=[Route("/v1/completions", lambda r: Response("busy", status_code=429), methods=["POST"])])
     level = load.Level(1, 2, 60, 4, lambda i: ("p", 1))
-    s = asyncio.run(load.run_level("http://bench", load.APIS["openai"], level,
-                                   transport=httpx.ASGITransport(app=app)))
+    s = asyncio.run(load.run_level("http://bench", load.APIS["openai"], level, transport=httpx.ASGITransport(app=app)))
     assert s["errors"] == 2 and "429" in s["first_error"] and s["output_tokens"] == 0
 
 
 def _sse_body(tokens: int) -> bytes:
     events = [f"data: {json.dumps(_openai_chunk('x'))}\n\n" for _ in range(tokens)]
-    events += [": keep-alive\r\n\r\n", f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': tokens}})}\n\n",
-               "data: [DONE]\n\n"]
+    events += [
+        ": keep-alive\r\n\r\n",
+        f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': tokens}})}\n\n",
+        "data: [DONE]\n\n",
+    ]
     return "".join(events).encode()
 
 
@@ -138,8 +145,13 @@ async def _raw_server(respond) -> tuple[asyncio.AbstractServer, str, list[int]]:
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
                 body = json.loads(await reader.readexactly(length))
                 for piece in respond(body):
                     writer.write(piece)
@@ -160,10 +172,10 @@ def _chunked(body: bytes, sizes: list[int]) -> list[bytes]:
     out, pos, i = b"", 0, 0
     while pos < len(body):
         n = sizes[i % len(sizes)]
-        out += f"{n if pos + n <= len(body) else len(body) - pos:x}\r\n".encode() + body[pos:pos + n] + b"\r\n"
+        out += f"{n if pos + n <= len(body) else len(body) - pos:x}\r\n".encode() + body[pos : pos + n] + b"\r\n"
         pos, i = pos + n, i + 1
     out += b"0\r\n\r\n"
-    return [out[j:j + 7] for j in range(0, len(out), 7)]
+    return [out[j : j + 7] for j in range(0, len(out), 7)]
 
 
 def test_raw_client_reads_chunked_sse_split_anywhere_and_reuses_connections():
@@ -171,10 +183,12 @@ def test_raw_client_reads_chunked_sse_split_anywhere_and_reuses_connections():
 
     async def scenario():
         server, url, connections = await _raw_server(
-            lambda body: [head[:10], head[10:], *_chunked(_sse_body(body["max_tokens"]), [5, 64, 1, 300])])
+            lambda body: [head[:10], head[10:], *_chunked(_sse_body(body["max_tokens"]), [5, 64, 1, 300])]
+        )
         async with server:
-            level = load.Level(concurrency=2, max_requests=6, time_limit_s=60, max_new_tokens=5,
-                               prompt=lambda i: (f"prompt {i}", 2))
+            level = load.Level(
+                concurrency=2, max_requests=6, time_limit_s=60, max_new_tokens=5, prompt=lambda i: (f"prompt {i}", 2)
+            )
             return await load.run_level(url, load.APIS["openai"], level, model="m"), connections
 
     s, connections = asyncio.run(scenario())
@@ -225,9 +239,20 @@ def test_prompt_sets_are_fixed_unique_and_sized(tmp_path):
 
 def _level(scenario: str, repeat: int, tps: float) -> dict:
     ms = {"p50": 10.0, "p99": 20.0, "mean": 12.0}
-    return {"scenario": scenario, "concurrency": 4, "repeat": repeat, "errors": 0, "requests_cancelled": 0,
-            "output_tokens_per_s": tps, "requests_per_s": 1.0, "ttft_ms": ms, "itl_ms": ms, "tpot_ms": ms,
-            "e2e_ms": ms, "output_counts": {"mean": 16.0, "forced_share": 1.0}}
+    return {
+        "scenario": scenario,
+        "concurrency": 4,
+        "repeat": repeat,
+        "errors": 0,
+        "requests_cancelled": 0,
+        "output_tokens_per_s": tps,
+        "requests_per_s": 1.0,
+        "ttft_ms": ms,
+        "itl_ms": ms,
+        "tpot_ms": ms,
+        "e2e_ms": ms,
+        "output_counts": {"mean": 16.0, "forced_share": 1.0},
+    }
 
 
 def test_aggregate_takes_medians_and_spread_over_repeats():
@@ -240,9 +265,17 @@ def test_aggregate_takes_medians_and_spread_over_repeats():
 def test_report_gives_ratios_vs_ember_and_failures():
     summary = lambda tps: run_all.aggregate([_level("short", 0, tps)])  # noqa: E731
     results = {
-        "command": "run_all.py", "started": "t0", "config": {
-            "max_new_tokens": 16, "concurrency": [4], "repeats": 1, "min_requests": 8, "rounds": 2,
-            "time_limit": 60, "scenarios": ["short"]},
+        "command": "run_all.py",
+        "started": "t0",
+        "config": {
+            "max_new_tokens": 16,
+            "concurrency": [4],
+            "repeats": 1,
+            "min_requests": 8,
+            "rounds": 2,
+            "time_limit": 60,
+            "scenarios": ["short"],
+        },
         "machine": {"cpu_model": "CPU", "flags": ["avx2", "avx512_bf16"], "loadavg_at_start": [1.0]},
         "model": {"params": 100, "dir": "d", "gguf": "g"},
         "servers": {
@@ -262,8 +295,9 @@ def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):
     from peers import lifecycle
 
     peer = lifecycle.PEERS["llama-cpp"]
-    server = lifecycle.RunningServer(peer, tmp_path / "server.log",
-                                     env={"EMBER_BENCH_DIR": str(tmp_path / "empty"), "EMBER_BENCH_GGUF": "x.gguf"})
+    server = lifecycle.RunningServer(
+        peer, tmp_path / "server.log", env={"EMBER_BENCH_DIR": str(tmp_path / "empty"), "EMBER_BENCH_GGUF": "x.gguf"}
+    )
     with pytest.raises(lifecycle.PeerError, match="exited with 127") as info:
         with server:
             pass
@@ -273,19 +307,39 @@ def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):
 def test_decode_roofline_places_each_setting_under_its_own_dtype():
     summary = run_all.aggregate([_level("short", 0, 100.0)])
     results = {
-        "command": "run_all.py", "started": "t0", "config": {
-            "max_new_tokens": 16, "concurrency": [4], "repeats": 1, "min_requests": 8, "rounds": 2,
-            "time_limit": 60, "scenarios": ["short"]},
+        "command": "run_all.py",
+        "started": "t0",
+        "config": {
+            "max_new_tokens": 16,
+            "concurrency": [4],
+            "repeats": 1,
+            "min_requests": 8,
+            "rounds": 2,
+            "time_limit": 60,
+            "scenarios": ["short"],
+        },
         "machine": {"cpu_model": "CPU", "flags": [], "loadavg_at_start": [1.0]},
         "model": {"params": 100_000_000, "dir": "d", "gguf": "g"},
         "servers": {
-            "ember-w4a8": {"status": "ok", "error": None, "summary": summary,
-                           "decode_probe": {"tokens_per_s": 1000.0, "batch": 32, "dtype": "int8"}},
-            "ember": {"status": "ok", "error": None, "summary": summary,
-                      "decode_probe": {"error": "RuntimeError: no", "dtype": "bfloat16"}},
+            "ember-w4a8": {
+                "status": "ok",
+                "error": None,
+                "summary": summary,
+                "decode_probe": {"tokens_per_s": 1000.0, "batch": 32, "dtype": "int8"},
+            },
+            "ember": {
+                "status": "ok",
+                "error": None,
+                "summary": summary,
+                "decode_probe": {"error": "RuntimeError: no", "dtype": "bfloat16"},
+            },
         },
-        "roofline": {"dtypes": {"int8": {"peak_gflops": 1000.0, "shapes_gflops": {"s": 1000.0}},
-                                "bfloat16": {"peak_gflops": 500.0, "shapes_gflops": {"s": 500.0}}}},
+        "roofline": {
+            "dtypes": {
+                "int8": {"peak_gflops": 1000.0, "shapes_gflops": {"s": 1000.0}},
+                "bfloat16": {"peak_gflops": 500.0, "shapes_gflops": {"s": 500.0}},
+            }
+        },
     }
     roofs = run_all.decode_roofline(results, 100_000_000)
     assert list(roofs) == ["ember-w4a8"]  # a failed probe places nothing
@@ -302,20 +356,37 @@ def test_router_overhead_pairs_each_repeats_runs():
     import router_overhead
 
     def side(itl: float) -> dict:
-        return {"itl_ms": {"p50": itl, "p99": itl * 2}, "tpot_ms": {"mean": itl}, "ttft_ms": {"p50": 1.0, "p99": 2.0},
-                "output_tokens_per_s": 1.0, "errors": 0,
-                "decode_step": {"call_mean_ms": itl, "prefill_calls": 1}}
+        return {
+            "itl_ms": {"p50": itl, "p99": itl * 2},
+            "tpot_ms": {"mean": itl},
+            "ttft_ms": {"p50": 1.0, "p99": 2.0},
+            "output_tokens_per_s": 1.0,
+            "errors": 0,
+            "decode_step": {"call_mean_ms": itl, "prefill_calls": 1},
+        }
 
     # The machine drifts between repeats (20 -> 30 ms); within each repeat HTTP is 1 ms behind gRPC.
-    runs = [{"http": side(21.0), "grpc": side(20.0)}, {"http": side(31.0), "grpc": side(30.0)},
-            {"http": side(26.0), "grpc": side(25.5)}]
+    runs = [
+        {"http": side(21.0), "grpc": side(20.0)},
+        {"http": side(31.0), "grpc": side(30.0)},
+        {"http": side(26.0), "grpc": side(25.5)},
+    ]
     out = router_overhead.overhead(runs)
     paired = out["paired_itl_p50"]
     assert paired["median_ms"] == 1.0 and paired["min_ms"] == 0.5 and paired["max_ms"] == 1.0
     assert paired["share_of_step"] == pytest.approx(1.0 / 25.5)
-    text = router_overhead.markdown({"model_id": "m", "max_new_tokens": 8, "scenario": "short", "prompt_tokens": 64,
-                                     "repeats": 3, "machine": {"cpus": 2, "loadavg_start": 0.0, "loadavg_end": 0.0},
-                                     "levels": {"32": {"summary": out}}, "command": "x"})
+    text = router_overhead.markdown(
+        {
+            "model_id": "m",
+            "max_new_tokens": 8,
+            "scenario": "short",
+            "prompt_tokens": 64,
+            "repeats": 3,
+            "machine": {"cpus": 2, "loadavg_start": 0.0, "loadavg_end": 0.0},
+            "levels": {"32": {"summary": out}},
+            "command": "x",
+        }
+    )
     assert "| +1.00 [+0.5 – +1.0] | 3.9 % |" in text
 
 
@@ -328,19 +399,33 @@ def test_router_overhead_counts_each_process_cpu_per_shard_call():
     assert abs(router_overhead.cpu_seconds(os.getpid()) - router_overhead.cpu_seconds()) < 0.1
 
     def side(router_s: float, calls: int, prefills: int) -> dict:
-        return {"itl_ms": {"p50": 30.0, "p99": 60.0}, "tpot_ms": {"mean": 30.0}, "ttft_ms": {"p50": 1.0, "p99": 2.0},
-                "output_tokens_per_s": 1.0, "errors": 0,
-                "decode_step": {"call_mean_ms": 30.0, "calls": calls, "prefill_calls": prefills},
-                "cpu_s": {"router": router_s, "shard": 6.0, "client": 0.2}}
+        return {
+            "itl_ms": {"p50": 30.0, "p99": 60.0},
+            "tpot_ms": {"mean": 30.0},
+            "ttft_ms": {"p50": 1.0, "p99": 2.0},
+            "output_tokens_per_s": 1.0,
+            "errors": 0,
+            "decode_step": {"call_mean_ms": 30.0, "calls": calls, "prefill_calls": prefills},
+            "cpu_s": {"router": router_s, "shard": 6.0, "client": 0.2},
+        }
 
     # 90 Decode + 10 Prefill calls: 0.2 s of router CPU is 2 ms per call, a 15th of a 30 ms step.
     runs = [{"http": side(0.2, 90, 10), "grpc": side(0.0, 98, 2)} for _ in range(3)]
     cpu = router_overhead.overhead(runs)["cpu_ms_per_call"]
     assert cpu["http"]["router"] == pytest.approx(2.0) and cpu["grpc"]["shard"] == pytest.approx(60.0)
     assert cpu["router_share_of_step"] == pytest.approx(2.0 / 30.0)
-    text = router_overhead.markdown({"model_id": "m", "max_new_tokens": 8, "scenario": "short", "prompt_tokens": 64,
-                                     "repeats": 3, "machine": {"cpus": 2, "loadavg_start": 0.0, "loadavg_end": 0.0},
-                                     "levels": {"32": {"summary": router_overhead.overhead(runs)}}, "command": "x"})
+    text = router_overhead.markdown(
+        {
+            "model_id": "m",
+            "max_new_tokens": 8,
+            "scenario": "short",
+            "prompt_tokens": 64,
+            "repeats": 3,
+            "machine": {"cpus": 2, "loadavg_start": 0.0, "loadavg_end": 0.0},
+            "levels": {"32": {"summary": router_overhead.overhead(runs)}},
+            "command": "x",
+        }
+    )
     assert "| 32 | 2.00 | 6.7 % | 60.0 / 60.0 | 2.00 / 2.00 |" in text
 
 
@@ -359,10 +444,20 @@ def test_step_profile_splits_a_step_into_parts_inside_it(tiny_llama_dir, tmp_pat
     summary = step_profile.summarize(runs)
     assert summary["spread_step_ms"][0] <= summary["step_ms"] <= summary["spread_step_ms"][1]
     fake = {**summary, "phases_ms": {name: 1.0 for name in step_profile.PHASES}}
-    text = step_profile.markdown({"summary": fake, "batch": 2, "model_id": "tiny", "quantize": None,
-                                  "matmul_dtype": None, "prompt_tokens": 64, "steps": 3, "repeats": 2,
-                                  "machine": {"cpu_model": "cpu", "logical_cpus": 2, "loadavg_at_start": [0.0]},
-                                  "command": "x"})
+    text = step_profile.markdown(
+        {
+            "summary": fake,
+            "batch": 2,
+            "model_id": "tiny",
+            "quantize": None,
+            "matmul_dtype": None,
+            "prompt_tokens": 64,
+            "steps": 3,
+            "repeats": 2,
+            "machine": {"cpu_model": "cpu", "logical_cpus": 2, "loadavg_at_start": [0.0]},
+            "command": "x",
+        }
+    )
     assert "| down projection | 1.00 | 12 % |" in text and "decoder layers" in text
 
 
@@ -371,13 +466,23 @@ def test_report_divides_by_the_ember_setting_that_ran_and_names_the_gpu():
     by it, and the machine section names the GPU and the model's note."""
     summary = lambda tps: run_all.aggregate([_level("short", 0, tps)])  # noqa: E731
     results = {
-        "command": "run_all.py", "started": "t0", "config": {
-            "max_new_tokens": 16, "concurrency": [4], "repeats": 1, "min_requests": 8, "rounds": 2,
-            "time_limit": 60, "scenarios": ["short"]},
+        "command": "run_all.py",
+        "started": "t0",
+        "config": {
+            "max_new_tokens": 16,
+            "concurrency": [4],
+            "repeats": 1,
+            "min_requests": 8,
+            "rounds": 2,
+            "time_limit": 60,
+            "scenarios": ["short"],
+        },
         "machine": {"cpu_model": "CPU", "flags": [], "loadavg_at_start": [1.0], "gpu": "Some GPU", "gpu_count": 1},
         "model": {"params": 100, "dir": "d", "gguf": None, "note": "random weights"},
-        "servers": {"ember-bf16": {"status": "ok", "error": None, "summary": summary(400.0)},
-                    "naive": {"status": "ok", "error": None, "summary": summary(50.0)}},
+        "servers": {
+            "ember-bf16": {"status": "ok", "error": None, "summary": summary(400.0)},
+            "naive": {"status": "ok", "error": None, "summary": summary(50.0)},
+        },
         "roofline": {"dtypes": {}},
     }
     text = report.render(results, [])
@@ -417,11 +522,17 @@ def test_naive_server_streams_and_a_failed_generate_still_ends_its_stream(tiny_l
     async def collect(body: dict) -> list[bytes]:
         return [chunk async for chunk in engine.stream(body)]
 
-    body = {"prompt": "hello world", "max_tokens": 5, "ignore_eos": True, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "hello world",
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     chunks = asyncio.run(asyncio.wait_for(collect(body), 120))
     assert chunks[-1] == b"data: [DONE]\n\n"
-    usage = json.loads(chunks[-2][len(b"data: "):])["usage"]
+    usage = json.loads(chunks[-2][len(b"data: ") :])["usage"]
     assert usage["completion_tokens"] == 5
 
     def broken(**kwargs):
@@ -429,7 +540,7 @@ def test_naive_server_streams_and_a_failed_generate_still_ends_its_stream(tiny_l
 
     engine.model.generate = broken
     chunks = asyncio.run(asyncio.wait_for(collect(body), 60))  # before the fix: waited forever
-    event = json.loads(chunks[-1][len(b"data: "):])
+    event = json.loads(chunks[-1][len(b"data: ") :])
     with pytest.raises(RuntimeError, match="generate failed"):  # the load generator counts it an error
         load.consume_event(load.RequestResult(), load.APIS["openai"], event, 0.0)
 
@@ -457,13 +568,23 @@ def test_grpc_load_batches_with_the_routers_rule_for_the_shard(tiny_llama_dir, t
         batcher = grpc_load.MiniBatcher(shards, await grpc_load.Policy.of_shard(shards))
         batcher.start()
         results = [load.RequestResult() for _ in range(4)]
-        first = [asyncio.ensure_future(grpc_load.stream_request(
-            batcher, grpc_load.make_request(900 + i, [1, 5 + i, 9, 13], "", 12), results[i])) for i in range(2)]
+        first = [
+            asyncio.ensure_future(
+                grpc_load.stream_request(
+                    batcher, grpc_load.make_request(900 + i, [1, 5 + i, 9, 13], "", 12), results[i]
+                )
+            )
+            for i in range(2)
+        ]
         async with asyncio.timeout(30):
             while not batcher.decode_calls:  # the first two are decoding
                 await asyncio.sleep(0.005)
-        late = [asyncio.ensure_future(grpc_load.stream_request(
-            batcher, grpc_load.make_request(900 + i, [1, 7, 11, 5 + i], "", 4), results[i])) for i in (2, 3)]
+        late = [
+            asyncio.ensure_future(
+                grpc_load.stream_request(batcher, grpc_load.make_request(900 + i, [1, 7, 11, 5 + i], "", 4), results[i])
+            )
+            for i in (2, 3)
+        ]
         async with asyncio.timeout(60):
             await asyncio.gather(*first, *late)
         await batcher.stop()

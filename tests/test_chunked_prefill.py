@@ -26,11 +26,13 @@ def _ids(n: int, offset: int) -> list[int]:
 
 
 def _request(rid: int, ids: list[int], max_new: int, prefill_logprobs: bool = False, **params) -> pb.Request:
-    return pb.Request(id=rid, input_ids=ids, prefill_logprobs=prefill_logprobs,
-                      parameters=pb.NextTokenChooserParameters(**{"temperature": 1.0, "top_p": 1.0,
-                                                                  "typical_p": 1.0, **params}),
-                      stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new,
-                                                                        ignore_eos_token=True))
+    return pb.Request(
+        id=rid,
+        input_ids=ids,
+        prefill_logprobs=prefill_logprobs,
+        parameters=pb.NextTokenChooserParameters(**{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, **params}),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +92,7 @@ def test_a_long_prompt_runs_a_chunk_per_step_and_gets_the_same_tokens(tiny_llama
     assert chunked[2] == whole[2] and len(chunked[2]) == 6  # seeded draws too: none is spent on a chunk
     chunks = math.ceil(len(prompt) / CHUNK)
     # calls: prefill, 2 decodes, then the newcomer's prompt in `chunks` steps, its first token in the last
-    assert calls[3:3 + chunks] == [[1]] * (chunks - 1) + [[1, 2]]
+    assert calls[3 : 3 + chunks] == [[1]] * (chunks - 1) + [[1, 2]]
     assert whole_calls[3] == [1, 2]
     assert max(forwards[3:]) <= CHUNK + 1 and max(whole_forwards) == len(prompt) + 1
     assert all(1 in c for c in calls[:16])  # the running request had a token at every call

@@ -86,12 +86,15 @@ def test_eos_only_in_accepting_states(compiler):
     assert state.allowed_ids().tolist() == [eos] and state.is_finished()
 
 
-@pytest.mark.parametrize("pattern", [
-    r"\d{3}-[a-z]{2,5}( [A-Z][a-z]{1,6})?",
-    r"(yes|no|maybe)!{0,3}",
-    r"(🎉|✨|你好){2}[0-9]",
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}",
-])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"\d{3}-[a-z]{2,5}( [A-Z][a-z]{1,6})?",
+        r"(yes|no|maybe)!{0,3}",
+        r"(🎉|✨|你好){2}[0-9]",
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}",
+    ],
+)
 def test_masked_greedy_matches_regex(tiny_tokenizer, compiler, pattern):
     for seed in range(3):
         text = masked_greedy(tiny_tokenizer, compiler.new_state(generate_pb2.GRAMMAR_TYPE_REGEX, pattern), seed)
@@ -132,15 +135,18 @@ def test_compile_cache_is_lru(tiny_tokenizer):
     assert len(compiler._cache) == 2 and ("regex", "b+") not in compiler._cache
 
 
-@pytest.mark.parametrize("grammar_type,value", [
-    ("regex", "a(?=b)"),
-    ("regex", "(unclosed"),
-    ("regex", ""),
-    ("json", "{not json"),
-    ("json", '{"type": "nonsense"}'),
-    ("json", '{"type": "integer", "minimum": 5, "maximum": 1}'),
-    ("yaml", "a: b"),
-])
+@pytest.mark.parametrize(
+    "grammar_type,value",
+    [
+        ("regex", "a(?=b)"),
+        ("regex", "(unclosed"),
+        ("regex", ""),
+        ("json", "{not json"),
+        ("json", '{"type": "nonsense"}'),
+        ("json", '{"type": "integer", "minimum": 5, "maximum": 1}'),
+        ("yaml", "a: b"),
+    ],
+)
 def test_invalid_grammars_raise(grammar_type, value):
     with pytest.raises(GrammarError):
         regex_for(grammar_type, value)

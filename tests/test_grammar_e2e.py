@@ -14,23 +14,49 @@ import time
 import httpx
 import jsonschema
 import pytest
-
 from servers import router_process, shard_process
 
 SCHEMAS = {
-    "required": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
-                                                  "ok": {"type": "boolean"}}, "required": ["name", "ok"]},
+    "required": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 10}, "ok": {"type": "boolean"}},
+        "required": ["name", "ok"],
+    },
     "enum": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
-    "integer_bounds": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99},
-                                                        "delta": {"type": "integer", "minimum": -50, "maximum": -3}},
-                       "required": ["age", "delta"]},
-    "nested": {"type": "object", "properties": {"user": {
-        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 1000},
-                                         "role": {"enum": ["admin", "guest"]}},
-        "required": ["id", "role"]}}, "required": ["user"]},
-    "array": {"type": "object", "properties": {"scores": {
-        "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 1, "maxItems": 4}},
-        "required": ["scores"]},
+    "integer_bounds": {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 18, "maximum": 99},
+            "delta": {"type": "integer", "minimum": -50, "maximum": -3},
+        },
+        "required": ["age", "delta"],
+    },
+    "nested": {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    "role": {"enum": ["admin", "guest"]},
+                },
+                "required": ["id", "role"],
+            }
+        },
+        "required": ["user"],
+    },
+    "array": {
+        "type": "object",
+        "properties": {
+            "scores": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                "minItems": 1,
+                "maxItems": 4,
+            }
+        },
+        "required": ["scores"],
+    },
 }
 REGEXES = [r"[0-9]{3}-[a-z]{2,4}", r"(yes|no|maybe)", r"[A-Z][a-z]{1,6}( [A-Z][a-z]{1,6}){0,2}\."]
 SLOW_REGEX = "[a-z]{2000,4000}"  # about a second to index even on the tiny vocabulary
@@ -46,8 +72,7 @@ def url(tiny_llama_dir, tmp_path_factory):
 
 
 def generate(url: str, grammar: dict, **params) -> httpx.Response:
-    body = {"inputs": "Answer:", "parameters": {"max_new_tokens": 150, "grammar": grammar, "details": True,
-                                               **params}}
+    body = {"inputs": "Answer:", "parameters": {"max_new_tokens": 150, "grammar": grammar, "details": True, **params}}
     return httpx.post(url + "/generate", json=body, timeout=120)
 
 
@@ -80,12 +105,30 @@ def test_constrained_and_unconstrained_in_one_batch(url):
             calls = []
             for i, name in enumerate(["nested", "array", "integer_bounds"]):
                 grammar = {"type": "json", "value": SCHEMAS[name]}
-                calls.append(http.post(url + "/generate", json={"inputs": "Go", "parameters": {
-                    "max_new_tokens": 150, "grammar": grammar, "do_sample": True, "seed": i}}))
-                calls.append(http.post(url + "/generate", json={"inputs": "Go", "parameters": {
-                    "max_new_tokens": 40, "do_sample": True, "seed": i}}))
-            calls.append(http.post(url + "/generate", json={"inputs": "Go", "parameters": {
-                "max_new_tokens": 150, "grammar": {"type": "regex", "value": REGEXES[0]}}}))
+                calls.append(
+                    http.post(
+                        url + "/generate",
+                        json={
+                            "inputs": "Go",
+                            "parameters": {"max_new_tokens": 150, "grammar": grammar, "do_sample": True, "seed": i},
+                        },
+                    )
+                )
+                calls.append(
+                    http.post(
+                        url + "/generate",
+                        json={"inputs": "Go", "parameters": {"max_new_tokens": 40, "do_sample": True, "seed": i}},
+                    )
+                )
+            calls.append(
+                http.post(
+                    url + "/generate",
+                    json={
+                        "inputs": "Go",
+                        "parameters": {"max_new_tokens": 150, "grammar": {"type": "regex", "value": REGEXES[0]}},
+                    },
+                )
+            )
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(run())
@@ -101,17 +144,26 @@ def test_openai_response_format_in_a_stream(url):
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=150, temperature=0.8, seed=2,
-        stream=True, response_format={"type": "json_schema", "json_schema": {"schema": SCHEMAS["nested"]}})
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=150,
+        temperature=0.8,
+        seed=2,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"schema": SCHEMAS["nested"]}},
+    )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     jsonschema.validate(json.loads(text), SCHEMAS["nested"])
 
 
-@pytest.mark.parametrize("grammar", [
-    {"type": "json", "value": {"type": "object", "properties": {"a": {"type": "nonsense"}}}},
-    {"type": "json", "value": "{not json"},
-    {"type": "regex", "value": "(unclosed"},
-])
+@pytest.mark.parametrize(
+    "grammar",
+    [
+        {"type": "json", "value": {"type": "object", "properties": {"a": {"type": "nonsense"}}}},
+        {"type": "json", "value": "{not json"},
+        {"type": "regex", "value": "(unclosed"},
+    ],
+)
 def test_invalid_grammar_is_422(url, grammar):
     r = generate(url, grammar)
     assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
@@ -123,6 +175,7 @@ def test_compiling_a_grammar_does_not_stall_decoding(url):
 
     async def run() -> tuple[float, list[list[float]]]:
         async with httpx.AsyncClient(timeout=120) as http:
+
             async def stream(stamps: list[float]) -> None:
                 body = {"inputs": "Hello", "parameters": {"max_new_tokens": 60}}
                 async with http.stream("POST", url + "/generate_stream", json=body) as r:
@@ -132,8 +185,15 @@ def test_compiling_a_grammar_does_not_stall_decoding(url):
 
             runs: list[list[float]] = []
             started = time.monotonic()
-            slow = asyncio.ensure_future(http.post(url + "/generate", json={"inputs": "x", "parameters": {
-                "max_new_tokens": 2, "grammar": {"type": "regex", "value": SLOW_REGEX + "q"}}}))
+            slow = asyncio.ensure_future(
+                http.post(
+                    url + "/generate",
+                    json={
+                        "inputs": "x",
+                        "parameters": {"max_new_tokens": 2, "grammar": {"type": "regex", "value": SLOW_REGEX + "q"}},
+                    },
+                )
+            )
             while not slow.done():  # back-to-back streams for as long as the compile lasts
                 runs.append([])
                 await stream(runs[-1])

@@ -80,22 +80,34 @@ def test_prefill_then_decode_equals_dense_attention(window):
     heads, kv_heads, dim, bs = 4, 2, 8, 4
     cache = PagedKVCache(1, 16, kv_heads, dim, torch.float32, "cpu", block_size=bs)
     lens = [6, 9]
-    total = [l + 3 for l in lens]
+    total = [n + 3 for n in lens]
     qs = [torch.randn(n, heads, dim) for n in total]
     ks = [torch.randn(n, kv_heads, dim) for n in total]
     vs = [torch.randn(n, kv_heads, dim) for n in total]
     tables = [cache.allocator.allocate(3), cache.allocator.allocate(3)]
     meta = AttentionMetadata.build([0, 0], lens, tables, bs, torch.device("cpu"))
-    out = paged_attention(torch.cat([q[:n] for q, n in zip(qs, lens)]), torch.cat([k[:n] for k, n in zip(ks, lens)]),
-                          torch.cat([v[:n] for v, n in zip(vs, lens)]), cache.flat(0), meta, window)
+    out = paged_attention(
+        torch.cat([q[:n] for q, n in zip(qs, lens)]),
+        torch.cat([k[:n] for k, n in zip(ks, lens)]),
+        torch.cat([v[:n] for v, n in zip(vs, lens)]),
+        cache.flat(0),
+        meta,
+        window,
+    )
     refs = [_reference_attention(q, k, v, window) for q, k, v in zip(qs, ks, vs)]
     torch.testing.assert_close(out[:6], refs[0][:6])
     torch.testing.assert_close(out[6:], refs[1][:9])
     for step in range(3):
-        pos = [l + step for l in lens]
+        pos = [n + step for n in lens]
         meta = AttentionMetadata.build(pos, [1, 1], tables, bs, torch.device("cpu"))
         assert meta.is_decode
-        out = paged_attention(torch.stack([q[p] for q, p in zip(qs, pos)]), torch.stack([k[p] for k, p in zip(ks, pos)]),
-                              torch.stack([v[p] for v, p in zip(vs, pos)]), cache.flat(0), meta, window)
+        out = paged_attention(
+            torch.stack([q[p] for q, p in zip(qs, pos)]),
+            torch.stack([k[p] for k, p in zip(ks, pos)]),
+            torch.stack([v[p] for v, p in zip(vs, pos)]),
+            cache.flat(0),
+            meta,
+            window,
+        )
         for i, p in enumerate(pos):
             torch.testing.assert_close(out[i], refs[i][p])

@@ -40,10 +40,22 @@ def test_defaults_follow_tgi_and_ember():
 
 
 def test_every_flag_reads_its_env_var():
-    env = dict(CPU_ENV, MODEL_ID="/models/x", NUM_SHARD="3", PORT="80", HOSTNAME="127.0.0.1",
-               MAX_INPUT_TOKENS="100", MAX_TOTAL_TOKENS="200", JSON_OUTPUT="true", EMBER_CACHE="/c",
-               CORS_ALLOW_ORIGIN="https://a.example, https://b.example", KV_CACHE_BYTES="1GiB",
-               WAITING_SERVED_RATIO="1.2", SHARD_UDS_PATH="/tmp/x", DTYPE="bfloat16")
+    env = dict(
+        CPU_ENV,
+        MODEL_ID="/models/x",
+        NUM_SHARD="3",
+        PORT="80",
+        HOSTNAME="127.0.0.1",
+        MAX_INPUT_TOKENS="100",
+        MAX_TOTAL_TOKENS="200",
+        JSON_OUTPUT="true",
+        EMBER_CACHE="/c",
+        CORS_ALLOW_ORIGIN="https://a.example, https://b.example",
+        KV_CACHE_BYTES="1GiB",
+        WAITING_SERVED_RATIO="1.2",
+        SHARD_UDS_PATH="/tmp/x",
+        DTYPE="bfloat16",
+    )
     args = parse_args([], env)
     assert args.model_id == "/models/x"
     assert args.num_shard == 3
@@ -59,8 +71,10 @@ def test_every_flag_reads_its_env_var():
 
 
 def test_command_line_beats_env_and_legacy_alias_works():
-    args = parse_args(["--port", "8080", "--max-input-length", "50", "--cors-allow-origin", "x"],
-                      dict(CPU_ENV, PORT="80", CORS_ALLOW_ORIGIN="y"))
+    args = parse_args(
+        ["--port", "8080", "--max-input-length", "50", "--cors-allow-origin", "x"],
+        dict(CPU_ENV, PORT="80", CORS_ALLOW_ORIGIN="y"),
+    )
     assert args.port == 8080
     assert args.max_input_tokens == 50
     assert args.cors_allow_origin == ["x"]
@@ -82,8 +96,7 @@ def test_every_flag_has_help_naming_its_env_var():
 
 @pytest.mark.parametrize(
     ("num_shard", "sharded", "gpus", "expected"),
-    [(None, None, 0, 1), (None, None, 4, 4), (None, False, 4, 1), (None, True, 2, 2), (3, None, 0, 3),
-     (2, True, 0, 2)],
+    [(None, None, 0, 1), (None, None, 4, 4), (None, False, 4, 1), (None, True, 2, 2), (3, None, 0, 3), (2, True, 0, 2)],
 )
 def test_num_shard_rules(num_shard, sharded, gpus, expected):
     assert resolve_num_shard(num_shard, sharded, gpus) == expected
@@ -110,15 +123,31 @@ def test_visible_gpu_count_from_env():
     assert visible_gpu_count({"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"}) == 2
 
 
-@pytest.mark.parametrize(("text", "expected"), [("1000", 1000), ("2GiB", 2 << 30), ("512MB", 512_000_000),
-                                                ("1.5k", 1500), ("3 MiB", 3 << 20)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1000", 1000), ("2GiB", 2 << 30), ("512MB", 512_000_000), ("1.5k", 1500), ("3 MiB", 3 << 20)],
+)
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
 def test_router_receives_tgi_router_flags_only():
-    args = parse_args(["--api-key", "k", "--cors-allow-origin", "a", "--cors-allow-origin", "b",
-                       "--max-batch-size", "8", "--json-output", "--dtype", "float32"], CPU_ENV)
+    args = parse_args(
+        [
+            "--api-key",
+            "k",
+            "--cors-allow-origin",
+            "a",
+            "--cors-allow-origin",
+            "b",
+            "--max-batch-size",
+            "8",
+            "--json-output",
+            "--dtype",
+            "float32",
+        ],
+        CPU_ENV,
+    )
     argv = router_flag_argv(args)
     assert argv[argv.index("--api-key") + 1] == "k"
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--cors-allow-origin"] == ["a", "b"]
@@ -156,22 +185,21 @@ def test_cuda_graphs_flag_reaches_the_shard_checked(tmp_path, capsys):
 
 def test_launcher_modules_import_no_torch():
     """The supervisor stays light: torch belongs to the shards."""
-    code = ("import sys, ember.launcher.main, ember.launcher.supervisor, ember.store; "
-            "sys.exit('torch' in sys.modules)")
+    code = "import sys, ember.launcher.main, ember.launcher.supervisor, ember.store; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_prefill_chunk_tokens_reaches_the_shard_and_its_parser(tmp_path):
     from ember.launcher.main import shard_spec
-    from ember.store import ResolvedModel
     from ember.shard.cli import _parser
+    from ember.store import ResolvedModel
 
     model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
     assert "--prefill-chunk-tokens" not in shard_spec(parse_args([], CPU_ENV), model, 0).argv  # the shard's default
     for given in ("0", "256"):
         argv = shard_spec(parse_args(["--prefill-chunk-tokens", given], CPU_ENV), model, 0).argv
         assert argv[argv.index("--prefill-chunk-tokens") + 1] == given
-        shard_argv = argv[argv.index("--model-id"):]
+        shard_argv = argv[argv.index("--model-id") :]
         assert _parser().parse_args(["serve", *shard_argv]).prefill_chunk_tokens == int(given)
     assert parse_args([], dict(CPU_ENV, PREFILL_CHUNK_TOKENS="64")).prefill_chunk_tokens == 64
     with pytest.raises(SystemExit):

@@ -36,10 +36,29 @@ def uds_prefix(tmp_path) -> Path:
 
 
 def launcher_args(model_dir: Path, prefix: Path, port: int, *extra: str) -> list[str]:
-    return ["--model-id", str(model_dir), "--shard-uds-path", str(prefix), "--port", str(port),
-            "--hostname", "127.0.0.1", "--master-port", str(free_port()), "--max-concurrent-requests", "8",
-            "--max-batch-prefill-tokens", "512", "--max-total-tokens", "512", "--max-input-tokens", "256",
-            "--kv-cache-bytes", "4MiB", *extra]
+    return [
+        "--model-id",
+        str(model_dir),
+        "--shard-uds-path",
+        str(prefix),
+        "--port",
+        str(port),
+        "--hostname",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "--max-concurrent-requests",
+        "8",
+        "--max-batch-prefill-tokens",
+        "512",
+        "--max-total-tokens",
+        "512",
+        "--max-input-tokens",
+        "256",
+        "--kv-cache-bytes",
+        "4MiB",
+        *extra,
+    ]
 
 
 def test_shard_that_fails_to_load_is_named_with_its_last_lines(tmp_path, uds_prefix):
@@ -72,7 +91,7 @@ def test_shard_startup_deadline_names_the_rank(tiny_llama_dir, uds_prefix):
 def stream_events(response: httpx.Response):
     for line in response.iter_lines():
         if line.startswith("data:"):
-            yield json.loads(line[len("data:"):])
+            yield json.loads(line[len("data:") :])
 
 
 def metric(client: httpx.Client, base: str, name: str) -> float:
@@ -87,8 +106,8 @@ def test_serves_with_prefixed_logs_and_drains_in_flight_requests_on_sigterm(tiny
     try:
         launcher.wait_for_line("[launcher] serving ")
         out = launcher.output()
-        assert any(l.startswith("[shard 0] ") for l in out)
-        assert any(l.startswith("[router] ") for l in out)
+        assert any(line.startswith("[shard 0] ") for line in out)
+        assert any(line.startswith("[router] ") for line in out)
         base = f"http://127.0.0.1:{port}"
         params = {"ignore_eos": True, "details": True}
         plain: dict = {}
@@ -109,7 +128,7 @@ def test_serves_with_prefixed_logs_and_drains_in_flight_requests_on_sigterm(tiny
                 events = stream_events(response)
                 last = next(events)
                 launcher.proc.send_signal(signal.SIGTERM)  # both requests are in flight now
-                for last in events:
+                for last in events:  # noqa: B007 (the last event is read after the loop)
                     tokens_after_sigterm += 1
         poster.join(120)
         assert last["details"]["generated_tokens"] == 200 and last["details"]["finish_reason"] == "length"
@@ -128,13 +147,13 @@ def test_sigkill_on_a_shard_stops_everything_with_json_logs(tiny_llama_dir, uds_
     launcher = Launcher(*launcher_args(tiny_llama_dir, uds_prefix, free_port(), "--json-output", "--num-shard", "2"))
     try:
         launcher.wait_for_line('"serving ')
-        records = [json.loads(l) for l in launcher.output()]  # every line is a JSON object
+        records = [json.loads(line) for line in launcher.output()]  # every line is a JSON object
         assert {r["rank"] for r in records if r["role"] == "shard"} == {0, 1}
         assert any(r["role"] == "router" and r["rank"] is None for r in records)
         shard_pid = next(r["pid"] for r in records if r.get("child") == "shard 1" and "pid" in r)
         os.kill(shard_pid, signal.SIGKILL)
         assert launcher.wait_exit(30) != 0
-        records = [json.loads(l) for l in launcher.output()]
+        records = [json.loads(line) for line in launcher.output()]
         death = next(r for r in records if r["role"] == "launcher" and r["level"] == "ERROR")
         assert death["child"] == "shard 1" and death["signal"] == signal.SIGKILL
         assert "SIGKILL" in death["message"]

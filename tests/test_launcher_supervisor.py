@@ -138,7 +138,7 @@ def test_stop_escalates_to_sigkill_and_kills_the_whole_group(sup, tmp_path):
     socket = tmp_path / "sock-0"
     socket.write_text("")
     child = sup.start(py("shard", 0, STUBBORN, sockets=[str(socket)]))
-    line = poll(lambda: next((l for l in child.output.last_lines() if l.startswith("grandchild")), None))
+    line = poll(lambda: next((line for line in child.output.last_lines() if line.startswith("grandchild")), None))
     grandchild = int(line.split()[1])
     sup.stop(graceful=True, grace_s=0.5)
     assert child.exit_description() == "killed by signal SIGKILL"
@@ -147,9 +147,11 @@ def test_stop_escalates_to_sigkill_and_kills_the_whole_group(sup, tmp_path):
 
 
 def test_graceful_stop_stops_router_before_shards(sup):
-    order = ("import signal, sys, time\n"
-             "signal.signal(signal.SIGTERM, lambda *a: (print('bye', flush=True), sys.exit(0)))\n"
-             "print('up', flush=True)\ntime.sleep(60)")
+    order = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (print('bye', flush=True), sys.exit(0)))\n"
+        "print('up', flush=True)\ntime.sleep(60)"
+    )
     shard = sup.start(py("shard", 0, order))
     router = sup.start(py("router", None, order))
     poll(lambda: "up" in shard.output.last_lines() and "up" in router.output.last_lines())
@@ -174,8 +176,14 @@ def test_probes_fail_when_nothing_listens(tmp_path):
 
 
 def test_second_signal_cuts_the_grace_period_short(sup):
-    child = sup.start(py("router", None, "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                                         "print('up', flush=True)\ntime.sleep(60)"))
+    child = sup.start(
+        py(
+            "router",
+            None,
+            "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('up', flush=True)\ntime.sleep(60)",
+        )
+    )
     poll(lambda: "up" in child.output.last_lines())
     sup._on_signal(signal.SIGINT, None)  # as the handler does when a second Ctrl-C arrives
     sup.stop(graceful=True, grace_s=600)

@@ -43,19 +43,22 @@ def test_import_contracts_are_kept(tmp_path):
     assert LINT_IMPORTS.exists(), "import-linter is missing: pip install -e '.[test]'"
     tree = ember_tree(tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " 0 broken." in proc.stdout, proc.stdout
 
 
 def test_router_imports_no_torch():
     """What import-linter cannot see: imports inside external packages (transformers imports torch)."""
-    code = ("import pkgutil, sys, ember.router\n"
-            "for m in pkgutil.walk_packages(ember.router.__path__, 'ember.router.'):\n"
-            "    __import__(m.name)\n"
-            "heavy = ('torch', 'transformers', 'ember.shard', 'ember.launcher')\n"
-            "print(sorted(m for m in heavy if m in sys.modules))\n")
+    code = (
+        "import pkgutil, sys, ember.router\n"
+        "for m in pkgutil.walk_packages(ember.router.__path__, 'ember.router.'):\n"
+        "    __import__(m.name)\n"
+        "heavy = ('torch', 'transformers', 'ember.shard', 'ember.launcher')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

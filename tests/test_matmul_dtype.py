@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import step_logits
 
 from ember.shard import native
 from ember.shard.layers import OneDNNWeight
 from ember.shard.models.llama import RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
-from tiny import step_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
 

@@ -10,12 +10,11 @@ import random
 
 import pytest
 import torch
+from tiny import step_logits
 
-from ember.shard import native
-from ember.shard import attention
+from ember.shard import attention, native
 from ember.shard.attention import AttentionMetadata
 from ember.shard.runner import default_kv_dtype, load_runner
-from tiny import step_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 8, 8, 1, 40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8, 9], [300]]
 
@@ -57,7 +56,7 @@ def _case(lens, heads, kv_heads, dim, block_size, dtype, seed=0):
 def test_paged_decode_matches_the_gathering_torch_path(kernels, dtype, dim, heads, kv_heads, window):
     lens = [1, 2, 15, 16, 17, 33, 70]
     q, k, v, meta = _case(lens, heads, kv_heads, dim, 16, dtype)
-    got = kernels.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, 16, window, dim ** -0.5)
+    got = kernels.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, 16, window, dim**-0.5)
     # The reference: the torch path over the same cache, widened to float32 (exactly what bf16 stores).
     _torch_path()
     ref = attention._decode(q, (k.float(), v.float()), meta, window).view(len(lens), heads, dim)
@@ -122,8 +121,9 @@ def test_kv_cache_dtype_default_and_override(tiny_llama_dir):
 
 def test_bf16_kv_cache_stays_close_to_float32(tiny_llama_dir):
     exact = step_logits(load_runner(tiny_llama_dir, dtype="float32"), PROMPTS, continuation=range(11, 19))
-    narrow = step_logits(load_runner(tiny_llama_dir, dtype="float32", kv_cache_dtype="bfloat16"), PROMPTS,
-                         continuation=range(11, 19))
+    narrow = step_logits(
+        load_runner(tiny_llama_dir, dtype="float32", kv_cache_dtype="bfloat16"), PROMPTS, continuation=range(11, 19)
+    )
     for ref, got in zip(exact, narrow):
         assert (got - ref).abs().max() < 0.05 * ref.std()
 
@@ -178,6 +178,7 @@ def test_launcher_flag_reaches_the_shard_command_line(tmp_path):
 
 # --- elementwise kernels ----------------------------------------------------------------------------
 
+
 def test_rms_norm_with_and_without_the_residual_add(kernels):
     from ember.shard.layers import RMSNorm
 
@@ -210,8 +211,9 @@ def test_rotary_in_place_matches_apply_rotary(kernels, rot):
     from ember.shard.layers import RotaryEmbedding, apply_rotary
 
     heads, kv_heads, dim, total = 9, 3, 64, 5
-    rotary = RotaryEmbedding(1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)), torch.float32,
-                             torch.device("cpu"))
+    rotary = RotaryEmbedding(
+        1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot)), torch.float32, torch.device("cpu")
+    )
     cos, sin = rotary.cos_sin(torch.tensor([0, 1, 7, 300, 4095]), 4095)
     qkv = torch.randn(total, (heads + 2 * kv_heads) * dim)
     width = (heads + kv_heads) * dim
@@ -223,6 +225,7 @@ def test_rotary_in_place_matches_apply_rotary(kernels, rot):
 
 
 # --- int4 weights x int8 activations ----------------------------------------------------------------
+
 
 def _q4_codes(n, k, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -346,7 +349,7 @@ def test_fused_decode_layers_match_the_per_op_kernels(fused_setting, tiny_model_
         assert runner.model.fused is not None
         calls = []
         original = q4.decode_layers
-        monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+        monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))  # noqa: B023 (called within the iteration)
         got = _fused_run(runner, prefill_fused=False, decode_fused=True)
         assert len(calls) == 24  # every decode step
         ref = _fused_run(runner, prefill_fused=False, decode_fused=False)
@@ -433,8 +436,26 @@ def test_w4a8_refused_without_the_kernel(tiny_llama_dir):
 def test_kv_store_writes_what_index_copy_writes(kernels, dtype):
     """Strided rows (views of the fused qkv output) into chosen slots; bf16 rounds exactly as torch."""
     qkv = torch.randn(5, (4 + 2 * 2) * 16)
-    qkv[0, 64:80] = torch.tensor([1.00390625, 1.01171875, -3.0078125, float("inf"), float("-inf"), 0.0, -0.0,
-                                  1e-40, 3.4e38, -1e-45, 2.0, 7.5, 1.0 + 2**-9, 1.0 + 3 * 2**-9, 0.1, -0.1])
+    qkv[0, 64:80] = torch.tensor(
+        [
+            1.00390625,
+            1.01171875,
+            -3.0078125,
+            float("inf"),
+            float("-inf"),
+            0.0,
+            -0.0,
+            1e-40,
+            3.4e38,
+            -1e-45,
+            2.0,
+            7.5,
+            1.0 + 2**-9,
+            1.0 + 3 * 2**-9,
+            0.1,
+            -0.1,
+        ]
+    )
     k, v = qkv[:, 64:96].view(5, 2, 16), qkv[:, 96:].view(5, 2, 16)
     slots = torch.tensor([9, 0, 4, 17, 3])
     got = (torch.zeros(20, 2, 16, dtype=dtype), torch.zeros(20, 2, 16, dtype=dtype))
@@ -442,8 +463,10 @@ def test_kv_store_writes_what_index_copy_writes(kernels, dtype):
     assert kernels.kv_store(k, v, slots, *got)
     want[0].index_copy_(0, slots, k.to(dtype))
     want[1].index_copy_(0, slots, v.to(dtype))
-    assert torch.equal(got[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       want[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        got[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        want[0].view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )
     assert torch.equal(got[1], want[1])
     assert not kernels.kv_store(k.double(), v.double(), slots, *got)  # layouts it does not take: caller's path
 
@@ -505,8 +528,9 @@ def test_greedy_sampler_fast_path_matches_log_softmax(kernels):
     from ember.proto import generate_pb2 as pb
     from ember.shard.sampling import BatchSampler, SamplingParams
 
-    params = SamplingParams.from_pb(pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                                  repetition_penalty=1.0))
+    params = SamplingParams.from_pb(
+        pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0)
+    )
     x = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1)) * 5
     fast = BatchSampler([params] * 6, "cpu", 3000)(x, [[1]] * 6, [1] * 6)
     _torch_path()
@@ -524,10 +548,14 @@ def test_q8_codes_round_trip_and_multiply(q4, rows):
     packed = native.Q4Weight.quantize8(weight)
     assert packed.bits == 8 and packed.packed.numel() == n * k
     deq = packed.dequantize()
-    assert (deq - weight).abs().max() <= (weight.view(n, 3, 32).amax(-1) - weight.view(n, 3, 32).amin(-1)).max() / 510 + 1e-6
+    assert (deq - weight).abs().max() <= (
+        weight.view(n, 3, 32).amax(-1) - weight.view(n, 3, 32).amin(-1)
+    ).max() / 510 + 1e-6
     codes = packed.codes()
-    assert torch.equal(native.Q4Weight.pack(codes, *[t.permute(0, 2, 1).reshape(n, 3) for t in (packed.d, packed.m)],
-                                            bits=8).packed, packed.packed)
+    assert torch.equal(
+        native.Q4Weight.pack(codes, *[t.permute(0, 2, 1).reshape(n, 3) for t in (packed.d, packed.m)], bits=8).packed,
+        packed.packed,
+    )
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(7))
     got = q4.q4_linear(x, packed)
     ref = x.double() @ deq.double().t()
@@ -553,6 +581,7 @@ def test_w4a8_head_is_int8_and_greedy_choices_stay_exact(q4, tiny_llama_dir):
 
 # --- the interface: struct layouts, status codes, the path per kind of layer --------------------------
 
+
 def test_struct_mirrors_match_the_library(kernels):
     for mirror in native.MIRRORS:
         native.check_layout(kernels.lib, mirror)  # raises on any difference
@@ -565,8 +594,11 @@ def test_a_struct_mismatch_is_refused_with_a_clear_error(kernels, monkeypatch, c
         c_type = "ember_decode_step"
         _fields_ = native.DecodeStep._fields_[:-1]
 
-    with pytest.raises(native.NativeError, match=r"ember_decode_step is \d+ bytes in the library but \d+ in "
-                                                 r"native.Short"):
+    with pytest.raises(
+        native.NativeError,
+        match=r"ember_decode_step is \d+ bytes in the library but \d+ in "
+        r"native.Short",
+    ):
         native.check_layout(kernels.lib, Short)
 
     class Swapped(ctypes.Structure):  # same size, two fields in the other order
@@ -639,8 +671,13 @@ def test_the_cache_key_covers_every_source_and_header(tmp_path, monkeypatch):
 
 def _paths(runner) -> dict[str, tuple[str, str]]:
     paths = runner.model.kernel_paths(runner.cache.k[0].dtype)
-    assert [kind for kind, _, _ in paths] == ["decoder linears", "fused step", "attention", "norm, rotary, silu*mul",
-                                              "lm head"]
+    assert [kind for kind, _, _ in paths] == [
+        "decoder linears",
+        "fused step",
+        "attention",
+        "norm, rotary, silu*mul",
+        "lm head",
+    ]
     return {kind: (path, why) for kind, path, why in paths}
 
 
@@ -678,14 +715,17 @@ def test_paths_under_bf16_matmuls(kernels, tiny_llama_dir):
     assert paths["decoder linears"][0] == "bf16 weights on Ember's AVX-512 BF16 kernel (float32 sums)"
     assert paths["fused step"][0].startswith("2 layers in one C call (decode_layers, bf16 weights)")
     assert "KV cache in bfloat16" in paths["attention"][1]
-    assert paths["lm head"][0] == ("bf16 weights on Ember's AVX-512 BF16 kernel (float32 sums); each row's top 16 "
-                                   "(topk_rows) rescored in float32")
+    assert paths["lm head"][0] == (
+        "bf16 weights on Ember's AVX-512 BF16 kernel (float32 sums); each row's top 16 (topk_rows) rescored in float32"
+    )
 
 
 def test_paths_under_w4a8(q4, tiny_llama_dir):
     paths = _paths(load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8"))
-    assert paths["decoder linears"] == ("w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
-                                        "--quantize w4a8 on a CPU with AVX-512 VNNI")
+    assert paths["decoder linears"] == (
+        "w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
+        "--quantize w4a8 on a CPU with AVX-512 VNNI",
+    )
     assert paths["fused step"][0].startswith("2 layers in one C call (decode_layers, w4a8)")
     assert paths["lm head"][0].startswith("8-bit codes per 32 inputs on Ember's VNNI kernel; each row's top 16")
     assert paths["lm head"][0].endswith("rescored in float32")

@@ -9,26 +9,40 @@ import struct
 import httpx
 import openai
 import pytest
-
 from servers import router_process, shard_process
 
 HELLO = [{"role": "user", "content": "Hello"}]
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                   "required": ["city", "days"]}}}
-CLOCK = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
-                                       "required": ["zone"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]},
+    },
+}
 
 
 @pytest.fixture(scope="module")
 def url(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("openai-e2e")
     with shard_process(tiny_llama_dir, str(tmp / "s")) as socket:
-        with router_process(socket, tiny_llama_dir, "--max-concurrent-requests", "6",
-                            "--payload-limit", "20000") as base:
+        with router_process(
+            socket, tiny_llama_dir, "--max-concurrent-requests", "6", "--payload-limit", "20000"
+        ) as base:
             yield base
 
 
@@ -43,6 +57,7 @@ def chat_tokens(url: str, messages: list[dict]) -> int:
 
 
 # ---- models and errors --------------------------------------------------------------------------
+
 
 def test_models(client):
     models = client.models.list()
@@ -73,6 +88,7 @@ def test_any_model_name_is_served(client):
 
 # ---- chat ---------------------------------------------------------------------------------------
 
+
 def test_chat_greedy_usage_and_determinism(client, url):
     a = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, temperature=0)
     b = client.chat.completions.create(model="tiny", messages=HELLO, max_completion_tokens=5, temperature=0)
@@ -83,8 +99,9 @@ def test_chat_greedy_usage_and_determinism(client, url):
 
 
 def test_chat_n_choices_seeded_and_logprobs(client):
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, n=3, seed=7,
-                                         temperature=1.0, logprobs=True, top_logprobs=2)
+    out = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=6, n=3, seed=7, temperature=1.0, logprobs=True, top_logprobs=2
+    )
     assert [c.index for c in out.choices] == [0, 1, 2]
     assert len({c.message.content for c in out.choices}) > 1  # independent samples
     assert out.usage.completion_tokens == 18
@@ -96,8 +113,9 @@ def test_chat_n_choices_seeded_and_logprobs(client):
 
 def test_chat_stream_chunks_and_usage(client):
     greedy = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0)
-    stream = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -133,16 +151,31 @@ def test_stop_sequences_are_removed(client):
 
 def test_logit_bias_ignore_eos_and_min_tokens(client, url):
     ids = httpx.post(url + "/extras/tokenize", json={"input": "Paris"}, timeout=30).json()["tokens"]
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, temperature=0,
-                                         logit_bias={str(ids[0]): 100})
-    assert out.choices[0].message.content == httpx.post(
-        url + "/extras/detokenize", json={"tokens": ids[:1] * 4}, timeout=30).json()["text"]
+    out = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=4, temperature=0, logit_bias={str(ids[0]): 100}
+    )
+    assert (
+        out.choices[0].message.content
+        == httpx.post(url + "/extras/detokenize", json={"tokens": ids[:1] * 4}, timeout=30).json()["text"]
+    )
     eos = 2  # <|im_end|>
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
-                                         logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=HELLO,
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(eos): 100},
+        extra_body={"ignore_eos": True},
+    )
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=6, temperature=0,
-                                         logit_bias={str(eos): 100}, extra_body={"min_tokens": 3})
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=HELLO,
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(eos): 100},
+        extra_body={"min_tokens": 3},
+    )
     assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == 4
 
 
@@ -150,14 +183,20 @@ def test_template_error_is_422_not_500(client):
     # The tiny template concatenates content strings; a tool message without content renders "",
     # but an assistant turn as the only message still renders. A bad tool_choice is a 422.
     with pytest.raises(openai.UnprocessableEntityError, match="not found"):
-        client.chat.completions.create(model="tiny", messages=HELLO, tools=[WEATHER],
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+        client.chat.completions.create(
+            model="tiny",
+            messages=HELLO,
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
     with pytest.raises(openai.UnprocessableEntityError, match="mutually exclusive"):
-        client.chat.completions.create(model="tiny", messages=HELLO, tools=[WEATHER],
-                                       response_format={"type": "json_object"})
+        client.chat.completions.create(
+            model="tiny", messages=HELLO, tools=[WEATHER], response_format={"type": "json_object"}
+        )
 
 
 # ---- response_format and tools ------------------------------------------------------------------
+
 
 def test_json_schema_response_format(client):
     import jsonschema
@@ -165,12 +204,17 @@ def test_json_schema_response_format(client):
     schema = WEATHER["function"]["parameters"]
     for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 11}):
         out = client.chat.completions.create(
-            model="tiny", messages=HELLO, max_tokens=120, **kwargs,
-            response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+            model="tiny",
+            messages=HELLO,
+            max_tokens=120,
+            **kwargs,
+            response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+        )
         assert out.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(out.choices[0].message.content), schema)
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=200, temperature=0,
-                                         response_format={"type": "json_object"})
+    out = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=200, temperature=0, response_format={"type": "json_object"}
+    )
     if out.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(out.choices[0].message.content), dict)
     else:
@@ -180,24 +224,30 @@ def test_json_schema_response_format(client):
 def test_tool_call_required_and_named(client):
     import jsonschema
 
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=100, temperature=0,
-                                         tools=[WEATHER, CLOCK], tool_choice="required")
+    out = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=100, temperature=0, tools=[WEATHER, CLOCK], tool_choice="required"
+    )
     choice = out.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.id and call.function.name in ("get_weather", "get_time")
     schema = (WEATHER if call.function.name == "get_weather" else CLOCK)["function"]["parameters"]
     jsonschema.validate(json.loads(call.function.arguments), schema)
-    named = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=100, temperature=1.0, seed=5,
-                                           tools=[WEATHER, CLOCK],
-                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    named = client.chat.completions.create(
+        model="tiny",
+        messages=HELLO,
+        max_tokens=100,
+        temperature=1.0,
+        seed=5,
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     call = named.choices[0].message.tool_calls[0]
     assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
 
 
 def test_tool_call_streamed_as_deltas(client):
-    kwargs = dict(model="tiny", messages=HELLO, max_tokens=100, temperature=0, tools=[WEATHER],
-                  tool_choice="required")
+    kwargs = dict(model="tiny", messages=HELLO, max_tokens=100, temperature=0, tools=[WEATHER], tool_choice="required")
     whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
     chunks = [c for c in client.chat.completions.create(**kwargs, stream=True) if c.choices]
     deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
@@ -209,23 +259,32 @@ def test_tool_call_streamed_as_deltas(client):
 
 def test_tool_choice_auto_and_none(client):
     for seed in range(3):
-        out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=60, temperature=1.0,
-                                             seed=seed, tools=[CLOCK])
+        out = client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=60, temperature=1.0, seed=seed, tools=[CLOCK]
+        )
         msg = out.choices[0].message
         if msg.tool_calls:  # a call is always complete and valid
             assert out.choices[0].finish_reason == "tool_calls"
             assert json.loads(msg.tool_calls[0].function.arguments)["zone"] in ("UTC", "CET")
         else:
             assert not msg.content.startswith("{")
-    out = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=3, temperature=0,
-                                         tools=[CLOCK], tool_choice="none")
+    out = client.chat.completions.create(
+        model="tiny", messages=HELLO, max_tokens=3, temperature=0, tools=[CLOCK], tool_choice="none"
+    )
     assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason == "length"
 
 
 def test_tool_history_messages_render(client, url):
-    messages = [*HELLO, {"role": "assistant", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "12:00"}]
+    messages = [
+        *HELLO,
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"zone": "UTC"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+    ]
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0)
     assert out.usage.prompt_tokens == chat_tokens(url, messages)
     text = httpx.post(url + "/chat_tokenize", json={"messages": messages}, timeout=30).json()["templated_text"]
@@ -234,9 +293,11 @@ def test_tool_history_messages_render(client, url):
 
 # ---- completions --------------------------------------------------------------------------------
 
+
 def test_completions_prompts_echo_logprobs(client):
-    out = client.completions.create(model="tiny", prompt=["Hello", "The capital"], max_tokens=4, temperature=0,
-                                    echo=True, logprobs=2)
+    out = client.completions.create(
+        model="tiny", prompt=["Hello", "The capital"], max_tokens=4, temperature=0, echo=True, logprobs=2
+    )
     assert [c.index for c in out.choices] == [0, 1]
     assert out.choices[0].text.startswith("Hello") and out.choices[1].text.startswith("The capital")
     lp = out.choices[1].logprobs
@@ -251,8 +312,16 @@ def test_completions_n_best_of_and_stream(client):
     best = client.completions.create(model="tiny", prompt="Hello", best_of=2, max_tokens=3)
     assert len(best.choices) == 1
     greedy = client.completions.create(model="tiny", prompt=["Hello", "Once"], max_tokens=5, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt=["Hello", "Once"], max_tokens=5, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=["Hello", "Once"],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     for i in range(2):
         text = "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i)
         assert text == greedy.choices[i].text
@@ -272,6 +341,7 @@ def test_invocations_by_shape(url):
 
 
 # ---- embeddings and tokenizer routes ------------------------------------------------------------
+
 
 def test_embeddings(client):
     out = client.embeddings.create(model="tiny", input=["hello world", "bye"], encoding_format="float")
@@ -301,7 +371,7 @@ def test_extras_routes(url):
     assert count == len(tokens) > 0
     text = httpx.post(url + "/extras/detokenize", json={"tokens": tokens}, timeout=30).json()["text"]
     assert text == "Hello world"
-    bad = httpx.post(url + "/extras/detokenize", json={"tokens": [10 ** 9]}, timeout=30)
+    bad = httpx.post(url + "/extras/detokenize", json={"tokens": [10**9]}, timeout=30)
     assert bad.status_code == 422 and bad.json()["detail"][0]["msg"]
     assert httpx.post(url + "/extras/tokenize", json={}, timeout=30).status_code == 422
 
@@ -312,15 +382,28 @@ def test_chat_tokenize_and_openapi(url):
     text = body["templated_text"]
     assert "".join(t["text"] for t in body["tokenize_response"]) == text
     paths = httpx.get(url + "/openapi.json", timeout=30).json()["paths"]
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/embeddings", "/chat_tokenize",
-                 "/extras/tokenize", "/extras/tokenize/count", "/extras/detokenize"):
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/v1/embeddings",
+        "/chat_tokenize",
+        "/extras/tokenize",
+        "/extras/tokenize/count",
+        "/extras/detokenize",
+    ):
         assert path in paths
 
 
 def test_chat_stream_with_n_choices(client):
     whole = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, n=2, seed=9, temperature=0.9)
-    chunks = [c for c in client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, n=2, seed=9,
-                                                        temperature=0.9, stream=True) if c.choices]
+    chunks = [
+        c
+        for c in client.chat.completions.create(
+            model="tiny", messages=HELLO, max_tokens=4, n=2, seed=9, temperature=0.9, stream=True
+        )
+        if c.choices
+    ]
     for i in range(2):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
         assert "".join(c.delta.content or "" for c in mine) == whole.choices[i].message.content

@@ -15,35 +15,48 @@ from ember.router.errors import BodyError, ValidationError
 from ember.router.grammar import compile_grammar
 from ember.router.types import Grammar
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object", "properties": {
-                                                "city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
 def test_template_from_dir_renders_like_transformers(tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
-                {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "Bye"},
+    ]
     ours = ChatTemplate.from_dir(tiny_llama_dir).render(messages)
     theirs = AutoTokenizer.from_pretrained(tiny_llama_dir).apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True)
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert ours == theirs
 
 
 def test_template_continues_a_final_assistant_message(tiny_llama_dir):
     text = ChatTemplate.from_dir(tiny_llama_dir).render(
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}])
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
+    )
     assert text.endswith("<|im_start|>assistant\nThe answer is")
 
 
-@pytest.mark.parametrize("source", [
-    "{{ raise_exception('no system role') }}",
-    "{% for m in messages %}{{ m.content.upper( }}{% endfor %}",  # syntax error
-    "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",  # sandbox
-    "{{ messages[5]['content'] + 1 }}",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ raise_exception('no system role') }}",
+        "{% for m in messages %}{{ m.content.upper( }}{% endfor %}",  # syntax error
+        "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",  # sandbox
+        "{{ messages[5]['content'] + 1 }}",
+    ],
+)
 def test_template_errors_are_422(source):
     with pytest.raises(TemplateError) as info:
         ChatTemplate(source).render([{"role": "user", "content": "x"}])
@@ -56,9 +69,13 @@ def test_missing_template_is_422(tmp_path):
 
 
 def test_template_list_and_special_tokens(tmp_path):
-    config = {"chat_template": [{"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"},
-                                {"name": "tool_use", "template": "T{{ tools|length }}"}],
-              "bos_token": {"content": "<s>"}}
+    config = {
+        "chat_template": [
+            {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"},
+            {"name": "tool_use", "template": "T{{ tools|length }}"},
+        ],
+        "bos_token": {"content": "<s>"},
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     template = ChatTemplate.from_dir(tmp_path)
     assert template.render([{"role": "user", "content": "é"}]) == "<s>é"
@@ -66,19 +83,42 @@ def test_template_list_and_special_tokens(tmp_path):
 
 
 def test_message_parts_and_roles():
-    msg = _message({"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"},
-                                                     {"type": "image_url", "image_url": {"url": "http://i"}}]}, 0)
+    msg = _message(
+        {
+            "role": "developer",
+            "content": [
+                {"type": "text", "text": "a"},
+                {"type": "text", "text": "b"},
+                {"type": "image_url", "image_url": {"url": "http://i"}},
+            ],
+        },
+        0,
+    )
     assert msg == {"role": "system", "content": "ab![](http://i)"}
     with pytest.raises(BodyError):
         _message({"role": "robot", "content": "x"}, 0)
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
     assert json.loads(_message({"role": "assistant", "tool_calls": [call]}, 1)["content"]) == {
-        "name": "f", "arguments": {"a": 1}}
+        "name": "f",
+        "arguments": {"a": 1},
+    }
 
 
 def test_sampling_mapping():
-    p = sampling({"temperature": 0, "top_p": 0.5, "max_completion_tokens": 7, "stop": "x", "seed": 3,
-                  "logit_bias": {"12": -100}, "ignore_eos": True, "min_tokens": 2, "top_k": -1}, None)
+    p = sampling(
+        {
+            "temperature": 0,
+            "top_p": 0.5,
+            "max_completion_tokens": 7,
+            "stop": "x",
+            "seed": 3,
+            "logit_bias": {"12": -100},
+            "ignore_eos": True,
+            "min_tokens": 2,
+            "top_k": -1,
+        },
+        None,
+    )
     assert not p.do_sample and p.temperature is None and p.top_p is None and p.max_new_tokens == 7
     assert p.stop == ["x"] and p.seed == 3 and p.logit_bias == {12: -100.0} and p.ignore_eos and p.min_new_tokens == 2
     p = sampling({"top_p": 1.0, "presence_penalty": 0.5}, 16)
@@ -103,8 +143,11 @@ def test_response_format_shapes():
 
 
 def test_invalid_grammars_are_422():
-    for bad in (Grammar("json", {"type": "object", "properties": {"a": {"type": "nonsense"}}}),
-                Grammar("json", "{not json"), Grammar("regex", "(unclosed")):
+    for bad in (
+        Grammar("json", {"type": "object", "properties": {"a": {"type": "nonsense"}}}),
+        Grammar("json", "{not json"),
+        Grammar("regex", "(unclosed"),
+    ):
         with pytest.raises(ValidationError):
             compile_grammar(bad)
 
@@ -136,15 +179,18 @@ def test_parse_call_and_is_call():
         parse_call('{"name": "f"')
 
 
-@pytest.mark.parametrize("text", [
-    '{"name": "f", "arguments": {"a": {"b": [1, 2]}, "c": "x}y"}}',
-    '{ "name" : "f" , "arguments" : {"a": 1} }',
-    '{"name": "g", "arguments": {}}',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "f", "arguments": {"a": {"b": [1, 2]}, "c": "x}y"}}',
+        '{ "name" : "f" , "arguments" : {"a": 1} }',
+        '{"name": "g", "arguments": {}}',
+    ],
+)
 def test_call_streamer_pieces_concatenate_to_the_arguments(text):
     for size in (1, 2, 5):
         streamer = CallStreamer()
-        deltas = [d for i in range(0, len(text), size) for d in streamer.push(text[i:i + size])]
+        deltas = [d for i in range(0, len(text), size) for d in streamer.push(text[i : i + size])]
         assert deltas[0]["function"]["name"] == json.loads(text)["name"]
         args = "".join(d["function"]["arguments"] for d in deltas)
         assert json.loads(args) == json.loads(text)["arguments"]
@@ -183,21 +229,32 @@ def test_streamed_text_with_stops_is_the_text_cut_at_the_first_stop():
 def test_per_token_frames_are_the_bytes_of_the_json_they_stand_for(text):
     import math
 
-    from ember.router.infer import TokenInfo
     from ember.router.api.openai.common import content_frame, sse, sse_head, text_frame
     from ember.router.api.tgi.routes import _frame, _token_frame
+    from ember.router.infer import TokenInfo
 
-    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "org/mödel",
-            "system_fingerprint": "0.1.0-native"}
+    head = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 5,
+        "model": "org/mödel",
+        "system_fingerprint": "0.1.0-native",
+    }
     for i in (0, 3, 17):
         assert text_frame(sse_head(head), i, text) == sse(
-            {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]})
+            {**head, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}]}
+        )
         assert content_frame(sse_head(head), i, text) == sse(
-            {**head, "choices": [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
-             "usage": None})
+            {
+                **head,
+                "choices": [{"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None}],
+                "usage": None,
+            }
+        )
         for logprob in (None, -0.0, -1.5, 1e-300, -123456.789):
             for special in (True, False):
                 token = TokenInfo(12345, text, logprob, special)
                 assert _token_frame(i, token) == _frame(
-                    {"index": i, "token": token.to_dict(), "generated_text": None, "details": None})
+                    {"index": i, "token": token.to_dict(), "generated_text": None, "details": None}
+                )
     assert _token_frame(0, TokenInfo(1, text, -math.inf, False)) is None  # left to json.dumps

@@ -16,8 +16,9 @@ CPU = torch.device("cpu")
 BF16_CPU = {"avx512f", "avx512_bf16"}
 
 
-def _model(tmp_path: Path, model_type: str = "llama", torch_dtype: str = "float32",
-           weight_type: str | None = None) -> Path:
+def _model(
+    tmp_path: Path, model_type: str = "llama", torch_dtype: str = "float32", weight_type: str | None = None
+) -> Path:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "torch_dtype": torch_dtype}))
     if weight_type is not None:
         (tmp_path / "ember_source.json").write_text(json.dumps({"gguf": "m.gguf", "weight_type": weight_type}))

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import step_logits
 
 from ember.shard.attention import AttentionMetadata
-from ember.shard.layers import INT4_GROUP, PACKED_MAX_ROWS, _linear, ColumnParallelLinear, PackedWeight, pack_weight
+from ember.shard.layers import INT4_GROUP, PACKED_MAX_ROWS, ColumnParallelLinear, PackedWeight, _linear, pack_weight
 from ember.shard.models.llama import PACKED_HEAD_MAX_ROWS, RESCORED_CANDIDATES
 from ember.shard.runner import Sequence, load_runner
-from tiny import step_logits
 
 PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 8, 9]]
 CONTINUATION = (11, 12, 13)
@@ -273,7 +273,7 @@ def _greedy(runner, prompts, n_tokens):
             s.token_ids.append(token)
     for s in seqs:
         runner.free(s)
-    return [s.token_ids[len(p):] for s, p in zip(seqs, prompts)]
+    return [s.token_ids[len(p) :] for s, p in zip(seqs, prompts)]
 
 
 def test_quantized_greedy_is_batch_invariant(quantized):
@@ -296,9 +296,11 @@ def test_head_paths_by_rows(quantized, monkeypatch):
     real = model.packed_head.linear
     monkeypatch.setattr(model.packed_head, "linear", lambda x: calls.append(x.shape[0]) or real(x))
     with torch.inference_mode():
-        for rows, approx_of in ((1, real), (PACKED_HEAD_MAX_ROWS, real),
-                                (PACKED_HEAD_MAX_ROWS + 1,
-                                 lambda h: _linear(h, model.fast_head))):
+        for rows, approx_of in (
+            (1, real),
+            (PACKED_HEAD_MAX_ROWS, real),
+            (PACKED_HEAD_MAX_ROWS + 1, lambda h: _linear(h, model.fast_head)),
+        ):
             h = hidden[:rows]
             calls.clear()
             logits = model.logits(h)
@@ -398,8 +400,10 @@ def test_smollm2_int4_keeps_its_q4_1_weights_and_knows_paris(smollm2_dir):
         expected = ((q - 8) * step.bfloat16().float() + (low + 8 * step).bfloat16().float()).bfloat16().float()
         assert torch.equal(deq, expected.view_as(original))
         err = (deq - original).abs()
-        print(f"SmolLM2 layer 3 int4 vs Q4_1 {tuple(original.shape)}: max abs err {err.max():.3g} "
-              f"(absmax {original.abs().max():.3g}), max {(err.view_as(groups) / step).max():.3f} of a step")
+        print(
+            f"SmolLM2 layer 3 int4 vs Q4_1 {tuple(original.shape)}: max abs err {err.max():.3g} "
+            f"(absmax {original.abs().max():.3g}), max {(err.view_as(groups) / step).max():.3f} of a step"
+        )
         assert err.max() < 0.01 * original.abs().max()
         assert (err.view_as(groups) <= 0.1 * step + BF16_U * groups.abs()).all()
 
@@ -415,6 +419,6 @@ def test_smollm2_int4_keeps_its_q4_1_weights_and_knows_paris(smollm2_dir):
         if token in eos:
             break
         seq.token_ids.append(token)
-    answer = tok.decode(seq.token_ids[len(ids):])
+    answer = tok.decode(seq.token_ids[len(ids) :])
     print("SmolLM2 int4 answer:", repr(answer))
     assert "Paris" in answer

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from servers import Launcher, free_port
 
 pytestmark = pytest.mark.slow
@@ -33,9 +32,15 @@ def test_the_try_it_block_has_the_examples_this_test_checks():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     port = free_port()
-    launcher = Launcher("--port", str(port), "--hostname", "127.0.0.1",
-                               "--shard-uds-path", str(tmp_path_factory.mktemp("readme") / "s"),
-                               env={k: "" for k in ("QUANTIZE", "MATMUL_DTYPE", "DTYPE")})
+    launcher = Launcher(
+        "--port",
+        str(port),
+        "--hostname",
+        "127.0.0.1",
+        "--shard-uds-path",
+        str(tmp_path_factory.mktemp("readme") / "s"),
+        env={k: "" for k in ("QUANTIZE", "MATMUL_DTYPE", "DTYPE")},
+    )
     try:
         launcher.wait_for_line("router answers GET /health", timeout=600)
         yield port, launcher
@@ -44,8 +49,13 @@ def served(tmp_path_factory):
 
 
 def _run(command: str, port: int) -> str:
-    out = subprocess.run(["bash", "-c", command.replace("localhost:3000", f"127.0.0.1:{port}")],
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        ["bash", "-c", command.replace("localhost:3000", f"127.0.0.1:{port}")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return out.stdout
 
 
@@ -54,7 +64,7 @@ def test_the_first_examples_answer(served):
     chat, generate, stream = (_run(c, port) for c in try_it_commands())
     assert "Paris" in json.loads(chat)["choices"][0]["message"]["content"]
     assert json.loads(generate)["generated_text"].strip()
-    events = [json.loads(line[len("data:"):]) for line in stream.splitlines() if line.startswith("data:")]
+    events = [json.loads(line[len("data:") :]) for line in stream.splitlines() if line.startswith("data:")]
     assert len(events) > 5 and events[-1]["generated_text"].strip()
     # `make run` serves at the automatic precision, and says so at start.
     assert any("precision" in line and "override" in line for line in launcher.output())

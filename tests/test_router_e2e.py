@@ -9,7 +9,6 @@ import time
 
 import httpx
 import pytest
-
 from servers import router_process, shard_process
 
 LONG = {"inputs": "Hello world", "parameters": {"max_new_tokens": 400}}
@@ -20,8 +19,9 @@ def stack(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("router-e2e")
     log = tmp / "router.log"
     with shard_process(tiny_llama_dir, str(tmp / "s")) as socket:
-        with router_process(socket, tiny_llama_dir, "--max-concurrent-requests", "10",
-                            "--payload-limit", "20000", capture=log) as url:
+        with router_process(
+            socket, tiny_llama_dir, "--max-concurrent-requests", "10", "--payload-limit", "20000", capture=log
+        ) as url:
             yield url, log
 
 
@@ -51,8 +51,10 @@ def metric(url: str, name: str) -> float:
 
 
 def test_generate_details_and_headers(url):
-    body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 6, "decoder_input_details": True,
-                                                   "top_n_tokens": 2, "return_full_text": True}}
+    body = {
+        "inputs": "Hello world",
+        "parameters": {"max_new_tokens": 6, "decoder_input_details": True, "top_n_tokens": 2, "return_full_text": True},
+    }
     r = post(url, "/generate", body, headers={"x-request-id": "req-42"})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -64,8 +66,15 @@ def test_generate_details_and_headers(url):
     assert len(d["top_tokens"]) == 6 and all(len(t) == 2 for t in d["top_tokens"])
     assert r.headers["x-request-id"] == "req-42"
     assert r.headers["x-prompt-tokens"] == "2" and r.headers["x-generated-tokens"] == "6"
-    for h in ("x-compute-type", "x-compute-time", "x-total-time", "x-validation-time", "x-queue-time",
-              "x-inference-time", "x-time-per-token"):
+    for h in (
+        "x-compute-type",
+        "x-compute-time",
+        "x-total-time",
+        "x-validation-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+    ):
         assert h in r.headers
 
 
@@ -108,21 +117,25 @@ def test_compat_route_and_invocations(url):
 
 
 def test_best_of_returns_other_sequences(url):
-    r = post(url, "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 4, "best_of": 2,
-                                                                 "do_sample": True}})
+    r = post(
+        url, "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 4, "best_of": 2, "do_sample": True}}
+    )
     assert r.status_code == 200, r.text
     seqs = r.json()["details"]["best_of_sequences"]
     assert len(seqs) == 1 and seqs[0]["generated_tokens"] == 4 and isinstance(seqs[0]["seed"], int)
 
 
-@pytest.mark.parametrize("params,fragment", [
-    ({"temperature": 0}, "`temperature` must be strictly positive"),
-    ({"top_k": 0}, "`top_k` must be strictly positive"),
-    ({"max_new_tokens": 600}, "`inputs` tokens + `max_new_tokens` must be <= 512"),
-    ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
-    ({"grammar": {"type": "json", "value": "{not json"}}, "grammar is not valid"),
-])
+@pytest.mark.parametrize(
+    "params,fragment",
+    [
+        ({"temperature": 0}, "`temperature` must be strictly positive"),
+        ({"top_k": 0}, "`top_k` must be strictly positive"),
+        ({"max_new_tokens": 600}, "`inputs` tokens + `max_new_tokens` must be <= 512"),
+        ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"grammar": {"type": "json", "value": "{not json"}}, "grammar is not valid"),
+    ],
+)
 def test_validation_errors_are_422_then_served(url, params, fragment):
     r = post(url, "/generate", {"inputs": "Hello", "parameters": params})
     assert r.status_code == 422
@@ -160,9 +173,17 @@ def test_service_routes(url):
     assert {"/generate", "/generate_stream", "/info", "/metrics", "/tokenize"} <= set(spec["paths"])
     assert httpx.get(url + "/docs").status_code == 200
     text = httpx.get(url + "/metrics").text
-    for name in ("tgi_request_count", "tgi_request_success", "tgi_queue_size", "tgi_batch_current_size",
-                 "tgi_batch_current_max_tokens", "tgi_request_duration_bucket", "tgi_request_input_length_count",
-                 'tgi_batch_inference_duration_count{method="decode"}', 'tgi_request_failure{err="validation"}'):
+    for name in (
+        "tgi_request_count",
+        "tgi_request_success",
+        "tgi_queue_size",
+        "tgi_batch_current_size",
+        "tgi_batch_current_max_tokens",
+        "tgi_request_duration_bucket",
+        "tgi_request_input_length_count",
+        'tgi_batch_inference_duration_count{method="decode"}',
+        'tgi_request_failure{err="validation"}',
+    ):
         assert name in text, name
     assert "# TYPE tgi_request_count counter" in text and "tgi_request_count_total" not in text
 
@@ -170,7 +191,7 @@ def test_service_routes(url):
 def test_request_log_line(stack):
     url, log = stack
     post(url, "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}, headers={"x-request-id": "log-me"})
-    line = next(l for l in log.read_text().splitlines() if "id=log-me" in l)
+    line = next(line for line in log.read_text().splitlines() if "id=log-me" in line)
     assert "Success" in line and "input_tokens=1" in line and "generated_tokens=2" in line
     assert "queue_time_ms=" in line and "inference_time_ms=" in line
 
@@ -183,8 +204,9 @@ def test_new_request_joins_running_batch(url):
             async with client.stream("POST", "/generate_stream", json=LONG) as long:
                 events = aiter_events(long)
                 await events.__anext__()  # the long request is decoding
-                short = await client.post("/generate", json={"inputs": "The capital",
-                                                             "parameters": {"max_new_tokens": 3}})
+                short = await client.post(
+                    "/generate", json={"inputs": "The capital", "parameters": {"max_new_tokens": 3}}
+                )
                 short_done = time.monotonic()
                 rest = [e async for e in events]
                 return short, short_done, rest
@@ -202,15 +224,18 @@ def test_without_shared_prefill_newcomers_follow_tgi_waiting_rules(tiny_llama_di
     """PREFILL_CHUNKING=0: the newcomer is prefilled alone (the running request pauses), then merged."""
     env = {"PREFILL_CHUNKING": "0"}
     with shard_process(tiny_llama_dir, str(tmp_path / "s")) as socket:
-        with router_process(socket, tiny_llama_dir, "--waiting-served-ratio", "0", env=env,
-                            capture=tmp_path / "router.log") as url:
+        with router_process(
+            socket, tiny_llama_dir, "--waiting-served-ratio", "0", env=env, capture=tmp_path / "router.log"
+        ) as url:
+
             async def scenario():
                 async with httpx.AsyncClient(base_url=url, timeout=60) as client:
                     async with client.stream("POST", "/generate_stream", json=LONG) as long:
                         events = aiter_events(long)
                         await events.__anext__()
-                        short = await client.post("/generate", json={"inputs": "The capital",
-                                                                     "parameters": {"max_new_tokens": 3}})
+                        short = await client.post(
+                            "/generate", json={"inputs": "The capital", "parameters": {"max_new_tokens": 3}}
+                        )
                         return short, [e async for e in events]
 
             short, rest = asyncio.run(scenario())
@@ -252,6 +277,7 @@ def test_disconnect_cancels(url):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+
             async def one():
                 body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 500}}
                 async with client.stream("POST", "/generate_stream", json=body) as resp:
@@ -260,6 +286,7 @@ def test_disconnect_cancels(url):
                         got += 1
                         if got == 3:
                             return got
+
             return await asyncio.gather(*[one() for _ in range(8)])
 
     assert asyncio.run(scenario()) == [3] * 8

@@ -9,8 +9,7 @@ import threading
 
 import httpx
 import pytest
-
-from servers import router_process, shard_healthy, start_router, start_shard, stop_process, wait_for, http_ok
+from servers import http_ok, router_process, shard_healthy, start_router, start_shard, stop_process, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +24,9 @@ def shard(tiny_llama_dir, tmp_path_factory):
 
 def test_refuses_inconsistent_limits(shard, tiny_llama_dir):
     _, socket = shard
-    proc, _ = start_router(socket, tiny_llama_dir, "--max-input-tokens", "600", "--max-total-tokens", "500",
-                           stderr=subprocess.PIPE)
+    proc, _ = start_router(
+        socket, tiny_llama_dir, "--max-input-tokens", "600", "--max-total-tokens", "500", stderr=subprocess.PIPE
+    )
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert b"`max_input_tokens` must be < `max_total_tokens`" in err
@@ -35,20 +35,33 @@ def test_refuses_inconsistent_limits(shard, tiny_llama_dir):
 def test_api_key_cors_env_and_json_logs(shard, tiny_llama_dir, tmp_path):
     _, socket = shard
     log = tmp_path / "router.log"
-    with router_process(socket, tiny_llama_dir, "--api-key", "s3cret", "--json-output",
-                        "--cors-allow-origin", "https://app.example", capture=log,
-                        env={"MAX_CONCURRENT_REQUESTS": "7"}) as url:
+    with router_process(
+        socket,
+        tiny_llama_dir,
+        "--api-key",
+        "s3cret",
+        "--json-output",
+        "--cors-allow-origin",
+        "https://app.example",
+        capture=log,
+        env={"MAX_CONCURRENT_REQUESTS": "7"},
+    ) as url:
         body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
         denied = httpx.post(url + "/generate", json=body)
         assert denied.status_code == 401 and denied.content == b""
         assert httpx.post(url + "/generate", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        ok = httpx.post(url + "/generate", json=body, headers={"authorization": "bearer S3CRET",
-                                                               "x-request-id": "json-1"}, timeout=60)
+        ok = httpx.post(
+            url + "/generate",
+            json=body,
+            headers={"authorization": "bearer S3CRET", "x-request-id": "json-1"},
+            timeout=60,
+        )
         assert ok.status_code == 200
         info = httpx.get(url + "/info")  # not behind the key
         assert info.json()["max_concurrent_requests"] == 7
-        pre = httpx.options(url + "/generate", headers={"Origin": "https://app.example",
-                                                        "Access-Control-Request-Method": "POST"})
+        pre = httpx.options(
+            url + "/generate", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+        )
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     done = next(line for line in lines if line.get("id") == "json-1")
@@ -80,8 +93,12 @@ def test_sigterm_drains_in_flight_requests(shard, tiny_llama_dir):
 def test_shard_failure_is_424_and_unhealthy(shard, tiny_llama_dir):
     shard_proc, socket = shard
     with router_process(socket, tiny_llama_dir) as url:
-        with httpx.stream("POST", url + "/generate_stream", timeout=60,
-                          json={"inputs": "Hello world", "parameters": {"max_new_tokens": 500}}) as resp:
+        with httpx.stream(
+            "POST",
+            url + "/generate_stream",
+            timeout=60,
+            json={"inputs": "Hello world", "parameters": {"max_new_tokens": 500}},
+        ) as resp:
             lines = resp.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
             assert "token" in json.loads(first[5:])

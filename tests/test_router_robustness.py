@@ -14,13 +14,14 @@ import logging
 
 import httpx
 import pytest
+from servers import router_process, shard_process
 
 from ember.proto import generate_pb2 as pb
 from ember.router.api.openai import tools
 from ember.router.api.openai.chat import _message
 from ember.router.batcher import Batcher
-from ember.router.client import ShardedClient
 from ember.router.cli import warmup_request
+from ember.router.client import ShardedClient
 from ember.router.errors import BodyError, GenerationError, ValidationError
 from ember.router.grammar import compile_grammar
 from ember.router.limits import Limits
@@ -29,7 +30,6 @@ from ember.router.queue import Entry
 from ember.router.tokenizer import TokenizerPool
 from ember.router.types import GenerateParameters, GenerateRequest, Grammar, parse_json
 from ember.router.validation import Validator
-from servers import router_process, shard_process
 
 HI = [{"role": "user", "content": "hi"}]
 LIMITS = dict(max_input_tokens=20, max_total_tokens=64, max_batch_prefill_tokens=64, max_batch_total_tokens=512)
@@ -47,18 +47,21 @@ def _validate(pool, **params):
     return asyncio.run(validator.validate(GenerateRequest("Hello world", GenerateParameters(**params))))
 
 
-@pytest.mark.parametrize("params,fragment", [
-    ({"seed": 2**64}, "`seed` must be >= 0"),
-    ({"seed": -1}, "`seed` must be >= 0"),
-    ({"top_k": 2**32}, "`top_k` must be <="),
-    ({"max_new_tokens": -5}, "`max_new_tokens` must be strictly positive"),
-    ({"max_new_tokens": 4, "min_new_tokens": 5}, "`min_new_tokens` must be >= 0 and <= `max_new_tokens`"),
-    ({"min_new_tokens": -1}, "`min_new_tokens` must be >= 0"),
-    ({"top_n_tokens": -1}, "`top_n_tokens` must be >= 0 and <= 5"),
-    ({"logit_bias": {-5: 1.0}}, "`logit_bias` keys must be token ids >= 0"),
-    ({"logit_bias": {2**40: 1.0}}, "`logit_bias` keys must be token ids >= 0"),
-    ({"truncate": -3}, "`truncate` must be strictly positive"),
-])
+@pytest.mark.parametrize(
+    "params,fragment",
+    [
+        ({"seed": 2**64}, "`seed` must be >= 0"),
+        ({"seed": -1}, "`seed` must be >= 0"),
+        ({"top_k": 2**32}, "`top_k` must be <="),
+        ({"max_new_tokens": -5}, "`max_new_tokens` must be strictly positive"),
+        ({"max_new_tokens": 4, "min_new_tokens": 5}, "`min_new_tokens` must be >= 0 and <= `max_new_tokens`"),
+        ({"min_new_tokens": -1}, "`min_new_tokens` must be >= 0"),
+        ({"top_n_tokens": -1}, "`top_n_tokens` must be >= 0 and <= 5"),
+        ({"logit_bias": {-5: 1.0}}, "`logit_bias` keys must be token ids >= 0"),
+        ({"logit_bias": {2**40: 1.0}}, "`logit_bias` keys must be token ids >= 0"),
+        ({"truncate": -3}, "`truncate` must be strictly positive"),
+    ],
+)
 def test_values_outside_the_proto_fields_are_422(pool, params, fragment):
     with pytest.raises(ValidationError) as info:
         _validate(pool, **params)
@@ -66,24 +69,26 @@ def test_values_outside_the_proto_fields_are_422(pool, params, fragment):
 
 
 def test_values_at_the_proto_limits_are_accepted(pool):
-    v = _validate(pool, seed=2**64 - 1, top_k=2**32 - 1, max_new_tokens=4, min_new_tokens=4,
-                  logit_bias={0: 1.0})
+    v = _validate(pool, seed=2**64 - 1, top_k=2**32 - 1, max_new_tokens=4, min_new_tokens=4, logit_bias={0: 1.0})
     assert v.parameters.seed == 2**64 - 1 and v.stopping.min_new_tokens == 4
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"inputs": "\\ud800"}',              # a lone surrogate: no tokenizer or encoder takes it
-    b'{"inputs": "x", "parameters": {"temperature": NaN}}',
-    b'{"inputs": "x", "parameters": {"temperature": Infinity}}',
-    b"[" * 100_000,                          # nesting beyond Python's recursion limit
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"inputs": "\\ud800"}',  # a lone surrogate: no tokenizer or encoder takes it
+        b'{"inputs": "x", "parameters": {"temperature": NaN}}',
+        b'{"inputs": "x", "parameters": {"temperature": Infinity}}',
+        b"[" * 100_000,  # nesting beyond Python's recursion limit
+    ],
+)
 def test_bodies_python_accepts_but_json_does_not_are_422(raw):
     with pytest.raises(BodyError):
         parse_json(raw)
 
 
 def test_paired_surrogates_are_fine():
-    assert parse_json(b'{"inputs": "\\ud83d\\ude00"}') == {"inputs": "\U0001F600"}
+    assert parse_json(b'{"inputs": "\\ud83d\\ude00"}') == {"inputs": "\U0001f600"}
 
 
 def test_deeply_nested_schema_is_422():
@@ -108,6 +113,7 @@ def test_past_tool_call_with_a_non_object_function_renders():
 
 # ---- live: router + shard ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def socket(tiny_llama_dir, tmp_path_factory):
     with shard_process(tiny_llama_dir, str(tmp_path_factory.mktemp("robust") / "s")) as path:
@@ -123,8 +129,14 @@ FUZZ = [
     ("/v1/chat/completions", {"messages": HI, "min_tokens": 2**40, "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": HI, "logit_bias": {"-5": 1}, "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": -1, "max_tokens": 2}),
-    ("/v1/chat/completions", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
-                              "tool_choice": {"type": "function", "function": "f"}}),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": HI,
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "function": "f"},
+        },
+    ),
     ("/v1/completions", {"prompt": "hi", "logprobs": -1}),
 ]
 
@@ -150,13 +162,15 @@ def test_fuzzed_bodies_are_4xx_and_running_requests_survive(socket, tiny_llama_d
 
 # ---- the batching task, in process, over a real shard ----------------------------------------------
 
+
 async def _batcher(socket: str, pool: TokenizerPool, with_running: bool = False) -> tuple[Batcher, Validator]:
     client = await ShardedClient.connect(socket)
     limits = Limits(**LIMITS)
     await client.clear_cache()
     await client.warmup(warmup_request(pool, limits))
-    batcher = Batcher(client, limits, Metrics(limits.max_input_tokens, limits.max_total_tokens),
-                      shared_prefill=with_running)
+    batcher = Batcher(
+        client, limits, Metrics(limits.max_input_tokens, limits.max_total_tokens), shared_prefill=with_running
+    )
     batcher.start()
     return batcher, Validator(pool, limits)
 
@@ -196,8 +210,7 @@ def test_cancel_while_a_request_finishes_in_prefill_is_a_drop_not_a_lost_request
     assert not [r for r in caplog.records if "missing from the shard" in r.getMessage()]
 
 
-def test_a_running_request_cancelled_during_a_shared_prefill_is_dropped_and_the_newcomer_finishes(
-        socket, pool, caplog):
+def test_a_running_request_cancelled_during_a_shared_prefill_is_dropped_and_the_newcomer_finishes(socket, pool, caplog):
     async def scenario():
         batcher, validator = await _batcher(socket, pool, with_running=True)
         try:
@@ -267,6 +280,7 @@ def test_a_crash_in_the_batching_step_frees_the_running_batch_on_the_shard(socke
 def test_a_steps_tokens_reach_their_requests_after_the_next_call_is_sent(socket, pool):
     """Every SSE write waits behind the hand-over that wakes it: tokens go out once the shard
     has its next step, and the last one still arrives when no call follows it."""
+
     async def scenario():
         batcher, validator = await _batcher(socket, pool)
         try:

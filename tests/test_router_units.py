@@ -25,8 +25,7 @@ def test_router_imports_no_torch():
 
 @pytest.fixture(scope="module")
 def validator(tiny_llama_dir):
-    limits = Limits(max_input_tokens=20, max_total_tokens=32, max_batch_prefill_tokens=64,
-                    max_batch_total_tokens=256)
+    limits = Limits(max_input_tokens=20, max_total_tokens=32, max_batch_prefill_tokens=64, max_batch_total_tokens=256)
     pool = TokenizerPool(str(tiny_llama_dir), 2)
     yield Validator(pool, limits)
     pool.close()
@@ -37,24 +36,30 @@ def _validate(validator, inputs="Hello world", stream=False, **params):
     return asyncio.run(validator.validate(req, stream))
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
-    ({"best_of": 2, "do_sample": True, "seed": 3}, "`seed` must not be set when `best_of` > 1"),
-    ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
-    ({"temperature": 0.0}, "`temperature` must be strictly positive"),
-    ({"repetition_penalty": 0.0}, "`repetition_penalty` must be strictly positive"),
-    ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
-    ({"top_p": 0.0}, "`top_p` must be > 0.0 and <= 1.0"),
-    ({"top_p": 1.5}, "`top_p` must be > 0.0 and <= 1.0"),
-    ({"typical_p": 0.0}, "`typical_p` must be > 0.0 and <= 1.0"),
-    ({"top_k": 0}, "`top_k` must be strictly positive"),
-    ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
-    ({"stop": ["a"] * 5}, "`stop` supports up to 4 stop sequences. Given: 5"),
-    ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
-    ({"truncate": 21}, "`truncate` must be strictly positive and less than 20. Given: 21"),
-    ({"max_new_tokens": 31}, "`inputs` tokens + `max_new_tokens` must be <= 32. Given: 2 `inputs` tokens and 31 `max_new_tokens`"),
-    ({"grammar": None, "decoder_input_details": True}, None),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
+        ({"best_of": 2, "do_sample": True, "seed": 3}, "`seed` must not be set when `best_of` > 1"),
+        ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
+        ({"temperature": 0.0}, "`temperature` must be strictly positive"),
+        ({"repetition_penalty": 0.0}, "`repetition_penalty` must be strictly positive"),
+        ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+        ({"top_p": 0.0}, "`top_p` must be > 0.0 and <= 1.0"),
+        ({"top_p": 1.5}, "`top_p` must be > 0.0 and <= 1.0"),
+        ({"typical_p": 0.0}, "`typical_p` must be > 0.0 and <= 1.0"),
+        ({"top_k": 0}, "`top_k` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"stop": ["a"] * 5}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+        ({"truncate": 21}, "`truncate` must be strictly positive and less than 20. Given: 21"),
+        (
+            {"max_new_tokens": 31},
+            "`inputs` tokens + `max_new_tokens` must be <= 32. Given: 2 `inputs` tokens and 31 `max_new_tokens`",
+        ),
+        ({"grammar": None, "decoder_input_details": True}, None),
+    ],
+)
 def test_validation_messages(validator, params, message):
     if message is None:
         assert _validate(validator, **params).decoder_input_details
@@ -93,9 +98,15 @@ def test_validation_defaults_and_truncate(validator):
 
 
 def test_validation_grammar(validator):
-    v = _validate(validator, grammar=request_from_tgi(
-        {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"properties": {"a": {"type": "integer"}}}}}}
-    ).parameters.grammar)
+    v = _validate(
+        validator,
+        grammar=request_from_tgi(
+            {
+                "inputs": "x",
+                "parameters": {"grammar": {"type": "json", "value": {"properties": {"a": {"type": "integer"}}}}},
+            }
+        ).parameters.grammar,
+    )
     assert v.parameters.grammar_type == 2 and '"a"' in v.parameters.grammar
     bad = request_from_tgi({"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "(("}}})
     with pytest.raises(ValidationError, match="grammar is not valid"):
@@ -105,9 +116,14 @@ def test_validation_grammar(validator):
 def test_body_parsing():
     assert request_from_tgi({"inputs": "x"}).parameters.do_sample  # no parameters: TGI's defaults
     assert not request_from_tgi({"inputs": "x", "parameters": {}}).parameters.do_sample
-    for body in ({}, {"inputs": 3}, {"inputs": "x", "parameters": {"top_k": "a"}},
-                 {"inputs": "x", "parameters": {"max_new_tokens": -1}},
-                 {"inputs": "x", "parameters": {"do_sample": None}}, []):
+    for body in (
+        {},
+        {"inputs": 3},
+        {"inputs": "x", "parameters": {"top_k": "a"}},
+        {"inputs": "x", "parameters": {"max_new_tokens": -1}},
+        {"inputs": "x", "parameters": {"do_sample": None}},
+        [],
+    ):
         with pytest.raises(BodyError):
             request_from_tgi(body)
 
@@ -181,7 +197,7 @@ def test_metrics_text_format():
     m.request_duration.observe(0.01)
     m.batch_inference_duration.observe(0.5, "decode")
     text = m.render()
-    assert "\ntgi_request_count 1\n" in text and '# TYPE tgi_request_count counter' in text
+    assert "\ntgi_request_count 1\n" in text and "# TYPE tgi_request_count counter" in text
     assert 'tgi_request_failure{err="overloaded"} 1' in text
     assert 'tgi_batch_inference_duration_count{method="decode"} 1' in text
     families = {f.name: f for f in text_string_to_metric_families(text)}

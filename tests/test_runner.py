@@ -84,7 +84,9 @@ def test_embed_matches_transformers_mean_pool(tiny_llama_dir):
 
 
 def test_warmup_sizes_cache_from_budget(small_runner):
-    capacity = small_runner.warmup(max_prefill_tokens=100, max_total_tokens=64, memory_budget_bytes=10 * TINY_BLOCK_BYTES)
+    capacity = small_runner.warmup(
+        max_prefill_tokens=100, max_total_tokens=64, memory_budget_bytes=10 * TINY_BLOCK_BYTES
+    )
     assert capacity == 160
     assert small_runner.cache.num_blocks == 10 and small_runner.cache.allocator.num_free == 10
     assert small_runner.step([Sequence(0, _toks(150))]).logits.shape[0] == 1
@@ -123,8 +125,10 @@ def test_weights_read_only_this_ranks_slice(tiny_llama_dir):
 def test_weights_pad_a_vocabulary_that_does_not_divide(tmp_path):
     whole = torch.randn(7, 4)
     save_file({"embed.weight": whole}, tmp_path / "model.safetensors")
-    parts = [Weights(tmp_path, torch.float32, "cpu", rank=r, world_size=2).get_sharded("embed.weight", 0, allow_padding=True)
-             for r in range(2)]
+    parts = [
+        Weights(tmp_path, torch.float32, "cpu", rank=r, world_size=2).get_sharded("embed.weight", 0, allow_padding=True)
+        for r in range(2)
+    ]
     assert parts[0].shape == parts[1].shape == (4, 4)
     torch.testing.assert_close(torch.cat(parts)[:7], whole)
     assert parts[1][-1].abs().sum() == 0

@@ -57,8 +57,11 @@ def test_greedy_is_argmax_with_log_softmax_logprob():
 def test_logits_are_not_modified():
     logits = torch.randn(2, V)
     before = logits.clone()
-    run([SamplingParams(temperature=0.5, top_k=2, do_sample=True), SamplingParams(repetition_penalty=2.0)],
-        logits, token_ids=[[1, 2], [3]])
+    run(
+        [SamplingParams(temperature=0.5, top_k=2, do_sample=True), SamplingParams(repetition_penalty=2.0)],
+        logits,
+        token_ids=[[1, 2], [3]],
+    )
     assert torch.equal(logits, before)
 
 
@@ -108,8 +111,7 @@ def test_penalty_counts_grow_incrementally():
 def test_logit_bias_and_banned_and_allowed():
     logits = torch.zeros(3, V)
     params = [SamplingParams(logit_bias={6: 3.0}), SamplingParams(), SamplingParams()]
-    res = run(params, logits, allowed=[None, None, torch.tensor([2, 3])], banned=[[], [0, 1, 2], []],
-              top_n=[0, 0, V])
+    res = run(params, logits, allowed=[None, None, torch.tensor([2, 3])], banned=[[], [0, 1, 2], []], top_n=[0, 0, V])
     assert res.next_ids[0] == 6
     assert res.next_ids[1] == 3  # first non-banned of equal logits
     assert res.next_ids[2] == 2
@@ -119,8 +121,12 @@ def test_logit_bias_and_banned_and_allowed():
 
 def test_grammar_wins_over_banned_when_nothing_else_is_left():
     logits = torch.zeros(2, V)
-    res = run([SamplingParams(), SamplingParams()], logits,
-              allowed=[torch.tensor([2]), torch.tensor([2, 4])], banned=[[2], [2]])
+    res = run(
+        [SamplingParams(), SamplingParams()],
+        logits,
+        allowed=[torch.tensor([2]), torch.tensor([2, 4])],
+        banned=[[2], [2]],
+    )
     assert res.next_ids == [2, 4]  # row 0: only EOS(2) was allowed; row 1: the ban holds
     assert res.logprobs[0] == pytest.approx(0.0)
 
@@ -208,8 +214,7 @@ def test_seeded_request_is_independent_of_batch_neighbours(device):
         logits = torch.randn(1, 64, generator=alone_logits).to(device)
         alone.append(sampler(logits, [[1]], [1]).next_ids[0])
 
-    neighbours = [SamplingParams(do_sample=True, seed=9), SamplingParams(),
-                  SamplingParams(top_k=3, seed=77)]
+    neighbours = [SamplingParams(do_sample=True, seed=9), SamplingParams(), SamplingParams(top_k=3, seed=77)]
     batch = BatchSampler([neighbours[0], mine, neighbours[1], neighbours[2]], device, 64)
     row_logits = torch.Generator().manual_seed(0)
     noise = torch.Generator().manual_seed(42)
@@ -264,8 +269,14 @@ def test_filter_and_concatenate_keep_generators_and_counts():
 
 def test_from_pb_maps_fields_and_unset_values():
     pb = generate_pb2.NextTokenChooserParameters(
-        temperature=0.7, top_k=5, do_sample=True, seed=99, frequency_penalty=0.1,
-        presence_penalty=0.2, min_p=0.05, logit_bias=[generate_pb2.LogitBias(token_id=3, bias=-1.5)],
+        temperature=0.7,
+        top_k=5,
+        do_sample=True,
+        seed=99,
+        frequency_penalty=0.1,
+        presence_penalty=0.2,
+        min_p=0.05,
+        logit_bias=[generate_pb2.LogitBias(token_id=3, bias=-1.5)],
     )
     p = SamplingParams.from_pb(pb)
     assert (p.temperature, p.top_k, p.seed, p.min_p) == (pytest.approx(0.7), 5, 99, pytest.approx(0.05))

@@ -22,10 +22,21 @@ from ember.router.validation import ValidRequest
 
 
 def _entry(n_input: int = 4, n_new: int = 4) -> Entry:
-    return Entry(ValidRequest(
-        inputs="x", input_ids=[1] * n_input, max_new_tokens=n_new, parameters=pb.NextTokenChooserParameters(),
-        stopping=pb.StoppingCriteriaParameters(max_new_tokens=n_new), top_n_tokens=0,
-        decoder_input_details=False, details=False, return_full_text=False, seed=0, best_of=1))
+    return Entry(
+        ValidRequest(
+            inputs="x",
+            input_ids=[1] * n_input,
+            max_new_tokens=n_new,
+            parameters=pb.NextTokenChooserParameters(),
+            stopping=pb.StoppingCriteriaParameters(max_new_tokens=n_new),
+            top_n_tokens=0,
+            decoder_input_details=False,
+            details=False,
+            return_full_text=False,
+            seed=0,
+            best_of=1,
+        )
+    )
 
 
 def _scheduler(shared: bool = False, **limits) -> Scheduler:
@@ -60,6 +71,7 @@ def _ids(entries) -> list[int]:
 
 
 # ---- onboarding -----------------------------------------------------------------------------------
+
 
 def test_the_first_batch_takes_what_fits_and_builds_the_shards_batch():
     s = _scheduler()
@@ -129,6 +141,7 @@ def test_shared_prefill_newcomers_join_at_the_next_step_in_the_running_batchs_pr
 
 # ---- budgets --------------------------------------------------------------------------------------
 
+
 def test_the_token_budget_counts_what_the_running_entries_reserve():
     s = _scheduler(shared=True, max_batch_total_tokens=40)
     batch = _run(s, _entry(10, 10))  # reserves 20 of 40
@@ -184,6 +197,7 @@ def test_max_batch_prefill_tokens_bounds_one_prefill():
 
 
 # ---- cancellation ---------------------------------------------------------------------------------
+
 
 def test_a_waiting_entry_cancelled_leaves_the_queue_at_once_and_is_never_prefilled():
     s = _scheduler()
@@ -252,6 +266,7 @@ def test_a_request_cancelled_during_the_step_that_finishes_it_gets_no_token():
 
 # ---- finished requests, lost requests, failures ---------------------------------------------------
 
+
 def test_finished_requests_leave_running_and_their_last_token_is_handed_over():
     s = _scheduler()
     a, b, c = _entry(), _entry(), _entry()
@@ -311,6 +326,7 @@ def test_reset_forgets_everything_running():
 
 # ---- the Batcher over a fake client ---------------------------------------------------------------
 
+
 class FakeShard:
     """The calls the Batcher makes, over an in-memory shard: one token per request and call, each
     request finishing after its max_new_tokens. Records every call."""
@@ -322,8 +338,13 @@ class FakeShard:
         self.fail_next_decode = False
 
     async def prefill(self, batch, cached_batch=None, on_sent=None):
-        self.calls.append(("prefill", [r.id for r in batch.requests],
-                           None if cached_batch is None else list(cached_batch.request_ids)))
+        self.calls.append(
+            (
+                "prefill",
+                [r.id for r in batch.requests],
+                None if cached_batch is None else list(cached_batch.request_ids),
+            )
+        )
         if on_sent is not None:
             on_sent()
         await asyncio.sleep(0)
@@ -477,6 +498,7 @@ def test_a_failed_decode_fails_its_requests_after_their_tokens_and_clears_the_ba
 
 # ---- on_sent fires for the batcher's own calls only -----------------------------------------------
 
+
 class _Stub:
     def __init__(self, log: list[str]) -> None:
         self.log = log
@@ -486,9 +508,14 @@ class _Stub:
             self.log.append(method)
 
             async def reply():
-                return {"Prefill": pb.PrefillResponse(), "Decode": pb.DecodeResponse(),
-                        "CompileGrammar": pb.CompileGrammarResponse()}.get(method)
+                return {
+                    "Prefill": pb.PrefillResponse(),
+                    "Decode": pb.DecodeResponse(),
+                    "CompileGrammar": pb.CompileGrammarResponse(),
+                }.get(method)
+
             return reply()
+
         return call
 
 
@@ -515,5 +542,8 @@ def test_on_sent_runs_only_for_the_prefill_and_decode_it_was_given_to(ranks):
         return log
 
     log = _within(scenario())
-    assert log == [m for m in ["Health", "CompileGrammar", "ClearCache", "Prefill", "sent", "Decode", "sent",
-                               "Decode"] for _ in range(ranks if m != "sent" else 1)]
+    assert log == [
+        m
+        for m in ["Health", "CompileGrammar", "ClearCache", "Prefill", "sent", "Decode", "sent", "Decode"]
+        for _ in range(ranks if m != "sent" else 1)
+    ]

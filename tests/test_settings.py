@@ -32,8 +32,13 @@ def _other_value(s: settings.Setting) -> tuple[list[str], object]:
     if s.choices:
         choice = next(c for c in s.choices if c != s.default)
         return [choice], choice
-    samples = {settings.parse_bytes: ("2GiB", 2 * 1024**3), settings.batch_sizes: ("1,2", "1,2"),
-               settings.quantize_kind: ("int8", "int8"), float: ("0.5", 0.5), str: ("x", "x")}
+    samples = {
+        settings.parse_bytes: ("2GiB", 2 * 1024**3),
+        settings.batch_sizes: ("1,2", "1,2"),
+        settings.quantize_kind: ("int8", "int8"),
+        float: ("0.5", 0.5),
+        str: ("x", "x"),
+    }
     if s.type in samples:
         text, value = samples[s.type]
         return [text], value
@@ -48,8 +53,8 @@ def _launch(words: list[str], model: ResolvedModel) -> tuple[argparse.Namespace,
     args = parse_args(words, CPU_ENV)
     shard_argv = shard_spec(args, model, 0).argv
     router_argv = router_spec(args, model).argv
-    shard = shard_args(shard_argv[shard_argv.index("serve"):], environ={})
-    router = router_args(router_argv[router_argv.index("--master-shard-uds-path"):], environ={})
+    shard = shard_args(shard_argv[shard_argv.index("serve") :], environ={})
+    router = router_args(router_argv[router_argv.index("--master-shard-uds-path") :], environ={})
     return shard, router
 
 
@@ -62,9 +67,11 @@ DERIVED = {
 }
 
 
-@pytest.mark.parametrize("setting", [s for s in settings.SETTINGS if not s.internal and s.name not in
-                                     ("model-id", "sharded")],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "setting",
+    [s for s in settings.SETTINGS if not s.internal and s.name not in ("model-id", "sharded")],
+    ids=lambda s: s.name,
+)
 def test_every_setting_reaches_the_processes_that_read_it(setting, tmp_path):
     model = ResolvedModel(path=tmp_path, model_id="m", sha=None, source="dir")
     words, want = _other_value(setting)
@@ -90,12 +97,22 @@ def test_env_vars_follow_the_registry_in_every_process(tmp_path):
     from ember.router.cli import parse_args as router_args
     from ember.shard.cli import parse_args as shard_args
 
-    env = {"QUANTIZE": "w4a8", "PREFILL_CHUNK_TOKENS": "64", "MAX_INPUT_LENGTH": "99", "PREFILL_CHUNKING": "0",
-           "EMBER_NATIVE": "off", "JSON_OUTPUT": "true"}
+    env = {
+        "QUANTIZE": "w4a8",
+        "PREFILL_CHUNK_TOKENS": "64",
+        "MAX_INPUT_LENGTH": "99",
+        "PREFILL_CHUNKING": "0",
+        "EMBER_NATIVE": "off",
+        "JSON_OUTPUT": "true",
+    }
     shard = shard_args(["serve"], environ=env)
     router = router_args(["--tokenizer-name", str(tmp_path)], environ=env)
-    assert (shard.quantize, shard.prefill_chunk_tokens, shard.native_kernels, shard.json_output) == \
-        ("w4a8", 64, False, True)
+    assert (shard.quantize, shard.prefill_chunk_tokens, shard.native_kernels, shard.json_output) == (
+        "w4a8",
+        64,
+        False,
+        True,
+    )
     assert (router.max_input_tokens, router.prefill_chunking, router.json_output) == (99, False, True)
     with pytest.raises(SystemExit):
         shard_args(["serve"], environ={"QUANTIZE": "awq"})
@@ -109,9 +126,17 @@ def test_defaults_are_declared_once():
     from ember.shard.runner import load_runner
 
     limits = Limits()
-    for name in ("max-concurrent-requests", "max-best-of", "max-stop-sequences", "max-top-n-tokens",
-                 "waiting-served-ratio", "max-waiting-tokens", "validation-workers", "max-client-batch-size",
-                 "grammar-compile-timeout"):
+    for name in (
+        "max-concurrent-requests",
+        "max-best-of",
+        "max-stop-sequences",
+        "max-top-n-tokens",
+        "waiting-served-ratio",
+        "max-waiting-tokens",
+        "validation-workers",
+        "max-client-batch-size",
+        "grammar-compile-timeout",
+    ):
         assert getattr(limits, name.replace("-", "_")) == settings.default(name), name
     fraction = inspect.signature(load_runner).parameters["cuda_memory_fraction"].default
     assert fraction == settings.default("cuda-memory-fraction")
@@ -123,7 +148,11 @@ def test_defaults_are_declared_once():
 # Reads of the environment that are not Ember settings: the compiler (CC), the devices torch would see,
 # the children's inherited environment, and the registry itself.
 ENV_READS_ALLOWED = {
-    "common/settings.py", "launcher/args.py", "launcher/main.py", "shard/native.py", "common/store.py",
+    "common/settings.py",
+    "launcher/args.py",
+    "launcher/main.py",
+    "shard/native.py",
+    "common/store.py",
     "router/app.py",
 }
 
@@ -132,8 +161,12 @@ def _env_reads(path: Path) -> list[int]:
     tree = ast.parse(path.read_text())
     lines = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and \
-                isinstance(node.value, ast.Name) and node.value.id == "os":
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in ("environ", "getenv")
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "os"
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -159,15 +192,31 @@ def test_allowed_env_reads_are_not_settings():
 
 def test_settings_help_is_tgi_compatible_for_tgi_flags():
     """TGI's launcher flags keep TGI's names and env vars (a deployment file works with the image swapped)."""
-    tgi = {"model-id": "MODEL_ID", "num-shard": "NUM_SHARD", "sharded": "SHARDED", "quantize": "QUANTIZE",
-           "dtype": "DTYPE", "max-input-tokens": "MAX_INPUT_TOKENS", "max-total-tokens": "MAX_TOTAL_TOKENS",
-           "max-batch-prefill-tokens": "MAX_BATCH_PREFILL_TOKENS", "port": "PORT", "hostname": "HOSTNAME",
-           "cuda-graphs": "CUDA_GRAPHS", "json-output": "JSON_OUTPUT", "api-key": "API_KEY",
-           "payload-limit": "PAYLOAD_LIMIT", "max-concurrent-requests": "MAX_CONCURRENT_REQUESTS",
-           "cuda-memory-fraction": "CUDA_MEMORY_FRACTION", "kv-cache-dtype": "KV_CACHE_DTYPE",
-           "waiting-served-ratio": "WAITING_SERVED_RATIO", "max-waiting-tokens": "MAX_WAITING_TOKENS",
-           "max-batch-size": "MAX_BATCH_SIZE", "max-client-batch-size": "MAX_CLIENT_BATCH_SIZE",
-           "prefill-chunking": "PREFILL_CHUNKING", "shard-uds-path": "SHARD_UDS_PATH"}
+    tgi = {
+        "model-id": "MODEL_ID",
+        "num-shard": "NUM_SHARD",
+        "sharded": "SHARDED",
+        "quantize": "QUANTIZE",
+        "dtype": "DTYPE",
+        "max-input-tokens": "MAX_INPUT_TOKENS",
+        "max-total-tokens": "MAX_TOTAL_TOKENS",
+        "max-batch-prefill-tokens": "MAX_BATCH_PREFILL_TOKENS",
+        "port": "PORT",
+        "hostname": "HOSTNAME",
+        "cuda-graphs": "CUDA_GRAPHS",
+        "json-output": "JSON_OUTPUT",
+        "api-key": "API_KEY",
+        "payload-limit": "PAYLOAD_LIMIT",
+        "max-concurrent-requests": "MAX_CONCURRENT_REQUESTS",
+        "cuda-memory-fraction": "CUDA_MEMORY_FRACTION",
+        "kv-cache-dtype": "KV_CACHE_DTYPE",
+        "waiting-served-ratio": "WAITING_SERVED_RATIO",
+        "max-waiting-tokens": "MAX_WAITING_TOKENS",
+        "max-batch-size": "MAX_BATCH_SIZE",
+        "max-client-batch-size": "MAX_CLIENT_BATCH_SIZE",
+        "prefill-chunking": "PREFILL_CHUNKING",
+        "shard-uds-path": "SHARD_UDS_PATH",
+    }
     for name, env in tgi.items():
         assert settings.get(name).env_names[0] == env
         assert not settings.get(name).internal

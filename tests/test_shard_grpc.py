@@ -5,11 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from servers import shard_process
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
-from servers import shard_process
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,14 @@ def tokenizer(tiny_llama_dir):
 def greedy_reference(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
             min_new_tokens=n,
         )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def request(rid: int, ids: list[int], max_new: int, **params) -> pb.Request:
@@ -84,8 +88,9 @@ def test_ragged_prefill_merge_and_filter_match_transformers(shard, reference, to
     expected = [greedy_reference(reference, i, n) for i in ids]
 
     tokens: dict[int, list[int]] = {}
-    first = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(
-        id=1, requests=[request(r, ids[r], n) for r in range(3)], size=3)))
+    first = shard.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=1, requests=[request(r, ids[r], n) for r in range(3)], size=3))
+    )
     collect(tokens, first.generations)
     cached = first.batch
     for _ in range(3):
@@ -118,14 +123,20 @@ def test_ragged_prefill_merge_and_filter_match_transformers(shard, reference, to
 def test_prefill_beside_the_running_batch_matches_transformers(shard, reference, tokenizer):
     """TGI v3's Prefill with cached_batch: new prompts and running decodes in one forward."""
     assert shard.Info(pb.InfoRequest()).shared_prefill
-    prompts = ["The capital of France is", "Hello world! How are you today?", "def add(a, b):",
-               "Once upon a time there was a", "Emoji: 🎉🔥 and CJK 你好"]
+    prompts = [
+        "The capital of France is",
+        "Hello world! How are you today?",
+        "def add(a, b):",
+        "Once upon a time there was a",
+        "Emoji: 🎉🔥 and CJK 你好",
+    ]
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     n = 10
     expected = [greedy_reference(reference, i, n) for i in ids]
     tokens: dict[int, list[int]] = {}
-    first = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(
-        id=40, requests=[request(r, ids[r], n) for r in (0, 1)], size=2)))
+    first = shard.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=40, requests=[request(r, ids[r], n) for r in (0, 1)], size=2))
+    )
     collect(tokens, first.generations)
     cached = shard.Decode(pb.DecodeRequest(batches=[first.batch]))
     collect(tokens, cached.generations)
@@ -144,18 +155,24 @@ def test_prefill_beside_the_running_batch_matches_transformers(shard, reference,
 
     # A bad newcomer is refused and leaves the running batch as it was.
     with pytest.raises(grpc.RpcError) as bad:
-        shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=42, requests=[request(9, [10**6], n)], size=1),
-                                        cached_batch=cached))
+        shard.Prefill(
+            pb.PrefillRequest(batch=pb.Batch(id=42, requests=[request(9, [10**6], n)], size=1), cached_batch=cached)
+        )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as unknown:
-        shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=43, requests=[request(9, ids[4], n)], size=1),
-                                        cached_batch=pb.CachedBatch(id=997, request_ids=[1], size=1)))
+        shard.Prefill(
+            pb.PrefillRequest(
+                batch=pb.Batch(id=43, requests=[request(9, ids[4], n)], size=1),
+                cached_batch=pb.CachedBatch(id=997, request_ids=[1], size=1),
+            )
+        )
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
     # One more joins while request 1 has been dropped by the router (listed no more, no FilterBatch).
     cached = pb.CachedBatch(id=cached.id, request_ids=[0, 2, 3], size=3)
-    joined = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=44, requests=[request(4, ids[4], n)], size=1),
-                                             cached_batch=cached))
+    joined = shard.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=44, requests=[request(4, ids[4], n)], size=1), cached_batch=cached)
+    )
     collect(tokens, joined.generations)
     cached = joined.batch
     assert list(cached.request_ids) == [0, 2, 3, 4]
@@ -213,8 +230,9 @@ def test_bad_calls_get_a_status_and_the_shard_keeps_serving(shard, tokenizer):
         shard.Prefill(pb.PrefillRequest(batch=pb.Batch(id=21, requests=[request(1, huge, 4)], size=1)))
     assert full.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
 
-    out = shard.Prefill(pb.PrefillRequest(batch=pb.Batch(
-        id=22, requests=[request(1, tokenizer("Hello")["input_ids"], 1)], size=1)))
+    out = shard.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=22, requests=[request(1, tokenizer("Hello")["input_ids"], 1)], size=1))
+    )
     assert out.generations[0].HasField("generated_text")
     assert not out.HasField("batch")  # finished at its first token: nothing cached
     shard.Health(pb.HealthRequest())
@@ -238,10 +256,14 @@ def test_prefill_logprobs_top_n_and_clear_cache(shard, tokenizer):
 
 
 def test_embed_is_normalised(shard, tokenizer):
-    out = shard.Embed(pb.EmbedRequest(inputs=[
-        pb.EmbedInput(input_ids=tokenizer("Hello world")["input_ids"]),
-        pb.EmbedInput(input_ids=tokenizer("Paris")["input_ids"]),
-    ]))
+    out = shard.Embed(
+        pb.EmbedRequest(
+            inputs=[
+                pb.EmbedInput(input_ids=tokenizer("Hello world")["input_ids"]),
+                pb.EmbedInput(input_ids=tokenizer("Paris")["input_ids"]),
+            ]
+        )
+    )
     assert len(out.embeddings) == 2
     for e in out.embeddings:
         norm = sum(v * v for v in e.values) ** 0.5

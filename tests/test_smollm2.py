@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from servers import shard_process
+from test_model_parity import check_parity
 from transformers import AutoTokenizer
 
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
-from servers import shard_process
-from test_model_parity import check_parity
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +32,10 @@ def test_capital_of_france_over_grpc(smollm2_dir, tmp_path):
         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=24),
     )
     # float32, not the automatic w4a8: the France question is a near tie that int8 activations tip over.
-    with shard_process(smollm2_dir, str(tmp_path / "s"), "--dtype", "float32") as socket, \
-            grpc.insecure_channel(f"unix://{socket}") as ch:
+    with (
+        shard_process(smollm2_dir, str(tmp_path / "s"), "--dtype", "float32") as socket,
+        grpc.insecure_channel(f"unix://{socket}") as ch,
+    ):
         stub = pb_grpc.TextGenerationServiceStub(ch)
         out = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[req], size=1)))
         pieces = [g.tokens.texts[0] for g in out.generations]

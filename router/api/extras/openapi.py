@@ -18,12 +18,20 @@ def _obj(required: list[str], **props) -> dict:
 
 SCHEMAS = {
     # OpenAI's error object, plus FastAPI's `detail` list (routes.py).
-    "ExtrasError": _obj(["error", "detail"],
-                        error=_obj(["message", "type"], message=_STR, type=_STR,
-                                   param={"type": "string", "nullable": True},
-                                   code={"type": "integer", "nullable": True}),
-                        detail={"type": "array", "items": _obj(["loc", "msg", "type"], msg=_STR, type=_STR,
-                                                               loc={"type": "array", "items": _STR})}),
+    "ExtrasError": _obj(
+        ["error", "detail"],
+        error=_obj(
+            ["message", "type"],
+            message=_STR,
+            type=_STR,
+            param={"type": "string", "nullable": True},
+            code={"type": "integer", "nullable": True},
+        ),
+        detail={
+            "type": "array",
+            "items": _obj(["loc", "msg", "type"], msg=_STR, type=_STR, loc={"type": "array", "items": _STR}),
+        },
+    ),
     "TokenizeInputRequest": _obj(["input"], model=_STR, input=_STR),
     "TokenizeInputResponse": _obj(["tokens"], tokens={"type": "array", "items": _INT}),
     "TokenizeInputCountResponse": _obj(["count"], count=_INT),
@@ -34,15 +42,22 @@ SCHEMAS = {
 
 def _op(summary: str, body: str, ok: str) -> dict:
     error = {"description": "Error", "content": {"application/json": {"schema": _ref("ExtrasError")}}}
-    return {"tags": ["Extras"], "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
-            "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": _ref(ok)}}},
-                          "413": error, "422": error}}
+    return {
+        "tags": ["Extras"],
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+        "responses": {
+            "200": {"description": "OK", "content": {"application/json": {"schema": _ref(ok)}}},
+            "413": error,
+            "422": error,
+        },
+    }
 
 
 def register_all() -> None:
     for path, body, ok, summary in (
-            ("/extras/tokenize", "TokenizeInputRequest", "TokenizeInputResponse", "Tokenize"),
-            ("/extras/tokenize/count", "TokenizeInputRequest", "TokenizeInputCountResponse", "Count tokens"),
-            ("/extras/detokenize", "DetokenizeInputRequest", "DetokenizeInputResponse", "Detokenize")):
+        ("/extras/tokenize", "TokenizeInputRequest", "TokenizeInputResponse", "Tokenize"),
+        ("/extras/tokenize/count", "TokenizeInputRequest", "TokenizeInputCountResponse", "Count tokens"),
+        ("/extras/detokenize", "DetokenizeInputRequest", "DetokenizeInputResponse", "Detokenize"),
+    ):
         openapi.register(path, "post", _op(summary, body, ok), SCHEMAS)

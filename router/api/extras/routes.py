@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 
 
 def _error(exc: EmberError) -> Response:
-    body = {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status},
-            "detail": [{"loc": ["body"], "msg": exc.message, "type": exc.error_type}]}
+    body = {
+        "error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status},
+        "detail": [{"loc": ["body"], "msg": exc.message, "type": exc.error_type}],
+    }
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
-async def _body(request: Request, key: str, kind: type) -> tuple["AppState", Any]:
+async def _body(request: Request, key: str, kind: type) -> tuple[AppState, Any]:
     state: AppState = request.app.state.ember
     body = await read_json(request, state.payload_limit)
     if not isinstance(body, dict) or not isinstance(body.get(key), kind):
@@ -58,8 +60,9 @@ async def detokenize(request: Request) -> Response:
     try:
         state, tokens = await _body(request, "tokens", list)
         vocab = int(state.shard_info.get("vocab_size") or 0)
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t and (not vocab or t < vocab)
-                   for t in tokens):
+        if not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t and (not vocab or t < vocab) for t in tokens
+        ):
             raise ValidationError(f"`tokens` must be token ids >= 0 and < {vocab}")
         return JSONResponse({"text": await state.tokenizer.decode(tokens)})
     except EmberError as exc:

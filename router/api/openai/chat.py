@@ -11,16 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ember.router.api.openai import tools as tool_calls
 from ember.router.api.openai.common import (
-    FINISH, Choices, StopHolder, choice_count, completion_id, content_frame, field, fingerprint, merged, now,
-    openai_error, request_tag, sampling, sse, sse_head, stream_error, stream_options, trim_stop, usage,
+    FINISH,
+    Choices,
+    StopHolder,
+    choice_count,
+    completion_id,
+    content_frame,
+    field,
+    fingerprint,
+    merged,
+    now,
+    openai_error,
+    request_tag,
+    sampling,
+    sse,
+    sse_head,
+    stream_error,
+    stream_options,
+    trim_stop,
+    usage,
 )
 from ember.router.api.openai.tools import ToolError, ToolPlan
 from ember.router.chat_template import ChatTemplate
@@ -116,7 +134,7 @@ class ChatCall:
     raw_tools: list | None
 
 
-async def parse_chat_off_loop(body: Any, state: "AppState") -> ChatCall:
+async def parse_chat_off_loop(body: Any, state: AppState) -> ChatCall:
     """`parse_chat`, in a worker thread when tools are given: their schemas are checked and
     compiled to a regex, which for large schemas would stall every stream on the event loop."""
     if isinstance(body, dict) and body.get("tools"):
@@ -124,7 +142,7 @@ async def parse_chat_off_loop(body: Any, state: "AppState") -> ChatCall:
     return parse_chat(body, state)
 
 
-def parse_chat(body: Any, state: "AppState") -> ChatCall:
+def parse_chat(body: Any, state: AppState) -> ChatCall:
     if not isinstance(body, dict):
         raise BodyError("expected a JSON object")
     raw = body.get("messages")
@@ -147,13 +165,25 @@ def parse_chat(body: Any, state: "AppState") -> ChatCall:
         grammar = plan.grammar
     params.grammar = grammar
     stream = field(body, "stream", (bool,), False)
-    return ChatCall(messages, params, choice_count(body, state), stream,
-                    stream_options(body) if stream else False, logprobs, plan, raw_tools if plan else None)
+    return ChatCall(
+        messages,
+        params,
+        choice_count(body, state),
+        stream,
+        stream_options(body) if stream else False,
+        logprobs,
+        plan,
+        raw_tools if plan else None,
+    )
 
 
 def _token_logprob(token: TokenInfo, top: list[TokenInfo]) -> dict:
-    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode()),
-            "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())} for t in top]}
+    return {
+        "token": token.text,
+        "logprob": token.logprob,
+        "bytes": list(token.text.encode()),
+        "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())} for t in top],
+    }
 
 
 class ChatApi:
@@ -162,7 +192,7 @@ class ChatApi:
     def __init__(self, template: ChatTemplate) -> None:
         self.template = template
 
-    async def prompt(self, state: "AppState", call: ChatCall) -> str:
+    async def prompt(self, state: AppState, call: ChatCall) -> str:
         messages = call.messages
         plan = call.plan
         if plan is not None and plan.grammar is not None and not self.template.mentions_tools:
@@ -195,29 +225,45 @@ class ChatApi:
         finish = FINISH.get(res.finish_reason, "stop")
         message: dict = {"role": "assistant", "content": trim_stop(res.text, call.params.stop)}
         plan = call.plan
-        if plan is not None and plan.grammar is not None and finish != "length" and \
-                tool_calls.is_call(res.text, plan.required):
+        if (
+            plan is not None
+            and plan.grammar is not None
+            and finish != "length"
+            and tool_calls.is_call(res.text, plan.required)
+        ):
             try:
                 message = {"role": "assistant", "content": None, "tool_calls": [tool_calls.parse_call(res.text)]}
                 finish = "tool_calls"
             except ToolError:  # cut short (a stop sequence): answer the text as it is
                 pass
-        logprobs = {"content": [_token_logprob(t, top) for t, top in zip(res.tokens, res.top_tokens)
-                                if not t.special]} if call.logprobs else None
+        logprobs = (
+            {"content": [_token_logprob(t, top) for t, top in zip(res.tokens, res.top_tokens) if not t.special]}
+            if call.logprobs
+            else None
+        )
         return {"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
-    def _answer(self, state: "AppState", call: ChatCall, results: list[Result]) -> dict:
+    def _answer(self, state: AppState, call: ChatCall, results: list[Result]) -> dict:
         return {
-            "id": completion_id("chatcmpl"), "object": "chat.completion", "created": now(),
-            "model": state.model_id, "system_fingerprint": fingerprint(state),
+            "id": completion_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now(),
+            "model": state.model_id,
+            "system_fingerprint": fingerprint(state),
             "choices": [self._choice(call, i, r) for i, r in enumerate(results)],
             "usage": usage(results[0].request.input_length, sum(r.generated_tokens for r in results)),
         }
 
-    async def _events(self, state: "AppState", choices: Choices, call: ChatCall,
-                      valids: list[ValidRequest]) -> AsyncIterator[bytes]:
-        head = {"id": completion_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(),
-                "model": state.model_id, "system_fingerprint": fingerprint(state)}
+    async def _events(
+        self, state: AppState, choices: Choices, call: ChatCall, valids: list[ValidRequest]
+    ) -> AsyncIterator[bytes]:
+        head = {
+            "id": completion_id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": now(),
+            "model": state.model_id,
+            "system_fingerprint": fingerprint(state),
+        }
         writers = [_ChoiceWriter(call, i) for i in range(len(valids))]
 
         frame_head = sse_head(head)
@@ -280,7 +326,7 @@ class _ChoiceWriter:
 
     def finish(self, full_text: str) -> list[dict]:
         seen = "".join(self.seen)
-        rest = full_text[len(seen):] if full_text.startswith(seen) else ""
+        rest = full_text[len(seen) :] if full_text.startswith(seen) else ""
         self.seen = [seen, rest]
         return self._route(rest, True)
 

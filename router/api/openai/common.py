@@ -21,9 +21,10 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from json.encoder import encode_basestring as json_str  # a str as json.dumps(ensure_ascii=False) writes it
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -43,6 +44,7 @@ FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 # ---- errors -------------------------------------------------------------------------------------
 
+
 def error_body(exc: EmberError, param: str | None = None) -> dict:
     return {"error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.status}}
 
@@ -53,6 +55,7 @@ def openai_error(exc: EmberError) -> Response:
 
 
 # ---- body fields --------------------------------------------------------------------------------
+
 
 def field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
     """A typed optional field; JSON null means absent; a bool is never a number."""
@@ -95,13 +98,18 @@ def sampling(body: dict, default_max_tokens: int | None) -> GenerateParameters:
     temperature = field(body, "temperature", (int, float))
     p = GenerateParameters(
         max_new_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        top_p=field(body, "top_p", (int, float)), min_p=field(body, "min_p", (int, float)),
+        top_p=field(body, "top_p", (int, float)),
+        min_p=field(body, "min_p", (int, float)),
         frequency_penalty=field(body, "frequency_penalty", (int, float)),
         presence_penalty=field(body, "presence_penalty", (int, float)),
         repetition_penalty=field(body, "repetition_penalty", (int, float)),
-        seed=field(body, "seed", (int,)), stop=_stop(body), logit_bias=_logit_bias(body),
-        ignore_eos=field(body, "ignore_eos", (bool,), False), min_new_tokens=field(body, "min_tokens", (int,), 0),
-        details=True)
+        seed=field(body, "seed", (int,)),
+        stop=_stop(body),
+        logit_bias=_logit_bias(body),
+        ignore_eos=field(body, "ignore_eos", (bool,), False),
+        min_new_tokens=field(body, "min_tokens", (int,), 0),
+        details=True,
+    )
     top_k = field(body, "top_k", (int,))
     p.top_k = top_k if top_k and top_k > 0 else None  # vLLM: -1 or 0 means off
     if p.min_new_tokens < 0:
@@ -123,7 +131,7 @@ def _check_model(body: dict) -> None:
         raise BodyError("model: invalid type, expected a string")
 
 
-def choice_count(body: dict, state: "AppState") -> int:
+def choice_count(body: dict, state: AppState) -> int:
     n = field(body, "n", (int,), 1)
     most = max(state.limits.max_client_batch_size, state.limits.max_best_of)
     if not 1 <= n <= most:
@@ -132,6 +140,7 @@ def choice_count(body: dict, state: "AppState") -> int:
 
 
 # ---- running requests ---------------------------------------------------------------------------
+
 
 def reseed(valid: ValidRequest, offset: int) -> ValidRequest:
     """Choice `offset` of a request: its own seed, so sampled choices differ."""
@@ -150,7 +159,7 @@ def request_tag(request: Request) -> str:
 class Choices:
     """The requests behind one OpenAI call (prompts × n): permits, validation, submission."""
 
-    def __init__(self, state: "AppState") -> None:
+    def __init__(self, state: AppState) -> None:
         self.state = state
         self.permits: list[Permit] = []
         self.streams: list[Stream] = []
@@ -200,7 +209,7 @@ class Choices:
             permit.release()
 
 
-async def merged(state: "AppState", streams: list[Stream]) -> AsyncIterator[tuple[int, StreamItem]]:
+async def merged(state: AppState, streams: list[Stream]) -> AsyncIterator[tuple[int, StreamItem]]:
     """The items of several streams as they come, tagged with the stream's index."""
     if len(streams) == 1:  # the usual call: read it directly (no task and queue hop per token)
         async for item in state.infer.items(streams[0]):
@@ -265,7 +274,7 @@ class StopHolder:
         if cut < len(buffer):
             self.stopped, final = True, True
         end = cut if final else max(cut - self.hold, self.sent)
-        out, self.sent = buffer[self.sent:end], end
+        out, self.sent = buffer[self.sent : end], end
         return out
 
 
@@ -278,6 +287,7 @@ def sse(obj: Any) -> bytes:
 # Per-token frames, built from the stream's fixed head encoded once: byte for byte what
 # `sse({**head, "choices": [...]})` gives, at a fraction of its cost (tests check both agree).
 
+
 def sse_head(head: dict) -> str:
     """`data: ` and the JSON of a stream's fixed fields, without the closing brace."""
     return "data: " + json.dumps(head, ensure_ascii=False)[:-1]
@@ -285,15 +295,19 @@ def sse_head(head: dict) -> str:
 
 def text_frame(head: str, index: int, text: str) -> bytes:
     """`sse({**head, "choices": [{"index", "text", "logprobs": None, "finish_reason": None}]})`."""
-    return (f'{head}, "choices": [{{"index": {index}, "text": {json_str(text)}, "logprobs": null, '
-            f'"finish_reason": null}}]}}\n\n').encode()
+    return (
+        f'{head}, "choices": [{{"index": {index}, "text": {json_str(text)}, "logprobs": null, '
+        f'"finish_reason": null}}]}}\n\n'
+    ).encode()
 
 
 def content_frame(head: str, index: int, content: str) -> bytes:
     """`sse({**head, "choices": [{"index", "delta": {"content"}, "logprobs": None, "finish_reason": None}],
     "usage": None})`."""
-    return (f'{head}, "choices": [{{"index": {index}, "delta": {{"content": {json_str(content)}}}, '
-            f'"logprobs": null, "finish_reason": null}}], "usage": null}}\n\n').encode()
+    return (
+        f'{head}, "choices": [{{"index": {index}, "delta": {{"content": {json_str(content)}}}, '
+        f'"logprobs": null, "finish_reason": null}}], "usage": null}}\n\n'
+    ).encode()
 
 
 def stream_error(exc: EmberError) -> bytes:
@@ -306,7 +320,7 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def fingerprint(state: "AppState") -> str:
+def fingerprint(state: AppState) -> str:
     return f"{__version__}-{state.info().get('docker_label') or 'native'}"
 
 
@@ -325,7 +339,8 @@ def stream_options(body: dict) -> bool:
 
 # ---- models -------------------------------------------------------------------------------------
 
-def model_card(state: "AppState") -> dict:
+
+def model_card(state: AppState) -> dict:
     return {"id": state.model_id, "object": "model", "created": int(state.started_at), "owned_by": "ember"}
 
 
@@ -344,7 +359,8 @@ async def get_model(request: Request) -> Response:
 
 # ---- wiring -------------------------------------------------------------------------------------
 
-def install(state: "AppState", tokenizer_dir: str) -> list[BaseRoute]:
+
+def install(state: AppState, tokenizer_dir: str) -> list[BaseRoute]:
     """The OpenAI, llama-cpp-python extras and /chat_tokenize routes, their /invocations
     shapes and OpenAPI operations; the caller passes the routes to `create_app`."""
     from ember.router import app as app_module

@@ -10,14 +10,32 @@ prompt before the completion (and, with `logprobs`, the prompt's logprobs).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ember.router.api.openai.common import (
-    FINISH, Choices, StopHolder, choice_count, completion_id, field, fingerprint, merged, now, openai_error,
-    request_tag, sampling, sse, sse_head, stream_error, stream_options, text_frame, trim_stop, usage,
+    FINISH,
+    Choices,
+    StopHolder,
+    choice_count,
+    completion_id,
+    field,
+    fingerprint,
+    merged,
+    now,
+    openai_error,
+    request_tag,
+    sampling,
+    sse,
+    sse_head,
+    stream_error,
+    stream_options,
+    text_frame,
+    trim_stop,
+    usage,
 )
 from ember.router.errors import BodyError, EmberError, ValidationError
 from ember.router.http import EventStream, read_json
@@ -30,18 +48,19 @@ if TYPE_CHECKING:
 FIM = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
 
-def _prompts(body: dict, state: "AppState") -> list[str]:
+def _prompts(body: dict, state: AppState) -> list[str]:
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise BodyError("prompt: expected a string or a non-empty list of strings")
     if len(prompts) > state.limits.max_client_batch_size:
         raise ValidationError(
-            f"Number of prompts must be <= {state.limits.max_client_batch_size}. Given: {len(prompts)}")
+            f"Number of prompts must be <= {state.limits.max_client_batch_size}. Given: {len(prompts)}"
+        )
     return prompts
 
 
-def _with_suffix(prompts: list[str], suffix: str | None, state: "AppState") -> list[str]:
+def _with_suffix(prompts: list[str], suffix: str | None, state: AppState) -> list[str]:
     """Fill-in-the-middle prompts, when the tokenizer has FIM tokens."""
     if not suffix:
         return prompts
@@ -55,7 +74,7 @@ def _with_suffix(prompts: list[str], suffix: str | None, state: "AppState") -> l
 class _Call:
     """A parsed completion request."""
 
-    def __init__(self, body: Any, state: "AppState") -> None:
+    def __init__(self, body: Any, state: AppState) -> None:
         if not isinstance(body, dict):
             raise BodyError("expected a JSON object")
         self.prompts = _prompts(body, state)
@@ -113,17 +132,27 @@ async def handle_body(request: Request, body: Any, arrived: float) -> Response:
         return EventStream(_events(state, choices, call, [v.input_length for v in valids]), choices.close)
     results = await choices.generate(request, valids, arrived)
     prompt_tokens = sum(v.input_length for v in valids[:: call.n])
-    return JSONResponse({
-        "id": completion_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_id,
+    return JSONResponse(
+        {
+            "id": completion_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": state.model_id,
+            "system_fingerprint": fingerprint(state),
+            "choices": [_choice(call, i, r) for i, r in enumerate(results)],
+            "usage": usage(prompt_tokens, sum(r.generated_tokens for r in results)),
+        }
+    )
+
+
+async def _events(state: AppState, choices: Choices, call: _Call, lengths: list[int]) -> AsyncIterator[bytes]:
+    head = {
+        "id": completion_id("cmpl"),
+        "object": "text_completion",
+        "created": now(),
+        "model": state.model_id,
         "system_fingerprint": fingerprint(state),
-        "choices": [_choice(call, i, r) for i, r in enumerate(results)],
-        "usage": usage(prompt_tokens, sum(r.generated_tokens for r in results)),
-    })
-
-
-async def _events(state: "AppState", choices: Choices, call: _Call, lengths: list[int]) -> AsyncIterator[bytes]:
-    head = {"id": completion_id("cmpl"), "object": "text_completion", "created": now(), "model": state.model_id,
-            "system_fingerprint": fingerprint(state)}
+    }
 
     frame_head = sse_head(head)
 
@@ -154,7 +183,7 @@ async def _events(state: "AppState", choices: Choices, call: _Call, lengths: lis
             if item.end is not None:
                 generated += item.end.generated_tokens
                 full, sent = item.end.text, "".join(seen[i])
-                rest = holders[i].push(full[len(sent):] if full.startswith(sent) else "", final=True)
+                rest = holders[i].push(full[len(sent) :] if full.startswith(sent) else "", final=True)
                 yield chunk(i, rest, FINISH.get(item.end.finish_reason, "stop"))
         if call.include_usage:
             prompt_tokens = sum(lengths[:: call.n])

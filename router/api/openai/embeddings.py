@@ -35,8 +35,9 @@ def _inputs(value: Any) -> list[str | list[int]]:
     if not isinstance(value, list) or not value:
         raise BodyError("input: expected a string, a token array, or a non-empty list of them")
     for item in value:
-        ok = isinstance(item, str) or (isinstance(item, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in item))
+        ok = isinstance(item, str) or (
+            isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+        )
         if not ok:
             raise BodyError("input: every item must be a string or a list of token ids")
     if len(value) > MAX_INPUTS:
@@ -44,7 +45,7 @@ def _inputs(value: Any) -> list[str | list[int]]:
     return value
 
 
-async def _token_lists(state: "AppState", inputs: list[str | list[int]]) -> list[list[int]]:
+async def _token_lists(state: AppState, inputs: list[str | list[int]]) -> list[list[int]]:
     vocab = int(state.shard_info.get("vocab_size") or 0)
     out = []
     for item in inputs:
@@ -53,7 +54,8 @@ async def _token_lists(state: "AppState", inputs: list[str | list[int]]) -> list
             raise ValidationError("`input` cannot be empty")
         if len(ids) > state.limits.max_input_tokens:
             raise ValidationError(
-                f"`input` must have less than {state.limits.max_input_tokens} tokens. Given: {len(ids)}")
+                f"`input` must have less than {state.limits.max_input_tokens} tokens. Given: {len(ids)}"
+            )
         if vocab and any(t < 0 or t >= vocab for t in ids):
             raise ValidationError(f"token ids must be >= 0 and < {vocab}")
         out.append(list(ids))
@@ -66,7 +68,7 @@ def _encode(values: list[float], fmt: str) -> list[float] | str:
     return values
 
 
-def _check(body: Any, state: "AppState") -> str:
+def _check(body: Any, state: AppState) -> str:
     if not isinstance(body, dict):
         raise BodyError("expected a JSON object")
     if state.shard_info.get("supports_embeddings") is False:
@@ -96,8 +98,16 @@ async def embeddings(request: Request) -> Response:
             permit.release()
     except EmberError as exc:
         return openai_error(exc)
-    data = [{"object": "embedding", "index": i, "embedding": _encode(list(e.values), fmt)}
-            for i, e in enumerate(reply.embeddings)]
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(list(e.values), fmt)}
+        for i, e in enumerate(reply.embeddings)
+    ]
     n = sum(len(t) for t in token_lists)
-    return JSONResponse({"object": "list", "data": data, "model": body.get("model") or state.model_id,
-                         "usage": {k: v for k, v in usage(n, 0).items() if k != "completion_tokens"}})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": body.get("model") or state.model_id,
+            "usage": {k: v for k, v in usage(n, 0).items() if k != "completion_tokens"},
+        }
+    )

@@ -85,9 +85,15 @@ def _chosen(functions: list[dict], tool_choice: Any) -> tuple[list[dict], str]:
 
 def call_schema(functions: list[dict]) -> dict:
     """JSON schema of exactly one call of one of `functions`."""
-    calls = [{"type": "object",
-              "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-              "required": ["name", "arguments"], "additionalProperties": False} for f in functions]
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
@@ -109,8 +115,10 @@ def plan(tools: Any, tool_choice: Any, tool_prompt: str | None) -> ToolPlan:
 
 def tool_text(tools: list[dict], prompt: str) -> str:
     """What is appended to the last message when the template does not render tools."""
-    listing = json.dumps([{"name": f["name"], "description": f.get("description", ""),
-                           "parameters": f["parameters"]} for f in tools], ensure_ascii=False)
+    listing = json.dumps(
+        [{"name": f["name"], "description": f.get("description", ""), "parameters": f["parameters"]} for f in tools],
+        ensure_ascii=False,
+    )
     return f"\n---\n{prompt}\n{listing}"
 
 
@@ -130,8 +138,11 @@ def parse_call(text: str) -> dict:
         name, arguments = call["name"], call["arguments"]
     except (ValueError, KeyError, TypeError) as exc:
         raise ToolError(f"the model's tool call is not valid JSON: {exc}") from None
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 class CallStreamer:
@@ -159,13 +170,14 @@ class CallStreamer:
                 return []
             self.name = json.loads(f'"{head.group(1)}"')
             self.args_start = head.end()
-            deltas.append({"index": 0, "id": self.id, "type": "function",
-                           "function": {"name": self.name, "arguments": ""}})
+            deltas.append(
+                {"index": 0, "id": self.id, "type": "function", "function": {"name": self.name, "arguments": ""}}
+            )
         # Held back: trailing whitespace and one final `}` (it may close the call object).
-        ready = self.text[self.args_start:].rstrip()
+        ready = self.text[self.args_start :].rstrip()
         if ready.endswith("}"):
             ready = ready[:-1].rstrip()
         if len(ready) > self.sent:
-            deltas.append({"index": 0, "function": {"arguments": ready[self.sent:]}})
+            deltas.append({"index": 0, "function": {"arguments": ready[self.sent :]}})
             self.sent = len(ready)
         return deltas

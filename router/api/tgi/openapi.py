@@ -28,60 +28,124 @@ _BOOL = {"type": "boolean"}
 
 SCHEMAS: dict[str, dict] = {
     "ErrorResponse": _obj(["error", "error_type"], error=_STR, error_type=_STR),
-    "GrammarType": {"oneOf": [
-        _obj(["type", "value"], type={"type": "string", "enum": ["json"]},
-             value={"description": "A JSON schema, as an object or a string holding one"}),
-        _obj(["type", "value"], type={"type": "string", "enum": ["regex"]}, value=_STR),
-    ], "discriminator": {"propertyName": "type"}},
+    "GrammarType": {
+        "oneOf": [
+            _obj(
+                ["type", "value"],
+                type={"type": "string", "enum": ["json"]},
+                value={"description": "A JSON schema, as an object or a string holding one"},
+            ),
+            _obj(["type", "value"], type={"type": "string", "enum": ["regex"]}, value=_STR),
+        ],
+        "discriminator": {"propertyName": "type"},
+    },
     "GenerateParameters": _obj(
-        [], best_of=_NINT, decoder_input_details=_BOOL, details=_BOOL, do_sample=_BOOL,
-        frequency_penalty=_NUM, grammar={"allOf": [_ref("GrammarType")], "nullable": True},
-        max_new_tokens=_NINT, repetition_penalty=_NUM, return_full_text={"type": "boolean", "nullable": True},
-        seed=_NINT, stop={"type": "array", "items": _STR}, temperature=_NUM, top_k=_NINT,
-        top_n_tokens=_NINT, top_p={"type": "number", "nullable": True, "maximum": 1, "exclusiveMinimum": 0},
-        truncate=_NINT, typical_p={"type": "number", "nullable": True, "maximum": 1, "exclusiveMinimum": 0},
-        watermark=_BOOL, adapter_id={"type": "string", "nullable": True}),
+        [],
+        best_of=_NINT,
+        decoder_input_details=_BOOL,
+        details=_BOOL,
+        do_sample=_BOOL,
+        frequency_penalty=_NUM,
+        grammar={"allOf": [_ref("GrammarType")], "nullable": True},
+        max_new_tokens=_NINT,
+        repetition_penalty=_NUM,
+        return_full_text={"type": "boolean", "nullable": True},
+        seed=_NINT,
+        stop={"type": "array", "items": _STR},
+        temperature=_NUM,
+        top_k=_NINT,
+        top_n_tokens=_NINT,
+        top_p={"type": "number", "nullable": True, "maximum": 1, "exclusiveMinimum": 0},
+        truncate=_NINT,
+        typical_p={"type": "number", "nullable": True, "maximum": 1, "exclusiveMinimum": 0},
+        watermark=_BOOL,
+        adapter_id={"type": "string", "nullable": True},
+    ),
     "GenerateRequest": _obj(["inputs"], inputs=_STR, parameters=_ref("GenerateParameters")),
-    "CompatGenerateRequest": _obj(["inputs"], inputs=_STR, parameters=_ref("GenerateParameters"),
-                                  stream=_BOOL),
+    "CompatGenerateRequest": _obj(["inputs"], inputs=_STR, parameters=_ref("GenerateParameters"), stream=_BOOL),
     "FinishReason": {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]},
     "Token": _obj(["id", "text", "logprob", "special"], id=_INT, text=_STR, logprob=_NUM, special=_BOOL),
     "PrefillToken": _obj(["id", "text", "logprob"], id=_INT, text=_STR, logprob=_NUM),
     "BestOfSequence": _obj(
-        ["generated_text", "finish_reason", "generated_tokens", "prefill", "tokens"], generated_text=_STR,
-        finish_reason=_ref("FinishReason"), generated_tokens=_INT, seed=_NINT,
-        prefill={"type": "array", "items": _ref("PrefillToken")}, tokens={"type": "array", "items": _ref("Token")},
-        top_tokens={"type": "array", "items": {"type": "array", "items": _ref("Token")}}),
-    "Details": _obj(
-        ["finish_reason", "generated_tokens", "prefill", "tokens"], finish_reason=_ref("FinishReason"),
-        generated_tokens=_INT, seed=_NINT, prefill={"type": "array", "items": _ref("PrefillToken")},
+        ["generated_text", "finish_reason", "generated_tokens", "prefill", "tokens"],
+        generated_text=_STR,
+        finish_reason=_ref("FinishReason"),
+        generated_tokens=_INT,
+        seed=_NINT,
+        prefill={"type": "array", "items": _ref("PrefillToken")},
         tokens={"type": "array", "items": _ref("Token")},
         top_tokens={"type": "array", "items": {"type": "array", "items": _ref("Token")}},
-        best_of_sequences={"type": "array", "items": _ref("BestOfSequence"), "nullable": True}),
-    "GenerateResponse": _obj(["generated_text"], generated_text=_STR,
-                             details={"allOf": [_ref("Details")], "nullable": True}),
-    "StreamDetails": _obj(["finish_reason", "generated_tokens", "input_length"],
-                          finish_reason=_ref("FinishReason"), generated_tokens=_INT, input_length=_INT, seed=_NINT),
-    "StreamResponse": _obj(["index", "token"], index=_INT, token=_ref("Token"),
-                           top_tokens={"type": "array", "items": _ref("Token")},
-                           generated_text={"type": "string", "nullable": True},
-                           details={"allOf": [_ref("StreamDetails")], "nullable": True}),
+    ),
+    "Details": _obj(
+        ["finish_reason", "generated_tokens", "prefill", "tokens"],
+        finish_reason=_ref("FinishReason"),
+        generated_tokens=_INT,
+        seed=_NINT,
+        prefill={"type": "array", "items": _ref("PrefillToken")},
+        tokens={"type": "array", "items": _ref("Token")},
+        top_tokens={"type": "array", "items": {"type": "array", "items": _ref("Token")}},
+        best_of_sequences={"type": "array", "items": _ref("BestOfSequence"), "nullable": True},
+    ),
+    "GenerateResponse": _obj(
+        ["generated_text"], generated_text=_STR, details={"allOf": [_ref("Details")], "nullable": True}
+    ),
+    "StreamDetails": _obj(
+        ["finish_reason", "generated_tokens", "input_length"],
+        finish_reason=_ref("FinishReason"),
+        generated_tokens=_INT,
+        input_length=_INT,
+        seed=_NINT,
+    ),
+    "StreamResponse": _obj(
+        ["index", "token"],
+        index=_INT,
+        token=_ref("Token"),
+        top_tokens={"type": "array", "items": _ref("Token")},
+        generated_text={"type": "string", "nullable": True},
+        details={"allOf": [_ref("StreamDetails")], "nullable": True},
+    ),
     "SimpleToken": _obj(["id", "text", "start", "stop"], id=_INT, text=_STR, start=_INT, stop=_INT),
     "TokenizeResponse": {"type": "array", "items": _ref("SimpleToken")},
     "Info": _obj(
-        ["model_id", "max_concurrent_requests", "max_best_of", "max_stop_sequences", "max_input_tokens",
-         "max_total_tokens", "validation_workers", "max_client_batch_size", "router", "version"],
-        model_id=_STR, model_sha={"type": "string", "nullable": True},
-        model_pipeline_tag={"type": "string", "nullable": True}, max_concurrent_requests=_INT,
-        max_best_of=_INT, max_stop_sequences=_INT, max_input_tokens=_INT, max_total_tokens=_INT,
-        validation_workers=_INT, max_client_batch_size=_INT, router=_STR, version=_STR,
-        sha={"type": "string", "nullable": True}, docker_label={"type": "string", "nullable": True}),
+        [
+            "model_id",
+            "max_concurrent_requests",
+            "max_best_of",
+            "max_stop_sequences",
+            "max_input_tokens",
+            "max_total_tokens",
+            "validation_workers",
+            "max_client_batch_size",
+            "router",
+            "version",
+        ],
+        model_id=_STR,
+        model_sha={"type": "string", "nullable": True},
+        model_pipeline_tag={"type": "string", "nullable": True},
+        max_concurrent_requests=_INT,
+        max_best_of=_INT,
+        max_stop_sequences=_INT,
+        max_input_tokens=_INT,
+        max_total_tokens=_INT,
+        validation_workers=_INT,
+        max_client_batch_size=_INT,
+        router=_STR,
+        version=_STR,
+        sha={"type": "string", "nullable": True},
+        docker_label={"type": "string", "nullable": True},
+    ),
 }
 
 
 def _errors(*codes: int, media: str = "application/json") -> dict:
-    names = {413: "Payload too large", 422: "Input validation error", 424: "Generation error",
-             429: "Model is overloaded", 500: "Incomplete generation", 503: "Unhealthy"}
+    names = {
+        413: "Payload too large",
+        422: "Input validation error",
+        424: "Generation error",
+        429: "Model is overloaded",
+        500: "Incomplete generation",
+        503: "Unhealthy",
+    }
     return {str(c): {"description": names[c], "content": {media: {"schema": _ref("ErrorResponse")}}} for c in codes}
 
 
@@ -98,21 +162,48 @@ def _content(schema: str, media: str = "application/json") -> dict:
 
 GEN_ERRORS = (413, 422, 424, 429, 500)
 OPERATIONS: dict[str, dict[str, dict]] = {
-    "/": {"post": _op("Generate (stream false) or stream tokens (stream true)", "CompatGenerateRequest", {
-        "description": "A one-element list of GenerateResponse, or SSE StreamResponse events",
-        "content": {"application/json": {"schema": {"type": "array", "items": _ref("GenerateResponse")}},
-                    "text/event-stream": {"schema": _ref("StreamResponse")}}}, *GEN_ERRORS),
-          "get": _op("Health check", None, {"description": "Healthy"}, 503)},
+    "/": {
+        "post": _op(
+            "Generate (stream false) or stream tokens (stream true)",
+            "CompatGenerateRequest",
+            {
+                "description": "A one-element list of GenerateResponse, or SSE StreamResponse events",
+                "content": {
+                    "application/json": {"schema": {"type": "array", "items": _ref("GenerateResponse")}},
+                    "text/event-stream": {"schema": _ref("StreamResponse")},
+                },
+            },
+            *GEN_ERRORS,
+        ),
+        "get": _op("Health check", None, {"description": "Healthy"}, 503),
+    },
     "/generate": {"post": _op("Generate tokens", "GenerateRequest", _content("GenerateResponse"), *GEN_ERRORS)},
-    "/generate_stream": {"post": _op("Stream tokens as Server-Sent Events", "GenerateRequest",
-                                     _content("StreamResponse", "text/event-stream"), *GEN_ERRORS)},
-    "/invocations": {"post": _op("SageMaker: a TGI, chat or completion body, answered in kind", None, {
-        "description": "The answer of the route the body's shape selects"}, *GEN_ERRORS)},
+    "/generate_stream": {
+        "post": _op(
+            "Stream tokens as Server-Sent Events",
+            "GenerateRequest",
+            _content("StreamResponse", "text/event-stream"),
+            *GEN_ERRORS,
+        )
+    },
+    "/invocations": {
+        "post": _op(
+            "SageMaker: a TGI, chat or completion body, answered in kind",
+            None,
+            {"description": "The answer of the route the body's shape selects"},
+            *GEN_ERRORS,
+        )
+    },
     "/info": {"get": _op("Model and router information", None, _content("Info"))},
     "/health": {"get": _op("200 when every shard answers", None, {"description": "Healthy"}, 503)},
     "/ping": {"get": _op("SageMaker health check", None, {"description": "Healthy"}, 503)},
-    "/metrics": {"get": _op("Prometheus metrics", None, {
-        "description": "Prometheus text format", "content": {"text/plain": {"schema": _STR}}})},
+    "/metrics": {
+        "get": _op(
+            "Prometheus metrics",
+            None,
+            {"description": "Prometheus text format", "content": {"text/plain": {"schema": _STR}}},
+        )
+    },
     "/tokenize": {"post": _op("Tokenize inputs", "GenerateRequest", _content("TokenizeResponse"), 413, 422)},
 }
 

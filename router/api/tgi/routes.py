@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import AsyncIterator
 from json.encoder import encode_basestring as json_str
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -93,12 +94,14 @@ def _token_frame(index: int, token: TokenInfo) -> bytes | None:
         logprob = float.__repr__(lp)
     else:
         return None
-    return (f'data:{{"index": {index}, "token": {{"id": {int(token.id)}, "text": {json_str(token.text)}, '
-            f'"logprob": {logprob}, "special": {"true" if token.special else "false"}}}, '
-            f'"generated_text": null, "details": null}}\n\n').encode()
+    return (
+        f'data:{{"index": {index}, "token": {{"id": {int(token.id)}, "text": {json_str(token.text)}, '
+        f'"logprob": {logprob}, "special": {"true" if token.special else "false"}}}, '
+        f'"generated_text": null, "details": null}}\n\n'
+    ).encode()
 
 
-async def tgi_events(state: "AppState", stream: Stream) -> AsyncIterator[bytes]:
+async def tgi_events(state: AppState, stream: Stream) -> AsyncIterator[bytes]:
     """StreamResponse events; a failure after the first byte is an error event."""
     req = stream.entry.request
     prefix = req.inputs if req.return_full_text else ""
@@ -118,17 +121,24 @@ async def tgi_events(state: "AppState", stream: Stream) -> AsyncIterator[bytes]:
                 event["details"] = None
             else:
                 event["generated_text"] = prefix + end.text
-                event["details"] = {
-                    "finish_reason": end.finish_reason, "generated_tokens": end.generated_tokens,
-                    "seed": end.seed, "input_length": req.input_length,
-                } if req.details else None
+                event["details"] = (
+                    {
+                        "finish_reason": end.finish_reason,
+                        "generated_tokens": end.generated_tokens,
+                        "seed": end.seed,
+                        "input_length": req.input_length,
+                    }
+                    if req.details
+                    else None
+                )
             yield _frame(event)
     except EmberError as exc:
         yield _frame(exc.body())
 
 
-async def run_generate(request: Request, state: "AppState", req: GenerateRequest, arrived: float,
-                       as_list: bool = False) -> Response:
+async def run_generate(
+    request: Request, state: AppState, req: GenerateRequest, arrived: float, as_list: bool = False
+) -> Response:
     """A non-streaming generation (permit → validation → batcher → JSON)."""
     permit = state.infer.acquire()
     try:
@@ -144,7 +154,7 @@ def _tag(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-async def run_stream(request: Request, state: "AppState", req: GenerateRequest, arrived: float) -> Response:
+async def run_stream(request: Request, state: AppState, req: GenerateRequest, arrived: float) -> Response:
     """A streaming generation: 429/422 are raised here, before any byte is sent."""
     permit = state.infer.acquire()
     try:
@@ -181,7 +191,7 @@ async def generate_stream(request: Request) -> Response:
         return error_response(exc)
 
 
-async def compat_body(request: Request, state: "AppState", body: dict, arrived: float) -> Response:
+async def compat_body(request: Request, state: AppState, body: dict, arrived: float) -> Response:
     req = request_from_tgi(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

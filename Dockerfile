@@ -12,7 +12,7 @@ ENV PYTHONUNBUFFERED=1 \
     PORT=80
 
 WORKDIR /usr/src/ember
-# A C compiler: the shard builds its CPU kernels (shard/native.c) for the host's CPU at first start,
+# A C compiler: the shard builds its CPU kernels (shard/kernels/) for the host's CPU at first start,
 # into $EMBER_CACHE/kernels; without one it runs on torch ops alone (slower, and no --quantize w4a8).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*

@@ -317,11 +317,9 @@ def linear_path(weight) -> tuple[str, str]:
 
 
 def _why_not_bf16_kernel(shape: tuple[int, int]) -> str:
-    kernels = native.kernels()
-    if kernels is None:
-        return f"bf16 matmuls without Ember's C kernels ({native.unavailable_reason()})"
-    if not kernels.bf16:
-        return "bf16 matmuls on a CPU without AVX-512 BF16 (Ember's bf16 kernel needs it)"
+    problem = native.bf16_kernel_problem()
+    if problem:
+        return f"bf16 matmuls: {problem}"
     return f"bf16 matmuls, but Ember's bf16 kernel takes no {shape[0]}x{shape[1]} weight (out % 16, in % 32)"
 
 

@@ -10,7 +10,7 @@ Each path below is fixed at load (where a step's row count picks between two, th
 * Decoder linears (qkv, o_proj, gate_up, down; one path per weight, `layers.linear_path` names it):
   float32 on CPU: oneDNN's linear on the weight reordered once into its blocked layout (`OneDNNWeight`,
   torch's, not this library). `--matmul-dtype bfloat16` with AVX-512 BF16: `bf16_linear`
-  (matmul_bf16.c) on `BF16Weight` tiles, activations rounded to bf16, float32 sums; without AVX-512 BF16
+  (matmul_bf16.c) on `BF16Weight` tiles, activations rounded to bf16, float32 sums; with AMX, or without AVX-512 BF16
   (or a shape it does not take): oneDNN in bf16. `--quantize int8|int4`: torch's packed kernels up to
   `layers.PACKED_MAX_ROWS` rows, a bf16 copy (bf16 kernel or oneDNN) beyond. `--quantize w4a8` (AVX-512 VNNI):
   `q4_linear` (matmul_q4.c), int4 codes x int8 activations, at any row count. Off CPU: torch's F.linear.
@@ -52,6 +52,7 @@ and the callers keep their torch paths: the kernels are a speed-up, never a requ
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -619,11 +620,10 @@ class BF16Weight:
 
     @classmethod
     def runs(cls, device: torch.device, shape: tuple[int, ...]) -> bool:
-        """The kernel takes this shape and this machine's kernels have it (AVX-512 BF16)."""
+        """The kernel takes this shape and is the bf16 path here (`bf16_kernel_problem`: AVX-512 BF16, no AMX)."""
         if device.type != "cpu" or not cls.fits(tuple(shape)):
             return False
-        k = kernels()
-        return k is not None and k.bf16
+        return bf16_kernel_problem() is None
 
     @classmethod
     def pack(cls, weight: torch.Tensor) -> BF16Weight:
@@ -707,13 +707,50 @@ def load(path: Path) -> Kernels:
     return Kernels(ctypes.CDLL(str(path)), path)
 
 
-# The shard's --native-kernels and --cache-dir (None: the registry's env var or default, for library callers).
-_settings: dict = {"enabled": None, "cache_dir": None}
+# The shard's --native-kernels and --cache-dir (None: the registry's env var or default, for library callers);
+# bf16_kernel: use Ember's bf16 kernel (True), never (False), or where it is the fastest bf16 path (None).
+_settings: dict = {"enabled": None, "cache_dir": None, "bf16_kernel": None}
 
 
 def configure(enabled: bool | None = None, cache_dir: str | None = None) -> None:
     """Apply the shard's settings before the first `kernels()` call."""
     _settings.update(enabled=enabled, cache_dir=cache_dir)
+
+
+def prefer_bf16_kernel(value: bool | None) -> None:
+    """Force Ember's bf16 kernel on or off (tests exercise it on every CPU that can run it); None: automatic."""
+    _settings["bf16_kernel"] = value
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """The CPU multiplies bf16 tiles in AMX units (Sapphire Rapids and later), which oneDNN uses."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "amx_bf16" in flags
+
+
+def bf16_kernel_problem() -> str | None:
+    """Why bf16 weights do not go on Ember's bf16 kernel here (None: they do).
+
+    The kernel (vdpbf16ps tiles) beats oneDNN on AVX-512 BF16 CPUs (20-25 % at 32 rows on Zen 4), but where
+    the CPU has AMX, oneDNN's AMX tiles are 3.5x faster at 32 rows and 6x at 256 (SmolLM2's shapes on a
+    2-core Xeon), so bf16 weights keep oneDNN's layout there and decode steps run op by op.
+    """
+    k = kernels()
+    if k is None:
+        return f"Ember's C kernels are off ({unavailable_reason()})"
+    if not k.bf16:
+        return "the CPU has no AVX-512 BF16 (Ember's bf16 kernel needs it)"
+    forced = _settings["bf16_kernel"]
+    if forced is False:
+        return "Ember's bf16 kernel is switched off"
+    if forced is None and cpu_has_amx():
+        return "the CPU has AMX: oneDNN's AMX tiles beat Ember's AVX-512 BF16 kernel 3-6x from 32 rows"
+    return None
 
 
 def kernels() -> Kernels | None:

@@ -15,6 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import tiny  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _embers_bf16_kernel_wherever_it_runs():
+    """In process, tests run Ember's bf16 kernel on every CPU that has AVX-512 BF16, AMX ones included (where
+    a served shard prefers oneDNN's AMX path: `native.bf16_kernel_problem`), so the kernel stays tested."""
+    from ember.shard import native
+
+    native.prefer_bf16_kernel(True)
+    yield
+    native.prefer_bf16_kernel(None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """Build (once per variant and overrides) a tiny model directory."""

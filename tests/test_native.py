@@ -729,3 +729,25 @@ def test_paths_under_w4a8(q4, tiny_llama_dir):
     assert paths["fused step"][0].startswith("2 layers in one C call (decode_layers, w4a8)")
     assert paths["lm head"][0].startswith("8-bit codes per 32 inputs on Ember's VNNI kernel; each row's top 16")
     assert paths["lm head"][0].endswith("rescored in float32")
+
+
+def test_on_an_amx_cpu_bf16_weights_keep_onednn(kernels, tiny_llama_dir, monkeypatch):
+    """Where the CPU has AMX, oneDNN's AMX tiles are the fastest bf16 path: the weights keep its layout, decode
+    steps run op by op, and the load log says why."""
+    from ember.shard.layers import OneDNNWeight
+    from ember.shard.runner import load_runner
+
+    if not kernels.bf16:
+        pytest.skip("this CPU has no AVX-512 BF16: bf16 weights take oneDNN anyway")
+    native.prefer_bf16_kernel(None)
+    monkeypatch.setattr(native, "cpu_has_amx", lambda: True)
+    assert "AMX" in native.bf16_kernel_problem()
+    runner = load_runner(tiny_llama_dir, dtype="float32", matmul_dtype="bfloat16")
+    assert isinstance(runner.model.layers[0].attn.qkv.weight, OneDNNWeight)
+    assert runner.model.fused is None
+    paths = {kind: (path, why) for kind, path, why in runner.model.kernel_paths(torch.bfloat16)}
+    assert "oneDNN" in paths["decoder linears"][0] and "AMX" in paths["decoder linears"][1]
+    monkeypatch.setattr(native, "cpu_has_amx", lambda: False)
+    assert native.bf16_kernel_problem() is None
+    runner = load_runner(tiny_llama_dir, dtype="float32", matmul_dtype="bfloat16")
+    assert isinstance(runner.model.layers[0].attn.qkv.weight, native.BF16Weight)

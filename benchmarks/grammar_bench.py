@@ -28,6 +28,7 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
+import report  # noqa: E402
 from servers import shard_process  # noqa: E402
 
 from ember.proto import generate_pb2 as pb  # noqa: E402
@@ -230,7 +231,7 @@ def main() -> None:
         "decode": decode_figures(model_dir, args.batch, args.new_tokens, args.runs),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(report.portable(json.dumps(results, indent=2)))
     print(json.dumps(results, indent=2))
 
 

@@ -12,6 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable(text: str) -> str:
+    """Results hold no machine's absolute paths: the repository's become relative, the home folder `~`."""
+    return text.replace(f"{REPO_ROOT}/", "").replace(str(REPO_ROOT), ".").replace(str(Path.home()), "~")
+
+
 FLAGS_OF_NOTE = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
@@ -286,7 +294,7 @@ def write_result(result: dict, out: Path, render: Callable[[dict], str]) -> None
     result["machine"]["loadavg_end"] = os.getloadavg()[0]
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    text = render(result)
+    out.write_text(portable(json.dumps(result, indent=2) + "\n"))
+    text = portable(render(result))
     out.with_suffix(".md").write_text(text)
     print(text)

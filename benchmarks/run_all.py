@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> None:
 def write_outputs(results: dict, out: Path) -> None:
     import plots  # matplotlib: the `bench` extra, not needed to import this module
 
-    (out / "comparison.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "comparison.json").write_text(report.portable(json.dumps(results, indent=2, default=str) + "\n"))
     images = plots.plot_all(results, out)
-    (out / "comparison.md").write_text(report.render(results, [p.name for p in images]))
+    (out / "comparison.md").write_text(report.portable(report.render(results, [p.name for p in images])))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
+import report  # noqa: E402
 from servers import shard_process  # noqa: E402
 
 from ember.proto import generate_pb2 as pb  # noqa: E402
@@ -136,7 +137,7 @@ def main() -> None:
         results["prefill_512"] = {"median_tok_s": statistics.median(prefill), "runs": prefill}
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    Path(args.out).write_text(report.portable(json.dumps(results, indent=2)))
     print(json.dumps(results, indent=2))
 
 

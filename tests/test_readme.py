@@ -1,5 +1,6 @@
-"""The README's first examples, run as a new user runs them: `make run` (the launcher with no flags, the
-default model at the automatic precision), then each `curl` of the "Try it" block, word for word but the port."""
+"""The README: its first examples, run as a new user runs them (`make run`, the launcher with no flags, the
+default model at the automatic precision, then each `curl` of the "Try it" block, word for word but the
+port), and its speed figures, generated from benchmarks/results/."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from pathlib import Path
 
 import pytest
 from servers import Launcher, free_port
-
-pytestmark = pytest.mark.slow
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -27,6 +26,15 @@ def try_it_commands() -> list[str]:
 def test_the_try_it_block_has_the_examples_this_test_checks():
     routes = [re.search(r"localhost:3000(/\S*)", c).group(1) for c in try_it_commands()]
     assert routes == ["/v1/chat/completions", "/generate", "/generate_stream"]
+
+
+def test_the_speed_figures_are_generated_from_the_results():
+    """The README quotes no figure by hand: its speed block is what readme_figures.py makes of the results."""
+    import readme_figures
+
+    block = readme_figures.block()
+    assert block.count("\n| ") == 5  # the header and the four servers: make run's, w4a8, bf16, vLLM CPU
+    assert readme_figures.readme_block(README.read_text()) == block, "run benchmarks/readme_figures.py --write"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +67,7 @@ def _run(command: str, port: int) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 def test_the_first_examples_answer(served):
     port, launcher = served
     chat, generate, stream = (_run(c, port) for c in try_it_commands())

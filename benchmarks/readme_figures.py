@@ -1,0 +1,95 @@
+"""The README's speed figures, generated from benchmarks/results/ so they cannot drift from what was measured.
+
+    .venv/bin/python benchmarks/readme_figures.py          # print the block
+    .venv/bin/python benchmarks/readme_figures.py --write  # replace it in README.md
+
+The block sits between `<!-- speed figures -->` and `<!-- /speed figures -->` in
+the README; tests/test_readme.py checks that it equals what this script makes
+of the committed results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- speed figures -->", "<!-- /speed figures -->"
+# (server, how it is started) in the order the table shows them.
+SETTINGS = (
+    ("ember-default", "`make run` (no flags: w4a8 here)"),
+    ("ember-w4a8", "`--quantize w4a8`"),
+    ("ember-bf16", "`--matmul-dtype bfloat16`"),
+    ("vllm-cpu", "vLLM CPU, bf16, its defaults"),
+)
+
+
+def _load(path: str) -> dict:
+    return json.loads((RESULTS / path).read_text())
+
+
+def _level(server: dict, scenario: str, concurrency: int) -> dict | None:
+    return next((s for s in server.get("summary") or [] if s["scenario"] == scenario
+                 and s["concurrency"] == concurrency), None)
+
+
+def comparison_table(path: str = "defaults/comparison.json", concurrency: int = 16) -> list[str]:
+    results = _load(path)
+    servers = results["servers"]
+    vllm = _level(servers.get("vllm-cpu", {}), "short", concurrency)
+    lines = [f"{concurrency} concurrent streams of short prompts, 2-core Zen 4, medians of "
+             f"{results['config']['repeats']} repeats (`benchmarks/results/{path.replace('.json', '.md')}`, "
+             f"command there):", "",
+             "| server | tokens/s | × vLLM CPU | TTFT p50 |", "|---|---:|---:|---:|"]
+    for name, label in SETTINGS:
+        level = _level(servers.get(name, {}), "short", concurrency)
+        if level is None:
+            continue
+        tps = level["output_tokens_per_s"]["median"]
+        ratio = f"{tps / vllm['output_tokens_per_s']['median']:.2f}×" if vllm else "–"
+        lines.append(f"| {label} | {tps:,.0f} | {ratio} | {level['ttft_p50_ms']['median']:,.0f} ms |")
+    return lines
+
+
+def router_overhead() -> str:
+    parts = []
+    for path, setting in (("router_overhead_bf16.json", "bf16"), ("router_overhead.json", "w4a8")):
+        level = _load(path)["levels"]["32"]["summary"]
+        share = 100 * level["paired_itl_p50"]["median_ms"] / level["grpc"]["itl_p50_ms"]
+        parts.append(f"{share:.1f} % ({setting}, `benchmarks/results/{path.replace('.json', '.md')}`)")
+    return "The router (HTTP streaming against the same load and batching rule straight over gRPC) adds " + \
+        " and ".join(parts) + " to a batch-32 decode step."
+
+
+def gpu() -> str:
+    results = _load("gpu/comparison.json")
+    level = _level(results["servers"]["ember-bf16"], "short", 32)
+    return (f"On one {results['machine']['gpu']}, decode steps replay CUDA graphs (`--cuda-graphs`): "
+            f"{level['output_tokens_per_s']['median']:,.0f} tok/s served at 32 streams "
+            "(`benchmarks/results/gpu/comparison.md`).")
+
+
+def block() -> str:
+    return "\n".join([BEGIN, *comparison_table(), "", router_overhead(), gpu(), END])
+
+
+def readme_block(text: str) -> str:
+    return text[text.index(BEGIN) : text.index(END) + len(END)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--write", action="store_true", help="replace the block in README.md")
+    args = p.parse_args()
+    new = block()
+    if args.write:
+        text = README.read_text()
+        README.write_text(text.replace(readme_block(text), new))
+    print(new)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,18 +32,30 @@ def _load(path: str) -> dict:
 
 
 def _level(server: dict, scenario: str, concurrency: int) -> dict | None:
-    return next((s for s in server.get("summary") or [] if s["scenario"] == scenario
-                 and s["concurrency"] == concurrency), None)
+    return next(
+        (s for s in server.get("summary") or [] if s["scenario"] == scenario and s["concurrency"] == concurrency), None
+    )
+
+
+def _machine(machine: dict) -> str:
+    """`2 logical CPUs of an Intel(R) Xeon(R) Processor (AMX)`: what the run recorded of its machine."""
+    flags = set(machine.get("flags") or [])
+    units = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else None
+    return f"{machine['logical_cpus']} logical CPUs of an {machine['cpu_model']}" + (f" ({units})" if units else "")
 
 
 def comparison_table(path: str = "defaults/comparison.json", concurrency: int = 16) -> list[str]:
     results = _load(path)
     servers = results["servers"]
     vllm = _level(servers.get("vllm-cpu", {}), "short", concurrency)
-    lines = [f"{concurrency} concurrent streams of short prompts, 2-core Zen 4, medians of "
-             f"{results['config']['repeats']} repeats (`benchmarks/results/{path.replace('.json', '.md')}`, "
-             f"command there):", "",
-             "| server | tokens/s | × vLLM CPU | TTFT p50 |", "|---|---:|---:|---:|"]
+    lines = [
+        f"{concurrency} concurrent streams of short prompts on {_machine(results['machine'])}, medians of "
+        f"{results['config']['repeats']} repeats (`benchmarks/results/{path.replace('.json', '.md')}`, "
+        f"command there):",
+        "",
+        "| server | tokens/s | × vLLM CPU | TTFT p50 |",
+        "|---|---:|---:|---:|",
+    ]
     for name, label in SETTINGS:
         level = _level(servers.get(name, {}), "short", concurrency)
         if level is None:
@@ -57,19 +69,28 @@ def comparison_table(path: str = "defaults/comparison.json", concurrency: int = 
 def router_overhead() -> str:
     parts = []
     for path, setting in (("router_overhead_bf16.json", "bf16"), ("router_overhead.json", "w4a8")):
-        level = _load(path)["levels"]["32"]["summary"]
+        result = _load(path)
+        level = result["levels"]["32"]["summary"]
         share = 100 * level["paired_itl_p50"]["median_ms"] / level["grpc"]["itl_p50_ms"]
-        parts.append(f"{share:.1f} % ({setting}, `benchmarks/results/{path.replace('.json', '.md')}`)")
-    return "The router (HTTP streaming against the same load and batching rule straight over gRPC) adds " + \
-        " and ".join(parts) + " to a batch-32 decode step."
+        parts.append(
+            f"{share:.1f} % ({setting}, `benchmarks/results/{path.replace('.json', '.md')}`, run of "
+            f"{result['finished_at'][:10]})"
+        )
+    return (
+        "The router (HTTP streaming against the same load and batching rule straight over gRPC) adds "
+        + " and ".join(parts)
+        + " to a batch-32 decode step."
+    )
 
 
 def gpu() -> str:
     results = _load("gpu/comparison.json")
     level = _level(results["servers"]["ember-bf16"], "short", 32)
-    return (f"On one {results['machine']['gpu']}, decode steps replay CUDA graphs (`--cuda-graphs`): "
-            f"{level['output_tokens_per_s']['median']:,.0f} tok/s served at 32 streams "
-            "(`benchmarks/results/gpu/comparison.md`).")
+    return (
+        f"On one {results['machine']['gpu']}, decode steps replay CUDA graphs (`--cuda-graphs`): "
+        f"{level['output_tokens_per_s']['median']:,.0f} tok/s served at 32 streams "
+        "(`benchmarks/results/gpu/comparison.md`)."
+    )
 
 
 def block() -> str:

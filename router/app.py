@@ -1,6 +1,6 @@
 """The Starlette application: shared state, the service routes, middleware.
 
-`create_app(state)` wires TGI's routes (tgi.py) and the service routes
+`create_app(state)` wires TGI's routes (`api/tgi/`) and the service routes
 (/info, /health, /ping, /metrics, /tokenize, /openapi.json, /docs). Other
 API families (OpenAI, Ollama, Jan) pass their routes in `extra_routes` and
 register their `/invocations` shapes in `state.invocation_handlers`.

@@ -13,6 +13,16 @@ SCHEMAS: dict[str, dict] = {}
 OPERATIONS: dict[str, dict[str, dict]] = {}
 
 
+def ref(name: str) -> dict:
+    """A reference to a schema of the document's components."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def obj(required: list[str], **props: dict) -> dict:
+    """An object schema with these properties, the `required` ones listed."""
+    return {"type": "object", "required": required, "properties": props}
+
+
 def register(path: str, method: str, operation: dict, schemas: dict[str, dict] | None = None) -> None:
     """Add an operation (and its schemas) to the document."""
     OPERATIONS.setdefault(path, {})[method.lower()] = operation

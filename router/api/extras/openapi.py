@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from ember.router import openapi
+from ember.router.openapi import obj, ref
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
 
 
-def _ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(required: list[str], **props) -> dict:
-    return {"type": "object", "required": required, "properties": props}
-
-
 SCHEMAS = {
     # OpenAI's error object, plus FastAPI's `detail` list (routes.py).
-    "ExtrasError": _obj(
+    "ExtrasError": obj(
         ["error", "detail"],
-        error=_obj(
+        error=obj(
             ["message", "type"],
             message=_STR,
             type=_STR,
@@ -29,25 +22,25 @@ SCHEMAS = {
         ),
         detail={
             "type": "array",
-            "items": _obj(["loc", "msg", "type"], msg=_STR, type=_STR, loc={"type": "array", "items": _STR}),
+            "items": obj(["loc", "msg", "type"], msg=_STR, type=_STR, loc={"type": "array", "items": _STR}),
         },
     ),
-    "TokenizeInputRequest": _obj(["input"], model=_STR, input=_STR),
-    "TokenizeInputResponse": _obj(["tokens"], tokens={"type": "array", "items": _INT}),
-    "TokenizeInputCountResponse": _obj(["count"], count=_INT),
-    "DetokenizeInputRequest": _obj(["tokens"], model=_STR, tokens={"type": "array", "items": _INT}),
-    "DetokenizeInputResponse": _obj(["text"], text=_STR),
+    "TokenizeInputRequest": obj(["input"], model=_STR, input=_STR),
+    "TokenizeInputResponse": obj(["tokens"], tokens={"type": "array", "items": _INT}),
+    "TokenizeInputCountResponse": obj(["count"], count=_INT),
+    "DetokenizeInputRequest": obj(["tokens"], model=_STR, tokens={"type": "array", "items": _INT}),
+    "DetokenizeInputResponse": obj(["text"], text=_STR),
 }
 
 
 def _op(summary: str, body: str, ok: str) -> dict:
-    error = {"description": "Error", "content": {"application/json": {"schema": _ref("ExtrasError")}}}
+    error = {"description": "Error", "content": {"application/json": {"schema": ref("ExtrasError")}}}
     return {
         "tags": ["Extras"],
         "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(body)}}},
+        "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}},
         "responses": {
-            "200": {"description": "OK", "content": {"application/json": {"schema": _ref(ok)}}},
+            "200": {"description": "OK", "content": {"application/json": {"schema": ref(ok)}}},
             "413": error,
             "422": error,
         },

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from ember.router import openapi
+from ember.router.openapi import obj, ref
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
 _NUM = {"type": "number", "nullable": True}
 
 
-def _ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(required: list[str], **props) -> dict:
-    return {"type": "object", "required": required, "properties": props}
-
-
 SCHEMAS = {
-    "OpenAIError": _obj(
+    "OpenAIError": obj(
         ["error"],
-        error=_obj(
+        error=obj(
             ["message", "type"],
             message=_STR,
             type=_STR,
@@ -28,7 +21,7 @@ SCHEMAS = {
             code={"type": "integer", "nullable": True},
         ),
     ),
-    "ChatMessage": _obj(
+    "ChatMessage": obj(
         ["role"],
         role={"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
         content={"oneOf": [_STR, {"type": "array", "items": {"type": "object"}}], "nullable": True},
@@ -36,10 +29,10 @@ SCHEMAS = {
         tool_call_id=_STR,
         name=_STR,
     ),
-    "ChatRequest": _obj(
+    "ChatRequest": obj(
         ["messages"],
         model=_STR,
-        messages={"type": "array", "items": _ref("ChatMessage")},
+        messages={"type": "array", "items": ref("ChatMessage")},
         max_tokens=_INT,
         max_completion_tokens=_INT,
         temperature=_NUM,
@@ -56,7 +49,7 @@ SCHEMAS = {
         logprobs={"type": "boolean"},
         top_logprobs=_INT,
         stream={"type": "boolean"},
-        stream_options=_obj([], include_usage={"type": "boolean"}),
+        stream_options=obj([], include_usage={"type": "boolean"}),
         response_format={"type": "object", "description": "text, json_object, json_schema, or TGI's json/regex"},
         tools={"type": "array", "items": {"type": "object"}},
         tool_choice={"description": "none, auto, required, or {type: function, function: {name}}"},
@@ -64,7 +57,7 @@ SCHEMAS = {
         ignore_eos={"type": "boolean"},
         min_tokens=_INT,
     ),
-    "CompletionRequest": _obj(
+    "CompletionRequest": obj(
         ["prompt"],
         model=_STR,
         prompt={"oneOf": [_STR, {"type": "array", "items": _STR}]},
@@ -82,7 +75,7 @@ SCHEMAS = {
         ignore_eos={"type": "boolean"},
         min_tokens=_INT,
     ),
-    "EmbeddingRequest": _obj(
+    "EmbeddingRequest": obj(
         ["input"],
         model=_STR,
         input={
@@ -96,12 +89,12 @@ SCHEMAS = {
         encoding_format={"type": "string", "enum": ["float", "base64"]},
         dimensions=_INT,
     ),
-    "Model": _obj(["id", "object", "created", "owned_by"], id=_STR, object=_STR, created=_INT, owned_by=_STR),
-    "ModelList": _obj(["object", "data"], object=_STR, data={"type": "array", "items": _ref("Model")}),
-    "ChatTokenizeResponse": _obj(
+    "Model": obj(["id", "object", "created", "owned_by"], id=_STR, object=_STR, created=_INT, owned_by=_STR),
+    "ModelList": obj(["object", "data"], object=_STR, data={"type": "array", "items": ref("Model")}),
+    "ChatTokenizeResponse": obj(
         ["tokenize_response", "templated_text"],
         templated_text=_STR,
-        tokenize_response={"type": "array", "items": _ref("SimpleToken")},
+        tokenize_response={"type": "array", "items": ref("SimpleToken")},
     ),
 }
 
@@ -109,11 +102,11 @@ SCHEMAS = {
 def _op(summary: str, body: str | None, ok_schema: dict, *errors: int, tag: str = "OpenAI") -> dict:
     responses: dict = {"200": {"description": "OK", "content": {"application/json": {"schema": ok_schema}}}}
     for code in errors:
-        error = {"application/json": {"schema": _ref("OpenAIError")}}
+        error = {"application/json": {"schema": ref("OpenAIError")}}
         responses[str(code)] = {"description": "Error", "content": error}
     op: dict = {"tags": [tag], "summary": summary, "responses": responses}
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
     return op
 
 
@@ -142,9 +135,9 @@ def register_all() -> None:
             *GEN,
         ),
     )
-    openapi.register("/v1/models", "get", _op("The served model", None, _ref("ModelList")))
+    openapi.register("/v1/models", "get", _op("The served model", None, ref("ModelList")))
     openapi.register(
-        "/v1/models/{model_id}", "get", _op("One model (404 unless it is the served one)", None, _ref("Model"), 404)
+        "/v1/models/{model_id}", "get", _op("One model (404 unless it is the served one)", None, ref("Model"), 404)
     )
     openapi.register(
         "/v1/embeddings",
@@ -157,7 +150,7 @@ def register_all() -> None:
         _op(
             "Template and tokenize a chat request",
             "ChatRequest",
-            _ref("ChatTokenizeResponse"),
+            ref("ChatTokenizeResponse"),
             413,
             422,
             tag="Text Generation Inference",

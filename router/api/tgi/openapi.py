@@ -7,18 +7,8 @@ here; `register_all` adds everything to the document (router/openapi.py).
 
 from __future__ import annotations
 
-from typing import Any
-
 from ember.router import openapi
-
-
-def _ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _obj(required: list[str], **props: Any) -> dict:
-    return {"type": "object", "required": required, "properties": props}
-
+from ember.router.openapi import obj, ref
 
 _INT = {"type": "integer", "minimum": 0}
 _NINT = {"type": "integer", "minimum": 0, "nullable": True}
@@ -27,26 +17,26 @@ _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 
 SCHEMAS: dict[str, dict] = {
-    "ErrorResponse": _obj(["error", "error_type"], error=_STR, error_type=_STR),
+    "ErrorResponse": obj(["error", "error_type"], error=_STR, error_type=_STR),
     "GrammarType": {
         "oneOf": [
-            _obj(
+            obj(
                 ["type", "value"],
                 type={"type": "string", "enum": ["json"]},
                 value={"description": "A JSON schema, as an object or a string holding one"},
             ),
-            _obj(["type", "value"], type={"type": "string", "enum": ["regex"]}, value=_STR),
+            obj(["type", "value"], type={"type": "string", "enum": ["regex"]}, value=_STR),
         ],
         "discriminator": {"propertyName": "type"},
     },
-    "GenerateParameters": _obj(
+    "GenerateParameters": obj(
         [],
         best_of=_NINT,
         decoder_input_details=_BOOL,
         details=_BOOL,
         do_sample=_BOOL,
         frequency_penalty=_NUM,
-        grammar={"allOf": [_ref("GrammarType")], "nullable": True},
+        grammar={"allOf": [ref("GrammarType")], "nullable": True},
         max_new_tokens=_NINT,
         repetition_penalty=_NUM,
         return_full_text={"type": "boolean", "nullable": True},
@@ -61,52 +51,52 @@ SCHEMAS: dict[str, dict] = {
         watermark=_BOOL,
         adapter_id={"type": "string", "nullable": True},
     ),
-    "GenerateRequest": _obj(["inputs"], inputs=_STR, parameters=_ref("GenerateParameters")),
-    "CompatGenerateRequest": _obj(["inputs"], inputs=_STR, parameters=_ref("GenerateParameters"), stream=_BOOL),
+    "GenerateRequest": obj(["inputs"], inputs=_STR, parameters=ref("GenerateParameters")),
+    "CompatGenerateRequest": obj(["inputs"], inputs=_STR, parameters=ref("GenerateParameters"), stream=_BOOL),
     "FinishReason": {"type": "string", "enum": ["length", "eos_token", "stop_sequence"]},
-    "Token": _obj(["id", "text", "logprob", "special"], id=_INT, text=_STR, logprob=_NUM, special=_BOOL),
-    "PrefillToken": _obj(["id", "text", "logprob"], id=_INT, text=_STR, logprob=_NUM),
-    "BestOfSequence": _obj(
+    "Token": obj(["id", "text", "logprob", "special"], id=_INT, text=_STR, logprob=_NUM, special=_BOOL),
+    "PrefillToken": obj(["id", "text", "logprob"], id=_INT, text=_STR, logprob=_NUM),
+    "BestOfSequence": obj(
         ["generated_text", "finish_reason", "generated_tokens", "prefill", "tokens"],
         generated_text=_STR,
-        finish_reason=_ref("FinishReason"),
+        finish_reason=ref("FinishReason"),
         generated_tokens=_INT,
         seed=_NINT,
-        prefill={"type": "array", "items": _ref("PrefillToken")},
-        tokens={"type": "array", "items": _ref("Token")},
-        top_tokens={"type": "array", "items": {"type": "array", "items": _ref("Token")}},
+        prefill={"type": "array", "items": ref("PrefillToken")},
+        tokens={"type": "array", "items": ref("Token")},
+        top_tokens={"type": "array", "items": {"type": "array", "items": ref("Token")}},
     ),
-    "Details": _obj(
+    "Details": obj(
         ["finish_reason", "generated_tokens", "prefill", "tokens"],
-        finish_reason=_ref("FinishReason"),
+        finish_reason=ref("FinishReason"),
         generated_tokens=_INT,
         seed=_NINT,
-        prefill={"type": "array", "items": _ref("PrefillToken")},
-        tokens={"type": "array", "items": _ref("Token")},
-        top_tokens={"type": "array", "items": {"type": "array", "items": _ref("Token")}},
-        best_of_sequences={"type": "array", "items": _ref("BestOfSequence"), "nullable": True},
+        prefill={"type": "array", "items": ref("PrefillToken")},
+        tokens={"type": "array", "items": ref("Token")},
+        top_tokens={"type": "array", "items": {"type": "array", "items": ref("Token")}},
+        best_of_sequences={"type": "array", "items": ref("BestOfSequence"), "nullable": True},
     ),
-    "GenerateResponse": _obj(
-        ["generated_text"], generated_text=_STR, details={"allOf": [_ref("Details")], "nullable": True}
+    "GenerateResponse": obj(
+        ["generated_text"], generated_text=_STR, details={"allOf": [ref("Details")], "nullable": True}
     ),
-    "StreamDetails": _obj(
+    "StreamDetails": obj(
         ["finish_reason", "generated_tokens", "input_length"],
-        finish_reason=_ref("FinishReason"),
+        finish_reason=ref("FinishReason"),
         generated_tokens=_INT,
         input_length=_INT,
         seed=_NINT,
     ),
-    "StreamResponse": _obj(
+    "StreamResponse": obj(
         ["index", "token"],
         index=_INT,
-        token=_ref("Token"),
-        top_tokens={"type": "array", "items": _ref("Token")},
+        token=ref("Token"),
+        top_tokens={"type": "array", "items": ref("Token")},
         generated_text={"type": "string", "nullable": True},
-        details={"allOf": [_ref("StreamDetails")], "nullable": True},
+        details={"allOf": [ref("StreamDetails")], "nullable": True},
     ),
-    "SimpleToken": _obj(["id", "text", "start", "stop"], id=_INT, text=_STR, start=_INT, stop=_INT),
-    "TokenizeResponse": {"type": "array", "items": _ref("SimpleToken")},
-    "Info": _obj(
+    "SimpleToken": obj(["id", "text", "start", "stop"], id=_INT, text=_STR, start=_INT, stop=_INT),
+    "TokenizeResponse": {"type": "array", "items": ref("SimpleToken")},
+    "Info": obj(
         [
             "model_id",
             "max_concurrent_requests",
@@ -146,18 +136,18 @@ def _errors(*codes: int, media: str = "application/json") -> dict:
         500: "Incomplete generation",
         503: "Unhealthy",
     }
-    return {str(c): {"description": names[c], "content": {media: {"schema": _ref("ErrorResponse")}}} for c in codes}
+    return {str(c): {"description": names[c], "content": {media: {"schema": ref("ErrorResponse")}}} for c in codes}
 
 
 def _op(summary: str, body: str | None, ok: dict, *errors: int, tag: str = "Text Generation Inference") -> dict:
     op: dict = {"tags": [tag], "summary": summary, "responses": {"200": ok, **_errors(*errors)}}
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
     return op
 
 
 def _content(schema: str, media: str = "application/json") -> dict:
-    return {"description": "OK", "content": {media: {"schema": _ref(schema)}}}
+    return {"description": "OK", "content": {media: {"schema": ref(schema)}}}
 
 
 GEN_ERRORS = (413, 422, 424, 429, 500)
@@ -169,8 +159,8 @@ OPERATIONS: dict[str, dict[str, dict]] = {
             {
                 "description": "A one-element list of GenerateResponse, or SSE StreamResponse events",
                 "content": {
-                    "application/json": {"schema": {"type": "array", "items": _ref("GenerateResponse")}},
-                    "text/event-stream": {"schema": _ref("StreamResponse")},
+                    "application/json": {"schema": {"type": "array", "items": ref("GenerateResponse")}},
+                    "text/event-stream": {"schema": ref("StreamResponse")},
                 },
             },
             *GEN_ERRORS,

@@ -279,7 +279,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     from prompts import prompt_set
 
-    from ember.launcher.args import parse_bytes
+    from ember.settings import parse_bytes
     from ember.store import resolve_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,17 +17,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from ember import settings
-from ember.settings import (  # noqa: F401  (re-exported: the launcher's public parsing helpers)
-    DEFAULT_MODEL_ID,
-    DTYPES,
-    SETTINGS,
-    Setting,
-    batch_sizes,
-    non_negative_int,
-    parse_bool,
-    parse_bytes,
-    positive_int,
-)
+from ember.settings import Setting
 
 FLAGS: tuple[Setting, ...] = tuple(settings.read_by(settings.LAUNCHER, offered=True))
 

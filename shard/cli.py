@@ -59,14 +59,6 @@ def set_threads(num_threads: int | None, world_size: int) -> int:
     return n
 
 
-def _dtype(name: str | None, device):
-    import torch
-
-    if name is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return getattr(torch, name)
-
-
 # Prompt tokens per step by default, [CPU, CUDA]. On 2 Zen 4 cores 256 prompt tokens take ~0.15 s; against
 # 512 (and whole prompts) it measured ITL p99 227 (434, 760) ms and TTFT p50 542 (929, 1,064) ms on the mix set
 # at 4 and 16 streams, the same tokens/s; short prompts at 16 streams: ITL p99 152 vs 55 ms, TTFT 305 vs 345 ms.
@@ -83,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     from ember.shard.dist import init_distributed
     from ember.shard.engine import Engine
     from ember.shard.grammar import GrammarCompiler
-    from ember.shard.runner import load_runner
+    from ember.shard.runner import load_runner, resolve_dtype
     from ember.shard.server import model_executor, serve
 
     model_dir = Path(args.model_id)
@@ -113,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             precision.reason,
             "; --quantize, --matmul-dtype or --dtype override it" if precision.automatic else "",
         )
-        dtype = _dtype(precision.dtype, device)
+        dtype = resolve_dtype(precision.dtype, device)
         log.info(
             "rank %d/%d: loading %s on %s in %s (%d threads)",
             args.rank,

@@ -723,14 +723,20 @@ def prefer_bf16_kernel(value: bool | None) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """The CPU multiplies bf16 tiles in AMX units (Sapphire Rapids and later), which oneDNN uses."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "amx_bf16" in flags
+        return frozenset()
+    return frozenset(
+        next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    )
+
+
+def cpu_has_amx() -> bool:
+    """The CPU multiplies bf16 tiles in AMX units (Sapphire Rapids and later), which oneDNN uses."""
+    return "amx_bf16" in cpu_flags()
 
 
 def bf16_kernel_problem() -> str | None:

@@ -52,17 +52,6 @@ class Precision:
         return self.dtype or "the model's dtype"
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def source_weight_type(model_dir: Path) -> str | None:
     """The GGUF tensor type most of a converted model's weights had (`ember_source.json`), else None."""
     try:
@@ -80,14 +69,10 @@ def _config(model_dir: Path) -> dict:
 
 
 def _w4a8_problem() -> str | None:
-    from ember.shard import native
+    """Why the w4a8 kernel cannot run here: the same check `load_runner` makes before packing."""
+    from ember.shard.layers import PackedWeight
 
-    kernels = native.kernels()
-    if kernels is None:
-        return "Ember's C kernels are not built here (no C compiler, or --native-kernels false)"
-    if not kernels.q4:
-        return "the CPU has no AVX-512 VNNI"
-    return None
+    return PackedWeight.unfit_reason("w4a8", (16, 32), torch.device("cpu"))
 
 
 def choose(
@@ -135,7 +120,10 @@ def choose(
         return Precision(None, None, "int8", "the GGUF's weights are Q8_0: 8-bit weights", automatic=True)
     stored = weight_type or config.get("torch_dtype") or config.get("dtype")
     stored = {"BF16": "bfloat16", "F16": "float16"}.get(str(stored), stored)
-    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        from ember.shard import native
+
+        flags = native.cpu_flags()
     if stored in ("bfloat16", "float16"):
         has = [f for f in BF16_CPU_FLAGS if f in flags]
         if has:

@@ -11,11 +11,11 @@ from ember.launcher.args import (
     FLAGS,
     build_parser,
     parse_args,
-    parse_bytes,
     resolve_num_shard,
     router_flag_argv,
     visible_gpu_count,
 )
+from ember.settings import parse_bytes
 
 CPU_ENV: dict[str, str] = {"CUDA_VISIBLE_DEVICES": ""}
 

@@ -1,4 +1,4 @@
-"""Generate generate_pb2.py / generate_pb2_grpc.py from generate.proto.
+"""Generate the Python stubs of generate.proto (router <-> shard) and control.proto (router <-> launcher).
 
 `python -m ember.proto.codegen [OUT_DIR]` writes the stubs into OUT_DIR (the
 proto folder by default). The proto folder is mapped to the import path
@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STUBS = ("generate_pb2.py", "generate_pb2_grpc.py", "generate_pb2.pyi")
+PROTOS = ("generate", "control")
+STUBS = tuple(f"{name}{suffix}" for name in PROTOS for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"))
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -26,10 +27,10 @@ def generate(out_dir: Path) -> list[Path]:
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
-            str(HERE / "generate.proto"),
+            *(str(HERE / f"{name}.proto") for name in PROTOS),
         ]
         if protoc.main(args) != 0:
-            raise RuntimeError("protoc failed on generate.proto")
+            raise RuntimeError(f"protoc failed on {', '.join(PROTOS)}")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for name in STUBS:

@@ -55,3 +55,11 @@ def keep_alive_seconds(value: float | int | str | None, default: float) -> float
     else:
         raise DurationError(f"keep_alive must be a number of seconds or a duration string, got {type(value).__name__}")
     return FOREVER if seconds < 0 else seconds
+
+
+def keep_alive_text(text: str) -> float:
+    """A keep_alive written in a flag or env var: plain seconds (`300`, `-1`) or a Go duration (`5m`)."""
+    try:
+        return keep_alive_seconds(float(text), 0.0)
+    except ValueError:
+        return keep_alive_seconds(text, 0.0)

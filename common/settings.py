@@ -91,6 +91,17 @@ def quantize_kind(text: str) -> str:
     return value
 
 
+def _keep_alive(text: str) -> str:
+    """`--keep-alive`: checked here (seconds or a Go duration), kept as written for the router to apply."""
+    from ember.durations import DurationError, keep_alive_text
+
+    try:
+        keep_alive_text(text)
+    except DurationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
+
+
 # --- the registry ----------------------------------------------------------------------------------------------
 
 
@@ -388,6 +399,56 @@ SETTINGS: tuple[Setting, ...] = (
         default=20,
     ),
     _s("max-batch-size", "Most requests in one batch. Default: unlimited.", LR, type=positive_int),
+    # -- many models (Ollama's and Jan's model management)
+    _s(
+        "preload",
+        "Registered models to load at start besides --model-id (comma-separated names).",
+        LR,
+        kind="list",
+    ),
+    _s(
+        "keep-alive",
+        "How long a model other than the default stays loaded after its last request: seconds or a Go "
+        "duration (`10m`, `1h30m`); 0 unloads it once idle, a negative value keeps it loaded. Ollama routes "
+        "may override it per request with `keep_alive`.",
+        LR,
+        type=_keep_alive,
+        default="5m",
+        env="KEEP_ALIVE",
+    ),
+    _s(
+        "max-loaded-models",
+        "Most models loaded at once, the default included; idle ones are unloaded to make room.",
+        LR,
+        type=positive_int,
+        default=3,
+    ),
+    _s(
+        "models-memory",
+        "Bytes the loaded models' weights and KV cache may take together (`12GiB`); idle models are unloaded "
+        "to make room. Default: three quarters of the machine's memory.",
+        LR,
+        type=parse_bytes,
+    ),
+    _s(
+        "strict-model-names",
+        "Answer 404 `model_not_found` to OpenAI requests naming an unknown model (vLLM's behaviour) instead of "
+        "serving the default model (TGI's).",
+        LR,
+        kind="bool",
+    ),
+    _s(
+        "disable-model-management",
+        "Refuse (403) every route that downloads, deletes, creates, starts or stops models.",
+        LR,
+        kind="bool",
+    ),
+    _s(
+        "control-uds-path",
+        "Unix socket of the launcher's model control service. Default: `{shard-uds-path}-control`.",
+        LR,
+        internal=True,
+    ),
     # -- wiring the launcher computes
     _s("uds-path", "Socket prefix; rank r listens on PREFIX-r.", S, default="/tmp/ember-server", internal=True),
     _s("rank", "This shard's tensor-parallel rank.", S, type=non_negative_int, default=0, internal=True),

@@ -36,6 +36,7 @@ def _other_value(s: settings.Setting) -> tuple[list[str], object]:
         settings.parse_bytes: ("2GiB", 2 * 1024**3),
         settings.batch_sizes: ("1,2", "1,2"),
         settings.quantize_kind: ("int8", "int8"),
+        settings.get("keep-alive").type: ("10m", "10m"),
         float: ("0.5", 0.5),
         str: ("x", "x"),
     }

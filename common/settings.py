@@ -261,7 +261,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s(
         "cache-dir",
         "Where fetched and converted models and built kernels are cached (default ~/.cache/ember).",
-        LS,
+        (LAUNCHER, ROUTER, SHARD),
         env="EMBER_CACHE",
     ),
     # -- processes

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,7 +31,8 @@ from ember.router.errors import EmberError, UnhealthyError, error_response
 from ember.router.http import DIRECT_SEND, ApiKeyMiddleware, RequestIdMiddleware, read_json
 from ember.router.infer import Infer
 from ember.router.limits import Limits
-from ember.router.metrics import Metrics
+from ember.router.metrics import Metrics, render_models
+from ember.router.models import Models, Served, Target, model_state, release_leases
 from ember.router.tokenizer import TokenizerPool
 from ember.router.types import request_from_tgi
 
@@ -52,6 +53,17 @@ PROTECTED = {
 }
 
 
+MANAGEMENT_PREFIXES = ("/v1/models",)
+"""Routes under these prefixes that change the model library or what is loaded need the API key."""
+
+
+def manages_models(method: str, path: str) -> bool:
+    """Downloads, deletes, starts and stops (Jan's routes; Ollama's add their own prefixes)."""
+    if not path.startswith(MANAGEMENT_PREFIXES):
+        return False
+    return method in ("POST", "PUT", "DELETE") or path.startswith("/v1/models/download/")
+
+
 @dataclass
 class AppState:
     infer: Infer
@@ -68,6 +80,27 @@ class AppState:
     cors_allow_origin: list[str] = field(default_factory=list)
     invocation_handlers: dict[str, InvocationHandler] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    models: Models | None = None
+    chat_template: Any = None
+    model_management: bool = True
+    target: Target | None = None
+
+    def view(self, served: Served, target: Target) -> AppState:
+        """This state as one request sees it: the model it named (a view; the app's state is unchanged)."""
+        default_name = target.group is None and target.manifest is None
+        return replace(
+            self,
+            infer=served.infer,
+            client=served.client,
+            tokenizer=served.tokenizer,
+            limits=served.limits,
+            metrics=served.metrics,
+            model_id=self.model_id if default_name else target.name,
+            model_sha=served.model_sha,
+            shard_info=served.shard_info,
+            chat_template=served.template,
+            target=target,
+        )
 
     def info(self) -> dict:
         """TGI's Info schema, plus the shard facts and batching limits Ember knows."""
@@ -112,10 +145,16 @@ async def info(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 only when every shard answers Health."""
+    """200 when the server can serve: the default model's shards all answer Health (or, when it was
+    stopped on purpose, the launcher can load it again). Other models' state does not count."""
     state = _state(request)
+    models = state.models
     try:
-        await state.client.health()
+        if models is not None and models.served(models.target(None)) is None:
+            await models.control.list()
+        else:
+            client = models.default.client if models is not None else state.client
+            await client.health()
     except Exception as exc:
         log.warning("health check failed: %s", exc)
         return error_response(UnhealthyError())
@@ -123,7 +162,9 @@ async def health(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    state = _state(request)
+    text = state.metrics.render() if state.models is None else render_models(state.models)
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def tokenize(request: Request) -> Response:
@@ -131,6 +172,7 @@ async def tokenize(request: Request) -> Response:
     state = _state(request)
     try:
         req = request_from_tgi(await read_json(request, state.payload_limit))
+        state = await model_state(request)
         enc = await state.tokenizer.encode(req.inputs, req.add_special_tokens)
     except EmberError as exc:
         return error_response(exc)
@@ -164,9 +206,14 @@ class _App(Starlette):
     `http.response.start` (headers), never body messages: event streams' bodies skip them."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            scope[DIRECT_SEND] = send
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        scope[DIRECT_SEND] = send
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release_leases(scope)  # the response has ended: the request's models may expire
 
 
 def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> Starlette:
@@ -176,7 +223,7 @@ def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> 
             Middleware(
                 ApiKeyMiddleware,
                 api_key=state.api_key,
-                protected=lambda method, path: method == "POST" and path in PROTECTED,
+                protected=lambda method, path: (method == "POST" and path in PROTECTED) or manages_models(method, path),
             )
         )
     middleware.append(
@@ -190,13 +237,24 @@ def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        state.infer.batcher.start()
+        if state.infer.batcher.task is None:
+            state.infer.batcher.start()
+        if state.models is not None:
+            state.models.start()
         try:
             yield
         finally:
-            await state.infer.batcher.stop()
-            await state.client.close()
-            state.tokenizer.close()
+            if state.models is not None:
+                await state.models.stop()
+            default = state.models.default if state.models is not None else None
+            infer, client, tokenizer = (
+                (default.infer, default.client, default.tokenizer)
+                if default is not None
+                else (state.infer, state.client, state.tokenizer)
+            )
+            await infer.batcher.stop()
+            await client.close()
+            tokenizer.close()
 
     app = _App(routes=[*tgi.ROUTES, *SERVICE_ROUTES, *(extra_routes or [])], middleware=middleware, lifespan=lifespan)
     app.state.ember = state

@@ -82,6 +82,13 @@ class Batcher:
         """The client went away: leave the queue now, or the batch before the next step."""
         self.scheduler.cancel(entry)
 
+    def fail_all(self, message: str) -> None:
+        """The model is going away (unloaded, or its shards died): every queued and running request
+        ends with `message`, after any tokens it is owed."""
+        waiting = list(self.scheduler.queue.entries)
+        self.scheduler.queue.entries.clear()
+        self._fail(self.scheduler.reset() + waiting, message)
+
     # -- the task ---------------------------------------------------------------------
     async def _run(self) -> None:
         while True:

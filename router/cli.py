@@ -108,24 +108,39 @@ def _shard_info(info: pb.InfoResponse) -> dict:
     }
 
 
-async def build(args: argparse.Namespace):
-    """Connect, warm up, fix the limits; returns the Starlette app."""
-    from ember.router.app import AppState, create_app
+async def connect_model(
+    args: argparse.Namespace,
+    master_socket: str,
+    tokenizer_dir: str,
+    name: str,
+    sha: str | None,
+    group: str = "default",
+    default: bool = True,
+):
+    """Connect to one model's shard group, warm it up, fix its limits; returns it as `models.Served`
+    with its batcher running."""
     from ember.router.batcher import Batcher
+    from ember.router.chat_template import ChatTemplate
     from ember.router.client import ShardedClient
     from ember.router.infer import Infer
     from ember.router.metrics import Metrics
+    from ember.router.models import Served
     from ember.router.tokenizer import TokenizerPool
     from ember.router.validation import Validator
 
-    tokenizer = TokenizerPool(args.tokenizer_name, args.validation_workers)
-    client = await ShardedClient.connect(args.master_shard_uds_path)
-    log.info("connected to %d shard(s)", len(client.shards))
-    info = await client.info()
-    limits = _limits(args, info)  # refuse bad limits before touching the shards' state
-    await client.clear_cache()
-    reply = await client.warmup(warmup_request(tokenizer, limits))
-    log.info("warmup: capacity %d tokens", reply.max_supported_total_tokens)
+    tokenizer = TokenizerPool(tokenizer_dir, args.validation_workers)
+    client = await ShardedClient.connect(master_socket)
+    try:
+        log.info("%s: connected to %d shard(s)", name, len(client.shards))
+        info = await client.info()
+        limits = _limits(args, info)  # refuse bad limits before touching the shards' state
+        await client.clear_cache()
+        reply = await client.warmup(warmup_request(tokenizer, limits))
+    except BaseException:
+        await client.close()
+        tokenizer.close()
+        raise
+    log.info("%s: warmup: capacity %d tokens", name, reply.max_supported_total_tokens)
     apply_capacity(
         limits, reply.max_supported_total_tokens, args.max_total_tokens is not None, args.max_batch_total_tokens
     )
@@ -134,33 +149,108 @@ async def build(args: argparse.Namespace):
     metrics.batch_max_total_tokens.set(limits.max_batch_total_tokens)
     shared_prefill = info.shared_prefill and args.prefill_chunking
     log.info(
-        "new requests join the running batch %s",
+        "%s: new requests join the running batch %s",
+        name,
         f"in a shared forward (shared prefill, {limits.prefill_step_tokens} prompt tokens a step)"
         if shared_prefill
         else "after their own prefill (TGI's waiting_served_ratio / max_waiting_tokens)",
     )
     if info.precision:
-        log.info("shards serve at %s: %s", info.precision, info.precision_reason)
+        log.info("%s: shards serve at %s: %s", name, info.precision, info.precision_reason)
     batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill)
     infer = Infer(Validator(tokenizer, limits, client.compile_grammar), batcher, limits, metrics)
-    state = AppState(
+    log.info("%s: limits: %s", name, limits)
+    batcher.start()
+    return Served(
+        name=name,
+        group=group,
         infer=infer,
         client=client,
         tokenizer=tokenizer,
         limits=limits,
         metrics=metrics,
+        shard_info=_shard_info(info),
+        model_sha=sha,
+        template=ChatTemplate.from_dir(tokenizer_dir),
+        default=default,
+    )
+
+
+async def _models(args: argparse.Namespace, default):
+    """The router's models: the default one and, with a launcher's control service, any registered one."""
+    from ember.durations import keep_alive_text
+    from ember.router.control import ControlClient
+    from ember.router.models import Models
+
+    control = registry = None
+    if args.control_uds_path:
+        control = ControlClient(args.control_uds_path)
+        for group in await control.list():
+            if group.default:
+                default.group = group.group or default.group
+                default.weights_bytes, default.rss_bytes = group.weights_bytes, group.rss_bytes
+        try:
+            from ember.registry import Registry
+
+            registry = Registry(args.cache_dir)
+        except ImportError:  # pragma: no cover - the registry ships with the router
+            registry = None
+
+    async def build_group(group, target):
+        served = await connect_model(
+            args,
+            group.master_socket,
+            group.model_dir,
+            args.model_id if group.default else target.name,
+            group.model_sha or None,
+            group=group.group,
+            default=group.default,
+        )
+        served.weights_bytes, served.rss_bytes = group.weights_bytes, group.rss_bytes
+        return served
+
+    return Models(
+        default,
+        args.model_id,
+        build_group,
+        control=control,
+        registry=registry,
+        keep_alive=keep_alive_text(args.keep_alive),
+        max_loaded=args.max_loaded_models,
+        memory=args.models_memory,
+        strict=args.strict_model_names,
+    )
+
+
+async def build(args: argparse.Namespace):
+    """Connect, warm up, fix the limits; returns the Starlette app."""
+    from ember.router.app import AppState, create_app
+
+    default = await connect_model(args, args.master_shard_uds_path, args.tokenizer_name, args.model_id, args.model_sha)
+    models = await _models(args, default)
+    for name in args.preload:
+        log.info("preloading %s", name)
+        await models.ensure_loaded(models.target(name))
+    state = AppState(
+        infer=default.infer,
+        client=default.client,
+        tokenizer=default.tokenizer,
+        limits=default.limits,
+        metrics=default.metrics,
         model_id=args.model_id,
         model_sha=args.model_sha,
-        shard_info=_shard_info(info),
+        shard_info=default.shard_info,
         payload_limit=args.payload_limit,
-        compute_type=args.compute_type or info.device_type,
+        compute_type=args.compute_type or default.shard_info["device_type"],
         api_key=args.api_key,
         cors_allow_origin=args.cors_allow_origin,
+        models=models,
+        chat_template=default.template,
+        model_management=not args.disable_model_management,
     )
-    log.info("limits: %s", limits)
-    from ember.router.api import openai
+    from ember.router.api import jan, openai
 
-    return create_app(state, extra_routes=openai.install(state, args.tokenizer_name))
+    return create_app(state, extra_routes=[*jan.install(state), *openai.install(state, args.tokenizer_name)])
 
 
 def _http_impl() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 
 LabelKey = tuple[str, ...]
 
@@ -167,3 +168,32 @@ class Metrics:
             lines.extend(metric.header())
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"
+
+
+def _with_model(line: str, model: str) -> str:
+    """A sample line with `model="..."` as its last label."""
+    label = f'model="{model}"'
+    name, _, rest = line.partition(" ")
+    if name.endswith("}"):
+        return f"{name[:-1]},{label}}} {rest}"
+    return f"{name}{{{label}}} {rest}"
+
+
+def without_model(text: str) -> str:
+    """The exposition as a single-model server (and TGI) writes it: the `model` label left out."""
+    return re.sub(r'\{model="[^"]*"\}|,model="[^"]*"', "", text)
+
+
+def render_models(models) -> str:
+    """Every loaded model's series under TGI's names with a `model` label, then the models' own series."""
+    served = list(models.loaded.values())
+    lines: list[str] = []
+    if served:
+        for i, metric in enumerate(served[0].metrics.all()):
+            lines.extend(metric.header())
+            for s in served:
+                lines.extend(_with_model(line, s.name) for line in s.metrics.all()[i].render())
+    for metric in models.metrics.all():
+        lines.extend(metric.header())
+        lines.extend(metric.render())
+    return "\n".join(lines) + "\n"

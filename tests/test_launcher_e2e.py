@@ -19,6 +19,8 @@ import httpx
 import pytest
 from servers import Launcher, free_port, live_members, wait_for
 
+from ember.router.metrics import without_model
+
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 180.0
 
@@ -95,7 +97,7 @@ def stream_events(response: httpx.Response):
 
 
 def metric(client: httpx.Client, base: str, name: str) -> float:
-    text = client.get(f"{base}/metrics").text
+    text = without_model(client.get(f"{base}/metrics").text)
     match = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 

@@ -11,6 +11,8 @@ import httpx
 import pytest
 from servers import router_process, shard_process
 
+from ember.router.metrics import without_model
+
 LONG = {"inputs": "Hello world", "parameters": {"max_new_tokens": 400}}
 
 
@@ -45,7 +47,7 @@ async def aiter_events(response: httpx.Response):
 
 
 def metric(url: str, name: str) -> float:
-    text = httpx.get(url + "/metrics", timeout=10).text
+    text = without_model(httpx.get(url + "/metrics", timeout=10).text)
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 
@@ -172,7 +174,12 @@ def test_service_routes(url):
     spec = httpx.get(url + "/openapi.json").json()
     assert {"/generate", "/generate_stream", "/info", "/metrics", "/tokenize"} <= set(spec["paths"])
     assert httpx.get(url + "/docs").status_code == 200
-    text = httpx.get(url + "/metrics").text
+    raw = httpx.get(url + "/metrics").text
+    # Every request, queue and batch series carries the model it is about (TGI's names, one label more).
+    assert 'tgi_request_count{model="tiny"}' in raw and 'tgi_queue_size{model="tiny"}' in raw
+    assert 'tgi_batch_inference_duration_count{method="decode",model="tiny"}' in raw
+    assert "# TYPE ember_models_loaded gauge" in raw and "ember_models_loaded 1" in raw
+    text = without_model(raw)
     for name in (
         "tgi_request_count",
         "tgi_request_success",

@@ -11,6 +11,8 @@ import httpx
 import pytest
 from servers import http_ok, router_process, shard_healthy, start_router, start_shard, stop_process, wait_for
 
+from ember.router.metrics import without_model
+
 
 @pytest.fixture(scope="module")
 def shard(tiny_llama_dir, tmp_path_factory):
@@ -81,7 +83,9 @@ def test_sigterm_drains_in_flight_requests(shard, tiny_llama_dir):
 
         worker = threading.Thread(target=call)
         worker.start()
-        wait_for(lambda: "tgi_batch_current_size 1" in httpx.get(url + "/metrics").text, 30, "request running")
+        wait_for(
+            lambda: "tgi_batch_current_size 1" in without_model(httpx.get(url + "/metrics").text), 30, "request running"
+        )
         proc.send_signal(signal.SIGTERM)
         worker.join(60)
         assert result["r"].status_code == 200 and result["r"].json()["details"]["generated_tokens"] == 300

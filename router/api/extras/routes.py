@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from ember.router.errors import BodyError, EmberError, ValidationError
 from ember.router.http import read_json
+from ember.router.models import body_model, model_state
 
 if TYPE_CHECKING:
     from ember.router.app import AppState
@@ -34,7 +35,7 @@ async def _body(request: Request, key: str, kind: type) -> tuple[AppState, Any]:
     body = await read_json(request, state.payload_limit)
     if not isinstance(body, dict) or not isinstance(body.get(key), kind):
         raise BodyError(f"`{key}` is required and must be a {'string' if kind is str else 'list'}")
-    return state, body[key]
+    return await model_state(request, body_model(body)), body[key]
 
 
 async def _ids(request: Request) -> list[int]:

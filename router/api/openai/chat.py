@@ -45,6 +45,7 @@ from ember.router.chat_template import ChatTemplate
 from ember.router.errors import BodyError, EmberError
 from ember.router.http import EventStream, read_json
 from ember.router.infer import Result, StreamItem, TokenInfo
+from ember.router.models import body_model, model_state
 from ember.router.types import GenerateParameters, GenerateRequest, Grammar, parse_grammar
 from ember.router.validation import ValidRequest
 
@@ -195,11 +196,15 @@ class ChatApi:
     async def prompt(self, state: AppState, call: ChatCall) -> str:
         messages = call.messages
         plan = call.plan
-        if plan is not None and plan.grammar is not None and not self.template.mentions_tools:
+        template = state.chat_template or self.template
+        target = state.target
+        if target is not None and target.system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": target.system}, *messages]  # a derived model's own
+        if plan is not None and plan.grammar is not None and not template.mentions_tools:
             last = messages[-1]
             listing = tool_calls.tool_text(plan.tools, plan.prompt)
             messages = [*messages[:-1], {**last, "content": last["content"] + listing}]
-        return await state.tokenizer.run(lambda: self.template.render(messages, tools=call.raw_tools))
+        return await state.tokenizer.run(lambda: template.render(messages, tools=call.raw_tools))
 
     async def completions(self, request: Request) -> Response:
         state: AppState = request.app.state.ember
@@ -210,7 +215,7 @@ class ChatApi:
             return openai_error(exc)
 
     async def handle_body(self, request: Request, body: Any, arrived: float) -> Response:
-        state: AppState = request.app.state.ember
+        state: AppState = await model_state(request, body_model(body))
         call = await parse_chat_off_loop(body, state)
         req = GenerateRequest(await self.prompt(state, call), call.params, add_special_tokens=False)
         choices = Choices(state)
@@ -299,7 +304,9 @@ class ChatApi:
         """TGI's /chat_tokenize: the templated text and its tokens."""
         state: AppState = request.app.state.ember
         try:
-            call = await parse_chat_off_loop(await read_json(request, state.payload_limit), state)
+            body = await read_json(request, state.payload_limit)
+            state = await model_state(request, body_model(body))
+            call = await parse_chat_off_loop(body, state)
             text = await self.prompt(state, call)
             enc = await state.tokenizer.encode(text, False)
         except EmberError as exc:

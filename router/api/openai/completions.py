@@ -40,6 +40,7 @@ from ember.router.api.openai.common import (
 from ember.router.errors import BodyError, EmberError, ValidationError
 from ember.router.http import EventStream, read_json
 from ember.router.infer import Result, TokenInfo
+from ember.router.models import body_model, model_state
 from ember.router.types import GenerateRequest
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def _choice(call: _Call, i: int, res: Result) -> dict:
 
 
 async def handle_body(request: Request, body: Any, arrived: float) -> Response:
-    state: AppState = request.app.state.ember
+    state: AppState = await model_state(request, body_model(body))
     call = _Call(body, state)
     reqs = [GenerateRequest(text, call.params) for text in call.inputs]
     choices = Choices(state)

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from ember.router.api.openai.common import field, openai_error, usage
 from ember.router.errors import BodyError, EmberError, GenerationError, ValidationError
 from ember.router.http import read_json, unless_disconnected
+from ember.router.models import body_model, model_state
 
 if TYPE_CHECKING:
     from ember.router.app import AppState
@@ -87,6 +88,7 @@ async def embeddings(request: Request) -> Response:
     state: AppState = request.app.state.ember
     try:
         body = await read_json(request, state.payload_limit)
+        state = await model_state(request, body_model(body))
         fmt = _check(body, state)
         token_lists = await _token_lists(state, _inputs(body.get("input")))
         permit = state.infer.acquire()

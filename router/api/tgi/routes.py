@@ -21,6 +21,7 @@ from starlette.routing import Route
 from ember.router.errors import BodyError, EmberError, ValidationError, error_response
 from ember.router.http import EventStream, read_json, unless_disconnected
 from ember.router.infer import Result, Stream, TokenInfo
+from ember.router.models import model_state
 from ember.router.types import GenerateRequest, request_from_tgi
 
 if TYPE_CHECKING:
@@ -139,7 +140,8 @@ async def tgi_events(state: AppState, stream: Stream) -> AsyncIterator[bytes]:
 async def run_generate(
     request: Request, state: AppState, req: GenerateRequest, arrived: float, as_list: bool = False
 ) -> Response:
-    """A non-streaming generation (permit → validation → batcher → JSON)."""
+    """A non-streaming generation (permit → validation → batcher → JSON), on the default model."""
+    state = await model_state(request)
     permit = state.infer.acquire()
     try:
         valid = await state.infer.validate(req, stream=False)
@@ -155,7 +157,8 @@ def _tag(request: Request) -> str:
 
 
 async def run_stream(request: Request, state: AppState, req: GenerateRequest, arrived: float) -> Response:
-    """A streaming generation: 429/422 are raised here, before any byte is sent."""
+    """A streaming generation on the default model: 429/422 are raised here, before any byte is sent."""
+    state = await model_state(request)
     permit = state.infer.acquire()
     try:
         valid = await state.infer.validate(req, stream=True)

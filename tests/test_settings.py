@@ -155,6 +155,7 @@ ENV_READS_ALLOWED = {
     "shard/native.py",
     "common/store.py",
     "router/app.py",
+    "common/hub.py",  # the Hugging Face Hub's own variables (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE), read per call
 }
 
 

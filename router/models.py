@@ -48,6 +48,7 @@ log = logging.getLogger("ember.router.models")
 LEASES = "ember.leases"
 """The scope key holding the leases an HTTP request took (released when its response ends)."""
 
+MANIFEST_TTL_S = 2.0
 IDLE_WAIT_S = 30.0
 """How long a load waits for a busy model to become idle before refusing to evict it."""
 
@@ -180,6 +181,7 @@ class Models:
         self.metrics = ModelMetrics()
         self.metrics.loaded.set(1)
         self._watch: asyncio.Task | None = None
+        self._manifests: dict[str, tuple[float, Any]] = {}
         default.idle.set()
 
     @property
@@ -223,7 +225,7 @@ class Models:
         manifest = None
         if self.registry is not None:
             try:
-                manifest = self.registry.find(name)
+                manifest = self._find(name)
             except ModelNameError as exc:
                 if fallback and not self.strict:
                     return self._default_target()
@@ -245,6 +247,22 @@ class Models:
             parameters=dict(manifest.parameters or {}),
             manifest=manifest,
         )
+
+    def _find(self, name: str) -> Any:
+        """The registry's manifest for `name`, remembered for a moment: requests naming a model do not
+        each read the store (`forget` drops it when a route changes the library)."""
+        now = time.monotonic()
+        cached = self._manifests.get(name)
+        if cached is not None and now - cached[0] < MANIFEST_TTL_S:
+            return cached[1]
+        manifest = self.registry.find(name)
+        if len(self._manifests) > 1024:
+            self._manifests.clear()
+        self._manifests[name] = (now, manifest)
+        return manifest
+
+    def forget(self) -> None:
+        self._manifests.clear()
 
     def _default_target(self) -> Target:
         return Target(name=self.default.name, group=None, load_name=self.default_id)

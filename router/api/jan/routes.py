@@ -39,8 +39,9 @@ class Conflict(EmberError):
 class Downloads:
     """Downloads started by POST /v1/models: one task per name, its progress readable by any request."""
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Any, on_done=None) -> None:
         self.registry = registry
+        self.on_done = on_done
         self.tasks: dict[str, asyncio.Task] = {}
         self.progress: dict[str, dict[str, Any]] = {}
 
@@ -65,6 +66,8 @@ class Downloads:
             record["error"] = str(exc)
         else:
             self.progress.pop(name, None)
+            if self.on_done is not None:
+                self.on_done()  # the new name resolves at once
 
     def running(self, name: str) -> dict[str, Any] | None:
         task = self.tasks.get(name)
@@ -172,7 +175,7 @@ def _catalog_names(registry: Any) -> list[str]:
 class JanApi:
     def __init__(self, state: AppState) -> None:
         registry = _registry(state.models)
-        self.downloads = Downloads(registry) if registry is not None else None
+        self.downloads = Downloads(registry, state.models.forget) if registry is not None else None
 
     async def list_models(self, request: Request) -> Response:
         state, models = _models(request)
@@ -240,6 +243,7 @@ class JanApi:
             ):
                 await models.unload(target)  # the last name of these weights: they leave memory too
             await asyncio.to_thread(registry.delete, manifest.name)
+            models.forget()
             return JSONResponse({"id": manifest.name, "object": "model", "deleted": True})
         except EmberError as exc:
             return openai_error(exc)

@@ -249,3 +249,15 @@ class Launcher:
                 self.proc.wait()
         for pid in live_members(self.child_pids()):
             os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def control_client(socket_path: str | Path) -> Iterator:
+    """A stub of the launcher's ModelControl service (`proto/control.proto`) on its unix socket.
+
+    The launcher serves it on `{shard-uds-path}-control` unless told otherwise.
+    """
+    from ember.proto import control_pb2_grpc
+
+    with grpc.insecure_channel(f"unix://{os.path.abspath(socket_path)}") as channel:
+        yield control_pb2_grpc.ModelControlStub(channel)

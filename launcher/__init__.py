@@ -1,1 +1,1 @@
-"""Launcher: flags, model fetch and conversion, process supervision."""
+"""Launcher: flags, model fetch and conversion, process supervision, shard groups and their control service."""

@@ -2,8 +2,9 @@
 
 Children write to pipes; a reader thread per child forwards every line to the
 shared `LogSink`, which prefixes it with the child's role and rank
-(`[shard 0] ...`, `[router] ...`) or, with `--json-output`, re-emits it as one
-JSON object carrying `role` and `rank` fields. The reader also keeps the last
+(`[shard 0] ...`, `[router] ...`; `[g1 shard 0] ...` for a shard group loaded on
+demand) or, with `--json-output`, re-emits it as one JSON object carrying `role`
+and `rank` fields (and `group` for an on-demand group). The reader also keeps the last
 lines of each child so that a crash report can show them after the fact.
 """
 
@@ -23,9 +24,10 @@ def _timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
-def child_label(role: str, rank: int | None) -> str:
-    """`shard 0`, `router`: how people and messages name a child."""
-    return role if rank is None else f"{role} {rank}"
+def child_label(role: str, rank: int | None, group: str = "") -> str:
+    """`shard 0`, `router`, `g1 shard 0` (rank 0 of an on-demand shard group): how people and messages name a child."""
+    label = role if rank is None else f"{role} {rank}"
+    return f"{group} {label}" if group else label
 
 
 class LogSink:
@@ -40,12 +42,12 @@ class LogSink:
     def json_output(self) -> bool:
         return self._json
 
-    def child_line(self, role: str, rank: int | None, line: str) -> None:
-        """Forward one line a child printed."""
+    def child_line(self, role: str, rank: int | None, line: str, group: str = "") -> None:
+        """Forward one line a child printed; `group` tags the ranks of an on-demand shard group."""
         if self._json:
-            self._write(json.dumps(self._child_record(role, rank, line), ensure_ascii=False))
+            self._write(json.dumps(self._child_record(role, rank, line, group), ensure_ascii=False))
         else:
-            self._write(f"[{child_label(role, rank)}] {line}")
+            self._write(f"[{child_label(role, rank, group)}] {line}")
 
     def launcher(self, message: str, level: str = "INFO", **fields: Any) -> None:
         """A line of the launcher's own; `fields` become JSON keys (text mode shows the message only)."""
@@ -64,7 +66,7 @@ class LogSink:
         self._write(f"[{LAUNCHER}] {marker}{message}")
 
     @staticmethod
-    def _child_record(role: str, rank: int | None, line: str) -> dict[str, Any]:
+    def _child_record(role: str, rank: int | None, line: str, group: str = "") -> dict[str, Any]:
         """The child's own JSON object when the line is one, else the line wrapped as a message."""
         try:
             parsed = json.loads(line)
@@ -73,6 +75,8 @@ class LogSink:
         record = parsed if isinstance(parsed, dict) else {"timestamp": _timestamp(), "level": "INFO", "message": line}
         record["role"] = role
         record["rank"] = rank
+        if group:
+            record["group"] = group
         return record
 
     def _write(self, text: str) -> None:
@@ -87,14 +91,17 @@ class LogSink:
 class ChildOutput:
     """Pumps one child's output (stdout and stderr merged) into the sink, keeping its last lines."""
 
-    def __init__(self, role: str, rank: int | None, pipe: IO[bytes], sink: LogSink, keep: int = 50) -> None:
+    def __init__(
+        self, role: str, rank: int | None, pipe: IO[bytes], sink: LogSink, keep: int = 50, group: str = ""
+    ) -> None:
         self.role = role
         self.rank = rank
+        self.group = group
         self._pipe = pipe
         self._sink = sink
         self._tail: collections.deque[str] = collections.deque(maxlen=keep)
         self._tail_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._pump, name=f"log-{child_label(role, rank)}", daemon=True)
+        self._thread = threading.Thread(target=self._pump, name=f"log-{child_label(role, rank, group)}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -114,7 +121,7 @@ class ChildOutput:
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 with self._tail_lock:
                     self._tail.append(line)
-                self._sink.child_line(self.role, self.rank, line)
+                self._sink.child_line(self.role, self.rank, line, self.group)
 
 
 class LineWriter:

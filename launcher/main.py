@@ -2,27 +2,42 @@
 
 Startup follows TGI's launcher: fetch/convert the model (progress shown), spawn
 one `ember-shard serve` per rank with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT,
-wait until every shard socket answers Health, then spawn `ember-router` and wait
-until GET /health answers 200. From then on the launcher only watches:
-SIGTERM/SIGINT stop the router (it drains) and then the shards, exit 0; any
-child dying stops the rest, prints what died with its last lines, exit 1.
-The launcher never imports torch.
+wait until every shard socket answers Health, then serve the model control
+service (`ember.launcher.control`) on `{shard-uds-path}-control`, spawn
+`ember-router` and wait until GET /health answers 200. From then on the launcher
+watches, and loads or unloads further shard groups when the router asks
+(`ember.launcher.groups`): SIGTERM/SIGINT stop the router (it drains), the
+control service and then every group's shards, exit 0. The router's death, or a
+death of a default-model rank while that group is loaded, stops the rest,
+prints what died with its last lines, exit 1; a rank of a group loaded on demand
+that dies fails only its group.
+The launcher never imports torch (unless it converts a GGUF itself).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ember.launcher.args import parse_args, router_flag_argv, shard_flag_argv
+from ember.launcher.groups import (
+    GroupManager,
+    Resolver,
+    Target,
+    registry_resolver,
+    sharding_problem_of,
+    target_of,
+)
 from ember.launcher.logs import LineWriter, LogSink
 from ember.launcher.supervisor import (
+    CRASH_LINES,  # noqa: F401 - part of this module's interface before it moved
     Child,
     ChildDied,
     ChildSpec,
@@ -31,15 +46,14 @@ from ember.launcher.supervisor import (
     Supervisor,
     http_health,
     probe_host,
-    shard_health,
+    report_death,
+    shards_pending,
     socket_listening,
 )
-from ember.sharding import sharding_problem
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED_EARLY = 130
-CRASH_LINES = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,18 +90,21 @@ def _resolve_model(args: argparse.Namespace, sink: LogSink) -> Any:
 
 
 def _sharding_problem(model_dir: Path, num_shard: int) -> str | None:
-    config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file():
-        return None  # the shard reports a missing config with its own message
-    return sharding_problem(json.loads(config_file.read_text()), num_shard)
+    return sharding_problem_of(model_dir, num_shard)
+
+
+def control_socket(args: argparse.Namespace) -> str:
+    """The model control service's socket: `--control-uds-path` where given, else `{shard-uds-path}-control`."""
+    return getattr(args, "control_uds_path", None) or f"{args.shard_uds_path}-control"
 
 
 def _claim_sockets(args: argparse.Namespace, sink: LogSink) -> bool:
-    """Refuse to start over live shards; remove sockets a crashed run left behind."""
-    for path in shard_sockets(args.shard_uds_path, args.num_shard):
+    """Refuse to start over live shards or a live control service; remove sockets a crashed run left behind."""
+    for path in [*shard_sockets(args.shard_uds_path, args.num_shard), control_socket(args)]:
         if socket_listening(path):
             sink.launcher(
-                f"a shard already serves on {path}: another server uses --shard-uds-path {args.shard_uds_path}", "ERROR"
+                f"a server already listens on {path}: another launcher uses --shard-uds-path {args.shard_uds_path}",
+                "ERROR",
             )
             return False
         if os.path.exists(path):
@@ -95,11 +112,29 @@ def _claim_sockets(args: argparse.Namespace, sink: LogSink) -> bool:
     return True
 
 
-def run(supervisor: Supervisor, args: argparse.Namespace, model: Any, sink: LogSink) -> int:
-    """Start, serve until a signal or a death, stop; returns the exit status."""
+def run(
+    supervisor: Supervisor, args: argparse.Namespace, model: Any, sink: LogSink, resolver: Resolver | None = None
+) -> int:
+    """Start, serve until a signal or a fatal death, stop; returns the exit status.
+
+    `resolver` turns the names the control service is asked to Load into model directories
+    (default: `registry_resolver`).
+    """
+    from ember.launcher.control import ControlServer
+
     graceful = False
+    groups: GroupManager | None = None
+    control: ControlServer | None = None
     try:
-        _start_shards(supervisor, args, model)
+        started, target = time.monotonic(), target_of(model)
+        shards = _start_shards(supervisor, args, model, target)
+        groups = _group_manager(supervisor, args, resolver or registry_resolver(args, sink))
+        groups.adopt_default(str(model.model_id), target, shards, args.master_port, time.monotonic() - started)
+        supervisor.on_child_exit(groups.child_exited)
+        server = ControlServer(control_socket(args), groups)
+        server.start()
+        control = server
+        sink.launcher(f"model control service on {control.path}")
         _start_router(supervisor, args, model)
         sink.launcher(f"serving {model.model_id} on http://{args.hostname}:{args.port} with {args.num_shard} shard(s)")
         supervisor.watch()
@@ -108,27 +143,48 @@ def run(supervisor: Supervisor, args: argparse.Namespace, model: Any, sink: LogS
         graceful = True
     except ChildDied as died:
         report_death(sink, died.child)
-    except StartupFailed as failed:
+    except (StartupFailed, OSError) as failed:
         sink.launcher(str(failed), "ERROR")
     finally:
-        supervisor.stop(graceful, args.graceful_termination_timeout)
+        supervisor.stop(graceful, args.graceful_termination_timeout, between=lambda: _stop_control(groups, control))
     sink.launcher("shutdown complete" if graceful else "stopped after a failure")
     return EXIT_OK if graceful else EXIT_FAILED
 
 
-def _start_shards(supervisor: Supervisor, args: argparse.Namespace, model: Any) -> None:
-    shards = [supervisor.start(shard_spec(args, model, rank)) for rank in range(args.num_shard)]
-    supervisor.wait_ready(lambda: _shards_pending(shards), args.shard_startup_timeout)
+def _stop_control(groups: GroupManager | None, control: Any) -> None:
+    """Once the router is stopped (it may ask for models while it drains): end loads and watches, close the socket.
+
+    No shard starts meanwhile: the supervisor refuses new children from the moment it began stopping.
+    """
+    if groups is not None:
+        groups.close()
+    if control is not None:
+        control.stop()
+
+
+def _group_manager(supervisor: Supervisor, args: argparse.Namespace, resolver: Resolver) -> GroupManager:
+    """Groups loaded on demand get the default group's shard flags, sockets `{prefix}-g{n}-{rank}`, a port each."""
+
+    def spec(target: Target, rank: int, prefix: str, master_port: int) -> ChildSpec:
+        return shard_spec(args, target, rank, prefix=prefix, master_port=master_port)
+
+    return GroupManager(
+        supervisor,
+        resolver,
+        spec,
+        prefix=args.shard_uds_path,
+        num_shard=args.num_shard,
+        startup_timeout=args.shard_startup_timeout,
+        grace_s=args.graceful_termination_timeout,
+    )
+
+
+def _start_shards(supervisor: Supervisor, args: argparse.Namespace, model: Any, target: Target) -> list[Child]:
+    specs = [dataclasses.replace(shard_spec(args, model, rank), group=target.key) for rank in range(args.num_shard)]
+    shards = [supervisor.start(spec) for spec in specs]
+    supervisor.wait_ready(lambda: shards_pending(shards), args.shard_startup_timeout)
     supervisor.sink.launcher(f"all {len(shards)} shard(s) answer Health")
-
-
-def _shards_pending(shards: list[Child]) -> dict[Child, str]:
-    """Shards not serving yet: first every socket must exist, then all answer one Health broadcast."""
-    missing = {c: f"socket {c.spec.sockets[0]} not there yet" for c in shards if not os.path.exists(c.spec.sockets[0])}
-    if missing:
-        return missing
-    failed = set(shard_health([c.spec.sockets[0] for c in shards]))
-    return {c: "its socket does not answer Health" for c in shards if c.spec.sockets[0] in failed}
+    return shards
 
 
 def _start_router(supervisor: Supervisor, args: argparse.Namespace, model: Any) -> None:
@@ -145,16 +201,25 @@ def shard_sockets(prefix: str, num_shard: int) -> list[str]:
     return [f"{prefix}-{rank}" for rank in range(num_shard)]
 
 
-def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
-    """The `ember-shard serve` command line and environment of one rank."""
-    socket = shard_sockets(args.shard_uds_path, args.num_shard)[rank]
+def shard_spec(
+    args: argparse.Namespace, model: Any, rank: int, prefix: str | None = None, master_port: int | None = None
+) -> ChildSpec:
+    """The `ember-shard serve` command line and environment of one rank.
+
+    `prefix` and `master_port` place a group loaded on demand beside the default one
+    (default: `--shard-uds-path` and `--master-port`); every other shard flag is the same.
+    """
+    prefix = prefix or args.shard_uds_path
+    if master_port is not None and master_port != args.master_port:
+        args = argparse.Namespace(**{**vars(args), "master_port": master_port})
+    socket = shard_sockets(prefix, args.num_shard)[rank]
     argv = [
         *console_script("ember-shard", "ember.shard.cli"),
         "serve",
         "--model-id",
         str(model.path),
         "--uds-path",
-        args.shard_uds_path,
+        prefix,
         "--rank",
         str(rank),
         "--world-size",
@@ -170,11 +235,13 @@ def shard_spec(args: argparse.Namespace, model: Any, rank: int) -> ChildSpec:
 
 
 def router_spec(args: argparse.Namespace, model: Any) -> ChildSpec:
-    """The `ember-router` command line: rank 0's socket, the tokenizer directory, TGI's router flags."""
+    """The `ember-router` command line: rank 0's socket, the control socket, the tokenizer directory, TGI's flags."""
     argv = [
         *console_script("ember-router", "ember.router.cli"),
         "--master-shard-uds-path",
         shard_sockets(args.shard_uds_path, args.num_shard)[0],
+        "--control-uds-path",
+        control_socket(args),
         "--tokenizer-name",
         str(model.path),
         "--model-id",
@@ -202,25 +269,6 @@ def console_script(name: str, module: str) -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
-
-
-def report_death(sink: LogSink, child: Child) -> None:
-    """Say which child died, how, and what it printed last."""
-    child.output.join(timeout=1.0)  # let its final traceback reach the ring buffer
-    lines = child.output.last_lines(CRASH_LINES)
-    code = child.popen.returncode
-    fields = {
-        "child": child.name,
-        "exit_code": code if code is not None and code >= 0 else None,
-        "signal": -code if code is not None and code < 0 else None,
-    }
-    message = f"{child.name} died ({child.exit_description()})"
-    if sink.json_output:
-        sink.launcher(message, "ERROR", last_lines=lines, **fields)
-        return
-    sink.launcher(f"{message}; its last {len(lines)} lines:", "ERROR", **fields)
-    for line in lines:
-        sink.launcher(f"  {child.name} | {line}")
 
 
 if __name__ == "__main__":

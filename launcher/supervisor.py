@@ -1,10 +1,17 @@
 """Process supervision: start children in their own process groups, wait until they serve, stop them.
 
-Everything the launcher waits for arrives on one queue: a child exiting (a
-waiter thread per child) or a signal (the handler only enqueues, which
-`queue.SimpleQueue.put` allows from a signal handler). The main thread is
+Everything the launcher's main thread waits for arrives on one queue: a child
+exiting (a waiter thread per child) or a signal (the handler only enqueues,
+which `queue.SimpleQueue.put` allows from a signal handler). The main thread is
 therefore never stuck in a blocking call when a shard dies during startup or
-a SIGTERM arrives, and every wait has a deadline.
+a SIGTERM arrives, and every wait has a deadline. An exit is fatal (`ChildDied`)
+unless the exit handler claims it: the group manager (`ember.launcher.groups`)
+claims the ranks of shard groups it loaded on demand, whose death stops only
+their group.
+
+The control service's threads start and stop such groups too, so the children
+list is guarded by a lock, and `stop_children` stops children without touching
+the main thread's queue (it waits on the processes themselves).
 
 Children are each the leader of their own process group: a terminal's Ctrl-C
 reaches only the launcher, which then stops the router first (so it can drain
@@ -32,6 +39,11 @@ from ember.launcher.logs import ChildOutput, LogSink, child_label
 POLL_S = 0.1
 FAILURE_GRACE_S = 5.0
 """After a child died the others get this long to exit on SIGTERM: they may be stuck in a collective."""
+CRASH_LINES = 20
+"""Lines of a dead child's output that its death report shows."""
+
+ExitHandler = Callable[["Child"], bool]
+"""Told of every child exit the main thread sees; True when the exit is handled and not fatal."""
 
 
 @dataclass
@@ -44,10 +56,14 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     sockets: list[str] = field(default_factory=list)
     """Files the child owns and must not outlive it (a shard's unix socket)."""
+    group: str | None = None
+    """Key of the shard group the child is a rank of (None: the router)."""
+    tag: str = ""
+    """Short label of an on-demand shard group (`g1`) shown with the child's name; empty for the default group."""
 
     @property
     def name(self) -> str:
-        return child_label(self.role, self.rank)
+        return child_label(self.role, self.rank, self.tag)
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,20 @@ class Supervisor:
         self.sink = sink
         self._keep = keep_lines
         self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self.children: list[Child] = []
+        self._children: list[Child] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._exit_handler: ExitHandler | None = None
+
+    @property
+    def children(self) -> list[Child]:
+        """The children started and not yet forgotten (a copy: other threads may start or stop some)."""
+        with self._lock:
+            return list(self._children)
+
+    def on_child_exit(self, handler: ExitHandler | None) -> None:
+        """Route child exits through `handler` before they become fatal (see `ExitHandler`)."""
+        self._exit_handler = handler
 
     # -- signals and events
 
@@ -144,23 +173,32 @@ class Supervisor:
         if isinstance(event, SignalReceived):
             raise Interrupted(event.signum)
         if isinstance(event, ChildExited):
+            handler = self._exit_handler
+            if handler is not None and handler(event.child):
+                return
             raise ChildDied(event.child)
 
     # -- spawning
 
     def start(self, spec: ChildSpec) -> Child:
-        """Start a child as the leader of a new process group, with its output pumped into the sink."""
-        popen = subprocess.Popen(
-            spec.argv,
-            env=spec.env or None,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
-        output = ChildOutput(spec.role, spec.rank, popen.stdout, self.sink, keep=self._keep)
-        child = Child(spec, popen, output)
-        self.children.append(child)
+        """Start a child as the leader of a new process group, with its output pumped into the sink.
+
+        Any thread may call it; once `stop` began it refuses (StartupFailed), so no child outlives the launcher.
+        """
+        with self._lock:
+            if self._closed:
+                raise StartupFailed(f"not starting {spec.name}: the launcher is stopping")
+            popen = subprocess.Popen(
+                spec.argv,
+                env=spec.env or None,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                process_group=0,
+            )
+            output = ChildOutput(spec.role, spec.rank, popen.stdout, self.sink, keep=self._keep, group=spec.tag)
+            child = Child(spec, popen, output)
+            self._children.append(child)
         output.start()
         threading.Thread(target=self._wait_child, args=(child,), name=f"wait-{spec.name}", daemon=True).start()
         self.sink.launcher(f"started {spec.name} (pid {popen.pid})", child=spec.name, pid=popen.pid)
@@ -190,26 +228,70 @@ class Supervisor:
             self._raise_for(self._next_event(min(POLL_S, left)))
 
     def watch(self) -> None:
-        """Block until something happens; always raises Interrupted or ChildDied."""
+        """Block until something fatal happens; always raises Interrupted or ChildDied.
+
+        Exits the exit handler claims (an on-demand group's rank) are handed to it and watching goes on.
+        """
         while True:
             self._raise_for(self._next_event(3600.0))
 
     # -- stopping
 
-    def stop(self, graceful: bool, grace_s: float) -> None:
-        """Graceful: router first (it drains), then shards, each up to `grace_s`. Else all at once, briefly."""
+    def stop(self, graceful: bool, grace_s: float, between: Callable[[], None] | None = None) -> None:
+        """Graceful: router first (it drains), then shards, each up to `grace_s`. Else all at once, briefly.
+
+        `between` runs once the router is stopped and before the shards are (the launcher stops its
+        control service there). No child starts once this began.
+        """
+        with self._lock:
+            self._closed = True
         if graceful:
-            for stage in (self._role("router"), self._role("shard")):
-                self._terminate(stage, grace_s)
+            self._terminate(self._role("router"), grace_s)
+            if between is not None:
+                between()
+            self._terminate(self._role("shard"), grace_s)
         else:
             self._terminate(self.children, min(grace_s, FAILURE_GRACE_S))
+            if between is not None:
+                between()
         for child in self.children:
-            child.signal_group(signal.SIGKILL)  # stragglers the children left in their groups
-            child.output.join(timeout=2.0)
-            _remove_files(child.spec.sockets)
+            _reap(child)
+
+    def stop_children(self, children: list[Child], grace_s: float) -> None:
+        """From any thread: stop `children` (SIGTERM, SIGKILL after `grace_s`), reap them, remove their sockets.
+
+        Unlike `stop` it never reads the main thread's event queue; it waits on the processes. Stopped
+        children are forgotten, so a server that loads and unloads models for days keeps a short list.
+        """
+        alive = [c for c in children if c.alive()]
+        for child in alive:
+            self.sink.launcher(f"stopping {child.name} (SIGTERM)", child=child.name)
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in alive:
+            try:
+                child.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.sink.launcher(f"{child.name} did not stop in time: SIGKILL", "WARN", child=child.name)
+                child.signal_group(signal.SIGKILL)
+        for child in children:
+            child.popen.wait()
+            if child in alive:
+                self.sink.launcher(f"{child.name} stopped ({child.exit_description()})", child=child.name)
+            _reap(child)
+        self.forget(children)
+
+    def forget(self, children: list[Child]) -> None:
+        """Drop reaped children from the list `stop` works through."""
+        with self._lock:
+            self._children = [c for c in self._children if c not in children]
 
     def _role(self, role: str) -> list[Child]:
         return [c for c in self.children if c.spec.role == role]
+
+    def stopping(self) -> bool:
+        with self._lock:
+            return self._closed
 
     def _terminate(self, children: list[Child], grace_s: float) -> None:
         """SIGTERM, wait up to `grace_s` (a second signal cuts it short), then SIGKILL the rest."""
@@ -230,6 +312,42 @@ class Supervisor:
                 child.signal_group(signal.SIGKILL)
             child.popen.wait()
             self.sink.launcher(f"{child.name} stopped ({child.exit_description()})", child=child.name)
+
+
+def _reap(child: Child) -> None:
+    """After the child exited: kill the stragglers left in its group, drain its output, remove its sockets."""
+    child.signal_group(signal.SIGKILL)
+    child.output.join(timeout=2.0)
+    _remove_files(child.spec.sockets)
+
+
+def report_death(sink: LogSink, child: Child, message: str | None = None) -> list[str]:
+    """Say which child died, how (or `message`), and what it printed last; returns those last lines."""
+    child.output.join(timeout=1.0)  # let its final traceback reach the ring buffer
+    lines = child.output.last_lines(CRASH_LINES)
+    code = child.popen.returncode
+    fields = {
+        "child": child.name,
+        "exit_code": code if code is not None and code >= 0 else None,
+        "signal": -code if code is not None and code < 0 else None,
+    }
+    message = message or f"{child.name} died ({child.exit_description()})"
+    if sink.json_output:
+        sink.launcher(message, "ERROR", last_lines=lines, **fields)
+        return lines
+    sink.launcher(f"{message}; its last {len(lines)} lines:", "ERROR", **fields)
+    for line in lines:
+        sink.launcher(f"  {child.name} | {line}")
+    return lines
+
+
+def shards_pending(shards: list[Child]) -> dict[Child, str]:
+    """Shards not serving yet: first every socket must exist, then all answer one Health broadcast."""
+    missing = {c: f"socket {c.spec.sockets[0]} not there yet" for c in shards if not os.path.exists(c.spec.sockets[0])}
+    if missing:
+        return missing
+    failed = set(shard_health([c.spec.sockets[0] for c in shards]))
+    return {c: "its socket does not answer Health" for c in shards if c.spec.sockets[0] in failed}
 
 
 def _remove_files(paths: list[str]) -> None:

@@ -63,7 +63,10 @@ def _launch(words: list[str], model: ResolvedModel) -> tuple[argparse.Namespace,
 DERIVED = {
     "num-shard": {"shard": {"world_size": 7}},
     # (--sharded only settles num-shard: test_launcher_args.py; --model-id: the test below)
-    "shard-uds-path": {"shard": {"uds_path": "x"}, "router": {"master_shard_uds_path": "x-0"}},
+    "shard-uds-path": {
+        "shard": {"uds_path": "x"},
+        "router": {"master_shard_uds_path": "x-0", "control_uds_path": "x-control"},
+    },
     "graceful-termination-timeout": {"router": {"graceful_shutdown_timeout": 0.0}},
 }
 

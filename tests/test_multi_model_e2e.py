@@ -10,6 +10,7 @@ names that must not reach the filesystem.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hub_server import HubServer
 from servers import Launcher, control_client, free_port, wait_for
 from test_jan_routes import check
 
@@ -65,9 +67,19 @@ def library(tiny_model_factory, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(library, tiny_llama_dir):
+def hub(tiny_model_factory, tmp_path_factory):
+    """A loopback Hugging Face Hub serving `tester/tiny-d`, a safetensors repository."""
+    root = tmp_path_factory.mktemp("hub")
+    shutil.copytree(tiny_model_factory("llama", seed=3), root / "tester" / "tiny-d")
+    with HubServer(root) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(library, tiny_llama_dir, hub):
     port = free_port()
-    launcher = Launcher(*launcher_args(tiny_llama_dir, library, port, "--keep-alive", "-1"))
+    hub_env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN": "", "HF_HUB_OFFLINE": ""}
+    launcher = Launcher(*launcher_args(tiny_llama_dir, library, port, "--keep-alive", "-1"), env=hub_env)
     try:
         launcher.wait_for_line("[launcher] serving ", timeout=240)
         yield launcher, f"http://127.0.0.1:{port}", library
@@ -106,6 +118,29 @@ def test_a_named_model_loads_on_demand_and_derived_names_share_its_group(server)
     # OpenAI's routes fall back to the default model for an unknown name, as TGI's do.
     fallback = complete(url, "gpt-4o")
     assert fallback.model == listing["data"][0]["id"] and len(groups(tmp)) == 2
+
+
+def test_a_hub_repository_downloads_in_the_background_then_serves(server, hub):
+    launcher, url, tmp = server
+    assert httpx.get(url + "/v1/models/tester/tiny-d").status_code == 404  # not downloaded, not in the catalog
+    r = httpx.post(url + "/v1/models", json={"model": "tester/tiny-d"})
+    assert r.status_code == 200, r.text
+    check(r.json(), "DownloadModelResponse")
+    assert r.json() == {"id": "tester/tiny-d:latest", "object": "model", "state": "downloading"}
+
+    def downloaded():
+        card = httpx.get(url + "/v1/models/tester%2Ftiny-d").json()
+        assert not card.get("download", {}).get("error"), card
+        return card if card["state"] == "downloaded" else None
+
+    card = wait_for(downloaded, 120, "the download")
+    check(card, "GetModelResponse")
+    assert card["source_url"] == "https://huggingface.co/tester/tiny-d" and card["format"] == "safetensors"
+    assert any(req.path.endswith("model.safetensors") for req in hub.requests)
+    # Asking again downloads nothing more, and the model serves by name.
+    again = httpx.get(url + "/v1/models/download/tester/tiny-d")
+    assert again.json()["state"] == "downloaded"
+    assert complete(url, "tester/tiny-d").model == "tester/tiny-d:latest"
 
 
 def test_a_dead_on_demand_model_fails_alone_and_reloads(server):
@@ -202,7 +237,17 @@ def test_keep_alive_and_max_loaded_models(library, tiny_llama_dir, tiny_model_fa
     loading another model evicts an idle one (here one Jan started, which has no timer), never the default."""
     Registry(library / "cache").import_path("tiny-c", tiny_model_factory("llama", seed=2))
     port = free_port()
-    args = launcher_args(tiny_llama_dir, library / "second", port, "--keep-alive", "1s", "--max-loaded-models", "2")
+    args = launcher_args(
+        tiny_llama_dir,
+        library / "second",
+        port,
+        "--keep-alive",
+        "1s",
+        "--max-loaded-models",
+        "2",
+        "--preload",
+        "tiny-b",
+    )
     (library / "second").mkdir(exist_ok=True)
     args[args.index("--cache-dir") + 1] = str(library / "cache")
     launcher = Launcher(*args)
@@ -210,6 +255,7 @@ def test_keep_alive_and_max_loaded_models(library, tiny_llama_dir, tiny_model_fa
     tmp = library / "second"
     try:
         launcher.wait_for_line("[launcher] serving ", timeout=240)
+        assert "tiny-b:latest" in groups(tmp), "--preload loads it before the server answers"
         complete(url, "tiny-b")
         wait_for(lambda: "tiny-b:latest" not in groups(tmp), 30, "tiny-b to expire after 1 s idle")
         assert httpx.get(url + "/v1/models/tiny-b").json()["state"] == "stopped"

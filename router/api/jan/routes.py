@@ -144,7 +144,7 @@ def _state_of(models: Models | None, downloads: Downloads | None, name: str) -> 
     if downloads is not None:
         running = downloads.running(name)
         if running is not None:
-            return "downloading", {"download": dict(running)}
+            return "downloading", {"download": {"completed": running["completed"], "total": running["total"]}}
         error = downloads.failed(name)
         if error:
             return "not_downloaded", {"download": {"error": error}}

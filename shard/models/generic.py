@@ -1,12 +1,18 @@
 """The generic path: any other causal LM through transformers' own modules (TP=1, slower).
 
 Each sequence keeps its own per-layer K/V tensors. A step lays the batch out
-padded, `[pad | past_i | pad | new_i]` per row, so one forward serves prefill,
+padded, `[pad | past_i | new_i | pad]` per row, so one forward serves prefill,
 decode and mixed steps alike; afterwards the real positions are cut back out.
+A row's past and new tokens stay adjacent: transformers' sliding-window masks
+(Gemma 3, Mistral) count the distance between cache slots, which then equals the
+distance between positions. Only the logits of each row's last token are computed
+unless prompt logits are asked for: a 262k vocabulary (Gemma) times a long
+prompt is gigabytes.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -45,6 +51,10 @@ class GenericRunner(ModelRunner):
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         self.model.to(self.device).eval()
+        forward_args = inspect.signature(self.model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes).
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in forward_args
         cfg = self.model.config.get_text_config(decoder=True)
         config = read_json(model_dir / "config.json")
         self._kv: dict[int, LayerKV] = {}
@@ -89,25 +99,35 @@ class GenericRunner(ModelRunner):
         positions = torch.zeros(len(seqs), max_new, dtype=torch.long)
         mask = torch.zeros(len(seqs), max_past + max_new, dtype=torch.long)
         for i, (p, ids) in enumerate(zip(past_lens, new)):
-            input_ids[i, max_new - len(ids) :] = torch.tensor(ids)
-            positions[i, max_new - len(ids) :] = torch.arange(p, p + len(ids))
-            mask[i, max_past - p : max_past] = 1
-            mask[i, max_past + max_new - len(ids) :] = 1
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            # The pads after a row's tokens are never attended to; they repeat its last position, which
+            # the model's position table holds (absolute embeddings such as GPT-2's end at n_positions).
+            positions[i] = torch.arange(p, p + max_new).clamp_(max=p + len(ids) - 1)
+            mask[i, max_past - p : max_past + len(ids)] = 1
         cache = self._stacked_cache(seqs, max_past) if max_past else DynamicCache()
+        last = [len(ids) - 1 for ids in new]
+        kept = None if want_prompt_logits or not self._keeps_logits else sorted(set(last))
+        extra = {"logits_to_keep": torch.tensor(kept, device=self.device)} if kept is not None else {}
         out = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_arg: cache},
+            **extra,
         )
-        self._split_cache(seqs, out.past_key_values, past_lens, [len(n) for n in new], max_past)
+        self._split_cache(seqs, getattr(out, self._cache_arg), past_lens, [len(n) for n in new], max_past)
         logits = out.logits.float()
-        prompt = [logits[i, max_new - len(ids) :] for i, ids in enumerate(new)] if want_prompt_logits else None
-        return StepOutput(logits=logits[:, -1], prompt_logits=prompt)
+        columns = [kept.index(j) for j in last] if kept is not None else last
+        rows = torch.arange(len(seqs), device=logits.device)
+        prompt = [logits[i, : len(ids)] for i, ids in enumerate(new)] if want_prompt_logits else None
+        return StepOutput(logits=logits[rows, torch.tensor(columns, device=logits.device)], prompt_logits=prompt)
 
     def _stacked_cache(self, seqs: list[Sequence], max_past: int) -> DynamicCache:
-        """Left-pad every sequence's past K/V to `max_past` and stack them into one cache."""
+        """Left-pad every sequence's past K/V to `max_past` and stack them into one cache.
+
+        A lone sequence (single-stream decode) is neither padded nor stacked: every copy of the whole
+        cache is memory traffic its decode step does not need (the cache copies it once more anyway)."""
         rows = [self._kv.get(s.seq_id) if s.num_cached else None for s in seqs]
         template = next(r for r in rows if r is not None)
         layers = []
@@ -116,26 +136,20 @@ class GenericRunner(ModelRunner):
             for row in rows:
                 k, v = row[layer] if row is not None else (k0[..., :0, :], v0[..., :0, :])
                 pad = max_past - k.shape[-2]
-                ks.append(F.pad(k, (0, 0, pad, 0)))
-                vs.append(F.pad(v, (0, 0, pad, 0)))
-            layers.append((torch.cat(ks), torch.cat(vs)))
+                ks.append(F.pad(k, (0, 0, pad, 0)) if pad else k)
+                vs.append(F.pad(v, (0, 0, pad, 0)) if pad else v)
+            layers.append((torch.cat(ks), torch.cat(vs)) if len(rows) > 1 else (ks[0], vs[0]))
         return DynamicCache(ddp_cache_data=layers)
 
     def _split_cache(
         self, seqs: list[Sequence], cache: DynamicCache, past_lens: list[int], new_lens: list[int], max_past: int
     ) -> None:
-        """Cut each sequence's real past and new positions back out of the padded cache."""
-        max_new = max(new_lens)
+        """Cut each sequence's real past and new positions (adjacent: `[pad | past | new | pad]`) back out."""
         for i, s in enumerate(seqs):
-            p, n = past_lens[i], new_lens[i]
-            per_layer = []
-            for layer in cache.layers:
-                parts = []
-                for t in (layer.keys, layer.values):
-                    row = t[i : i + 1]
-                    past, fresh = row[..., max_past - p : max_past, :], row[..., max_past + max_new - n :, :]
-                    parts.append(torch.cat([past, fresh], dim=-2))
-                per_layer.append((parts[0], parts[1]))
+            start, stop = max_past - past_lens[i], max_past + new_lens[i]
+            per_layer = [
+                (_row(layer.keys, i, start, stop), _row(layer.values, i, start, stop)) for layer in cache.layers
+            ]
             self._kv[s.seq_id] = per_layer
             s.num_cached = len(s.token_ids)
 
@@ -194,3 +208,11 @@ class GenericRunner(ModelRunner):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         itemsize = torch.empty(0, dtype=self.model.dtype).element_size()
         return 2 * layers * kv_heads * head_dim * itemsize
+
+
+def _row(t: torch.Tensor, i: int, start: int, stop: int) -> torch.Tensor:
+    """Row `i`'s slots [start, stop) of a [batch, heads, len, head_dim] cache tensor, as its own tensor
+    (a view would keep the whole padded batch alive); a lone unpadded row is the tensor itself."""
+    if t.shape[0] == 1 and start == 0 and stop == t.shape[-2]:
+        return t
+    return t[i : i + 1, :, start:stop].clone()

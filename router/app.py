@@ -50,15 +50,19 @@ PROTECTED = {
     "/v1/chat/completions",
     "/v1/completions",
     "/vertex",
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
 }
 
 
-MANAGEMENT_PREFIXES = ("/v1/models",)
+MANAGEMENT_PREFIXES = ("/v1/models", "/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/api/blobs")
 """Routes under these prefixes that change the model library or what is loaded need the API key."""
 
 
 def manages_models(method: str, path: str) -> bool:
-    """Downloads, deletes, starts and stops (Jan's routes; Ollama's add their own prefixes)."""
+    """Downloads, uploads, creations, copies, deletes, starts and stops (Jan's and Ollama's routes)."""
     if not path.startswith(MANAGEMENT_PREFIXES):
         return False
     return method in ("POST", "PUT", "DELETE") or path.startswith("/v1/models/download/")

@@ -248,9 +248,10 @@ async def build(args: argparse.Namespace):
         chat_template=default.template,
         model_management=not args.disable_model_management,
     )
-    from ember.router.api import jan, openai
+    from ember.router.api import jan, ollama, openai
 
-    return create_app(state, extra_routes=[*jan.install(state), *openai.install(state, args.tokenizer_name)])
+    routes = [*jan.install(state), *ollama.install(state), *openai.install(state, args.tokenizer_name)]
+    return create_app(state, extra_routes=routes)
 
 
 def _http_impl() -> str:

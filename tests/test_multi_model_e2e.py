@@ -197,7 +197,13 @@ def test_jan_stop_start_and_bad_names(server):
     assert "tiny-b:latest" in groups(tmp)
     store_before = sorted(p.name for p in tmp.iterdir())
     for bad in ("..%2F..%2Fetc", "%2Fetc%2Fpasswd", "a%00b", "x" * 300, "caf%C3%A9"):
-        for method, path in (("GET", f"/v1/models/{bad}"), ("PUT", f"/v1/models/{bad}/start")):
+        for method, path in (
+            ("GET", f"/v1/models/{bad}"),
+            ("PUT", f"/v1/models/{bad}/start"),
+            ("PUT", f"/v1/models/{bad}/stop"),
+            ("DELETE", f"/v1/models/{bad}"),
+            ("GET", f"/v1/models/download/{bad}"),
+        ):
             r = httpx.request(method, url + path, timeout=30)
             assert 400 <= r.status_code < 500, (method, path, r.status_code, r.text)
             assert r.json()["error"]["message"]

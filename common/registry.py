@@ -1068,6 +1068,88 @@ class Registry:
             return store.resolve_model(model_id, self.root, progress).path
         return self.model_dir(self.resolve(model_id, progress), progress)
 
+    # --- uploaded blobs and model extras (Ollama's /api/blobs and /api/create) ---
+
+    def _extras_path(self, ref: ModelName) -> Path:
+        return self.root / "registry" / "extras" / f"{ref.key}.json"
+
+    def adopt_blob(self, partial: Path, digest: str) -> Path:
+        """Move an upload whose digest the caller checked (`partial`, inside `blobs/`) into its blob; a blob already
+        there wins and the upload is dropped. Returns the blob's path."""
+        blob = self.blob_path(digest)
+        if partial.resolve().parent != blob.parent.resolve():
+            raise RegistryError("an upload is adopted only from the blobs folder")
+        with self._lock(f"blob-{digest_hex(digest)}"):
+            if blob.is_file():
+                partial.unlink(missing_ok=True)
+            else:
+                os.replace(partial, blob)
+                store._remember_sha256(blob, self.root, digest_hex(digest))
+        return blob
+
+    def import_blobs(
+        self,
+        name: str,
+        files: Mapping[str, str],
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> Manifest:
+        """Register blobs already in `blobs/` (uploaded through /api/blobs) as `name`: one `.gguf` file, or a Hugging
+        Face directory's files (config.json and .safetensors weights) by their names. `system`, `template` and
+        `parameters` set the model's defaults. An existing model of that name is replaced; nothing is copied."""
+        ref = parse(name)
+        named = {_relative_name(file): _digest(digest) for file, digest in dict(files).items()}
+        if not named:
+            raise RegistryError("no files to create the model from")
+        missing = [file for file, digest in named.items() if not self.blob_path(digest).is_file()]
+        if missing:
+            raise RegistryError(f"the blobs of {', '.join(missing)} are not in the store; upload them first")
+        ggufs = [file for file in named if file.lower().endswith(".gguf")]
+        if ggufs and len(named) != 1:
+            raise RegistryError("a GGUF model is one .gguf file; upload a split GGUF merged into one")
+        fmt = "gguf" if ggufs else "safetensors"
+        if fmt == "safetensors" and ("config.json" not in named or not any(f.endswith(".safetensors") for f in named)):
+            raise RegistryError("a model is one .gguf file, or config.json with .safetensors weights")
+
+        def fetch(state: _PullState) -> Manifest:
+            paths = {file: self.blob_path(digest) for file, digest in named.items()}
+            facts = _facts(fmt, paths)
+            size = sum(path.stat().st_size for path in paths.values())
+            manifest = self._manifest(ref, "blobs", fmt, named, facts, size)
+            return dataclasses.replace(
+                manifest,
+                system=system,
+                template=template if template is not None else manifest.template,
+                parameters=dict(parameters or {}),
+            )
+
+        return self._pull(ref, fetch, None, reuse=False)
+
+    def set_extras(self, name: str, *, license: str | None = None, messages: list | None = None) -> None:
+        """Keep a model's licence and example messages (Ollama's LICENSE and MESSAGE), which its manifest has no
+        fields for, in `registry/extras/<key>.json`; nothing to keep removes the file."""
+        ref = parse(name)
+        path = self._extras_path(ref)
+        record = {k: v for k, v in (("license", license), ("messages", list(messages or []))) if v}
+        if not record:
+            path.unlink(missing_ok=True)
+            return
+        json.dumps(record)  # only JSON values
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store._write_json_atomic(path, record)
+
+    def extras(self, name: str) -> dict[str, Any]:
+        """A model's licence and messages (`{"license": str, "messages": [...]}`, each key only when set)."""
+        record = _read_json(self._extras_path(parse(name))) or {}
+        found: dict[str, Any] = {}
+        if isinstance(record.get("license"), str):
+            found["license"] = record["license"]
+        if isinstance(record.get("messages"), list):
+            found["messages"] = [m for m in record["messages"] if isinstance(m, dict)]
+        return found
+
 
 def _copy_checked(source: Path, dest: Path, sha: str, state: PullProgress) -> None:
     """Copy `source` to `dest`, hashing on the way; `RegistryError` if it is not the file that was hashed."""

@@ -196,7 +196,6 @@ SERVICE_ROUTES = [
     Route("/info", info, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/ping", health, methods=["GET"]),
-    Route("/", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/tokenize", tokenize, methods=["POST"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),

@@ -212,6 +212,28 @@ def test_jan_stop_start_and_bad_names(server):
     assert sorted(p.name for p in tmp.iterdir()) == store_before
 
 
+def test_ollama_loads_with_an_empty_prompt_and_unloads_with_keep_alive_zero(server):
+    """Ollama's explicit load and unload on a launcher, and a request's keep_alive, on an on-demand model."""
+    import ollama
+
+    launcher, url, tmp = server
+    client = ollama.Client(host=url)
+    httpx.put(url + "/v1/models/tiny-b/stop", timeout=60)
+    loaded = client.generate(model="tiny-b", prompt="")
+    assert loaded.done and loaded.done_reason == "load" and "tiny-b:latest" in groups(tmp)
+    answer = client.chat(model="pirate", messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 3})
+    assert answer.done and answer.eval_count <= 3
+    unloaded = client.generate(model="tiny-b", prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload" and "tiny-b:latest" not in groups(tmp)
+    # A request's keep_alive: 0 unloads once it ends; the default model is untouched by any of it.
+    client.generate(model="tiny-b", prompt="Hello", options={"num_predict": 2}, keep_alive=0)
+    wait_for(lambda: "tiny-b:latest" not in groups(tmp), 30, "tiny-b to unload after its keep_alive 0 request")
+    assert any(g.default for g in groups(tmp).values())
+    with pytest.raises(ollama.ResponseError) as missing:
+        client.generate(model="nope", prompt="x")
+    assert missing.value.status_code == 404 and "model 'nope' not found" in str(missing.value)
+
+
 def test_the_default_model_can_be_stopped_and_comes_back(server):
     launcher, url, tmp = server
     default = next(name for name, g in groups(tmp).items() if g.default)

@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ember.durations import DurationError, keep_alive_seconds
+from ember.router import tools as core_tools
 from ember.router.errors import BodyError, EmberError, OverloadedError
 from ember.router.http import read_json
 from ember.router.models import model_state
-from ember.router.types import Grammar
 
 if TYPE_CHECKING:
     from ember.router.app import AppState
@@ -114,8 +114,9 @@ async def ollama_model(request: Request, body: dict) -> AppState:
 
 
 # ---- text and tools shared by the generation routes ------------------------------------------------
-# API families do not import each other, so the small pieces of OpenAI's stop and tool handling the
-# Ollama routes need live here too, written for Ollama's shapes.
+# API families do not import each other, so the small pieces of OpenAI's stop handling the Ollama
+# routes need live here too, written for Ollama's shapes. Tool calling's grammar is the core's
+# (`ember.router.tools`); only Ollama's wording and call shape are here.
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -154,71 +155,29 @@ class StopFilter:
         return out
 
 
-TOOL_PROMPT = (
-    "You can call one of the functions below. To call one, answer with only a JSON object "
-    '{"name": <function name>, "arguments": <arguments object>}.'
-)
-FREE_TEXT = r"[^{\s][\s\S]*"
-"""Under automatic tool choice, an answer that does not open with `{` is plain text."""
+_TOOL_WORDING = {
+    "not_a_list": "tools: expected a non-empty list",
+    "shape": 'tools: each tool must be {"type": "function", "function": {"name", "parameters"}}',
+    "parameters": "tools: function {name}: parameters must be a JSON schema object",
+}
 
 
 def tool_functions(tools: Any) -> list[dict]:
-    """The `function` objects of Ollama's (OpenAI-shaped) `tools`, each with a parameters schema."""
-    if not isinstance(tools, list) or not tools:
-        raise BodyError("tools: expected a non-empty list")
-    out = []
-    for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise BodyError('tools: each tool must be {"type": "function", "function": {"name", "parameters"}}')
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise BodyError(f"tools: function {fn['name']}: parameters must be a JSON schema object")
-        out.append({**fn, "parameters": params})
-    return out
-
-
-def tool_grammar(functions: list[dict], required: bool) -> Grammar:
-    """Exactly one `{"name", "arguments"}` call of one of `functions`; unless `required`, or a text answer."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for f in functions
-    ]
-    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    if required:
-        return Grammar("json", schema)
-    from ember.router.grammar import compile_grammar
-
-    _, call = compile_grammar(Grammar("json", schema), validate=False)
-    return Grammar("regex", f"({call})|({FREE_TEXT})")
-
-
-def tool_listing(functions: list[dict]) -> str:
-    """The tools as text, appended to the last message when the chat template does not render them."""
-    shown = [
-        {"name": f["name"], "description": f.get("description", ""), "parameters": f["parameters"]} for f in functions
-    ]
-    return f"\n---\n{TOOL_PROMPT}\n{json.dumps(shown, ensure_ascii=False)}"
+    """The `function` objects of Ollama's (OpenAI-shaped) `tools`; a null or empty `parameters`
+    means no arguments. The grammar and listing are the core's (`ember.router.tools`)."""
+    try:
+        return core_tools.tool_functions(tools, blank_parameters=True)
+    except core_tools.ToolSpecError as exc:
+        raise BodyError(_TOOL_WORDING[exc.problem].replace("{name}", str(exc.function))) from None
 
 
 def read_tool_call(text: str) -> dict | None:
     """Ollama's tool call (`{"function": {"name", "arguments": {...}}}`) from generated text; None if it
-    is not a whole call (plain text, or one cut short)."""
-    if not text.lstrip().startswith("{"):
-        return None
+    is not a whole call with object arguments (plain text, or one cut short)."""
     try:
-        call = json.loads(text)
-    except ValueError:
+        call = core_tools.read_call(text)
+    except core_tools.CallError:
         return None
-    if (
-        not isinstance(call, dict)
-        or not isinstance(call.get("name"), str)
-        or not isinstance(call.get("arguments"), dict)
-    ):
+    if not isinstance(call.arguments, dict):
         return None
-    return {"function": {"name": call["name"], "arguments": call["arguments"]}}
+    return {"function": {"name": call.name, "arguments": call.arguments}}

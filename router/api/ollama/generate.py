@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ember.router import tools as core_tools
 from ember.router.api.ollama import common
 from ember.router.errors import BodyError, EmberError, GenerationError, IncompleteGeneration, ValidationError
 from ember.router.http import unless_disconnected
@@ -457,7 +458,7 @@ async def chat_prompt(state: AppState, messages: list[dict], tools: ChatTools | 
         messages = [{"role": "system", "content": target.system}, *messages]
     if tools is not None and not template.mentions_tools:
         last = messages[-1]
-        messages = [*messages[:-1], {**last, "content": last["content"] + common.tool_listing(tools.functions)}]
+        messages = [*messages[:-1], {**last, "content": last["content"] + core_tools.tool_listing(tools.functions)}]
     return await state.tokenizer.run(lambda: template.render(messages, tools=raw_tools if tools else None))
 
 
@@ -480,7 +481,7 @@ async def chat(request: Request) -> Response:
         opts = options_of(body, state)
         grammar = _format_grammar(body.get("format"))
         tools = await asyncio.to_thread(_chat_tools, body, grammar)
-        opts.params.grammar = common.tool_grammar(tools.functions, tools.required) if tools else grammar
+        opts.params.grammar = core_tools.call_grammar(tools.functions, tools.required) if tools else grammar
         text = await chat_prompt(state, messages, tools, body.get("tools"))
         req = GenerateRequest(text, opts.params, add_special_tokens=False)
         await _apply_lengths(state, req, opts)
@@ -508,7 +509,7 @@ def _chat_tools(body: dict, grammar: Grammar | None) -> ChatTools | None:
     if tools is not None and grammar is not None:
         raise ValidationError("format and tools cannot be used together")
     if tools is not None and not tools.required:
-        common.tool_grammar(tools.functions, False)  # compiles the call regex now, off the loop
+        core_tools.call_grammar(tools.functions, False)  # compiles the call regex now, off the loop
     return tools
 
 
@@ -542,7 +543,7 @@ async def _chat_lines(run: Run, name: str, tools: ChatTools | None) -> AsyncIter
                 head = "".join(seen).lstrip()
                 if not head and not final:
                     continue
-                undecided, calling = False, head.startswith("{")
+                undecided, calling = False, core_tools.opens_call(head)
                 piece = "".join(seen) if not final else item.end.text
             if calling:
                 continue

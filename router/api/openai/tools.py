@@ -1,16 +1,14 @@
-"""Tool calling: the grammar that allows exactly one call, and reading the call back.
+"""OpenAI's tool calling: `tool_choice`, its error wording, and calls in OpenAI's shapes.
 
-A call is the JSON object `{"name": <function name>, "arguments": {...}}`,
-whose `arguments` satisfy that function's `parameters` schema. The grammar
-is the JSON schema `anyOf` those objects (one per allowed function), compiled
-to a regex like any other JSON grammar:
+The grammar, the listing shown to the model and reading a call back are the core's
+(`ember.router.tools`, shared with Ollama's chat); this module adds what is OpenAI's:
 
 - `tool_choice: "required"`: any of the tools; a named function: only it;
 - `tool_choice: "none"` (or no tools): no grammar, plain text;
-- `tool_choice: "auto"` (the default with tools): the regex
-  `(<call>)|([^{\\s][\\s\\S]*)`. The model's first token decides: an answer
-  that starts with `{` must be a complete, valid call; any other start is a
-  free-text answer. One generation, no restart, and it streams either way.
+- `tool_choice: "auto"` (the default with tools): a call or a text answer, the model's
+  first token decides;
+- `tool_prompt` replaces the default instructions above the listing;
+- a call's `arguments` as a JSON string, with an id, whole or as streamed deltas.
 
 The tools are shown to the model through the template's `tools` variable
 when the template uses it, and otherwise appended to the last message.
@@ -24,16 +22,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ember.router import tools as core
 from ember.router.errors import ValidationError
 from ember.router.types import Grammar
 
-DEFAULT_TOOL_PROMPT = (
-    "You can call one of the functions below. To call one, answer with only a JSON object "
-    '{"name": <function name>, "arguments": <arguments object>}.'
-)
-# A free-text answer under tool_choice=auto: anything not starting with `{` or whitespace.
-TEXT_ANSWER = r"[^{\s][\s\S]*"
+DEFAULT_TOOL_PROMPT = core.TOOL_PROMPT
+TEXT_ANSWER = core.FREE_TEXT
 _CALL_HEAD = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+_SPEC_WORDING = {
+    "not_a_list": "`tools` must be a non-empty list",
+    "shape": 'each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}',
+    "parameters": "function {name}: `parameters` must be a JSON schema object",
+}
 
 
 class ToolError(ValidationError):
@@ -51,18 +51,10 @@ class ToolPlan:
 
 
 def _functions(tools: Any) -> list[dict]:
-    if not isinstance(tools, list) or not tools:
-        raise ToolError("`tools` must be a non-empty list")
-    out = []
-    for tool in tools:
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ToolError('each tool must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
-        params = fn.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise ToolError(f"function {fn['name']}: `parameters` must be a JSON schema object")
-        out.append({**fn, "parameters": params})
-    return out
+    try:
+        return core.tool_functions(tools)
+    except core.ToolSpecError as exc:
+        raise ToolError(_SPEC_WORDING[exc.problem].replace("{name}", str(exc.function))) from None
 
 
 def _chosen(functions: list[dict], tool_choice: Any) -> tuple[list[dict], str]:
@@ -83,20 +75,6 @@ def _chosen(functions: list[dict], tool_choice: Any) -> tuple[list[dict], str]:
     return match, "required"
 
 
-def call_schema(functions: list[dict]) -> dict:
-    """JSON schema of exactly one call of one of `functions`."""
-    calls = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for f in functions
-    ]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
-
-
 def plan(tools: Any, tool_choice: Any, tool_prompt: str | None) -> ToolPlan:
     """The grammar and prompt text for a request's `tools` / `tool_choice`."""
     functions = _functions(tools)
@@ -104,27 +82,17 @@ def plan(tools: Any, tool_choice: Any, tool_prompt: str | None) -> ToolPlan:
     prompt = tool_prompt if isinstance(tool_prompt, str) else DEFAULT_TOOL_PROMPT
     if mode == "none":
         return ToolPlan(None, functions, False, prompt)
-    schema = call_schema(allowed)
-    if mode == "required":
-        return ToolPlan(Grammar("json", schema), functions, True, prompt)
-    from ember.router.grammar import compile_grammar
-
-    _, call_regex = compile_grammar(Grammar("json", schema), validate=False)  # checked with the whole grammar
-    return ToolPlan(Grammar("regex", f"({call_regex})|({TEXT_ANSWER})"), functions, False, prompt)
+    return ToolPlan(core.call_grammar(allowed, mode == "required"), functions, mode == "required", prompt)
 
 
 def tool_text(tools: list[dict], prompt: str) -> str:
     """What is appended to the last message when the template does not render tools."""
-    listing = json.dumps(
-        [{"name": f["name"], "description": f.get("description", ""), "parameters": f["parameters"]} for f in tools],
-        ensure_ascii=False,
-    )
-    return f"\n---\n{prompt}\n{listing}"
+    return core.tool_listing(tools, prompt)
 
 
 def is_call(text: str, required: bool) -> bool:
     """Whether generated text is (the start of) a call rather than a text answer."""
-    return required or text.lstrip().startswith("{")
+    return required or core.opens_call(text)
 
 
 def new_call_id() -> str:
@@ -134,14 +102,13 @@ def new_call_id() -> str:
 def parse_call(text: str) -> dict:
     """A finished call's output as OpenAI's tool_calls entry (arguments as a JSON string)."""
     try:
-        call = json.loads(text)
-        name, arguments = call["name"], call["arguments"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ToolError(f"the model's tool call is not valid JSON: {exc}") from None
+        call = core.read_call(text)
+    except core.CallError as exc:
+        raise ToolError(str(exc)) from None
     return {
         "id": new_call_id(),
         "type": "function",
-        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)},
     }
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -90,6 +91,12 @@ def server(library, tiny_llama_dir, hub):
 def groups(tmp: Path) -> dict[str, cpb.Group]:
     with control_client(f"{tmp / 's'}-control") as stub:
         return {g.name: g for g in stub.List(cpb.ListRequest(), timeout=10).groups}
+
+
+def router_dropped_it(url: str, model: str) -> None:
+    """Wait until the router has taken the launcher's word that `model` failed: requests that raced the
+    failure fail with it; the ones after it load the model again."""
+    wait_for(lambda: httpx.get(f"{url}/v1/models/{model}").json()["state"] != "running", 30, f"{model} dropped")
 
 
 def complete(url: str, model: str, **kw) -> openai.types.Completion:
@@ -178,6 +185,7 @@ def test_a_dead_on_demand_model_fails_alone_and_reloads(server):
     assert launcher.proc.poll() is None
     failed = wait_for(lambda: groups(tmp)["tiny-b:latest"].state == cpb.GROUP_STATE_FAILED, 30, "FAILED")
     assert failed and "died" in groups(tmp)["tiny-b:latest"].reason
+    router_dropped_it(url, "tiny-b")
     # The next request loads it again, on new processes.
     assert complete(url, "tiny-b").model == "tiny-b:latest"
     reloaded = groups(tmp)["tiny-b:latest"]
@@ -232,6 +240,56 @@ def test_ollama_loads_with_an_empty_prompt_and_unloads_with_keep_alive_zero(serv
     with pytest.raises(ollama.ResponseError) as missing:
         client.generate(model="nope", prompt="x")
     assert missing.value.status_code == 404 and "model 'nope' not found" in str(missing.value)
+
+
+def test_a_chat_ui_flow_with_the_ollama_client(server):
+    """What Open WebUI and the like do: list, show, stream a chat with a system prompt, then look at ps."""
+    import ollama
+
+    launcher, url, tmp = server
+    client = ollama.Client(host=url)
+    assert httpx.get(url + "/").text == "Ollama is running"
+    names = [m.model for m in client.list().models]
+    assert "tiny-b:latest" in names and "pirate:latest" in names
+    shown = client.show("pirate")
+    assert "SYSTEM" in shown.modelfile and "You are a pirate." in shown.modelfile
+    assert httpx.post(url + "/api/show", json={"model": "pirate"}).json()["system"] == "You are a pirate."
+    pieces = list(
+        client.chat(
+            model="tiny-b",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+            stream=True,
+            options={"num_predict": 4, "temperature": 0},
+            keep_alive="10m",
+        )
+    )
+    assert pieces[-1].done and all(not p.done for p in pieces[:-1]) and pieces[-1].eval_count >= 1
+    running = {m.model: m for m in client.ps().models}
+    assert "tiny-b:latest" in running
+    expires = running["tiny-b:latest"].expires_at
+    assert expires is not None and 500 < (expires.timestamp() - time.time()) <= 600
+
+
+def test_an_ollama_stream_whose_model_dies_ends_with_an_error_line(server):
+    import ollama
+
+    launcher, url, tmp = server
+    client = ollama.Client(host=url, timeout=120)
+    client.generate(model="tiny-b", prompt="", keep_alive=-1)
+    victim = groups(tmp)["tiny-b:latest"]
+    stream = client.generate(model="tiny-b", prompt="Hello", stream=True, options={"num_predict": 200})
+    first = next(stream)
+    assert not first.done
+    os.kill(victim.pids[0], signal.SIGKILL)
+    try:
+        with pytest.raises(ollama.ResponseError):
+            for _ in stream:
+                pass
+    except BaseException:
+        print("\n".join(launcher.output()[-60:]))
+        raise
+    router_dropped_it(url, "tiny-b")
+    assert client.generate(model="tiny-b", prompt="Hi", options={"num_predict": 2}).done  # loaded again
 
 
 def test_the_default_model_can_be_stopped_and_comes_back(server):

@@ -66,6 +66,7 @@ from typing import Any
 from ember import store
 from ember.model_names import ModelName, ModelNameError, parse
 from ember.progress import LogProgress
+from ember.settings import QUANTIZE_KINDS
 from ember.store import DEFAULT_MODELS, DefaultModel, ModelStoreError, cache_root
 
 __all__ = [
@@ -85,6 +86,8 @@ __all__ = [
 PullProgress = Callable[[str, int, "int | None"], None]
 """`progress(stage, done, total)`: stages `download`, `extract`, `copy` (bytes written), `hash`, `verify`."""
 
+PRECISIONS = QUANTIZE_KINDS
+"""What `Manifest.precision` may name: the shard's `--quantize` kinds."""
 FORMATS = ("gguf", "safetensors")
 STATE_INTERVAL_S = 0.25
 """The pull state file is rewritten at most this often (and at every change of status)."""
@@ -172,6 +175,15 @@ class Manifest:
     base: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict, hash=False)
     files: dict[str, str] = field(default_factory=dict, hash=False)
+    precision: str | None = None
+    """How the shards run these weights (`int8`, `int4`, `w4a8`: `--quantize` for this model only); None: the
+    launcher's setting. Weights run at another precision are another shard group (`group_key`)."""
+
+    @property
+    def group_key(self) -> str:
+        """The shard group serving this name: its weights, and the precision they run at when it has its own."""
+        hex_digest = digest_hex(self.digest)
+        return f"{hex_digest}-{self.precision}" if self.precision else hex_digest
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -180,7 +192,7 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         """A manifest from its JSON, checked: a tampered file cannot name a path outside the store."""
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n not in ("base", "parameters", "files")]
+        missing = [n for n in names if n not in data and n not in ("base", "parameters", "files", "precision")]
         if missing:
             raise ValueError(f"a manifest lacks {', '.join(missing)}")
         values = {n: data[n] for n in names if n in data}
@@ -188,6 +200,8 @@ class Manifest:
         values["digest"] = _digest(values["digest"])
         values["files"] = {_relative_name(k): _digest(v) for k, v in dict(values.get("files") or {}).items()}
         values["parameters"] = dict(values.get("parameters") or {})
+        if values.get("precision") not in (None, *PRECISIONS):
+            raise ValueError(f"a manifest's precision is one of {PRECISIONS}, got {values['precision']!r}")
         if values["format"] not in FORMATS:
             raise ValueError(f"a manifest's format is one of {FORMATS}, got {values['format']!r}")
         if not values["files"]:
@@ -928,12 +942,16 @@ class Registry:
         system: str | None = None,
         template: str | None = None,
         parameters: Mapping[str, Any] | None = None,
+        precision: str | None = None,
     ) -> Manifest:
         """A model on `base`'s weights (same digest and blobs, nothing copied) with its own defaults.
 
-        `system` and `template` replace the base's when given; `parameters` are laid over the base's.
+        `system` and `template` replace the base's when given; `parameters` are laid over the base's;
+        `precision` (one of `PRECISIONS`) runs the weights quantized for this name only.
         An existing model of that name is replaced.
         """
+        if precision is not None and precision not in PRECISIONS:
+            raise RegistryError(f"precision is one of {', '.join(PRECISIONS)}, got {precision!r}")
         ref, base_ref = parse(name), parse(base)
         if ref == base_ref:
             raise RegistryError(f"a model cannot be derived from itself ({ref.display})")
@@ -954,8 +972,19 @@ class Registry:
                 system=system if system is not None else origin.system,
                 template=template if template is not None else origin.template,
                 parameters={**origin.parameters, **options},
+                precision=precision if precision is not None else origin.precision,
                 modified_at=_now(),
             )
+            self._write_manifest(manifest)
+        return manifest
+
+    def set_precision(self, name: str, precision: str | None) -> Manifest:
+        """Serve `name`'s weights at `precision` (one of `PRECISIONS`, None: the launcher's setting)."""
+        if precision is not None and precision not in PRECISIONS:
+            raise RegistryError(f"precision is one of {', '.join(PRECISIONS)}, got {precision!r}")
+        ref = parse(name)
+        with self._lock(f"registry-{ref.key}"):
+            manifest = dataclasses.replace(self.get(ref.display), precision=precision, modified_at=_now())
             self._write_manifest(manifest)
         return manifest
 

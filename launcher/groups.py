@@ -98,11 +98,13 @@ class Unavailable(GroupError):
 
 @dataclass(frozen=True)
 class Target:
-    """What a name resolved to: the group key (weights digest), the model directory and its revision."""
+    """What a name resolved to: the group key (weights digest, and the precision when the name has its own),
+    the model directory, its revision, and `quantize` when the name runs its weights at its own precision."""
 
     key: str
     path: Path
     sha: str = ""
+    quantize: str | None = None
 
 
 Resolver = Callable[[str], Target]
@@ -606,7 +608,8 @@ def _registry_target(name: str, cache_dir: str | None, progress: Any) -> Target:
         raise NotFound(str(error) or f"model {name!r} not found") from error
     path = Path(registry.model_dir(manifest, progress))
     digest = str(manifest.digest).split(":", 1)[-1]
-    return Target(key=digest, path=path, sha=digest)
+    precision = getattr(manifest, "precision", None)
+    return Target(key=getattr(manifest, "group_key", digest), path=path, sha=digest, quantize=precision)
 
 
 def _store_target(name: str, cache_dir: str | None, progress: Any) -> Target:

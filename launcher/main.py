@@ -207,11 +207,14 @@ def shard_spec(
     """The `ember-shard serve` command line and environment of one rank.
 
     `prefix` and `master_port` place a group loaded on demand beside the default one
-    (default: `--shard-uds-path` and `--master-port`); every other shard flag is the same.
+    (default: `--shard-uds-path` and `--master-port`); a model registered with its own precision gets it as
+    `--quantize`; every other shard flag is the same.
     """
     prefix = prefix or args.shard_uds_path
     if master_port is not None and master_port != args.master_port:
         args = argparse.Namespace(**{**vars(args), "master_port": master_port})
+    if getattr(model, "quantize", None):  # a model registered with its own precision (Ollama's create quantize)
+        args = argparse.Namespace(**{**vars(args), "quantize": model.quantize})
     socket = shard_sockets(prefix, args.num_shard)[rank]
     argv = [
         *console_script("ember-shard", "ember.shard.cli"),

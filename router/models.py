@@ -235,7 +235,7 @@ class Models:
             if fallback and not self.strict:
                 return self._default_target()
             raise ModelNotFound(name)
-        group = manifest.digest.split(":")[-1]
+        group = getattr(manifest, "group_key", None) or manifest.digest.split(":")[-1]
         if group == self.default.group:
             group = None
         return Target(

@@ -292,6 +292,22 @@ def test_an_ollama_stream_whose_model_dies_ends_with_an_error_line(server):
     assert client.generate(model="tiny-b", prompt="Hi", options={"num_predict": 2}).done  # loaded again
 
 
+def test_a_model_created_with_quantize_runs_as_its_own_group_at_that_precision(server):
+    """Ollama's create `quantize`: the same weights, served by another shard group at --quantize int8."""
+    launcher, url, tmp = server
+    body = {"model": "tiny-b-q8", "from": "tiny-b", "quantize": "q8_0", "stream": False}
+    r = httpx.post(url + "/api/create", json=body, timeout=60)
+    assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+    complete(url, "tiny-b")
+    assert complete(url, "tiny-b-q8").model == "tiny-b-q8:latest"
+    loaded = groups(tmp)
+    plain, quantized = loaded["tiny-b:latest"], loaded["tiny-b-q8:latest"]
+    assert quantized.group == plain.group + "-int8" and set(quantized.pids).isdisjoint(plain.pids)
+    assert any("precision int8" in line for line in launcher.output())
+    assert httpx.request("DELETE", url + "/api/delete", json={"model": "tiny-b-q8"}, timeout=60).status_code == 200
+    wait_for(lambda: "tiny-b-q8:latest" not in groups(tmp), 30, "the int8 group to unload with its last name")
+
+
 def test_the_default_model_can_be_stopped_and_comes_back(server):
     launcher, url, tmp = server
     default = next(name for name, g in groups(tmp).items() if g.default)

@@ -272,11 +272,11 @@ def test_create_from_a_modelfile_and_show_it_back(server):
     assert third.modelfile.replace("pirate3", "pirate") == shown["modelfile"] and third.license == "MIT"
     assert client.show("pirate2").modelinfo is not None and "Arr." in client.show("pirate2").modelfile
     assert _complete(url, "pirate")["model"] == "pirate:latest"
-    # Refusals: a server path, an unknown base, quantize, no source.
+    # Refusals: a server path, an unknown base, a quantization Ember does not run, no source.
     for body, status, words in (
         ({"model": "p", "path": "/etc/Modelfile"}, 400, "path"),
         ({"model": "p", "from": "nope", "stream": False}, 404, "nope"),
-        ({"model": "p", "from": "tiny-b", "quantize": "q4_0"}, 400, "quantize"),
+        ({"model": "p", "from": "tiny-b", "quantize": "q5_K_M"}, 400, "quantize"),
         ({"model": "p"}, 400, "from"),
         ({"model": "p", "modelfile": "BOGUS x"}, 400, "unknown instruction"),
     ):

@@ -783,3 +783,15 @@ def test_the_registry_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_derived_model_may_run_its_weights_at_its_own_precision(tmp_path, tiny_llama_dir):
+    registry = Registry(tmp_path / "cache")
+    base = registry.import_path("tiny", tiny_llama_dir)
+    q8 = registry.create("tiny-q8", "tiny", precision="int8")
+    assert q8.digest == base.digest and q8.precision == "int8"
+    assert base.group_key == base.digest.split(":")[1] and q8.group_key == base.group_key + "-int8"
+    assert registry.get("tiny-q8").precision == "int8"  # written and read back
+    assert registry.set_precision("tiny-q8", None).group_key == base.group_key
+    with pytest.raises(RegistryError, match="precision"):
+        registry.create("tiny-q5", "tiny", precision="q5")

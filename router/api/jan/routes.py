@@ -239,7 +239,8 @@ class JanApi:
                 raise ModelNotFound(name)
             target = models.target(manifest.name)
             if not any(
-                m.digest == manifest.digest and m.name != manifest.name for m in await asyncio.to_thread(registry.list)
+                m.group_key == manifest.group_key and m.name != manifest.name
+                for m in await asyncio.to_thread(registry.list)
             ):
                 await models.unload(target)  # the last name of these weights: they leave memory too
             await asyncio.to_thread(registry.delete, manifest.name)

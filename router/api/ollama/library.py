@@ -512,9 +512,31 @@ async def push(request: Request) -> Response:
 
 # --- create ----------------------------------------------------------------------------------
 
-QUANTIZE_ACCEPTED: tuple[str, ...] = ()
-"""`quantize` values /api/create honours. Ember quantizes when a model loads (--quantize int8|int4|w4a8, or
-its automatic precision), not into new files, so none is accepted; the 400 says so."""
+QUANTIZE_ACCEPTED: dict[str, str] = {
+    "q8_0": "int8",
+    "q4_0": "int4",
+    "q4_1": "int4",
+    "q4_k_m": "int4",
+    "q4_k_s": "int4",
+    "int8": "int8",
+    "int4": "int4",
+    "w4a8": "w4a8",
+}
+"""`quantize` values /api/create honours, and the precision the model's shards then run at. Ember quantizes
+when a model loads, not into new files: the model keeps its weights and is served at that precision
+(`--quantize` for its shard group only). Ollama's other kinds (q5, q6, q3, q2, f16) are refused by name."""
+
+
+def _precision(quantize: str | None) -> str | None:
+    if not quantize:
+        return None
+    precision = QUANTIZE_ACCEPTED.get(quantize.strip().lower())
+    if precision is None:
+        raise BodyError(
+            f"quantize {quantize!r} is not supported: Ember runs weights at {', '.join(QUANTIZE_ACCEPTED)} "
+            "(as int8, int4 or w4a8 when the model loads)"
+        )
+    return precision
 
 
 def _string(body: dict, key: str) -> str | None:
@@ -524,17 +546,12 @@ def _string(body: dict, key: str) -> str | None:
     return value
 
 
-def _create_plan(body: dict) -> tuple[str, mf.Modelfile, dict[str, str]]:
+def _create_plan(body: dict) -> tuple[str, mf.Modelfile, dict[str, str], str | None]:
     """The name, the instructions and the uploaded files of a create body, in either of Ollama's forms."""
     name = _display(_body_name(body))
     if body.get("path") is not None:
         raise BodyError("path is not supported: Ember reads no server paths from requests; send the Modelfile text")
-    quantize = _string(body, "quantize")
-    if quantize:
-        raise BodyError(
-            f"quantize {quantize!r} is not supported: Ember quantizes when a model loads (ember-launcher --quantize "
-            "int8|int4|w4a8), so create the model without quantize"
-        )
+    precision = _precision(_string(body, "quantize"))
     text = _string(body, "modelfile")
     try:
         plan = mf.parse(text) if text else mf.Modelfile()
@@ -573,7 +590,7 @@ def _create_plan(body: dict) -> tuple[str, mf.Modelfile, dict[str, str]]:
         raise BodyError("neither from nor files: name a model to derive from, or upload its files")
     if plan.base and files:
         raise BodyError("from and files name two sources: use one")
-    return name, plan, files
+    return name, plan, files, precision
 
 
 def _is_message(value: Any) -> bool:
@@ -596,13 +613,17 @@ def _check_sources(registry: Any, plan: mf.Modelfile, files: dict[str, str]) -> 
             raise BodyError(f"the blob {digest} of {file} is not on this server: upload it first (POST /api/blobs)")
 
 
-def _create(registry: Any, name: str, plan: mf.Modelfile, files: dict[str, str], report: Callable) -> Any:
+def _create(
+    registry: Any, name: str, plan: mf.Modelfile, files: dict[str, str], report: Callable, precision: str | None = None
+) -> Any:
     """The registry's work for a create, on a worker thread; `report(status)` sends a status line."""
     if files:
         report("reading model metadata")
         manifest = registry.import_blobs(
             name, files, system=plan.system, template=plan.template, parameters=plan.parameters
         )
+        if precision is not None:
+            manifest = registry.set_precision(manifest.name, precision)
     else:
         base = _required(registry, plan.base)
         report(f"using existing layer {base.digest}")
@@ -613,8 +634,15 @@ def _create(registry: Any, name: str, plan: mf.Modelfile, files: dict[str, str],
         if plan.parameters:
             report("creating parameters layer")
         manifest = registry.create(
-            name, base.name, system=plan.system, template=plan.template, parameters=plan.parameters
+            name,
+            base.name,
+            system=plan.system,
+            template=plan.template,
+            parameters=plan.parameters,
+            precision=precision,
         )
+    if precision is not None:
+        report(f"quantizing to {precision} when loaded")
     if plan.license is not None:
         report("creating license layer")
     registry.set_extras(manifest.name, license=plan.license, messages=plan.messages)
@@ -627,7 +655,7 @@ async def create(request: Request) -> Response:
         check_management(request)
         body = await body_of(request)
         stream = _stream_flag(body)
-        name, plan, files = _create_plan(body)
+        name, plan, files, precision = _create_plan(body)
         registry = _registry(request)
         models = _models(request)
         if models.is_default_name(name):
@@ -643,7 +671,7 @@ async def create(request: Request) -> Response:
 
     def run() -> None:
         try:
-            _create(registry, name, plan, files, report)
+            _create(registry, name, plan, files, report, precision)
         except BaseException as exc:
             loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
         else:
@@ -784,7 +812,7 @@ async def delete(request: Request) -> Response:
             raise Conflict(f"model '{name}' is the default model of this server (--model-id); it cannot be deleted")
         manifest = _required(registry, name)
         others = await asyncio.to_thread(registry.list)
-        if not any(m.digest == manifest.digest and m.name != manifest.name for m in others):
+        if not any(m.group_key == manifest.group_key and m.name != manifest.name for m in others):
             await models.unload(models.target(manifest.name))  # the last name of these weights: free them too
         await asyncio.to_thread(registry.delete, manifest.name)
         await asyncio.to_thread(registry.set_extras, manifest.name)

@@ -58,6 +58,9 @@ class GenerateRequest:
     inputs: str
     parameters: GenerateParameters = field(default_factory=GenerateParameters)
     add_special_tokens: bool = True
+    prefix_ids: list[int] = field(default_factory=list)
+    """Token ids that come before the encoded `inputs`, as they are (Ollama's `context`: an earlier
+    exchange continued exactly, not re-tokenized from its text)."""
 
 
 # JSON field -> accepted Python types, for TGI's GenerateParameters.

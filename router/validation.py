@@ -148,7 +148,7 @@ class Validator:
         top_n = p.top_n_tokens or 0
         if not 0 <= top_n <= self.limits.max_top_n_tokens:
             raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {self.limits.max_top_n_tokens}. Given: {top_n}")
-        if not req.inputs:
+        if not req.inputs and not req.prefix_ids:
             raise ValidationError("`inputs` cannot be empty")
         if p.truncate is not None and (p.truncate <= 0 or p.truncate > self.limits.max_input_tokens):
             raise ValidationError(
@@ -209,7 +209,8 @@ class Validator:
         chooser.seed = seed
         await self._grammar(req, chooser)
         enc = await self.tokenizer.encode(req.inputs, req.add_special_tokens)
-        ids = enc.ids[-p.truncate :] if p.truncate else enc.ids
+        ids = [*req.prefix_ids, *enc.ids] if req.prefix_ids else enc.ids
+        ids = ids[-p.truncate :] if p.truncate else ids
         max_new = self._lengths(len(ids), p.max_new_tokens)
         if not 0 <= p.min_new_tokens <= max_new:
             raise ValidationError(

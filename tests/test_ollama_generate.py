@@ -102,13 +102,15 @@ def test_context_continues_a_previous_answer(client, tiny_llama_dir):
     assert first.done and first.context
     assert len(first.context) == first.prompt_eval_count + first.eval_count
     second = client.generate(model="tiny", prompt=" and", raw=True, context=first.context, options=FAST)
-    # The earlier conversation is the start of the new prompt: as the same text sent raw.
-    earlier = Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json")).decode(
-        first.context, skip_special_tokens=False
-    )
-    same = client.generate(model="tiny", prompt=earlier + " and", raw=True, options=FAST)
-    assert second.prompt_eval_count == same.prompt_eval_count > first.prompt_eval_count
-    assert second.context == same.context
+    # The earlier exchange is the start of the new prompt as those very ids (not re-tokenized from its text),
+    # then the new prompt's own tokens.
+    added = Tokenizer.from_file(str(tiny_llama_dir / "tokenizer.json")).encode(" and", add_special_tokens=False).ids
+    assert second.prompt_eval_count == len(first.context) + len(added)
+    assert second.context[: second.prompt_eval_count] == [*first.context, *added]
+    # Out-of-vocabulary ids are refused, not sent to the shard.
+    with pytest.raises(ollama.ResponseError) as bad:
+        client.generate(model="tiny", prompt="x", raw=True, context=[10**9], options=FAST)
+    assert bad.value.status_code == 400 and "context" in str(bad.value)
 
 
 def test_generate_with_the_ollama_client_streamed_and_not(client):

@@ -4,8 +4,8 @@ Each body becomes the one internal `GenerateRequest` and runs through `Infer` (q
 cancellation when the client leaves, grammars: all the engine's); this module only translates.
 
 Decisions where Ollama's behaviour cannot be matched exactly:
-- `context` (token ids from an earlier answer) is decoded to text and put before the new prompt:
-  `GenerateRequest` takes text only, so the ids may re-tokenize differently at their seams;
+- `context` (token ids from an earlier answer) comes before the new prompt as those very ids
+  (`GenerateRequest.prefix_ids`), so an exchange continues exactly where it stopped;
 - `template` takes the `{{ .System }}`, `{{ .Prompt }}` and `{{ .Response }}` placeholders by
   substitution; any other Go-template action is a 400;
 - `repeat_penalty` becomes `repetition_penalty` over the whole sequence: Ember cannot window it,
@@ -173,7 +173,7 @@ async def _apply_lengths(state: AppState, req: GenerateRequest, opts: Options) -
         req.parameters.max_new_tokens = n
     if opts.num_ctx is None or opts.num_ctx >= _context_length(state):
         return
-    n_input = len((await state.tokenizer.encode(req.inputs, req.add_special_tokens)).ids)
+    n_input = len(req.prefix_ids) + len((await state.tokenizer.encode(req.inputs, req.add_special_tokens)).ids)
     room = opts.num_ctx - n_input
     if room <= 0:
         raise ValidationError(f"the prompt has {n_input} tokens: more than options.num_ctx {opts.num_ctx}")
@@ -216,8 +216,9 @@ def _fim(state: AppState, prompt: str, suffix: str) -> str:
     return f"{pre}{prompt}{suf}{suffix}{mid}"
 
 
-async def generate_prompt(state: AppState, body: dict) -> tuple[str, bool]:
-    """The text /api/generate runs, and whether the tokenizer adds its special tokens to it."""
+async def generate_prompt(state: AppState, body: dict) -> tuple[str, bool, list[int]]:
+    """The text /api/generate runs, whether the tokenizer adds its special tokens to it, and the token ids
+    of an earlier exchange (`context`) that come before it, as they are."""
     prompt = _typed(body, "prompt", (str,)) or ""
     system = _typed(body, "system", (str,))
     template = _typed(body, "template", (str,))
@@ -240,9 +241,10 @@ async def generate_prompt(state: AppState, body: dict) -> tuple[str, bool]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         tpl = _template(state)
         text = await state.tokenizer.run(lambda: tpl.render(messages))
-    if context:
-        text = await state.tokenizer.decode(context) + text
-    return text, raw and not context
+    vocab = int(state.shard_info.get("vocab_size") or 0)
+    if context and vocab and not all(0 <= t < vocab for t in context):
+        raise BodyError(f"context: token ids are >= 0 and < {vocab}")
+    return text, raw and not context, list(context or [])
 
 
 # ---- running a request and timing it --------------------------------------------------------------
@@ -344,8 +346,8 @@ async def generate(request: Request) -> Response:
         state, load_s = await load_model(request, body)
         opts = options_of(body, state)
         opts.params.grammar = _format_grammar(body.get("format"))
-        text, specials = await generate_prompt(state, body)
-        req = GenerateRequest(text, opts.params, add_special_tokens=specials)
+        text, specials, context = await generate_prompt(state, body)
+        req = GenerateRequest(text, opts.params, add_special_tokens=specials, prefix_ids=context)
         await _apply_lengths(state, req, opts)
         run = await start(state, req, stream, arrived, load_s)
     except EmberError as exc:

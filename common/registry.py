@@ -155,6 +155,17 @@ def _now() -> str:
 # --- manifests -----------------------------------------------------------------------
 
 
+def parameter_size(count: int | None) -> str:
+    """Ollama's `parameter_size` label of a parameter count: `135M`, `1.7B`, `494M`; empty when unknown."""
+    if not count:
+        return ""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.0f}{unit}" if value >= 100 or value == int(value) else f"{value:.3g}{unit}"
+    return str(count)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A named model: its origin, what it is, its defaults, and the digests of its files."""
@@ -178,6 +189,11 @@ class Manifest:
     precision: str | None = None
     """How the shards run these weights (`int8`, `int4`, `w4a8`: `--quantize` for this model only); None: the
     launcher's setting. Weights run at another precision are another shard group (`group_key`)."""
+
+    @property
+    def parameter_size(self) -> str:
+        """The parameter count as Ollama labels it (`135M`, `1.7B`); empty when unknown."""
+        return parameter_size(self.parameter_count)
 
     @property
     def group_key(self) -> str:

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
-import importlib.util
 import itertools
 import json
 import queue
@@ -568,8 +567,7 @@ def path_digest(path: Path) -> str:
 def registry_resolver(args: Any, sink: LogSink) -> Resolver:
     """Names through the model registry (`ember.registry`) where it exists; local paths through the store.
 
-    Without the registry module, a name is looked up as `ember.store.resolve_model` does (a default
-    model id), after the naming rule checked it. Progress (download, conversion) goes to the launcher's log.
+    Progress (download, conversion) goes to the launcher's log.
     """
 
     def resolve(name: str) -> Target:
@@ -579,8 +577,6 @@ def registry_resolver(args: Any, sink: LogSink) -> Resolver:
         if _is_path(name):
             if not Path(name).expanduser().exists():
                 raise NotFound(f"model path {name!r} does not exist")
-            return _store_target(name, args.cache_dir, progress)
-        if importlib.util.find_spec("ember.registry") is None:
             return _store_target(name, args.cache_dir, progress)
         return _registry_target(name, args.cache_dir, progress)
 
@@ -608,23 +604,15 @@ def _registry_target(name: str, cache_dir: str | None, progress: Any) -> Target:
         raise NotFound(str(error) or f"model {name!r} not found") from error
     path = Path(registry.model_dir(manifest, progress))
     digest = str(manifest.digest).split(":", 1)[-1]
-    precision = getattr(manifest, "precision", None)
-    return Target(key=getattr(manifest, "group_key", digest), path=path, sha=digest, quantize=precision)
+    return Target(key=manifest.group_key, path=path, sha=digest, quantize=manifest.precision)
 
 
-def _store_target(name: str, cache_dir: str | None, progress: Any) -> Target:
-    from ember import model_names
-    from ember.store import DEFAULT_MODELS, ModelStoreError, resolve_model
+def _store_target(path: str, cache_dir: str | None, progress: Any) -> Target:
+    """A local directory or .gguf file, resolved (and a GGUF converted once) by the store."""
+    from ember.store import ModelStoreError, resolve_model
 
-    if not _is_path(name):
-        try:
-            model_names.parse(name)
-        except model_names.ModelNameError as error:
-            raise InvalidName(str(error)) from error
-        if name.lower() not in DEFAULT_MODELS:
-            raise NotFound(f"model {name!r} not found: it is not a local path nor one of {sorted(DEFAULT_MODELS)}")
     try:
-        return target_of(resolve_model(name, cache_dir=cache_dir, progress=progress))
+        return target_of(resolve_model(path, cache_dir=cache_dir, progress=progress))
     except ModelStoreError as error:
         raise Unservable(str(error)) from error
 

@@ -189,12 +189,9 @@ async def _models(args: argparse.Namespace, default):
             if group.default:
                 default.group = group.group or default.group
                 default.weights_bytes, default.rss_bytes = group.weights_bytes, group.rss_bytes
-        try:
-            from ember.registry import Registry
+        from ember.registry import Registry
 
-            registry = Registry(args.cache_dir)
-        except ImportError:  # pragma: no cover - the registry ships with the router
-            registry = None
+        registry = Registry(args.cache_dir)
 
     async def build_group(group, target):
         served = await connect_model(

@@ -105,6 +105,17 @@ def error_response(exc: EmberError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
+def openai_body(exc: EmberError, param: str | None = None) -> dict:
+    """An error in OpenAI's shape (the /v1 routes: OpenAI's and Jan's), with the status the TGI routes use."""
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.status}}
+
+
+def openai_response(exc: EmberError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(openai_body(exc), status_code=exc.status, headers=exc.headers())
+
+
 class ClientDisconnected(EmberError):
     """The client closed the connection; nobody reads this answer (nginx's 499)."""
 

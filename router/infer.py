@@ -17,9 +17,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import grpc
+
 from ember.proto import generate_pb2 as pb
 from ember.router.batcher import Batcher
-from ember.router.errors import EmberError, IncompleteGeneration, OverloadedError
+from ember.router.errors import EmberError, GenerationError, IncompleteGeneration, OverloadedError
 from ember.router.limits import Limits
 from ember.router.metrics import Metrics
 from ember.router.queue import Entry
@@ -137,6 +139,18 @@ class Infer:
             raise OverloadedError()
         self.in_flight += 1
         return Permit(self)
+
+    async def embed(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """Pooled, normalised embeddings of token lists, under one permit (429 beyond the limit, as any
+        request); a shard's failure is a GenerationError."""
+        permit = self.acquire()
+        try:
+            reply = await self.batcher.client.embed(token_lists)
+        except grpc.aio.AioRpcError as exc:
+            raise GenerationError(exc.details() or str(exc.code())) from None
+        finally:
+            permit.release()
+        return [list(e.values) for e in reply.embeddings]
 
     def count_failure(self, exc: EmberError) -> None:
         self.metrics.request_failure.inc(exc.metric_label)

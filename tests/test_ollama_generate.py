@@ -379,7 +379,8 @@ def test_a_derived_models_system_prompt_applies_when_the_messages_have_none():
 
 
 def test_stop_filter_holds_back_what_may_start_a_stop_sequence():
-    from ember.router.api.ollama.common import StopFilter, cut_at_stop
+    from ember.router.stops import StopHolder as StopFilter
+    from ember.router.stops import trim_stop as cut_at_stop
 
     f = StopFilter(["END"])
     out = [f.push(p) for p in ["ab", "cE", "N", "Dxyz"]] + [f.push("", final=True)]

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ember.router.errors import BodyError, EmberError, ValidationError
+from ember.router.errors import BodyError, EmberError, ValidationError, openai_body
 from ember.router.http import read_json
 from ember.router.models import body_model, model_state
 
@@ -23,10 +23,7 @@ if TYPE_CHECKING:
 
 
 def _error(exc: EmberError) -> Response:
-    body = {
-        "error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status},
-        "detail": [{"loc": ["body"], "msg": exc.message, "type": exc.error_type}],
-    }
+    body = {**openai_body(exc), "detail": [{"loc": ["body"], "msg": exc.message, "type": exc.error_type}]}
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 

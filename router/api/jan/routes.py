@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Route
 from ember.durations import FOREVER
 from ember.model_names import ModelNameError
 from ember.router.errors import BodyError, EmberError, ValidationError
+from ember.router.errors import openai_response as openai_error
 from ember.router.http import read_json
 from ember.router.models import ModelNotFound, Models, ModelUnavailable, Target, check_management
 
@@ -23,12 +24,6 @@ log = logging.getLogger("ember.router.jan")
 
 # Jan's `parameters` hold strings, under these names (the Model schema allows no others).
 _PARAMETERS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "num_predict": "token_limit"}
-
-
-def openai_error(exc: EmberError) -> Response:
-    """OpenAI's error body, as every /v1 route answers."""
-    body = {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status}}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
 class Conflict(EmberError):
@@ -89,15 +84,6 @@ def _registry(models: Models | None) -> Any:
     return models.registry if models is not None else None
 
 
-def _size_label(count: int | None) -> str | None:
-    if not count:
-        return None
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.0f}{unit}"
-    return str(count)
-
-
 def _source_url(manifest: Any) -> str:
     source = str(getattr(manifest, "source", "") or "")
     if source.startswith("hf.co/"):
@@ -131,7 +117,7 @@ def card(state: AppState, name: str, manifest: Any, model_state: str, extra: dic
     if manifest is not None:
         body["format"] = manifest.format
         body["size"] = int(manifest.size or 0)
-        meta = {"quantization": manifest.quantization, "size": _size_label(manifest.parameter_count)}
+        meta = {"quantization": manifest.quantization, "size": manifest.parameter_size}
         body["metadata"] = {k: v for k, v in meta.items() if v}
         if manifest.context_length:
             body["settings"] = {"ctx_len": str(manifest.context_length)}

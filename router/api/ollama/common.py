@@ -98,6 +98,16 @@ def model_name(body: dict, *, required: bool = True) -> str | None:
     return name
 
 
+def stream_flag(body: dict) -> bool:
+    """`stream`: true unless the body says false (null is absent, as in Ollama)."""
+    value = body.get("stream")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise BodyError("stream must be a boolean")
+    return value
+
+
 def keep_alive_of(body: dict, default: float) -> float:
     try:
         return keep_alive_seconds(body.get("keep_alive"), default)
@@ -113,46 +123,8 @@ async def ollama_model(request: Request, body: dict) -> AppState:
     return await model_state(request, model_name(body), fallback=False, keep_alive=keep_alive_of(body, default))
 
 
-# ---- text and tools shared by the generation routes ------------------------------------------------
-# API families do not import each other, so the small pieces of OpenAI's stop handling the Ollama
-# routes need live here too, written for Ollama's shapes. Tool calling's grammar is the core's
-# (`ember.router.tools`); only Ollama's wording and call shape are here.
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    """`text` up to the earliest stop sequence in it (Ollama leaves stop sequences out of answers)."""
-    found = [at for at in (text.find(s) for s in stops if s) if at >= 0]
-    return text[: min(found)] if found else text
-
-
-class StopFilter:
-    """Streamed pieces with stop sequences left out: what might begin one is held until it cannot."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.margin = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    def push(self, piece: str, final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return piece
-        look_from = max(len(self.text) - self.margin, 0)
-        self.text += piece
-        end = len(self.text)
-        for s in self.stops:
-            at = self.text.find(s, look_from)
-            if 0 <= at < end:
-                end = at
-        if end < len(self.text):
-            self.stopped = final = True
-        upto = end if final else max(end - self.margin, self.sent)
-        out = self.text[self.sent : upto]
-        self.sent = upto
-        return out
+# ---- tools shared by the generation routes -----------------------------------------------------------
+# Tool calling's grammar is the core's (`ember.router.tools`); only Ollama's wording and call shape are here.
 
 
 _TOOL_WORDING = {

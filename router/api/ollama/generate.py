@@ -29,17 +29,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ember.router import tools as core_tools
 from ember.router.api.ollama import common
-from ember.router.errors import BodyError, EmberError, GenerationError, IncompleteGeneration, ValidationError
+from ember.router.errors import BodyError, EmberError, IncompleteGeneration, ValidationError
 from ember.router.http import unless_disconnected
 from ember.router.infer import Permit, Stream
 from ember.router.models import ModelUnavailable
+from ember.router.stops import StopHolder, trim_stop
 from ember.router.types import GenerateParameters, GenerateRequest, Grammar
 
 if TYPE_CHECKING:
@@ -339,8 +339,7 @@ async def generate(request: Request) -> Response:
         body = await common.body_of(request)
         name = common.model_name(body)
         _no_images_or_thinking(body, name)
-        stream = _typed(body, "stream", (bool,))
-        stream = True if stream is None else stream
+        stream = common.stream_flag(body)
         if not _typed(body, "prompt", (str,)) and not body.get("context") and not body.get("suffix"):
             return JSONResponse({**await load_or_unload(request, body, name), "response": ""})
         state, load_s = await load_model(request, body)
@@ -365,7 +364,7 @@ async def generate(request: Request) -> Response:
         {
             "model": name,
             "created_at": common.created_at(),
-            "response": common.cut_at_stop(text, list(stops)),
+            "response": trim_stop(text, list(stops)),
             "done": True,
             **run.final(),
             "context": run.context(),
@@ -380,7 +379,7 @@ async def _whole_text(run: Run) -> str:
 
 
 async def _generate_lines(run: Run, name: str) -> AsyncIterator[bytes]:
-    stops = common.StopFilter(list(run.stream.entry.request.stopping.stop_sequences))
+    stops = StopHolder(list(run.stream.entry.request.stopping.stop_sequences))
     seen: list[str] = []
     try:
         async for item in run.items():
@@ -470,8 +469,7 @@ async def chat(request: Request) -> Response:
         body = await common.body_of(request)
         name = common.model_name(body)
         _no_images_or_thinking(body, name)
-        stream = _typed(body, "stream", (bool,))
-        stream = True if stream is None else stream
+        stream = common.stream_flag(body)
         raw = body.get("messages")
         if raw is not None and not isinstance(raw, list):
             raise BodyError("messages: expected a list")
@@ -520,12 +518,12 @@ def _chat_message(text: str, stops: list[str], tools: ChatTools | None, run: Run
         call = common.read_tool_call(text)
         if call is not None:
             return {"role": "assistant", "content": "", "tool_calls": [call]}
-    return {"role": "assistant", "content": common.cut_at_stop(text, stops)}
+    return {"role": "assistant", "content": trim_stop(text, stops)}
 
 
 async def _chat_lines(run: Run, name: str, tools: ChatTools | None) -> AsyncIterator[bytes]:
     """Text pieces as they come; a tool call is sent whole, in one line, once it is complete."""
-    stops = common.StopFilter(list(run.stream.entry.request.stopping.stop_sequences))
+    stops = StopHolder(list(run.stream.entry.request.stopping.stop_sequences))
     seen: list[str] = []
     calling = tools.required if tools is not None else False
     undecided = tools is not None and not tools.required
@@ -555,7 +553,7 @@ async def _chat_lines(run: Run, name: str, tools: ChatTools | None) -> AsyncIter
         if calling:
             message = _chat_message(run.end.text, [], tools, run)
             if "tool_calls" not in message:  # cut short: the text as it is
-                message = {"role": "assistant", "content": common.cut_at_stop(run.end.text, list(stops.stops))}
+                message = {"role": "assistant", "content": trim_stop(run.end.text, list(stops.stops))}
             yield chunk(message)
         done = {"role": "assistant", "content": ""}
         yield common.line(
@@ -571,14 +569,7 @@ async def _chat_lines(run: Run, name: str, tools: ChatTools | None) -> AsyncIter
 async def _embed(request: Request, state: AppState, token_lists: list[list[int]]) -> list[list[float]]:
     if state.shard_info.get("supports_embeddings") is False:
         raise ValidationError(f"model '{state.model_id}' does not support embeddings")
-    permit = state.infer.acquire()
-    try:
-        reply = await unless_disconnected(request, state.client.embed(token_lists))
-    except grpc.aio.AioRpcError as exc:
-        raise GenerationError(exc.details() or str(exc.code())) from None
-    finally:
-        permit.release()
-    return [list(e.values) for e in reply.embeddings]
+    return await unless_disconnected(request, state.infer.embed(token_lists))
 
 
 async def _token_lists(state: AppState, texts: list[str], truncate: bool) -> list[list[int]]:

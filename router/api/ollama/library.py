@@ -32,7 +32,7 @@ from ember import __version__
 from ember.model_names import ModelNameError
 from ember.model_names import parse as parse_name
 from ember.router.api.ollama import modelfile as mf
-from ember.router.api.ollama.common import body_of, created_at, error_line, line, ndjson, ollama_error
+from ember.router.api.ollama.common import body_of, created_at, error_line, line, ndjson, ollama_error, stream_flag
 from ember.router.errors import BodyError, EmberError, PayloadTooLarge
 from ember.router.models import ModelNotFound, Models, Served, check_management
 
@@ -124,17 +124,6 @@ def _required(registry: Any, name: str) -> Any:
     return manifest
 
 
-def size_label(count: int | None) -> str:
-    """Ollama's `parameter_size`: `135M`, `1.7B`, `494.03M`-like, from a parameter count."""
-    if not count:
-        return ""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            value = count / scale
-            return f"{value:.0f}{unit}" if value >= 100 or value == int(value) else f"{value:.3g}{unit}"
-    return str(count)
-
-
 def details(manifest: Any, shard_info: dict | None = None) -> dict[str, Any]:
     """Ollama's ModelDetails (strings and a list, never null)."""
     if manifest is None:
@@ -154,7 +143,7 @@ def details(manifest: Any, shard_info: dict | None = None) -> dict[str, Any]:
         "format": manifest.format,
         "family": family,
         "families": [family] if family else [],
-        "parameter_size": size_label(manifest.parameter_count),
+        "parameter_size": manifest.parameter_size,
         "quantization_level": str(manifest.quantization or ""),
     }
 
@@ -370,13 +359,6 @@ def _body_name(body: dict, *keys: str) -> str:
     raise BodyError(f"{' or '.join(keys or ('model',))} is required")
 
 
-def _stream_flag(body: dict) -> bool:
-    value = body.get("stream", True)
-    if not isinstance(value, bool):
-        raise BodyError("stream must be a boolean")
-    return value
-
-
 # --- pull ------------------------------------------------------------------------------------
 
 
@@ -439,7 +421,7 @@ async def pull(request: Request) -> Response:
         check_management(request)
         body = await body_of(request)
         name = _display(_body_name(body))
-        stream = _stream_flag(body)
+        stream = stream_flag(body)
         registry = _registry(request)
         models = _models(request)
     except EmberError as exc:
@@ -654,7 +636,7 @@ async def create(request: Request) -> Response:
     try:
         check_management(request)
         body = await body_of(request)
-        stream = _stream_flag(body)
+        stream = stream_flag(body)
         name, plan, files, precision = _create_plan(body)
         registry = _registry(request)
         models = _models(request)

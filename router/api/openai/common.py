@@ -31,8 +31,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from ember import __version__
-from ember.router.errors import BodyError, EmberError, NotFound, ValidationError
+from ember.router.errors import BodyError, EmberError, NotFound, ValidationError, openai_body, openai_response
 from ember.router.infer import Permit, Result, Stream, StreamItem
+from ember.router.stops import StopHolder, trim_stop  # noqa: F401 - the chat and completion routes use them
 from ember.router.types import GenerateParameters, GenerateRequest
 from ember.router.validation import ValidRequest
 
@@ -45,13 +46,8 @@ FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 # ---- errors -------------------------------------------------------------------------------------
 
 
-def error_body(exc: EmberError, param: str | None = None) -> dict:
-    return {"error": {"message": exc.message, "type": exc.error_type, "param": param, "code": exc.status}}
-
-
-def openai_error(exc: EmberError) -> Response:
-    """An EmberError in OpenAI's shape, with the status code the TGI routes use."""
-    return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers())
+error_body = openai_body
+openai_error = openai_response
 
 
 # ---- body fields --------------------------------------------------------------------------------
@@ -239,43 +235,6 @@ async def merged(state: AppState, streams: list[Stream]) -> AsyncIterator[tuple[
     finally:
         for task in tasks:
             task.cancel()
-
-
-def trim_stop(text: str, stops: list[str]) -> str:
-    """The text before the first stop sequence (OpenAI leaves stop sequences out)."""
-    cuts = [text.find(s) for s in stops if s and s in text]
-    return text[: min(cuts)] if cuts else text
-
-
-class StopHolder:
-    """Streamed text with stop sequences left out: holds back what could start one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.buffer = ""
-        self.sent = 0
-        self.stopped = False
-
-    def push(self, piece: str, final: bool = False) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:  # nothing to hold back
-            return piece
-        # A stop not found so far ends in `piece`: it starts at most `hold` characters before it.
-        start = max(len(self.buffer) - self.hold, 0)
-        self.buffer += piece
-        buffer = self.buffer
-        cut = len(buffer)
-        for s in self.stops:
-            at = buffer.find(s, start)
-            if at != -1 and at < cut:
-                cut = at
-        if cut < len(buffer):
-            self.stopped, final = True, True
-        end = cut if final else max(cut - self.hold, self.sent)
-        out, self.sent = buffer[self.sent : end], end
-        return out
 
 
 def sse(obj: Any) -> bytes:

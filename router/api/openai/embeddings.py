@@ -14,12 +14,11 @@ import base64
 import struct
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ember.router.api.openai.common import field, openai_error, usage
-from ember.router.errors import BodyError, EmberError, GenerationError, ValidationError
+from ember.router.errors import BodyError, EmberError, ValidationError
 from ember.router.http import read_json, unless_disconnected
 from ember.router.models import body_model, model_state
 
@@ -91,19 +90,10 @@ async def embeddings(request: Request) -> Response:
         state = await model_state(request, body_model(body))
         fmt = _check(body, state)
         token_lists = await _token_lists(state, _inputs(body.get("input")))
-        permit = state.infer.acquire()
-        try:
-            reply = await unless_disconnected(request, state.client.embed(token_lists))
-        except grpc.aio.AioRpcError as exc:
-            raise GenerationError(exc.details() or str(exc.code())) from None
-        finally:
-            permit.release()
+        vectors = await unless_disconnected(request, state.infer.embed(token_lists))
     except EmberError as exc:
         return openai_error(exc)
-    data = [
-        {"object": "embedding", "index": i, "embedding": _encode(list(e.values), fmt)}
-        for i, e in enumerate(reply.embeddings)
-    ]
+    data = [{"object": "embedding", "index": i, "embedding": _encode(vector, fmt)} for i, vector in enumerate(vectors)]
     n = sum(len(t) for t in token_lists)
     return JSONResponse(
         {

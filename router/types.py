@@ -51,6 +51,8 @@ class GenerateParameters:
     adapter_id: str | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
+    penalty_window: int = 0
+    """Not a TGI field: Ollama's `repeat_last_n` (the penalties count the last N tokens; 0 = all)."""
 
 
 @dataclass

@@ -106,6 +106,8 @@ class Validator:
             raise ValidationError(f"`top_k` must be <= {U32_MAX}. Given: {p.top_k}")
         if any(not 0 <= t <= U32_MAX for t in p.logit_bias):
             raise ValidationError("`logit_bias` keys must be token ids >= 0")
+        if not 0 <= p.penalty_window <= U32_MAX:
+            raise ValidationError(f"the penalty window must be >= 0. Given: {p.penalty_window}")
         min_p = 0.0 if p.min_p is None else p.min_p
         if not 0.0 <= min_p <= 1.0:
             raise ValidationError("`min_p` must be >= 0.0 and <= 1.0")
@@ -124,6 +126,7 @@ class Validator:
             min_p=min_p,
             watermark=p.watermark,
             logit_bias=[pb.LogitBias(token_id=t, bias=b) for t, b in p.logit_bias.items()],
+            penalty_window=p.penalty_window,
         )
 
     def _seed(self, p: GenerateParameters, best_of: int) -> int:

@@ -21,6 +21,11 @@ Penalties need the counts of tokens seen so far. Rebuilding them from token
 lists every step would cost O(sequence length) per step, so the sampler keeps
 per-request count tensors (only for requests with penalties) and feeds them
 only the tokens appended since the previous call.
+
+A request with a ``penalty_window`` of N follows llama.cpp's rule instead
+(Ollama's ``repeat_last_n``): all three penalties count the last N tokens of
+prompt and output together. Its counts are kept over that window: each step
+adds the tokens that entered it and takes away those that left.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     watermark: bool = False
+    penalty_window: int = 0  # 0: the whole sequence (TGI's and OpenAI's rules)
 
     @classmethod
     def from_pb(cls, pb: generate_pb2.NextTokenChooserParameters) -> SamplingParams:
@@ -75,6 +81,7 @@ class SamplingParams:
             presence_penalty=pb.presence_penalty,
             logit_bias={b.token_id: b.bias for b in pb.logit_bias},
             watermark=pb.watermark,
+            penalty_window=pb.penalty_window,
         )
 
     @property
@@ -104,11 +111,14 @@ class SampleResult:
 class _PenaltyState:
     """Token counts of the requests that use penalties (rows of the batch in `rows`)."""
 
-    def __init__(self, rows: list[int], consumed: list[int], seen: torch.Tensor, counts: torch.Tensor) -> None:
+    def __init__(
+        self, rows: list[int], consumed: list[int], windows: list[int], seen: torch.Tensor, counts: torch.Tensor
+    ) -> None:
         self.rows = rows  # batch row of each penalty row
         self.consumed = consumed  # tokens of that request already counted
-        self.seen = seen  # [P, V] bool: in prompt or generated (repetition penalty)
-        self.counts = counts  # [P, V] float32: times generated (frequency/presence)
+        self.windows = windows  # 0, or the last N tokens of prompt and output that count
+        self.seen = seen  # [P, V] bool: in prompt or generated (repetition penalty), or in the window
+        self.counts = counts  # [P, V] float32: times generated (frequency/presence), or times in the window
 
     @classmethod
     def create(cls, params: list[SamplingParams], device: torch.device, vocab: int) -> _PenaltyState | None:
@@ -119,6 +129,7 @@ class _PenaltyState:
         return cls(
             rows,
             [0] * n,
+            [params[r].penalty_window for r in rows],
             torch.zeros(n, vocab, dtype=torch.bool, device=device),
             torch.zeros(n, vocab, dtype=torch.float32, device=device),
         )
@@ -127,11 +138,29 @@ class _PenaltyState:
         """Count the tokens appended since the last call (one scatter for the whole batch)."""
         vocab = self.seen.shape[1]
         seen_rc: tuple[list[int], list[int]] = ([], [])
-        gen_rc: tuple[list[int], list[int]] = ([], [])
+        add: tuple[list[int], list[int], list[float]] = ([], [], [])
+        windowed: list[int] = []
+
+        def count(p: int, tok: int, delta: float) -> None:
+            if 0 <= tok < vocab:
+                add[0].append(p)
+                add[1].append(tok)
+                add[2].append(delta)
+
         for p, row in enumerate(self.rows):
             ids = token_ids[row]
             start, end = self.consumed[p], len(ids)
             if start >= end:
+                continue
+            self.consumed[p] = end
+            window = self.windows[p]
+            if window > 0:
+                windowed.append(p)
+                # In: positions start..end-1; out: those now more than `window` behind the end.
+                for pos in range(max(start, end - window), end):
+                    count(p, ids[pos], 1.0)
+                for pos in range(max(0, start - window), min(start, max(0, end - window))):
+                    count(p, ids[pos], -1.0)
                 continue
             gen_start = max(start, prompt_lens[row])
             for pos in range(start, end):
@@ -140,17 +169,18 @@ class _PenaltyState:
                     seen_rc[0].append(p)
                     seen_rc[1].append(tok)
                     if pos >= gen_start:
-                        gen_rc[0].append(p)
-                        gen_rc[1].append(tok)
-            self.consumed[p] = end
+                        count(p, tok, 1.0)
         device = self.seen.device
         if seen_rc[0]:
             rc = torch.tensor(seen_rc, dtype=torch.int64).to(device, non_blocking=True)
             self.seen[rc[0], rc[1]] = True
-        if gen_rc[0]:
-            rc = torch.tensor(gen_rc, dtype=torch.int64).to(device, non_blocking=True)
-            ones = torch.ones(rc.shape[1], dtype=torch.float32, device=device)
-            self.counts.index_put_((rc[0], rc[1]), ones, accumulate=True)
+        if add[0]:
+            rc = torch.tensor(add[:2], dtype=torch.int64).to(device, non_blocking=True)
+            delta = torch.tensor(add[2], dtype=torch.float32).to(device, non_blocking=True)
+            self.counts.index_put_((rc[0], rc[1]), delta, accumulate=True)
+        if windowed:
+            idx = torch.tensor(windowed, dtype=torch.int64).to(device, non_blocking=True)
+            self.seen.index_copy_(0, idx, self.counts.index_select(0, idx) > 0)
 
     def select(self, keep: list[tuple[int, int]]) -> _PenaltyState | None:
         """Keep penalty rows given as (new batch row, old penalty row) pairs."""
@@ -160,6 +190,7 @@ class _PenaltyState:
         return _PenaltyState(
             [r for r, _ in keep],
             [self.consumed[p] for _, p in keep],
+            [self.windows[p] for _, p in keep],
             self.seen.index_select(0, idx),
             self.counts.index_select(0, idx),
         )
@@ -173,6 +204,7 @@ class _PenaltyState:
         return _PenaltyState(
             [off + r for off, s in present for r in s.rows],
             [c for _, s in present for c in s.consumed],
+            [w for _, s in present for w in s.windows],
             torch.cat([s.seen for _, s in present]),
             torch.cat([s.counts for _, s in present]),
         )

@@ -233,6 +233,24 @@ def test_options_map_to_sampling(client, url):
     assert unknown.done
 
 
+def test_repeat_last_n_reaches_the_engine(client):
+    """A prohibitive repeat_penalty over the last N tokens: no token comes back within N of itself."""
+
+    def ids(**options):
+        options = {"num_predict": 24, "temperature": 0, **options}
+        return client.generate(model="tiny", prompt="Hello world", raw=True, options=options).context
+
+    def nearest_repeat(seq: list[int]) -> int:
+        gaps = [j - i for i in range(len(seq)) for j in range(i + 1, len(seq)) if seq[i] == seq[j]]
+        return min(gaps, default=len(seq))
+
+    free = ids(repeat_penalty=1.0)
+    assert nearest_repeat(free) == 1  # this tiny model loops on one token when nothing stops it
+    assert ids(repeat_penalty=1e6, repeat_last_n=0) == free  # 0 turns the penalties off
+    assert nearest_repeat(ids(repeat_penalty=1e6, repeat_last_n=1)) >= 2
+    assert nearest_repeat(ids(repeat_penalty=1e6, repeat_last_n=8)) >= 9
+
+
 def test_images_and_thinking_are_refused(client):
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model="tiny", prompt="What is this?", images=[b"\x89PNG"])
@@ -363,6 +381,22 @@ def test_options_layer_ollama_defaults_under_the_models_under_the_request():
     assert greedy.temperature is None and greedy.top_k is None and not greedy.do_sample
     opts = options_of({"options": {"num_predict": -2, "num_ctx": 512}}, state)
     assert opts.num_predict == -2 and opts.num_ctx == 512
+
+
+def test_repeat_last_n_windows_the_penalties_as_ollama_does():
+    from ember.router.api.ollama.generate import options_of
+    from ember.router.errors import ValidationError
+
+    p = options_of({}, _state()).params  # Ollama's defaults: repeat_penalty 1.1 over the last 64 tokens
+    assert (p.repetition_penalty, p.penalty_window) == (1.1, 64)
+    p = options_of({"options": {"repeat_last_n": 8, "frequency_penalty": 0.5}}, _state()).params
+    assert (p.penalty_window, p.frequency_penalty) == (8, 0.5)
+    p = options_of({"options": {"repeat_last_n": 0, "presence_penalty": 1.0}}, _state()).params
+    assert p.repetition_penalty is None and p.presence_penalty is None  # 0: no penalty at all
+    assert options_of({"options": {"repeat_last_n": -1}}, _state()).params.penalty_window == _Limits.max_total_tokens
+    assert options_of({"options": {"repeat_last_n": -1, "num_ctx": 100}}, _state()).params.penalty_window == 100
+    with pytest.raises(ValidationError, match="repeat_last_n"):
+        options_of({"options": {"repeat_last_n": -2}}, _state())
 
 
 def test_a_derived_models_system_prompt_applies_when_the_messages_have_none():

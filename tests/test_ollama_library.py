@@ -168,6 +168,7 @@ def hub(tiny_model_factory, tmp_path_factory):
     (root / "tester" / "tiny-gguf").mkdir(parents=True)
     write_tiny_gguf(root / "tester" / "tiny-gguf" / "tiny-F32.gguf")
     shutil.copytree(tiny_model_factory("llama", seed=3), root / "tester" / "tiny-d")
+    shutil.copytree(tiny_model_factory("llama", seed=4), root / "tester" / "tiny-e")
     with HubServer(root) as running:
         yield running
 
@@ -312,6 +313,18 @@ def test_create_from_an_uploaded_gguf_then_generate(server, tmp_path):
     assert _blobs(server.tmp) == before
     r = httpx.post(url + "/api/create", json={"model": "u2", "files": {"m.gguf": wrong}, "stream": False})
     assert r.status_code == 400 and "upload" in r.json()["error"]
+
+
+def test_create_from_a_name_not_here_pulls_it_first(server):
+    url, client = server.url, server.client
+    lines = [line.status for line in client.create(model="derived-e", from_="tester/tiny-e", system="Hi.", stream=True)]
+    assert lines[:2] == ["parsing modelfile", "pulling tester/tiny-e:latest"] and lines[-1] == "success"
+    names = {m.model for m in client.list().models}
+    assert {"tester/tiny-e:latest", "derived-e:latest"} <= names
+    assert client.show("derived-e").details.parent_model == "tester/tiny-e:latest"
+    r = httpx.post(url + "/api/create", json={"model": "x", "from": "tester/none", "stream": False}, timeout=120)
+    assert r.status_code >= 400 and "tester/none" in r.json()["error"]
+    assert "x:latest" not in {m.model for m in client.list().models}
 
 
 def test_pull_streams_progress_in_order(server, hub):

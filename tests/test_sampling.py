@@ -108,6 +108,44 @@ def test_penalty_counts_grow_incrementally():
     assert res.next_ids[0] not in (0, 5)
 
 
+def _windowed_reference(params: SamplingParams, ids: list[int], vocab: int) -> torch.Tensor:
+    """llama.cpp's rule by hand: all three penalties over the last `penalty_window` tokens."""
+    counts = torch.zeros(vocab)
+    for tok in ids[-params.penalty_window :]:
+        counts[tok] += 1
+    y = torch.linspace(-1.0, 1.0, vocab)
+    y = torch.where(counts > 0, torch.where(y < 0, y * params.repetition_penalty, y / params.repetition_penalty), y)
+    return torch.log_softmax(y - params.frequency_penalty * counts - params.presence_penalty * (counts > 0), -1)
+
+
+def test_penalty_window_counts_only_the_last_tokens_across_steps_and_batch_changes():
+    vocab = 12
+    windowed = SamplingParams(repetition_penalty=1.7, frequency_penalty=0.3, presence_penalty=0.2, penalty_window=4)
+    params = [windowed, SamplingParams(repetition_penalty=1.7), windowed]
+    sampler = BatchSampler(params, CPU, vocab)
+    logits = torch.linspace(-1.0, 1.0, vocab).repeat(3, 1)
+    gen = torch.Generator().manual_seed(3)
+    tokens = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (7, 5, 2)]
+    for step in range(9):
+        if step == 4:  # drop the middle request, then bring a fresh windowed one beside the survivors
+            sampler = BatchSampler.concatenate([sampler.filter([2, 0]), BatchSampler([windowed], CPU, vocab)])
+            tokens = [tokens[2], tokens[0], [5, 5, 5, 1, 5, 9]]
+            logits = logits[:1].repeat(3, 1)
+        res = sampler(logits, tokens, [2] * len(tokens), top_n=[vocab] * len(tokens))
+        for row, ids in enumerate(tokens):
+            if sampler.params[row].penalty_window:
+                got = dict(zip(res.top_ids[row], res.top_logprobs[row]))
+                expected = _windowed_reference(windowed, ids, vocab)
+                assert [got[t] for t in range(vocab)] == pytest.approx(expected.tolist(), abs=1e-5), (step, row)
+            ids.extend(torch.randint(0, vocab, (1 + step % 3,), generator=gen).tolist())
+
+
+def test_penalty_window_is_carried_by_the_proto():
+    pb = generate_pb2.NextTokenChooserParameters(repetition_penalty=1.1, penalty_window=64)
+    assert SamplingParams.from_pb(pb).penalty_window == 64
+    assert SamplingParams.from_pb(generate_pb2.NextTokenChooserParameters()).penalty_window == 0
+
+
 def test_logit_bias_and_banned_and_allowed():
     logits = torch.zeros(3, V)
     params = [SamplingParams(logit_bias={6: 3.0}), SamplingParams(), SamplingParams()]

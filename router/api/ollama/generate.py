@@ -8,10 +8,12 @@ Decisions where Ollama's behaviour cannot be matched exactly:
   (`GenerateRequest.prefix_ids`), so an exchange continues exactly where it stopped;
 - `template` takes the `{{ .System }}`, `{{ .Prompt }}` and `{{ .Response }}` placeholders by
   substitution; any other Go-template action is a 400;
-- `repeat_penalty` becomes `repetition_penalty` over the whole sequence: Ember cannot window it,
-  so `repeat_last_n` is accepted and has no effect;
-- with no `options`, Ollama's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.9),
-  under a derived model's own `parameters`, under the request's options;
+- `repeat_penalty`, `presence_penalty` and `frequency_penalty` count the last `repeat_last_n`
+  tokens of prompt and answer together, as llama.cpp counts them (0 turns them off, -1 is the
+  context); Ember's other routes keep TGI's and OpenAI's rules;
+- with no `options`, Ollama's sampling defaults apply (temperature 0.8, top_k 40, top_p 0.9,
+  repeat_penalty 1.1 over the last 64 tokens), under a derived model's own `parameters`, under
+  the request's options;
 - `num_ctx` cannot resize a loaded model: larger than the model's context is a 400, smaller
   bounds the prompt plus the answer;
 - `tools` are served by Ember's tool grammar (one call or a text answer, the model's first token
@@ -49,7 +51,7 @@ log = logging.getLogger("ember.router.api.ollama")
 
 FIM = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 DONE_REASON = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
-OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
 ROLES = ("system", "user", "assistant", "tool")
 
 # ---- body fields ----------------------------------------------------------------------------------
@@ -144,9 +146,20 @@ def options_of(body: dict, state: AppState) -> Options:
         raise BodyError("options.stop: expected a list of strings")
     p.stop = list(stop or [])
     opts = Options(p, _typed(merged, "num_predict", (int,), "options."), _typed(merged, "num_ctx", (int,), "options."))
-    _typed(merged, "repeat_last_n", (int,), "options.")
     _check_num_ctx(opts.num_ctx, state)
+    _penalty_window(p, _typed(merged, "repeat_last_n", (int,), "options."), opts.num_ctx or _context_length(state))
     return opts
+
+
+def _penalty_window(p: GenerateParameters, last_n: int | None, context: int) -> None:
+    """repeat_last_n as llama.cpp reads it: the window the penalties count; 0 = none, -1 = the context."""
+    if last_n is None or last_n == -1:
+        last_n = context
+    if last_n < -1:
+        raise ValidationError(f"options.repeat_last_n must be -1 (the context), 0 (off) or positive. Given: {last_n}")
+    if last_n == 0:
+        p.repetition_penalty = p.frequency_penalty = p.presence_penalty = None
+    p.penalty_window = last_n
 
 
 def _context_length(state: AppState) -> int:

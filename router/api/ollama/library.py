@@ -579,10 +579,21 @@ def _is_message(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("role"), str) and isinstance(value.get("content"), str)
 
 
-def _check_sources(registry: Any, plan: mf.Modelfile, files: dict[str, str]) -> None:
-    """Refuse before any status line: a bad or unknown base (404), bad file names, digests or missing blobs."""
+def _check_sources(registry: Any, plan: mf.Modelfile, files: dict[str, str]) -> bool:
+    """Refuse before any status line: a bad or unknown base (404), bad file names, digests or missing blobs.
+
+    True when the base is not here but a source has it (the catalog, the Hub): the create pulls it first,
+    as Ollama's does."""
+    pull = False
     if plan.base:
-        plan.base = _required(registry, plan.base).name
+        found = _find(registry, plan.base)
+        if found is not None:
+            plan.base = found.name
+        else:
+            ref = parse_name(plan.base)
+            if not (ref.on_hub or ref.display in registry.catalog):
+                raise ModelNotFound(plan.base)
+            plan.base, pull = ref.display, True
     for file, digest in files.items():
         parts = file.split("/")
         if not file or "\0" in file or "\\" in file or file.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -593,12 +604,22 @@ def _check_sources(registry: Any, plan: mf.Modelfile, files: dict[str, str]) -> 
             raise BodyError(str(exc)) from None
         if not path.is_file():
             raise BodyError(f"the blob {digest} of {file} is not on this server: upload it first (POST /api/blobs)")
+    return pull
 
 
 def _create(
-    registry: Any, name: str, plan: mf.Modelfile, files: dict[str, str], report: Callable, precision: str | None = None
+    registry: Any,
+    name: str,
+    plan: mf.Modelfile,
+    files: dict[str, str],
+    report: Callable,
+    precision: str | None = None,
+    pull_base: bool = False,
 ) -> Any:
     """The registry's work for a create, on a worker thread; `report(status)` sends a status line."""
+    if pull_base:
+        report(f"pulling {plan.base}")
+        plan.base = registry.pull(plan.base).name
     if files:
         report("reading model metadata")
         manifest = registry.import_blobs(
@@ -642,7 +663,7 @@ async def create(request: Request) -> Response:
         models = _models(request)
         if models.is_default_name(name):
             raise Conflict(f"model '{name}' is the default model of this server (--model-id); create another name")
-        _check_sources(registry, plan, files)
+        pull_base = _check_sources(registry, plan, files)
     except EmberError as exc:
         return ollama_error(exc)
     loop = asyncio.get_running_loop()
@@ -653,7 +674,7 @@ async def create(request: Request) -> Response:
 
     def run() -> None:
         try:
-            _create(registry, name, plan, files, report, precision)
+            _create(registry, name, plan, files, report, precision, pull_base)
         except BaseException as exc:
             loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
         else:

@@ -232,6 +232,17 @@ SETTINGS: tuple[Setting, ...] = (
         aliases=("prefill-step-tokens",),
     ),
     _s(
+        "prefix-caching",
+        "Automatic prefix caching (vLLM's and TGI v3's): full KV blocks stay cached under the tokens they "
+        "hold and everything before them, and a prompt that begins with cached blocks computes only the "
+        "rest; idle cached blocks are evicted least recently used, only when free blocks run out. `false` "
+        "turns it off.",
+        LS,
+        type=parse_bool,
+        default=True,
+        kind="optbool",
+    ),
+    _s(
         "prefill-chunking",
         "Newcomers share the running batch's forward (one Prefill carrying the running "
         "batch, cut into --prefill-chunk-tokens steps) where the shard can; `false`: TGI's separate prefills "

@@ -38,7 +38,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("requires_padding", "dtype", "device_type", "window_size", "speculate", "block_size", "eos_token_ids", "pad_token_id", "vocab_size", "max_position_embeddings", "model_type", "world_size", "attention_impl", "hidden_size", "supports_embeddings", "shared_prefill", "prefill_chunk_tokens", "precision", "precision_reason")
+    __slots__ = ("requires_padding", "dtype", "device_type", "window_size", "speculate", "block_size", "eos_token_ids", "pad_token_id", "vocab_size", "max_position_embeddings", "model_type", "world_size", "attention_impl", "hidden_size", "supports_embeddings", "shared_prefill", "prefill_chunk_tokens", "prefix_caching", "precision", "precision_reason")
     REQUIRES_PADDING_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class InfoResponse(_message.Message):
     SUPPORTS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     SHARED_PREFILL_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     requires_padding: bool
@@ -75,9 +76,10 @@ class InfoResponse(_message.Message):
     supports_embeddings: bool
     shared_prefill: bool
     prefill_chunk_tokens: int
+    prefix_caching: bool
     precision: str
     precision_reason: str
-    def __init__(self, requires_padding: _Optional[bool] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., window_size: _Optional[int] = ..., speculate: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., attention_impl: _Optional[str] = ..., hidden_size: _Optional[int] = ..., supports_embeddings: _Optional[bool] = ..., shared_prefill: _Optional[bool] = ..., prefill_chunk_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, requires_padding: _Optional[bool] = ..., dtype: _Optional[str] = ..., device_type: _Optional[str] = ..., window_size: _Optional[int] = ..., speculate: _Optional[int] = ..., block_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., model_type: _Optional[str] = ..., world_size: _Optional[int] = ..., attention_impl: _Optional[str] = ..., hidden_size: _Optional[int] = ..., supports_embeddings: _Optional[bool] = ..., shared_prefill: _Optional[bool] = ..., prefill_chunk_tokens: _Optional[int] = ..., prefix_caching: _Optional[bool] = ..., precision: _Optional[str] = ..., precision_reason: _Optional[str] = ...) -> None: ...
 
 class ServiceDiscoveryRequest(_message.Message):
     __slots__ = ()
@@ -222,18 +224,20 @@ class Tokens(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., texts: _Optional[_Iterable[str]] = ..., is_special: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class Generation(_message.Message):
-    __slots__ = ("request_id", "prefill_tokens", "tokens", "generated_text", "top_tokens")
+    __slots__ = ("request_id", "prefill_tokens", "tokens", "generated_text", "top_tokens", "cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     prefill_tokens: Tokens
     tokens: Tokens
     generated_text: GeneratedText
     top_tokens: _containers.RepeatedCompositeFieldContainer[Tokens]
-    def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[Tokens, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., generated_text: _Optional[_Union[GeneratedText, _Mapping]] = ..., top_tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[Tokens, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., generated_text: _Optional[_Union[GeneratedText, _Mapping]] = ..., top_tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class FilterBatchRequest(_message.Message):
     __slots__ = ("batch_id", "request_ids")

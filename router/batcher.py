@@ -54,12 +54,19 @@ def _rpc_message(exc: BaseException) -> str:
 
 
 class Batcher:
-    def __init__(self, client: ShardedClient, limits: Limits, metrics: Metrics, shared_prefill: bool = False) -> None:
+    def __init__(
+        self,
+        client: ShardedClient,
+        limits: Limits,
+        metrics: Metrics,
+        shared_prefill: bool = False,
+        prefix_block: int = 0,
+    ) -> None:
         self.client = client
         self.shared_prefill = shared_prefill
         self.limits = limits
         self.metrics = metrics
-        self.scheduler = Scheduler(limits, metrics, shared_prefill)
+        self.scheduler = Scheduler(limits, metrics, shared_prefill, prefix_block)
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task | None = None
         # Generations of the last shard call, not yet handed to their requests (see _deliver).

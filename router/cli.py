@@ -103,6 +103,7 @@ def _shard_info(info: pb.InfoResponse) -> dict:
         "window_size": info.window_size if info.HasField("window_size") else None,
         "hidden_size": info.hidden_size,
         "supports_embeddings": info.supports_embeddings,
+        "prefix_caching": info.prefix_caching,
         "precision": info.precision or None,
         "precision_reason": info.precision_reason or None,
     }
@@ -157,7 +158,8 @@ async def connect_model(
     )
     if info.precision:
         log.info("%s: shards serve at %s: %s", name, info.precision, info.precision_reason)
-    batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill)
+    prefix_block = info.block_size if info.prefix_caching else 0  # shared prompt blocks are budgeted once
+    batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill, prefix_block=prefix_block)
     infer = Infer(Validator(tokenizer, limits, client.compile_grammar), batcher, limits, metrics)
     log.info("%s: limits: %s", name, limits)
     batcher.start()

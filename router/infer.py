@@ -85,6 +85,7 @@ class Result:
     top_tokens: list[list[TokenInfo]]
     prefill: list[TokenInfo]
     timing: Timing
+    cached_tokens: int = 0
 
     @property
     def mean_logprob(self) -> float:
@@ -121,6 +122,8 @@ class Stream:
     prefill: list[TokenInfo] = field(default_factory=list)
     # best_of runs several entries for one client request: only one is counted and logged.
     primary: bool = True
+    # Prompt tokens the shard took from its prefix cache (known with the first token).
+    cached_tokens: int = 0
 
 
 class Infer:
@@ -190,6 +193,8 @@ class Infer:
                     raise event
                 if event.HasField("prefill_tokens"):
                     stream.prefill = _tokens(event.prefill_tokens)
+                if index == 0:
+                    self._prompt_done(stream, event.cached_tokens)
                 for item in self._expand(event, index, stream):
                     index += 1
                     yield item
@@ -197,6 +202,12 @@ class Infer:
                         return
         finally:
             self.batcher.cancel(entry)
+
+    def _prompt_done(self, stream: Stream, cached: int) -> None:
+        stream.cached_tokens = cached
+        length = stream.entry.request.input_length
+        self.metrics.prompt_tokens.inc("cached", amount=cached)
+        self.metrics.prompt_tokens.inc("computed", amount=max(0, length - cached))
 
     def _expand(self, gen: pb.Generation, index: int, stream: Stream) -> list[StreamItem]:
         toks = gen.tokens
@@ -289,6 +300,7 @@ class Infer:
                     tops,
                     stream.prefill,
                     stream.timing,
+                    stream.cached_tokens,
                 )
         exc = IncompleteGeneration()
         self.count_failure(exc)

@@ -135,6 +135,11 @@ class Metrics:
         self.max_new_tokens = Histogram(
             "tgi_request_max_new_tokens", "Requested max_new_tokens", linear_buckets(max_total_tokens)
         )
+        self.prompt_tokens = Counter(
+            "ember_prompt_tokens_total",
+            "Prompt tokens by where their keys and values came from: the prefix cache or computed",
+            ("source",),
+        )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the queue")
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch")
         self.batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens", "Tokens reserved by the running batch")

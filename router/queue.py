@@ -83,6 +83,8 @@ class Entry:
     finished: bool = False
     # The client's x-request-id, for the log line.
     tag: str = ""
+    # Names of the prompt's leading blocks the shard may share with other prompts (`ember.prefix`).
+    prefix_names: list[bytes] = field(default_factory=list)
 
     @property
     def budget(self) -> int:
@@ -130,27 +132,37 @@ class Queue:
         prefill_budget: int,
         token_budget: int,
         step_prefill: int | None = None,
+        held: set[bytes] | frozenset[bytes] = frozenset(),
+        block_size: int = 0,
     ) -> list[Entry]:
         """Entries that fit both budgets, in order; none when fewer than min_size fit.
 
         `step_prefill`: a softer prompt budget that stops taking entries once reached,
         except that the first entry is always taken (when it fits the others).
+        `held`: names of prefix blocks of `block_size` tokens that running requests hold on the shard
+        (prefix caching): an entry's blocks already held, or brought by an entry taken before it, cost
+        neither prompt nor token budget, as the shard stores and computes each once.
         """
         taken: list[Entry] = []
         prefill = tokens = 0
+        bringing: set[bytes] = set()
         while self.entries and (max_size is None or len(taken) < max_size):
             entry = self.entries[0]
             if entry.cancelled:
                 self.entries.popleft()
                 self.dropped += 1
                 continue
-            if prefill + entry.request.input_length > prefill_budget or tokens + entry.budget > token_budget:
+            new = [n for n in entry.prefix_names if n not in held and n not in bringing]
+            shared = block_size * (len(entry.prefix_names) - len(new))
+            length, budget = entry.request.input_length - shared, entry.budget - shared
+            if prefill + length > prefill_budget or tokens + budget > token_budget:
                 break
-            if step_prefill is not None and taken and prefill + entry.request.input_length > step_prefill:
+            if step_prefill is not None and taken and prefill + length > step_prefill:
                 break
             self.entries.popleft()
-            prefill += entry.request.input_length
-            tokens += entry.budget
+            prefill += length
+            tokens += budget
+            bringing.update(new)
             taken.append(entry)
         if min_size is not None and len(taken) < min_size:
             self.entries.extendleft(reversed(taken))

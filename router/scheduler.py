@@ -23,6 +23,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from ember import prefix
 from ember.proto import generate_pb2 as pb
 from ember.router.limits import Limits
 from ember.router.metrics import Metrics
@@ -67,10 +68,13 @@ class Outcome:
 
 
 class Scheduler:
-    def __init__(self, limits: Limits, metrics: Metrics, shared_prefill: bool = False) -> None:
+    def __init__(self, limits: Limits, metrics: Metrics, shared_prefill: bool = False, prefix_block: int = 0) -> None:
         self.limits = limits
         self.metrics = metrics
         self.shared_prefill = shared_prefill
+        # The shard's KV block size when it caches prefixes (0: it does not): requests whose prompts
+        # begin with the same blocks hold them once on the shard, and are budgeted so (`reserved`).
+        self.prefix_block = prefix_block
         self.queue = Queue()
         self.running: dict[int, Entry] = {}
         self.cached: list[pb.CachedBatch] = []
@@ -82,6 +86,10 @@ class Scheduler:
 
     # -- requests coming and going ----------------------------------------------------------
     def add(self, entry: Entry) -> None:
+        bs, request = self.prefix_block, entry.request
+        if bs and not request.decoder_input_details:
+            ids = request.input_ids
+            entry.prefix_names = prefix.extend([], ids, bs, prefix.shareable_blocks(len(ids), bs))
         self.queue.append(entry)
         self.metrics.queue_size.set(len(self.queue))
 
@@ -104,12 +112,15 @@ class Scheduler:
         if not self.cached:
             self.merge_next = False
             lim = self.limits
+            reserved, held = self._reservation()
             entries = self.queue.next_batch(
                 None,
                 lim.max_batch_size,
                 lim.max_batch_prefill_tokens,
-                lim.max_batch_total_tokens - self.reserved(),
+                lim.max_batch_total_tokens - reserved,
                 self._step_prefill(),
+                held,
+                self.prefix_block,
             )
             self.metrics.queue_size.set(len(self.queue))
             if not entries:
@@ -156,9 +167,15 @@ class Scheduler:
             max_size = lim.max_batch_size - batch_size
             if max_size <= 0:
                 return []
-        token_budget = lim.max_batch_total_tokens - self.reserved()
+        reserved, held = self._reservation()
         entries = self.queue.next_batch(
-            min_size, max_size, lim.max_batch_prefill_tokens, token_budget, self._step_prefill()
+            min_size,
+            max_size,
+            lim.max_batch_prefill_tokens,
+            lim.max_batch_total_tokens - reserved,
+            self._step_prefill(),
+            held,
+            self.prefix_block,
         )
         self.metrics.queue_size.set(len(self.queue))
         if entries:
@@ -187,8 +204,19 @@ class Scheduler:
         return Forward(cached, batch, entries)
 
     def reserved(self) -> int:
-        """Tokens (input + max_new_tokens) the running entries may still occupy."""
-        return sum(e.budget for e in self.running.values())
+        """Tokens (input + max_new_tokens) the running entries may still occupy, prefix blocks they
+        share counted once."""
+        return self._reservation()[0]
+
+    def _reservation(self) -> tuple[int, set[bytes]]:
+        """`reserved()` and the names of the prefix blocks the running entries hold."""
+        bs = self.prefix_block
+        held: set[bytes] = set()
+        total = 0
+        for e in self.running.values():
+            total += e.budget - bs * len(e.prefix_names)
+            held.update(e.prefix_names)
+        return total + bs * len(held), held
 
     # -- the shard's answers ----------------------------------------------------------------
     def update(self, step: Forward, generations, batch: pb.CachedBatch | None) -> Outcome:

@@ -146,6 +146,9 @@ class GenerationBatch:
         next token of running ones. Generations of the requests that produced a token, in order."""
         timings = StepTimings()
         start = time.perf_counter_ns()
+        runner = self.ctx.runner
+        if runner.prefix_caching:
+            runner.reuse_prefix([r.seq for r in self.requests if len(r.seq.token_ids) - r.seq.num_cached > 1])
         plan = self._chunk_plan()
         if plan is None:
             rows = list(range(len(self.requests)))
@@ -190,26 +193,41 @@ class GenerationBatch:
         return generations, timings
 
     def _chunk_plan(self) -> tuple[list[int], list[int]] | None:
-        """The requests this step runs and how many tokens each, when the prompts waiting exceed the
-        chunk; None: every request runs all its uncached tokens."""
+        """The requests this step runs and how many tokens each; None: every request runs all its
+        uncached tokens.
+
+        Prompts share `prefill_chunk` tokens in order, the first always getting some. With prefix
+        caching, a prompt whose next block another prompt starts computing in this step waits: next
+        step it takes that block from the cache instead of computing it twice."""
         chunk = self.ctx.prefill_chunk
-        if not chunk:
-            return None
+        runner = self.ctx.runner
         pending = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
-        if sum(p for p in pending if p > 1) <= chunk:
+        prompts = [p for p in pending if p > 1]
+        fits = not chunk or sum(prompts) <= chunk
+        may_share = runner.prefix_caching and len(prompts) > 1
+        if not prompts or (fits and not may_share):
             return None
         if any(p > 1 and r.prefill_logprobs for p, r in zip(pending, self.requests)):
             return None  # prompt logprobs need the whole prompt's logits in one step
-        rows, sizes, left = [], [], chunk
-        for i, p in enumerate(pending):
+        rows, sizes = [], []
+        left = chunk or sum(prompts)
+        computing: set[bytes] = set()
+        for i, (p, r) in enumerate(zip(pending, self.requests)):
             if p == 1:  # a running request's next token (or a prompt's last one)
                 rows.append(i)
                 sizes.append(1)
-            elif left > 0:  # prompts in order; the first always gets some
-                n = min(p, left)
-                left -= n
-                rows.append(i)
-                sizes.append(n)
+                continue
+            if left <= 0:
+                continue
+            if computing and any(name in computing for name in runner.shared_names(r.seq, 1)):
+                continue
+            n = min(p, left)
+            computing.update(runner.shared_names(r.seq, n))
+            left -= n
+            rows.append(i)
+            sizes.append(n)
+        if len(rows) == len(pending) and sizes == pending:
+            return None
         return rows, sizes
 
     def _advance(self, r: RequestState, i: int, result) -> tuple[pb.Generation, bool]:
@@ -225,6 +243,7 @@ class GenerationBatch:
         is_special = token in self.ctx.special_ids
         gen = pb.Generation(
             request_id=r.id,
+            cached_tokens=r.seq.cached_tokens if len(r.generated) == 1 else 0,
             tokens=pb.Tokens(
                 ids=[token],
                 logprobs=[result.logprobs[i]],
@@ -287,7 +306,7 @@ def _request_state(req: pb.Request, ctx: Context) -> RequestState:
             raise BadRequest(f"request {req.id}: grammar is not valid: {exc}") from exc
     return RequestState(
         id=req.id,
-        seq=Sequence(seq_id=req.id, token_ids=ids),
+        seq=Sequence(seq_id=req.id, token_ids=ids, reuse=not req.prefill_logprobs),
         prompt_len=len(ids),
         max_new_tokens=max_new,
         params=SamplingParams.from_pb(req.parameters),

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             quantize=precision.quantize,
             kv_cache_dtype=args.kv_cache_dtype,
             cuda_graphs=cuda_graphs,
+            prefix_caching=args.prefix_caching,
         )
         return runner, precision
 

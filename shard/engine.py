@@ -177,6 +177,7 @@ class Engine:
             supports_embeddings=i.supports_embeddings,
             shared_prefill=i.shared_prefill,
             prefill_chunk_tokens=self.ctx.prefill_chunk,
+            prefix_caching=self.runner.prefix_caching,
             precision=self.precision,
             precision_reason=self.precision_reason,
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ember import settings
+from ember import prefix, settings
 from ember.shard.attention import AttentionMetadata
 from ember.shard.cuda_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs
 from ember.shard.dist import TRIVIAL_GROUP, Group, all_reduce, init_distributed
@@ -55,6 +55,13 @@ class Sequence:
     token_ids: list[int]  # prompt + generated so far
     num_cached: int = 0  # tokens whose K/V are already in the cache
     blocks: list[int] = field(default_factory=list)  # paged runner's block table
+    # Prefix caching (paged runner): whether this sequence may take cached blocks (not when every
+    # prompt token's logits are wanted), its full blocks' names (`ember.prefix`), how many of its
+    # blocks are registered under them, and how many prompt tokens came from the cache.
+    reuse: bool = True
+    names: list[bytes] = field(default_factory=list)
+    registered: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -109,6 +116,16 @@ class ModelRunner(ABC):
     @abstractmethod
     def free(self, seq: Sequence) -> None:
         """Release everything the runner keeps for `seq`."""
+
+    prefix_caching = False
+
+    def reuse_prefix(self, seqs: list[Sequence]) -> None:  # noqa: B027 (only runners with a prefix cache act)
+        """Runners with a prefix cache: advance each sequence over the cached blocks its prompt starts with."""
+
+    def shared_names(self, seq: Sequence, n: int) -> list[bytes]:
+        """The names of the cacheable prompt blocks `seq` would start computing with its next `n` tokens:
+        a second sequence needing one of them waits a step and then takes it from the cache."""
+        return []
 
     @abstractmethod
     def embed(self, token_lists: list[list[int]]) -> torch.Tensor:
@@ -198,8 +215,10 @@ class PagedRunner(ModelRunner):
         block_size: int = DEFAULT_BLOCK_SIZE,
         kv_dtype: torch.dtype | None = None,
         decode_graphs: tuple[int, ...] = (),
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
+        self.prefix_caching = prefix_caching
         self.device = device
         self.group = group
         self.dtype = model.embed.weight.dtype
@@ -260,17 +279,65 @@ class PagedRunner(ModelRunner):
 
     # --- stepping -----------------------------------------------------------------------------
 
-    def _allocate(self, seqs: list[Sequence]) -> None:
-        """Give every sequence the blocks its tokens need, all or none."""
-        needs = [self.cache.blocks_needed(len(s.token_ids), len(s.blocks)) for s in seqs]
-        total = sum(needs)
-        if total > self.cache.allocator.num_free:
+    def _allocate(self, seqs: list[Sequence], num_new: list[int]) -> None:
+        """Give every sequence the blocks the tokens of this step need, all or none. A step fails at once
+        when the whole of its sequences' tokens (prompts still in chunks included) could not fit."""
+        whole = sum(self.cache.blocks_needed(len(s.token_ids), len(s.blocks)) for s in seqs)
+        if whole > self.cache.allocator.num_free:
             raise OutOfBlocks(
-                f"step needs {total} KV blocks, {self.cache.allocator.num_free} of {self.cache.num_blocks} free"
+                f"step needs {whole} KV blocks, {self.cache.allocator.num_free} of {self.cache.num_blocks} free"
             )
-        for seq, n in zip(seqs, needs):
-            if n:
-                seq.blocks.extend(self.cache.allocator.allocate(n))
+        for seq, n in zip(seqs, num_new):
+            need = self.cache.blocks_needed(seq.num_cached + n, len(seq.blocks))
+            if need:
+                seq.blocks.extend(self.cache.allocator.allocate(need))
+
+    # --- prefix caching -----------------------------------------------------------------------
+
+    def _shareable(self, seq: Sequence) -> int:
+        """Leading blocks of `seq` that may come from the cache (0 when it may take none)."""
+        if not (self.prefix_caching and seq.reuse):
+            return 0
+        return prefix.shareable_blocks(len(seq.token_ids), self.block_size)
+
+    def reuse_prefix(self, seqs: list[Sequence]) -> None:
+        bs, alloc = self.block_size, self.cache.allocator
+        for seq in seqs:
+            limit = self._shareable(seq)
+            first = seq.num_cached // bs
+            # Only at a block boundary, with every block before it registered (so none is private).
+            if first >= limit or seq.num_cached % bs or seq.registered != first or len(seq.blocks) != first:
+                continue
+            prefix.extend(seq.names, seq.token_ids, bs, limit)
+            for i in range(first, limit):
+                block = alloc.lookup(seq.names[i])
+                if block is None:
+                    break
+                seq.blocks.append(block)
+                seq.registered = i + 1
+                seq.num_cached += bs
+                seq.cached_tokens += bs
+
+    def shared_names(self, seq: Sequence, n: int) -> list[bytes]:
+        limit = self._shareable(seq)
+        first = seq.num_cached // self.block_size
+        end = min(limit, -(-(seq.num_cached + n) // self.block_size))
+        if first >= end:
+            return []
+        return prefix.extend(seq.names, seq.token_ids, self.block_size, end)[first:end]
+
+    def _register(self, seqs: list[Sequence]) -> None:
+        """Name the blocks this step filled (prompt and generated tokens alike: a later turn of a chat
+        resends both), taking an existing block of the same name where one was computed twice."""
+        bs, alloc = self.block_size, self.cache.allocator
+        for seq in seqs:
+            full = seq.num_cached // bs
+            if seq.registered >= full:
+                continue
+            prefix.extend(seq.names, seq.token_ids, bs, full)
+            for i in range(seq.registered, full):
+                seq.blocks[i] = alloc.register(seq.blocks[i], seq.names[i])
+            seq.registered = full
 
     @torch.inference_mode()
     def step(
@@ -285,12 +352,14 @@ class PagedRunner(ModelRunner):
             raise ValueError("num_new: between 1 and the uncached tokens of each sequence")
         if min(num_new) < 1:
             raise ValueError("every sequence in a step needs at least one uncached token")
-        self._allocate(seqs)
+        self._allocate(seqs, num_new)
         if self.graphs is not None and not want_prompt_logits and max(uncached) == 1:
             logits = self.graphs.run(seqs, self.cache)
             if logits is not None:
                 for s in seqs:
                     s.num_cached = len(s.token_ids)
+                if self.prefix_caching:
+                    self._register(seqs)
                 return StepOutput(logits=logits)
         ids: list[int] = []
         for s, n in zip(seqs, num_new):
@@ -303,6 +372,8 @@ class PagedRunner(ModelRunner):
         output = self._logits(hidden, num_new, want_prompt_logits)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
+        if self.prefix_caching:
+            self._register(seqs)
         return output
 
     def _logits(self, hidden: torch.Tensor, num_new: list[int], want_prompt_logits: bool) -> StepOutput:
@@ -320,6 +391,7 @@ class PagedRunner(ModelRunner):
         self.cache.allocator.free(seq.blocks)
         seq.blocks = []
         seq.num_cached = 0
+        seq.registered = 0
 
     @torch.inference_mode()
     def embed(self, token_lists: list[list[int]]) -> torch.Tensor:
@@ -401,6 +473,7 @@ def load_runner(
     quantize: str | None = None,
     kv_cache_dtype: str | torch.dtype | None = None,
     cuda_graphs: tuple[int, ...] | None = None,
+    prefix_caching: bool = True,
 ) -> ModelRunner:
     """Load a model directory: Ember's paged code for llama/mistral/qwen2, transformers' otherwise.
 
@@ -414,6 +487,8 @@ def load_runner(
     `cuda_graphs` (paged code, world size 1): the batch sizes whose decode steps replay CUDA graphs
     (`cuda_graphs.py`); None: `DEFAULT_BATCH_SIZES` on CUDA, none elsewhere; given off CUDA, the
     same fixed-shape steps run eagerly.
+    `prefix_caching` (paged code): full KV blocks stay cached under their tokens' names, and prompts
+    that begin with them skip their computation (`BlockAllocator`).
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -505,6 +580,7 @@ def load_runner(
         cuda_memory_fraction,
         kv_dtype=kv_dtype,
         decode_graphs=cuda_graphs,
+        prefix_caching=prefix_caching,
     )
 
 

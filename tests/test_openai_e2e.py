@@ -408,3 +408,31 @@ def test_chat_stream_with_n_choices(client):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
         assert "".join(c.delta.content or "" for c in mine) == whole.choices[i].message.content
         assert mine[-1].finish_reason == "length"
+
+
+def test_a_shared_prompt_beginning_is_served_from_the_prefix_cache(client, url):
+    """The second chat behind the same long system prompt reuses its blocks: usage says how many prompt
+    tokens came from the cache, /metrics counts them, /info says caching is on."""
+    info = httpx.get(f"{url}/info").json()
+    assert info["prefix_caching"] is True and info["block_size"] == 16
+
+    def scraped() -> dict[str, float]:
+        lines = httpx.get(f"{url}/metrics").text.splitlines()
+        rows = [line.split() for line in lines if line.startswith("ember_prompt_tokens_total{")]
+        return {row[0].split('"')[1]: float(row[1]) for row in rows}
+
+    before = scraped()
+    system = {"role": "system", "content": " ".join(f"rule {i}: be brief." for i in range(30))}
+    answers = [
+        client.chat.completions.create(
+            model="tiny", messages=[system, {"role": "user", "content": text}], max_tokens=3, temperature=0
+        )
+        for text in ("Hello there", "What now?")
+    ]
+    prompt = answers[1].usage.prompt_tokens
+    cached = answers[1].usage.prompt_tokens_details.cached_tokens
+    assert prompt > 100 and cached % 16 == 0 and prompt - 16 - 8 < cached < prompt
+    after = scraped()
+    assert after["cached"] - before.get("cached", 0) >= cached
+    computed = after["computed"] - before.get("computed", 0)
+    assert computed == answers[0].usage.prompt_tokens + prompt - (after["cached"] - before.get("cached", 0))

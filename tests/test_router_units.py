@@ -135,7 +135,7 @@ class _Req:
 
 def _entry(n_input: int, n_new: int) -> Entry:
     e = Entry.__new__(Entry)
-    e.request, e.cancelled = _Req(n_input, n_new), False
+    e.request, e.cancelled, e.prefix_names = _Req(n_input, n_new), False, []
     return e
 
 

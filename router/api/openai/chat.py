@@ -256,7 +256,9 @@ class ChatApi:
             "model": state.model_id,
             "system_fingerprint": fingerprint(state),
             "choices": [self._choice(call, i, r) for i, r in enumerate(results)],
-            "usage": usage(results[0].request.input_length, sum(r.generated_tokens for r in results)),
+            "usage": usage(
+                results[0].request.input_length, sum(r.generated_tokens for r in results), results[0].cached_tokens
+            ),
         }
 
     async def _events(
@@ -295,7 +297,8 @@ class ChatApi:
                         yield chunk(i, delta)
                     yield chunk(i, {}, w.finish_reason(item.end.finish_reason))
             if call.include_usage:
-                yield sse({**head, "choices": [], "usage": usage(valids[0].input_length, generated)})
+                cached = choices.streams[0].cached_tokens
+                yield sse({**head, "choices": [], "usage": usage(valids[0].input_length, generated, cached)})
         except EmberError as exc:
             yield stream_error(exc)
         yield sse("[DONE]")

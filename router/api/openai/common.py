@@ -275,8 +275,12 @@ def stream_error(exc: EmberError) -> bytes:
     return sse(body)
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
+    """OpenAI's usage; `cached`: prompt tokens served from the prefix cache (`prompt_tokens_details`)."""
+    body: dict = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
 
 
 def fingerprint(state: AppState) -> str:

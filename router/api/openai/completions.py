@@ -141,7 +141,11 @@ async def handle_body(request: Request, body: Any, arrived: float) -> Response:
             "model": state.model_id,
             "system_fingerprint": fingerprint(state),
             "choices": [_choice(call, i, r) for i, r in enumerate(results)],
-            "usage": usage(prompt_tokens, sum(r.generated_tokens for r in results)),
+            "usage": usage(
+                prompt_tokens,
+                sum(r.generated_tokens for r in results),
+                sum(r.cached_tokens for r in results[:: call.n]),
+            ),
         }
     )
 
@@ -188,7 +192,8 @@ async def _events(state: AppState, choices: Choices, call: _Call, lengths: list[
                 yield chunk(i, rest, FINISH.get(item.end.finish_reason, "stop"))
         if call.include_usage:
             prompt_tokens = sum(lengths[:: call.n])
-            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, generated)})
+            cached = sum(s.cached_tokens for s in choices.streams[:: call.n])
+            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, generated, cached)})
     except EmberError as exc:
         yield stream_error(exc)
     yield sse("[DONE]")

@@ -1,7 +1,7 @@
 """Streaming load generator for TGI and OpenAI endpoints: TTFT, inter-token latency, throughput.
 
     python benchmarks/load.py --url http://127.0.0.1:3000 --concurrency 1 8 32 \
-        --requests 64 --max-new-tokens 128 [--api tgi|openai] [--scenario short|long|mix] \
+        --requests 64 --max-new-tokens 128 [--api tgi|openai] [--scenario short|long|mix|rag|chat] \
         [--time-limit 120] [--client raw|httpx] [--json results.json]
 
 Each of `concurrency` workers sends streaming requests back to back
@@ -92,6 +92,7 @@ class Api:
     body: Callable[[str, int, str], dict]
     tokens_in: Callable[[dict], int]
     final_count: Callable[[dict], int | None]
+    text_in: Callable[[dict], str] = lambda event: ""
 
 
 def _tgi_body(prompt: str, max_new_tokens: int, model: str) -> dict:
@@ -132,9 +133,18 @@ def _openai_final(event: dict) -> int | None:
     return usage.get("completion_tokens")
 
 
+def _tgi_text(event: dict) -> str:
+    token = event.get("token") or {}
+    return "" if token.get("special") else token.get("text", "")
+
+
+def _openai_text(event: dict) -> str:
+    return "".join(c.get("text") or "" for c in event.get("choices") or [])
+
+
 APIS = {
-    "tgi": Api("tgi", "/generate_stream", _tgi_body, _tgi_tokens, _tgi_final),
-    "openai": Api("openai", "/v1/completions", _openai_body, _openai_tokens, _openai_final),
+    "tgi": Api("tgi", "/generate_stream", _tgi_body, _tgi_tokens, _tgi_final, _tgi_text),
+    "openai": Api("openai", "/v1/completions", _openai_body, _openai_tokens, _openai_final, _openai_text),
 }
 
 
@@ -152,6 +162,15 @@ class RequestResult:
     completed: bool = False
     cancelled_at: float | None = None
     error: str | None = None
+    # Prompt tokens the server says it took from its prefix cache (OpenAI usage), when it says so.
+    cached_tokens: int | None = None
+    # The answer's text, kept only when asked (`keep_text`: a chat's next turn resends it).
+    keep_text: bool = False
+    pieces: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
     @property
     def output_tokens(self) -> int:
@@ -187,9 +206,17 @@ def consume_event(result: RequestResult, api: Api, event: Any, now: float) -> bo
     if n:
         result.stamps.append(now)
         result.tokens += n
+        if result.keep_text:
+            result.pieces.append(api.text_in(event))
     final = api.final_count(event)
     if final is not None:
         result.reported_tokens = final
+        usage = event.get("usage") or {}
+        if usage.get("prompt_tokens"):
+            result.prompt_tokens = usage["prompt_tokens"]
+        details = usage.get("prompt_tokens_details") or {}
+        if details.get("cached_tokens") is not None:
+            result.cached_tokens = details["cached_tokens"]
     return api.name == "tgi" and "details" in event and event.get("generated_text") is not None
 
 
@@ -464,11 +491,24 @@ class Level:
     max_new_tokens: int
     prompt: Callable[[int], tuple[str, int]]  # index -> (text, prompt tokens)
     first_index: int = 0
+    # The `chat` scenario: each worker is a user holding a conversation of `chat_turns` turns (then the
+    # next user), every turn resending the whole history; `prompt` is not used.
+    chat: Any = None
+    chat_turns: int = 4
 
     def prompts(self) -> list[tuple[str, int]]:
         """Every prompt the level may send, in order: built before its clock starts, so
         making prompts (tokenizing them) takes no CPU from the server being measured."""
+        if self.chat is not None:
+            return []
         return [self.prompt(self.first_index + i) for i in range(self.max_requests)]
+
+    def conversations(self) -> list[tuple[str, list[str]]]:
+        """`chat`: the system prompt and each user's turns, built before the clock starts too."""
+        users = -(-self.max_requests // self.chat_turns)
+        system = self.chat.system()
+        first = self.first_index // self.chat_turns
+        return [(system, [self.chat.user(first + u, t) for t in range(self.chat_turns)]) for u in range(users)]
 
 
 async def run_level(
@@ -500,10 +540,35 @@ async def run_level(
             except (httpx.HTTPError, RuntimeError, ValueError, OSError) as exc:
                 result.error = f"{type(exc).__name__}: {exc}"
 
+    conversations = level.conversations() if level.chat is not None else []
+    next_user = 0
+
+    async def user(http: httpx.AsyncClient | RawClient, deadline: float) -> None:
+        """A chat user: a conversation's turns one after another, each resending the history."""
+        nonlocal next_index, next_user
+        while next_user < len(conversations) and time.perf_counter() < deadline:
+            system, turns = conversations[next_user]
+            next_user += 1
+            exchanges: list[tuple[str, str]] = []
+            for question in turns:
+                if next_index >= level.max_requests or time.perf_counter() >= deadline:
+                    return
+                next_index += 1
+                result = RequestResult(keep_text=True)
+                results.append(result)
+                text = level.chat.prompt(system, exchanges, question)
+                try:
+                    await stream_request(http, api, api.body(text, level.max_new_tokens, model), result)
+                except (httpx.HTTPError, RuntimeError, ValueError, OSError) as exc:
+                    result.error = f"{type(exc).__name__}: {exc}"
+                    break
+                exchanges.append((question, result.text))
+
     async def run(http: httpx.AsyncClient | RawClient) -> tuple[float, float]:
         started = time.perf_counter()
         deadline = started + level.time_limit_s
-        tasks = [asyncio.create_task(worker(http, deadline)) for _ in range(level.concurrency)]
+        task = user if level.chat is not None else worker
+        tasks = [asyncio.create_task(task(http, deadline)) for _ in range(level.concurrency)]
         _, pending = await asyncio.wait(tasks, timeout=level.time_limit_s)
         for task in pending:
             task.cancel()
@@ -560,12 +625,21 @@ def summarize(results: list[RequestResult], level: Level, elapsed: float) -> dic
             "forced_share": (sum(c == level.max_new_tokens for c in counts) / len(counts)) if counts else 0.0,
         },
         "prompt_tokens_mean": statistics.fmean([r.prompt_tokens for r in results]) if results else 0.0,
+        "prompt_cached_share": _cached_share(results),
         "ttft_ms": _ms(ttfts + censored),
         "ttft_censored": len(censored),
         "itl_ms": _ms([g for r in results for g in r.gaps()]),
         "tpot_ms": _ms([t for r in done if (t := r.tpot()) is not None]),
         "e2e_ms": _ms([r.e2e for r in done if r.e2e is not None]),
     }
+
+
+def _cached_share(results: list[RequestResult]) -> float | None:
+    """Share of prompt tokens the server reported taken from its prefix cache (None: it reports none)."""
+    told = [r for r in results if r.cached_tokens is not None and r.prompt_tokens]
+    if not told:
+        return None
+    return sum(r.cached_tokens for r in told) / sum(r.prompt_tokens for r in told)
 
 
 def format_summary(s: dict) -> str:
@@ -606,7 +680,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least the concurrency)")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per level before cancelling")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--scenario", choices=["short", "long", "mix"], default="short")
+    p.add_argument("--scenario", choices=["short", "long", "mix", "rag", "chat"], default="short")
     p.add_argument("--tokenizer", help="tokenizer.json measuring the prompts (default: smollm2's)")
     p.add_argument("--prompt", help="send this one prompt every time instead of a prompt set")
     p.add_argument(
@@ -617,10 +691,16 @@ def main() -> None:
     )
     p.add_argument("--json", help="write the results to this file")
     args = p.parse_args()
-    source = _prompt_source(args)
+    chat = None
+    if args.scenario == "chat":
+        from prompts import chat_script
+
+        chat = chat_script(Path(args.tokenizer) if args.tokenizer else _default_tokenizer())
+    source = _prompt_source(args) if chat is None else None
     results, first = [], 0
     for concurrency in args.concurrency:
-        level = Level(concurrency, max(args.requests, concurrency), args.time_limit, args.max_new_tokens, source, first)
+        size = max(args.requests, concurrency)
+        level = Level(concurrency, size, args.time_limit, args.max_new_tokens, source, first, chat=chat)
         first += level.max_requests
         summary = run_async(run_level(args.url, APIS[args.api], level, args.model, client=args.client))
         results.append(summary)

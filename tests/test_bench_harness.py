@@ -25,7 +25,15 @@ import load  # noqa: E402
 import report  # noqa: E402
 import run_all  # noqa: E402
 import tiny  # noqa: E402
-from prompts import LONG_TOKENS, SHORT_TOKENS, prompt_set  # noqa: E402
+from prompts import (  # noqa: E402
+    CHAT_SYSTEM_TOKENS,
+    LONG_TOKENS,
+    RAG_DOCUMENT_TOKENS,
+    RAG_QUESTION_TOKENS,
+    SHORT_TOKENS,
+    ChatScript,
+    prompt_set,
+)
 
 
 def test_percentile_interpolates_between_ranks():
@@ -116,6 +124,50 @@ def test_level_sends_exactly_its_requests_with_forced_lengths():
     assert s["output_tokens"] == 35
     assert sorted(b["prompt"] for b in bodies) == sorted(f"prompt {i}" for i in range(10, 17))
     assert all(b["ignore_eos"] and b["min_tokens"] == 5 and b["stream"] and b["model"] == "m" for b in bodies)
+
+
+def test_chat_users_resend_the_whole_conversation_each_turn(tmp_path):
+    """Each worker is a user: its turns go one after another, each prompt the last one plus the server's
+    answer and a new question; the server's usage figures (prompt, cached) are recorded."""
+    bodies: list[dict] = []
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        bodies.append(body)
+        answer = f" answer{len(bodies)}"
+        usage = {"completion_tokens": 1, "prompt_tokens": 100, "prompt_tokens_details": {"cached_tokens": 60}}
+        events = [
+            f"data: {json.dumps(_openai_chunk(answer))}\n\n",
+            f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n",
+        ]
+        return Response("".join(events + ["data: [DONE]\n\n"]), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"])])
+    tiny.train_tokenizer(tmp_path)
+    chat = ChatScript(prompt_set("chat", tmp_path / "tokenizer.json"))
+    level = load.Level(2, 8, 60, 1, lambda i: ("", 0), chat=chat, chat_turns=4)
+    s = asyncio.run(load.run_level("http://bench", load.APIS["openai"], level, transport=httpx.ASGITransport(app=app)))
+    assert s["requests_completed"] == 8 and s["prompt_cached_share"] == pytest.approx(0.6)
+    system = chat.system()
+    assert all(b["prompt"].startswith(f"System: {system}") for b in bodies)
+    by_user: dict[str, list[str]] = {}
+    for b in bodies:  # a user's prompts each extend the one before, with the answer it got
+        first_question = b["prompt"].split("User: ")[1].split("\n\n")[0]
+        by_user.setdefault(first_question, []).append(b["prompt"])
+    assert sorted(len(p) for p in by_user.values()) == [4, 4]
+    for prompts in by_user.values():
+        for before, after in zip(prompts, prompts[1:]):
+            assert after.startswith(before + " answer")
+
+
+def test_rag_prompts_share_one_of_four_documents(tmp_path):
+    tiny.train_tokenizer(tmp_path)
+    rag = prompt_set("rag", tmp_path / "tokenizer.json")
+    documents = [rag.text(i).split("\n\nQuestion")[0] for i in range(8)]
+    assert len(set(documents)) == 4 and documents[0] == documents[4] and rag.text(0) != rag.text(4)
+    assert 0 <= rag.tokens(0) - RAG_DOCUMENT_TOKENS - RAG_QUESTION_TOKENS <= 40  # with its framing words
+    chat = ChatScript(prompt_set("chat", tmp_path / "tokenizer.json"))
+    assert abs(len(rag.encode(chat.system())) - CHAT_SYSTEM_TOKENS) <= 2 and chat.user(0, 1) != chat.user(1, 1)
 
 
 def test_level_records_http_errors():

@@ -73,6 +73,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def batch_sizes(text: str) -> str:
     """`--cuda-graphs`: `0`, or comma-separated positive batch sizes (checked here, parsed by the shard)."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -410,6 +417,15 @@ SETTINGS: tuple[Setting, ...] = (
         default=20,
     ),
     _s("max-batch-size", "Most requests in one batch. Default: unlimited.", LR, type=positive_int),
+    _s(
+        "step-target-ms",
+        "Pace prompt chunks by time (Ember): a step that carries running streams runs as many prompt tokens as "
+        "fit in this many milliseconds of forward, measured as the server runs, up to --prefill-chunk-tokens. "
+        "Default: four times what the step's running streams alone take, at least 100 ms; `0`: no pacing (every step "
+        "may carry --prefill-chunk-tokens).",
+        LR,
+        type=non_negative_float,
+    ),
     # -- many models (Ollama's and Jan's model management)
     _s(
         "preload",

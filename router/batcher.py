@@ -41,6 +41,7 @@ from ember.router.client import ShardedClient
 from ember.router.errors import GenerationError
 from ember.router.limits import Limits
 from ember.router.metrics import Metrics
+from ember.router.pacer import Pacer
 from ember.router.queue import Entry
 from ember.router.scheduler import Filter, Forward, Scheduler
 
@@ -61,8 +62,10 @@ class Batcher:
         metrics: Metrics,
         shared_prefill: bool = False,
         prefix_block: int = 0,
+        pacer: Pacer | None = None,
     ) -> None:
         self.client = client
+        self.pacer = pacer or Pacer(0)
         self.shared_prefill = shared_prefill
         self.limits = limits
         self.metrics = metrics
@@ -132,20 +135,26 @@ class Batcher:
     async def _forward(self, step: Forward) -> None:
         """One Prefill or Decode; the tokens of the previous one are handed over once it is sent."""
         batch, cached = step.batch, step.cached
+        budget = self.pacer.budget(sum(len(b.request_ids) for b in cached))
         try:
             if batch is None:
                 method = "decode"
-                reply = await self._timed(method, self.client.decode(cached, on_sent=self._deliver))
+                reply = await self._timed(
+                    method, self.client.decode(cached, on_sent=self._deliver, prompt_budget=budget)
+                )
             else:
                 method = "prefill"
                 running = cached[0] if cached else None
-                reply = await self._timed(method, self.client.prefill(batch, running, on_sent=self._deliver))
+                reply = await self._timed(
+                    method, self.client.prefill(batch, running, on_sent=self._deliver, prompt_budget=budget)
+                )
         except Exception as exc:
             ids = [b.id for b in cached] + ([batch.id] if batch is not None else [])
             await self._shard_failed(self.scheduler.abort(cached, step.entries), ids, exc)
             return
         if reply.HasField("concat_ns"):
             self.metrics.batch_concat_duration.observe(reply.concat_ns / 1e9, method)
+        self.pacer.observe(reply.decode_rows, reply.prompt_tokens, reply.forward_ns)
         out = self.scheduler.update(step, reply.generations, reply.batch if reply.HasField("batch") else None)
         if self.undelivered:
             self.undelivered += out.tokens

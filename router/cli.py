@@ -126,6 +126,7 @@ async def connect_model(
     from ember.router.infer import Infer
     from ember.router.metrics import Metrics
     from ember.router.models import Served
+    from ember.router.pacer import Pacer
     from ember.router.tokenizer import TokenizerPool
     from ember.router.validation import Validator
 
@@ -159,7 +160,8 @@ async def connect_model(
     if info.precision:
         log.info("%s: shards serve at %s: %s", name, info.precision, info.precision_reason)
     prefix_block = info.block_size if info.prefix_caching else 0  # shared prompt blocks are budgeted once
-    batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill, prefix_block=prefix_block)
+    pacer = Pacer(info.prefill_chunk_tokens if shared_prefill else 0, args.step_target_ms)
+    batcher = Batcher(client, limits, metrics, shared_prefill=shared_prefill, prefix_block=prefix_block, pacer=pacer)
     infer = Infer(Validator(tokenizer, limits, client.compile_grammar), batcher, limits, metrics)
     log.info("%s: limits: %s", name, limits)
     batcher.start()

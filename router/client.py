@@ -101,15 +101,22 @@ class ShardedClient:
         return min(replies, key=lambda r: r.max_supported_total_tokens)
 
     async def prefill(
-        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None, on_sent: OnSent = None
+        self,
+        batch: pb.Batch,
+        cached_batch: pb.CachedBatch | None = None,
+        on_sent: OnSent = None,
+        prompt_budget: int = 0,
     ) -> pb.PrefillResponse:
-        request = pb.PrefillRequest(batch=batch)
+        request = pb.PrefillRequest(batch=batch, prompt_budget=prompt_budget)
         if cached_batch is not None:
             request.cached_batch.CopyFrom(cached_batch)
         return (await self._ordered("Prefill", request, on_sent=on_sent))[0]
 
-    async def decode(self, batches: list[pb.CachedBatch], on_sent: OnSent = None) -> pb.DecodeResponse:
-        return (await self._ordered("Decode", pb.DecodeRequest(batches=batches), on_sent=on_sent))[0]
+    async def decode(
+        self, batches: list[pb.CachedBatch], on_sent: OnSent = None, prompt_budget: int = 0
+    ) -> pb.DecodeResponse:
+        request = pb.DecodeRequest(batches=batches, prompt_budget=prompt_budget)
+        return (await self._ordered("Decode", request, on_sent=on_sent))[0]
 
     async def embed(self, inputs: list[list[int]]) -> pb.EmbedResponse:
         req = pb.EmbedRequest(inputs=[pb.EmbedInput(input_ids=ids) for ids in inputs])

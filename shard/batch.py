@@ -8,7 +8,8 @@ batch at once and give their KV blocks back, so the returned `CachedBatch`
 lists only live ids (the router needs FilterBatch only for cancellations).
 
 Chunked prefill: a step runs at most `Context.prefill_chunk` prompt tokens
-(the running requests' next tokens besides). Prompts beyond it go on in the
+(the running requests' next tokens besides), or fewer when the router's
+`prompt_budget` says so (it paces steps by time, router/pacer.py). Prompts beyond it go on in the
 next steps, in order, from where their cached prefix ends; a request yields
 its first token in the step that finishes its prompt, and none before. So a
 long prompt arriving never stalls the running streams for longer than one
@@ -61,6 +62,8 @@ class RequestState:
 class StepTimings:
     forward_ns: int = 0
     decode_ns: int = 0
+    decode_rows: int = 0  # running requests' next tokens in the forward
+    prompt_tokens: int = 0  # prompt tokens in the forward
 
 
 class Context:
@@ -141,23 +144,27 @@ class GenerationBatch:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def step(self) -> tuple[list[pb.Generation], StepTimings]:
-        """One forward over every request: prompts of new ones (in chunks, see the module's doc), the
-        next token of running ones. Generations of the requests that produced a token, in order."""
+    def step(self, prompt_budget: int = 0) -> tuple[list[pb.Generation], StepTimings]:
+        """One forward over every request: prompts of new ones (in chunks of at most `prompt_budget`
+        tokens, or the shard's own chunk; see the module's doc), the next token of running ones.
+        Generations of the requests that produced a token, in order."""
         timings = StepTimings()
         start = time.perf_counter_ns()
         runner = self.ctx.runner
         if runner.prefix_caching:
             runner.reuse_prefix([r.seq for r in self.requests if len(r.seq.token_ids) - r.seq.num_cached > 1])
-        plan = self._chunk_plan()
+        plan = self._chunk_plan(prompt_budget)
         if plan is None:
             rows = list(range(len(self.requests)))
+            sizes = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
             prompt_details = [r.prefill_logprobs and not r.generated for r in self.requests]
             out = self.ctx.runner.step([r.seq for r in self.requests], want_prompt_logits=any(prompt_details))
         else:
             rows, sizes = plan
             prompt_details = [False] * len(rows)
             out = self.ctx.runner.step([self.requests[i].seq for i in rows], num_new=sizes)
+        timings.decode_rows = sum(1 for i, n in zip(rows, sizes) if n == 1 and self.requests[i].generated)
+        timings.prompt_tokens = sum(sizes) - timings.decode_rows
         timings.forward_ns = time.perf_counter_ns() - start
 
         start = time.perf_counter_ns()
@@ -192,7 +199,7 @@ class GenerationBatch:
         timings.decode_ns = time.perf_counter_ns() - start
         return generations, timings
 
-    def _chunk_plan(self) -> tuple[list[int], list[int]] | None:
+    def _chunk_plan(self, prompt_budget: int = 0) -> tuple[list[int], list[int]] | None:
         """The requests this step runs and how many tokens each; None: every request runs all its
         uncached tokens.
 
@@ -200,6 +207,8 @@ class GenerationBatch:
         caching, a prompt whose next block another prompt starts computing in this step waits: next
         step it takes that block from the cache instead of computing it twice."""
         chunk = self.ctx.prefill_chunk
+        if chunk and prompt_budget:
+            chunk = min(chunk, prompt_budget)
         runner = self.ctx.runner
         pending = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
         prompts = [p for p in pending if p > 1]

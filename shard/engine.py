@@ -78,16 +78,17 @@ class Engine:
                 raise UnknownBatch(running.id)
         batch = GenerationBatch.from_pb(request.batch, self.ctx)  # a bad request leaves the running batch as it was
         concat_ns = None
+        budget = request.prompt_budget
         if running is None:
             try:
-                generations, timings = batch.step()
+                generations, timings = batch.step(budget)
             except BaseException:
                 batch.release()
                 raise
         else:
             batch = GenerationBatch.concatenate([self._take_as(running), batch])
             concat_ns = time.perf_counter_ns() - start
-            generations, timings = self._step_stored(batch)
+            generations, timings = self._step_stored(batch, budget)
         return self._reply(pb.PrefillResponse, generations, batch, timings, start, concat_ns)
 
     def _reply(self, response_type, generations, batch: GenerationBatch, timings, start: int, concat_ns: int | None):
@@ -99,12 +100,14 @@ class Engine:
             decode_ns=timings.decode_ns,
             total_ns=time.perf_counter_ns() - start,
             concat_ns=concat_ns,
+            decode_rows=timings.decode_rows,
+            prompt_tokens=timings.prompt_tokens,
         )
 
-    def _step_stored(self, batch: GenerationBatch):
+    def _step_stored(self, batch: GenerationBatch, prompt_budget: int = 0):
         """Step a batch made of cached ones, stored meanwhile: if the step fails, ClearCache(id) frees it."""
         self.batches[batch.id] = batch
-        result = batch.step()
+        result = batch.step(prompt_budget)
         self.batches.pop(batch.id)
         return result
 
@@ -125,7 +128,7 @@ class Engine:
         parts = [self._take_as(b) for b in request.batches]
         batch = GenerationBatch.concatenate(parts)
         concat_ns = time.perf_counter_ns() - start
-        generations, timings = self._step_stored(batch)
+        generations, timings = self._step_stored(batch, request.prompt_budget)
         return self._reply(pb.DecodeResponse, generations, batch, timings, start, concat_ns)
 
     # ---- the rest -------------------------------------------------------------------------

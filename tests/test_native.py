@@ -393,6 +393,36 @@ def test_long_prompt_chunks_take_sdpa(q4, tiny_llama_dir, monkeypatch):
     assert len(calls) == 1  # only the decode step
 
 
+def test_chunks_over_a_long_cached_context_in_a_bf16_cache_take_bf16_sdpa(fused_setting, tiny_llama_dir, monkeypatch):
+    """A prompt chunk attending over many cached keys (a prefix from the cache, earlier chunks) leaves the
+    row-by-row fused call for the modules' SDPA, in bf16 over the bf16 cache: close to the fused numbers."""
+    from ember.shard.models import llama
+    from ember.shard.runner import Sequence
+
+    setting, q4 = fused_setting
+    runner = load_runner(tiny_llama_dir, dtype="float32", kv_cache_dtype="bfloat16", **setting)
+    calls = []
+    original = q4.decode_layers
+    monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    context = [(7 * i) % 300 + 5 for i in range(200)]
+    chunk = [(11 * i) % 300 + 5 for i in range(180)]
+
+    def chunk_logits() -> torch.Tensor:
+        seq = Sequence(0, context + chunk)
+        runner.step([seq], num_new=[len(context)])  # 200 x 200 pairs: below the bound, fused
+        out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]  # 180 x 380 pairs
+        runner.free(seq)
+        return out
+
+    sdpa = chunk_logits()
+    assert len(calls) == 1
+    monkeypatch.setattr(llama, "FUSED_MAX_ATTENTION_PAIRS", 10**9)
+    fused = chunk_logits()
+    assert len(calls) == 3
+    assert (sdpa - fused).abs().max() < 0.2 * fused.std()  # (seen: 0.12 std; bf16 queries besides a bf16 cache)
+    assert (sdpa.argmax(-1) == fused.argmax(-1)).float().mean() > 0.9
+
+
 def test_fused_decode_is_built_only_where_it_fits(q4, tiny_model_factory):
     """Qwen2's qkv bias keeps the per-layer modules (the fused kernel has no bias); int4 never fuses. The
     model says why."""

@@ -337,7 +337,7 @@ class FakeShard:
         self.calls: list[tuple] = []
         self.fail_next_decode = False
 
-    async def prefill(self, batch, cached_batch=None, on_sent=None):
+    async def prefill(self, batch, cached_batch=None, on_sent=None, prompt_budget=0):
         self.calls.append(
             (
                 "prefill",
@@ -353,7 +353,7 @@ class FakeShard:
         ids = [] if cached_batch is None else list(self.batches.pop(cached_batch.id))
         return self._step(batch.id, ids + [r.id for r in batch.requests], pb.PrefillResponse())
 
-    async def decode(self, batches, on_sent=None):
+    async def decode(self, batches, on_sent=None, prompt_budget=0):
         self.calls.append(("decode", [list(b.request_ids) for b in batches]))
         if on_sent is not None:
             on_sent()
@@ -464,9 +464,9 @@ def test_tokens_are_handed_over_once_the_next_call_is_sent_and_the_last_when_non
         entry.send = lambda item: (log.append("token"), send(item))
         decode = shard.decode
 
-        async def logged_decode(batches, on_sent=None):
+        async def logged_decode(batches, on_sent=None, prompt_budget=0):
             log.append("decode")
-            return await decode(batches, on_sent)
+            return await decode(batches, on_sent, prompt_budget)
 
         shard.decode = logged_decode
         batcher.start()

@@ -48,6 +48,14 @@ PEERS: dict[str, Peer] = {
         note="ember-launcher as `make run` starts it, no speed flags: the shard's automatic "
         "precision (w4a8 for the Q4_1 GGUF on an AVX-512 VNNI CPU, else int4)",
     ),
+    "ember-nocache": Peer(
+        "ember-nocache",
+        "start_ember_nocache.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-default with --prefix-caching false: what prefix caching buys",
+    ),
     "ember": Peer(
         "ember",
         "start_ember.sh",

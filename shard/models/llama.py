@@ -46,6 +46,12 @@ RESCORED_CANDIDATES = 16
 # less time fused at 512 tokens, 12-18 % at 1024 and ~10 % at 2048 (w4a8 and bf16 weights): the row-by-row
 # attention grows with the square of the chunk, SDPA's blocked kernels less, so the gain shrinks.
 FUSED_MAX_NEW_TOKENS = 2048
+# ...unless the KV cache is bf16 and the step's prompt chunks over a cached context (a prefix from the cache,
+# or earlier chunks) attend over this many (query, key) pairs in all:
+# the modules' SDPA then attends in bf16 on the CPU's matrix units, where the row-by-row kernel reads the
+# whole context once per row. On SmolLM2 (w4a8, 2 cores) 64 new tokens over 1,300 cached ones took 63 ms
+# through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
+FUSED_MAX_ATTENTION_PAIRS = 65_536
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
 PACKED_HEAD_MAX_ROWS = 8
@@ -544,6 +550,8 @@ class FusedDecode:
         if meta.is_decode:
             tables, row_seq, lens = meta.gather_blocks.contiguous(), None, meta.context_lens
         elif meta.row_seq is not None and max(span.num_new for span in meta.spans) <= FUSED_MAX_NEW_TOKENS:
+            if cache.dtype == torch.bfloat16 and _attention_pairs(meta) >= FUSED_MAX_ATTENTION_PAIRS:
+                return None
             tables, row_seq, lens = meta.block_table, meta.row_seq, meta.row_lens
         else:
             return None
@@ -553,6 +561,14 @@ class FusedDecode:
         self.step.set_rows(delta, residual, cos, sin, meta.slots, tables, row_seq, lens)
         self.kernels.decode_layers(self.step)
         return delta, residual
+
+
+def _attention_pairs(meta: AttentionMetadata) -> int:
+    """(query, key) pairs the prompt chunks over a cached context attend over (fresh prompts' own keys are
+    float32: the modules would gain nothing there)."""
+    return sum(
+        span.num_new * (span.num_cached + span.num_new) for span in meta.spans if span.num_new > 1 and span.num_cached
+    )
 
 
 def _fast_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | OneDNNWeight | native.BF16Weight:

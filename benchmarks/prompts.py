@@ -4,7 +4,8 @@ Every prompt is built from a seeded word sequence and trimmed to a token count
 with the served model's tokenizer, so every server sees the same prompts in the
 same order. In `short`, `long` and `mix` each prompt starts with its own index,
 so no two share a prefix: servers with prefix caching (vLLM, llama.cpp's prompt
-cache) gain nothing from earlier requests. The traffic prefix caching is for:
+cache, Ember) gain nothing from earlier requests, as long as no prompt is sent
+twice (`run_all.py --fresh-repeats`). The traffic prefix caching is for:
 
 * `rag`: ~1,500-token prompts whose first ~1,200 tokens are one of 4 shared
   documents, then a question of their own;

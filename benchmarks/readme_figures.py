@@ -66,6 +66,39 @@ def comparison_table(path: str = "defaults/comparison.json", concurrency: int = 
     return lines
 
 
+TRAFFIC = (("chat", 16), ("rag", 4), ("mix", 16))
+TRAFFIC_SERVERS = (
+    ("ember-default", "`make run` (prefix caching on)"),
+    ("ember-nocache", "`make run`, `--prefix-caching false`"),
+    ("vllm-cpu", "vLLM CPU (its prefix caching on)"),
+)
+
+
+def traffic_table(path: str = "traffic/comparison.json") -> list[str]:
+    """Chat (a shared system prompt, whole histories resent), rag (shared documents) and the mix set."""
+    results = _load(path)
+    servers = results["servers"]
+    head = " | ".join(f"{scenario} c={c}" for scenario, c in TRAFFIC)
+    lines = [
+        "Traffic that shares prefixes, same machine and run (`benchmarks/results/"
+        f"{path.replace('.json', '.md')}`): tokens/s and TTFT p50, medians of {results['config']['repeats']} repeats:",
+        "",
+        f"| server | {head} |",
+        "|---|" + "---:|" * len(TRAFFIC),
+    ]
+    for name, label in TRAFFIC_SERVERS:
+        cells = []
+        for scenario, c in TRAFFIC:
+            level = _level(servers.get(name, {}), scenario, c)
+            cells.append(
+                "–"
+                if level is None
+                else f"{level['output_tokens_per_s']['median']:,.0f} tok/s, {level['ttft_p50_ms']['median']:,.0f} ms"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def router_overhead() -> str:
     parts = []
     for path, setting in (("router_overhead_bf16.json", "bf16"), ("router_overhead.json", "w4a8")):
@@ -94,7 +127,8 @@ def gpu() -> str:
 
 
 def block() -> str:
-    return "\n".join([BEGIN, *comparison_table(), "", router_overhead(), gpu(), END])
+    traffic = [*traffic_table(), ""] if (RESULTS / "traffic" / "comparison.json").exists() else []
+    return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), END])
 
 
 def readme_block(text: str) -> str:

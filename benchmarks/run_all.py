@@ -148,9 +148,11 @@ def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: 
     for repeat in range(args.repeats):
         for scenario in args.scenarios:
             source = prompts[scenario]
-            # Traffic meant to share prefixes shares only what the scenario shares: every repeat sends
-            # new questions and users (its documents and system prompt stay), so no repeat replays the last.
-            first = repeat * 100_000 if scenario in SHARING else 0
+            # A repeat that replays the last one's prompts measures the servers' prefix caches, not the
+            # scenario: with --fresh-repeats (always for the sharing scenarios, whose documents and system
+            # prompt stay) every repeat sends new prompts. Without it, short/long/mix repeat their prompts,
+            # as the runs before prefix caching did (their commands reproduce them).
+            first = repeat * 100_000 if scenario in SHARING or args.fresh_repeats else 0
             for concurrency, size in zip(args.concurrency, sizes):
                 chat = ChatScript(source) if scenario == "chat" else None
                 if chat is not None:  # each worker a user: one 4-turn conversation each
@@ -289,6 +291,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenarios", nargs="+", default=["short", "long", "mix"], choices=SCENARIOS)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--fresh-repeats",
+        action="store_true",
+        help="every repeat sends new prompts (always so for rag and chat); without it short/long/mix repeat theirs",
+    )
     p.add_argument("--rounds", type=int, default=2, help="requests per worker in a level")
     p.add_argument("--min-requests", type=int, default=8, help="fewest requests in a level")
     p.add_argument(

@@ -270,8 +270,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _s(
         "num-threads",
-        "torch intra-op threads of each shard. Default: the CPUs the process may run on divided "
-        "by the number of shards.",
+        "torch intra-op threads of each shard. Default: the CPUs the process may run on (its affinity, "
+        "bounded by a cgroup CPU quota such as Docker's --cpus or Kubernetes' limits.cpu) divided by the "
+        "number of shards.",
         LS,
         type=positive_int,
         env="OMP_NUM_THREADS",

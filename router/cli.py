@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 
-from ember import settings
+from ember import lifeline, settings
 from ember.proto import generate_pb2 as pb
 from ember.router.limits import Limits, LimitsError, apply_capacity, prefill_step_budget, resolve_pre_warmup
 
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging("router", args.json_output, args.log_level)
+    lifeline.die_with_parent("router")
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal: exit 0 then.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)

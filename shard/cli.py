@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 
-from ember import settings
+from ember import lifeline, settings
+from ember.cpus import usable_cpus
 from ember.logs import setup_logging
 
 log = logging.getLogger("ember.shard")
@@ -43,14 +43,15 @@ def set_threads(num_threads: int | None, world_size: int) -> int:
     """Intra-op threads for the model; one inter-op thread (the shard runs one forward at a time).
 
     By default the CPUs are split between the ranks of this machine, so tensor
-    parallel ranks do not oversubscribe it. Must run before the first parallel
+    parallel ranks do not oversubscribe it: the CPUs this process may run on,
+    bounded by a container's CPU quota (`ember.cpus`). Must run before the first parallel
     torch op. Where the router and its clients share the cores, fewer threads can
     be faster: every parallel region waits for its slowest thread, and a thread
     that loses its core to another process stalls the whole step.
     """
     import torch
 
-    n = num_threads or max(1, len(os.sched_getaffinity(0)) // world_size)
+    n = num_threads or max(1, usable_cpus() // world_size)
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)
@@ -68,6 +69,7 @@ DEFAULT_PREFILL_CHUNK = (256, 2048)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(f"shard-{args.rank}", args.json_output, args.log_level)
+    lifeline.die_with_parent(f"shard-{args.rank}")
     start = time.perf_counter()
 
     from transformers import AutoTokenizer

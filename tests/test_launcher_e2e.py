@@ -163,3 +163,34 @@ def test_sigkill_on_a_shard_stops_everything_with_json_logs(tiny_llama_dir, uds_
         assert_cleaned_up(launcher, uds_prefix)
     finally:
         launcher.kill()
+
+
+def test_children_die_with_a_sigkilled_launcher(tiny_llama_dir, uds_prefix):
+    """Nothing can stop children when their launcher is killed outright: each watches it and exits."""
+    port = free_port()
+    launcher = Launcher(*launcher_args(tiny_llama_dir, uds_prefix, port))
+    try:
+        launcher.wait_for_line("[launcher] serving ")
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        pgids = launcher.child_pids()
+        assert len(pgids) == 2  # the shard and the router, each leading its own group
+        launcher.proc.kill()
+        launcher.proc.wait(10)
+        wait_for(lambda: not live_members(pgids), 15, "the orphaned shard and router gone")
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        launcher.kill()
+
+
+def test_a_child_whose_launcher_is_already_gone_exits_at_once(tmp_path):
+    """The pid named in EMBER_PARENT_PID is not this process's parent (it died, its pid reused): exit 1."""
+    import subprocess
+
+    env = {**os.environ, "EMBER_PARENT_PID": str(os.getpid())}  # alive, but the child's parent is the shell
+    code = "from ember import lifeline; lifeline.die_with_parent('probe'); import time; time.sleep(30)"
+    child = subprocess.Popen(
+        ["/bin/sh", "-c", f'"{sys.executable}" -c "{code}"; exit $?'], env=env, stderr=subprocess.PIPE, text=True
+    )
+    _, err = child.communicate(timeout=20)
+    assert child.returncode == 1 and "is gone" in err

@@ -54,6 +54,7 @@ def main() -> None:
         quantize=precision.quantize,
         matmul_dtype=precision.matmul_dtype,
     )
+    runner.warmup(1024, 2048, 1 << 30)  # the cache as a shard's warmup sizes it by default (1 GiB on CPU)
     rng = random.Random(0)
     vocab = runner.info.vocab_size
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from shard_requests import shard_request
 from transformers import AutoTokenizer
 
 from ember.proto import generate_pb2 as pb
@@ -25,14 +26,7 @@ def _ids(n: int, offset: int) -> list[int]:
     return [(offset + 11 * i) % 400 + 5 for i in range(n)]
 
 
-def _request(rid: int, ids: list[int], max_new: int, prefill_logprobs: bool = False, **params) -> pb.Request:
-    return pb.Request(
-        id=rid,
-        input_ids=ids,
-        prefill_logprobs=prefill_logprobs,
-        parameters=pb.NextTokenChooserParameters(**{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, **params}),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
+_request = shard_request
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ Decode), on a tiny Llama whose KV blocks hold 16 tokens.
 from __future__ import annotations
 
 import pytest
+from shard_requests import shard_request
 from transformers import AutoTokenizer
 
 from ember import prefix
@@ -89,13 +90,7 @@ SHARED = [(7 * i) % 300 + 5 for i in range(40)]  # 2 full blocks and 8 tokens
 
 
 def _request(rid: int, ids: list[int], max_new: int = 6, prefill_logprobs: bool = False, **params) -> pb.Request:
-    return pb.Request(
-        id=rid,
-        input_ids=ids,
-        prefill_logprobs=prefill_logprobs,
-        parameters=pb.NextTokenChooserParameters(**{"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, **params}),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
+    return shard_request(rid, ids, max_new, prefill_logprobs, **params)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ember import lifeline
 from ember.launcher.args import parse_args, router_flag_argv, shard_flag_argv
 from ember.launcher.groups import (
     GroupManager,
@@ -260,6 +261,7 @@ def router_spec(args: argparse.Namespace, model: Any) -> ChildSpec:
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # lines reach the launcher as they are written
+    env.update(lifeline.parent_env())  # children exit when this launcher is gone, even by SIGKILL
     return env
 
 

@@ -34,7 +34,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ember import lifeline
 from ember.launcher.logs import ChildOutput, LogSink, child_label
 
 POLL_S = 0.1
@@ -191,7 +190,7 @@ class Supervisor:
                 raise StartupFailed(f"not starting {spec.name}: the launcher is stopping")
             popen = subprocess.Popen(
                 spec.argv,
-                env={**(spec.env or os.environ), **lifeline.parent_env()},  # children die with the launcher
+                env=spec.env or None,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -159,6 +159,7 @@ ENV_READS_ALLOWED = {
     "common/store.py",
     "router/app.py",
     "common/hub.py",  # the Hugging Face Hub's own variables (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE), read per call
+    "common/lifeline.py",  # EMBER_PARENT_PID: the launcher's pid, set by the launcher for its children, not a setting
 }
 
 

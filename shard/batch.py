@@ -153,10 +153,10 @@ class GenerationBatch:
         runner = self.ctx.runner
         if runner.prefix_caching:
             runner.reuse_prefix([r.seq for r in self.requests if len(r.seq.token_ids) - r.seq.num_cached > 1])
-        plan = self._chunk_plan(prompt_budget)
+        pending = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
+        plan = self._chunk_plan(pending, prompt_budget)
         if plan is None:
-            rows = list(range(len(self.requests)))
-            sizes = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
+            rows, sizes = list(range(len(self.requests))), pending
             prompt_details = [r.prefill_logprobs and not r.generated for r in self.requests]
             out = self.ctx.runner.step([r.seq for r in self.requests], want_prompt_logits=any(prompt_details))
         else:
@@ -199,9 +199,9 @@ class GenerationBatch:
         timings.decode_ns = time.perf_counter_ns() - start
         return generations, timings
 
-    def _chunk_plan(self, prompt_budget: int = 0) -> tuple[list[int], list[int]] | None:
-        """The requests this step runs and how many tokens each; None: every request runs all its
-        uncached tokens.
+    def _chunk_plan(self, pending: list[int], prompt_budget: int = 0) -> tuple[list[int], list[int]] | None:
+        """The requests this step runs and how many tokens each, from each one's `pending` uncached tokens;
+        None: every request runs all of them.
 
         Prompts share `prefill_chunk` tokens in order, the first always getting some. With prefix
         caching, a prompt whose next block another prompt starts computing in this step waits: next
@@ -210,7 +210,6 @@ class GenerationBatch:
         if chunk and prompt_budget:
             chunk = min(chunk, prompt_budget)
         runner = self.ctx.runner
-        pending = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
         prompts = [p for p in pending if p > 1]
         fits = not chunk or sum(prompts) <= chunk
         may_share = runner.prefix_caching and len(prompts) > 1

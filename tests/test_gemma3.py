@@ -139,6 +139,17 @@ def _collect(tokens: dict[int, list[int]], finished: dict[int, int], reply) -> p
     return reply.batch if reply.HasField("batch") and reply.batch.size else None
 
 
+def _run_alone(engine: Engine, ids: list[int], max_new: int) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """One request (EOS honoured) prefilled and decoded to its end: its tokens and finish reason, by id 0."""
+    tokens: dict[int, list[int]] = {}
+    finished: dict[int, int] = {}
+    batch = pb.Batch(id=0, requests=[_request(0, ids, max_new, ignore_eos=False)], size=1)
+    cached = _collect(tokens, finished, engine.prefill(pb.PrefillRequest(batch=batch)))
+    while cached is not None:
+        cached = _collect(tokens, finished, engine.decode(pb.DecodeRequest(batches=[cached])))
+    return tokens, finished
+
+
 def test_tiny_gemma3_takes_the_generic_path(gemma_dir, tokenizer):
     """Gemma 3 has no Ember model code: transformers' modules, its window reported, BOS prepended."""
     from ember.shard.precision import choose
@@ -211,12 +222,7 @@ def test_a_second_eos_id_stops_generation(gemma_dir, tokenizer, reference, tmp_p
     (model_dir / "generation_config.json").write_text(json.dumps(generation))
     engine = _engine(model_dir, tokenizer)
     assert greedy[stop_at] in engine.runner.info.eos_token_ids
-    tokens: dict[int, list[int]] = {}
-    finished: dict[int, int] = {}
-    batch = pb.Batch(id=0, requests=[_request(0, ids, 8, ignore_eos=False)], size=1)
-    cached = _collect(tokens, finished, engine.prefill(pb.PrefillRequest(batch=batch)))
-    while cached is not None:
-        cached = _collect(tokens, finished, engine.decode(pb.DecodeRequest(batches=[cached])))
+    tokens, finished = _run_alone(engine, ids, 8)
     assert tokens[0] == greedy[: stop_at + 1]
     assert finished[0] == pb.FINISH_REASON_EOS_TOKEN
 
@@ -387,10 +393,5 @@ def test_gemma3_270m_answers_greedily():
     assert isinstance(engine.runner, GenericRunner) and set(engine.runner.info.eos_token_ids) == {1, 106}
     ids = tokenizer("The capital of France is")["input_ids"]
     assert ids[0] == tokenizer.bos_token_id == 2
-    tokens: dict[int, list[int]] = {}
-    finished: dict[int, int] = {}
-    batch = pb.Batch(id=0, requests=[_request(0, ids, 8, ignore_eos=False)], size=1)
-    cached = _collect(tokens, finished, engine.prefill(pb.PrefillRequest(batch=batch)))
-    while cached is not None:
-        cached = _collect(tokens, finished, engine.decode(pb.DecodeRequest(batches=[cached])))
+    tokens, finished = _run_alone(engine, ids, 8)
     assert tokenizer.decode(tokens[0]) == " the capital of the country of France."

@@ -4,6 +4,7 @@ budget each Prefill and Decode carries."""
 from __future__ import annotations
 
 import pytest
+from shard_requests import shard_request
 from transformers import AutoTokenizer
 
 from ember.proto import generate_pb2 as pb
@@ -53,12 +54,7 @@ def engine(tiny_llama_dir):
 
 
 def _request(rid: int, n: int, max_new: int) -> pb.Request:
-    return pb.Request(
-        id=rid,
-        input_ids=[(rid * 13 + 7 * i) % 300 + 5 for i in range(n)],
-        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0),
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
-    )
+    return shard_request(rid, [(rid * 13 + 7 * i) % 300 + 5 for i in range(n)], max_new)
 
 
 def test_the_shard_runs_at_most_the_budget_and_says_what_it_ran(engine):

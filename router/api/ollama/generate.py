@@ -67,6 +67,14 @@ def _typed(body: dict, name: str, kinds: tuple[type, ...], where: str = "") -> A
     return value
 
 
+async def _generation_body(request: Request) -> tuple[dict, str, bool]:
+    """A generation route's body, its model's name and its stream flag; images and thinking refused."""
+    body = await common.body_of(request)
+    name = common.model_name(body)
+    _no_images_or_thinking(body, name)
+    return body, name, common.stream_flag(body)
+
+
 def _no_images_or_thinking(body: dict, model: str) -> None:
     if body.get("images"):
         raise ValidationError(f"model '{model}' does not support images: it has no vision")
@@ -349,10 +357,7 @@ async def load_or_unload(request: Request, body: dict, name: str) -> dict:
 async def generate(request: Request) -> Response:
     arrived = time.monotonic()
     try:
-        body = await common.body_of(request)
-        name = common.model_name(body)
-        _no_images_or_thinking(body, name)
-        stream = common.stream_flag(body)
+        body, name, stream = await _generation_body(request)
         if not _typed(body, "prompt", (str,)) and not body.get("context") and not body.get("suffix"):
             return JSONResponse({**await load_or_unload(request, body, name), "response": ""})
         state, load_s = await load_model(request, body)
@@ -479,10 +484,7 @@ async def chat_prompt(state: AppState, messages: list[dict], tools: ChatTools | 
 async def chat(request: Request) -> Response:
     arrived = time.monotonic()
     try:
-        body = await common.body_of(request)
-        name = common.model_name(body)
-        _no_images_or_thinking(body, name)
-        stream = common.stream_flag(body)
+        body, name, stream = await _generation_body(request)
         raw = body.get("messages")
         if raw is not None and not isinstance(raw, list):
             raise BodyError("messages: expected a list")

@@ -440,8 +440,7 @@ async def pull(request: Request) -> Response:
 
     _background(run)
     if not stream:
-        while (item := await queue.get())[0] == "line":
-            pass
+        item = await _outcome(queue)
         if item[0] == "error":
             return ollama_error(_registry_failure(item[1], name))
         models.forget()
@@ -450,6 +449,13 @@ async def pull(request: Request) -> Response:
     if item[0] == "error":
         return ollama_error(_registry_failure(item[1], name))
     return ndjson(_pull_lines(item, queue, progress, models, name))
+
+
+async def _outcome(queue: asyncio.Queue) -> tuple:
+    """The worker's last item (`done` or `error`), its progress lines passed over (`stream: false`)."""
+    while (item := await queue.get())[0] == "line":
+        pass
+    return item
 
 
 async def _pull_lines(first: tuple, queue: asyncio.Queue, progress: _Progress, models: Models, name: str):
@@ -683,8 +689,7 @@ async def create(request: Request) -> Response:
     report("parsing modelfile")
     _background(run)
     if not stream:
-        while (item := await queue.get())[0] == "line":
-            pass
+        item = await _outcome(queue)
         if item[0] == "error":
             return ollama_error(_create_failure(item[1], plan))
         models.forget()

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast lint proto bench clean
+.PHONY: install run test test-fast lint proto bench clean deploy-tools image-test
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/ember-launcher $(ARGS)
 
-test: install lint
+test: install lint deploy-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: install
@@ -32,6 +32,14 @@ lint: install
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+# nginx and Prometheus for the deployment tests (Debian packages, installed once).
+deploy-tools:
+	bash deploy/tools.sh
+
+# Build Ember's image with buildah on a debootstrapped Debian base and boot it (deploy/image-test.sh).
+image-test: install
+	bash deploy/image-test.sh
 
 proto: install
 	$(PY) -m ember.proto.codegen

@@ -8,6 +8,7 @@ register their `/invocations` shapes in `state.invocation_handlers`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -20,18 +21,18 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from ember import __version__
 from ember.router import openapi
 from ember.router.api import tgi
 from ember.router.client import ShardedClient
-from ember.router.errors import EmberError, UnhealthyError, error_response
+from ember.router.errors import DrainingError, EmberError, UnhealthyError, error_response, openai_response
 from ember.router.http import DIRECT_SEND, ApiKeyMiddleware, RequestIdMiddleware, read_json
 from ember.router.infer import Infer
 from ember.router.limits import Limits
-from ember.router.metrics import Metrics, render_models
+from ember.router.metrics import Metrics, ServerMetrics, render_models
 from ember.router.models import Models, Served, Target, model_state, release_leases
 from ember.router.tokenizer import TokenizerPool
 from ember.router.types import request_from_tgi
@@ -68,6 +69,42 @@ def manages_models(method: str, path: str) -> bool:
     return method in ("POST", "PUT", "DELETE") or path.startswith("/v1/models/download/")
 
 
+PROBES = frozenset({"/health", "/ping", "/metrics", "/info"})
+"""Answered while draining and not counted as traffic: probes and scrapes."""
+
+
+class Traffic:
+    """The HTTP requests in flight (not counting probes), and whether the server is draining.
+
+    SIGTERM starts the drain (router/cli.py): /health and /ping answer 503 so load balancers stop
+    sending, new requests get 503 with `Connection: close` (a load balancer may retry them elsewhere:
+    nothing was started), and those in flight, streams included, run to their end. The server stops
+    listening and exits as soon as the last one ends."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight, at most `timeout` seconds; whether it came to that."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 @dataclass
 class AppState:
     infer: Infer
@@ -88,6 +125,8 @@ class AppState:
     chat_template: Any = None
     model_management: bool = True
     target: Target | None = None
+    traffic: Traffic = field(default_factory=Traffic)
+    server_metrics: ServerMetrics = field(default_factory=ServerMetrics)
 
     def view(self, served: Served, target: Target, template: Any = None) -> AppState:
         """This state as one request sees it: the model it named (a view; the app's state is unchanged)."""
@@ -152,6 +191,8 @@ async def health(request: Request) -> Response:
     """200 when the server can serve: the default model's shards all answer Health (or, when it was
     stopped on purpose, the launcher can load it again). Other models' state does not count."""
     state = _state(request)
+    if state.traffic.draining:
+        return error_response(DrainingError())
     models = state.models
     try:
         if models is not None and models.served(models.target(None)) is None:
@@ -168,6 +209,7 @@ async def health(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = _state(request)
     text = state.metrics.render() if state.models is None else render_models(state.models)
+    text += state.server_metrics.render()
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -213,10 +255,41 @@ class _App(Starlette):
             await super().__call__(scope, receive, send)
             return
         scope[DIRECT_SEND] = send
+        state: AppState = self.state.ember
+        probe = scope["path"] in PROBES
+        if state.traffic.draining and not probe:
+            await self._refuse(scope, receive, send)
+            return
+        status = 500  # unless a response starts
+        if not probe:
+            state.traffic.enter()
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_status)
         finally:
             release_leases(scope)  # the response has ended: the request's models may expire
+            if not probe:
+                state.traffic.leave()
+            self._count(scope, status)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request that arrived while draining: 503, the connection closed after it."""
+        exc = DrainingError()
+        scope["route"] = next((r for r in self.router.routes if r.matches(scope)[0] == Match.FULL), None)
+        response = openai_response(exc) if scope["path"].startswith("/v1/") else error_response(exc)
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)
+        self._count(scope, exc.status)
+
+    def _count(self, scope: Scope, status: int) -> None:
+        label = getattr(scope.get("route"), "path", None) or "other"  # the template: bounded label values
+        self.state.ember.server_metrics.http_requests.inc(label, str(status))
 
 
 def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> Starlette:

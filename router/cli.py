@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import signal
 import sys
+import time
 
 from ember import lifeline, settings
 from ember.proto import generate_pb2 as pb
@@ -260,6 +261,10 @@ def _http_impl() -> str:
     return "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
 
 
+LAST_CLOSE_S = 1.0
+"""After the drain: the most uvicorn waits for connections to close before it cancels what is left."""
+
+
 async def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -270,11 +275,46 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+        timeout_graceful_shutdown=LAST_CLOSE_S,
         lifespan="on",
         http=_http_impl(),
     )
-    await uvicorn.Server(config).serve()
+    drain_s = max(args.graceful_shutdown_timeout - LAST_CLOSE_S - 0.5, 0.0)
+    await draining_server(uvicorn, config, app.state.ember, drain_s).serve()
+
+
+def draining_server(uvicorn, config, state, drain_s: float):
+    """uvicorn's server, draining before it stops: the first SIGTERM/SIGINT marks the server draining
+    (app.Traffic) and stops it once nothing is in flight, or after `drain_s`; a second stops it at once."""
+
+    class DrainingServer(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def startup(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            traffic = state.traffic
+            if traffic.draining or self.should_exit or self.loop is None:
+                super().handle_exit(sig, frame)
+                return
+            self._captured_signals.append(sig)  # re-raised once serve() returns, as uvicorn does
+            traffic.draining = True
+            state.server_metrics.draining.set(1)
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain()))
+
+        async def _drain(self) -> None:
+            traffic = state.traffic
+            log.info("draining: %d requests in flight, up to %.0f s", traffic.active, drain_s)
+            started = time.monotonic()
+            if await traffic.idle(drain_s):
+                log.info("drained in %.2f s", time.monotonic() - started)
+            else:
+                log.warning("drain timed out after %.0f s with %d requests in flight", drain_s, traffic.active)
+            self.should_exit = True
+
+    return DrainingServer(config)
 
 
 def run_loop(main_coro, event_loop: str = "auto") -> None:

@@ -93,6 +93,20 @@ class UnhealthyError(EmberError):
         super().__init__("unhealthy")
 
 
+class DrainingError(EmberError):
+    """The server got SIGTERM: it finishes what is in flight and takes nothing new (retry elsewhere)."""
+
+    status = 503
+    error_type = "draining"
+    metric_label = "draining"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down: it finishes the requests in flight and accepts no new ones")
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1"}
+
+
 class NotFound(EmberError):
     status = 404
     error_type = "not_found"

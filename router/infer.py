@@ -124,6 +124,8 @@ class Stream:
     primary: bool = True
     # Prompt tokens the shard took from its prefix cache (known with the first token).
     cached_tokens: int = 0
+    # When the latest tokens arrived (time.monotonic()): inter-token latency is measured from it.
+    last_token_at: float = 0.0
 
 
 class Infer:
@@ -193,6 +195,8 @@ class Infer:
                     raise event
                 if event.HasField("prefill_tokens"):
                     stream.prefill = _tokens(event.prefill_tokens)
+                if stream.primary:
+                    self._latencies(stream, event, index)
                 if index == 0:
                     self._prompt_done(stream, event.cached_tokens)
                 for item in self._expand(event, index, stream):
@@ -202,6 +206,19 @@ class Infer:
                         return
         finally:
             self.batcher.cancel(entry)
+
+    def _latencies(self, stream: Stream, gen: pb.Generation, index: int) -> None:
+        """Time to first token from arrival; then each token's share of the gap since the previous step's
+        (a step that brings several tokens spreads its gap over them)."""
+        now = time.monotonic()
+        if index == 0:
+            self.metrics.time_to_first_token.observe(now - stream.timing.arrived)
+        else:
+            n = len(gen.tokens.ids)
+            gap = (now - stream.last_token_at) / max(n, 1)
+            for _ in range(n):
+                self.metrics.inter_token_latency.observe(gap)
+        stream.last_token_at = now
 
     def _prompt_done(self, stream: Stream, cached: int) -> None:
         stream.cached_tokens = cached

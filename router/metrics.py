@@ -101,6 +101,15 @@ class Histogram(_Metric):
         return out
 
 
+def render(metrics: list[_Metric]) -> str:
+    """The exposition text of `metrics`, each with its HELP and TYPE lines."""
+    lines: list[str] = []
+    for metric in metrics:
+        lines.extend(metric.header())
+        lines.extend(metric.render())
+    return "\n".join(lines) + "\n"
+
+
 def duration_buckets() -> list[float]:
     """TGI's 35 geometric buckets from 0.1 ms by a factor 1.5 (seconds)."""
     return [1e-4 * 1.5**i for i in range(35)]
@@ -135,6 +144,12 @@ class Metrics:
         self.max_new_tokens = Histogram(
             "tgi_request_max_new_tokens", "Requested max_new_tokens", linear_buckets(max_total_tokens)
         )
+        self.time_to_first_token = Histogram(
+            "ember_time_to_first_token_seconds", "From arrival to the first generated token (s)", d
+        )
+        self.inter_token_latency = Histogram(
+            "ember_inter_token_latency_seconds", "Between consecutive generated tokens of a request (s)", d
+        )
         self.prompt_tokens = Counter(
             "ember_prompt_tokens_total",
             "Prompt tokens by where their keys and values came from: the prefix cache or computed",
@@ -144,6 +159,9 @@ class Metrics:
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch")
         self.batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens", "Tokens reserved by the running batch")
         self.batch_max_total_tokens = Gauge("tgi_batch_max_total_tokens", "Token budget of all batches")
+        self.kv_cache_usage = Gauge(
+            "ember_kv_cache_usage_ratio", "Share of the KV-cache token budget held by running requests (0 to 1)"
+        )
         self.batch_peak_size = Gauge("ember_batch_peak_size", "Largest running batch seen since start")
         self.batch_next_size = Histogram(
             "tgi_batch_next_size", "Size of each new prefill batch", [float(2**i) for i in range(11)]
@@ -168,11 +186,26 @@ class Metrics:
         return [v for v in vars(self).values() if isinstance(v, _Metric)]
 
     def render(self) -> str:
-        lines: list[str] = []
-        for metric in self.all():
-            lines.extend(metric.header())
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+        return render(self.all())
+
+
+class ServerMetrics:
+    """The server's own series, one set whatever the models: HTTP answers by route and status, draining."""
+
+    def __init__(self) -> None:
+        self.http_requests = Counter(
+            "ember_http_requests_total", "HTTP requests answered, by route template and status", ("route", "status")
+        )
+        self.draining = Gauge(
+            "ember_draining", "1 from SIGTERM until exit: in-flight requests finish, new ones get 503"
+        )
+        self.draining.set(0)
+
+    def all(self) -> list[_Metric]:
+        return [self.http_requests, self.draining]
+
+    def render(self) -> str:
+        return render(self.all())
 
 
 def _with_model(line: str, model: str) -> str:

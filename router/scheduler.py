@@ -293,6 +293,8 @@ class Scheduler:
         m = self.metrics
         size = len(self.running)
         m.batch_current_size.set(size)
-        m.batch_current_max_tokens.set(self.reserved())
+        reserved = self.reserved()
+        m.batch_current_max_tokens.set(reserved)
+        m.kv_cache_usage.set(min(1.0, reserved / max(self.limits.max_batch_total_tokens, 1)))
         if size > m.batch_peak_size.get():
             m.batch_peak_size.set(size)

@@ -305,3 +305,38 @@ def test_disconnect_cancels(url):
     assert metric(url, "tgi_queue_size") == 0 and metric(url, "tgi_batch_current_size") == 0
     assert metric(url, 'tgi_request_failure{err="dropped"}') - dropped_before == 8
     assert post(url, "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics by (name, sorted labels), the model label left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = without_model(httpx.get(url + "/metrics", timeout=10).text)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_latency_histograms_and_answers_by_status(url):
+    before = _samples(url)
+    body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 5, "ignore_eos": True}}
+    assert post(url, "/generate_stream", body).status_code == 200
+    assert post(url, "/generate", {"inputs": ""}).status_code == 422
+    assert httpx.get(url + "/no/such/route").status_code == 404
+    after = _samples(url)
+
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    # One first token, then four gaps between the five tokens.
+    assert grew("ember_time_to_first_token_seconds_count") == 1
+    assert grew("ember_inter_token_latency_seconds_count") == 4
+    assert grew("ember_inter_token_latency_seconds_sum") > 0
+    assert grew("ember_http_requests_total", route="/generate_stream", status="200") == 1
+    assert grew("ember_http_requests_total", route="/generate", status="422") == 1
+    assert grew("ember_http_requests_total", route="other", status="404") == 1
+    assert 0.0 <= after[("ember_kv_cache_usage_ratio", ())] <= 1.0
+    assert after[("ember_draining", ())] == 0

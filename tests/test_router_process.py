@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 
 import httpx
 import pytest
@@ -71,25 +70,39 @@ def test_api_key_cors_env_and_json_logs(shard, tiny_llama_dir, tmp_path):
 
 
 def test_sigterm_drains_in_flight_requests(shard, tiny_llama_dir):
+    """SIGTERM: not ready at once (health 503), new requests refused with 503 so a load balancer can send
+    them elsewhere, the one in flight finished, and the exit as soon as it ends, with idle keep-alive
+    connections open: not after the grace period (ten minutes here)."""
     _, socket = shard
-    proc, url = start_router(socket, tiny_llama_dir)
+    proc, url = start_router(socket, tiny_llama_dir, "--graceful-shutdown-timeout", "600")
     try:
         wait_for(lambda: http_ok(url + "/health"), 60, "router", proc)
         result = {}
-
-        def call():
-            body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 300}}
-            result["r"] = httpx.post(url + "/generate", json=body, timeout=60)
-
-        worker = threading.Thread(target=call)
-        worker.start()
-        wait_for(
-            lambda: "tgi_batch_current_size 1" in without_model(httpx.get(url + "/metrics").text), 30, "request running"
-        )
-        proc.send_signal(signal.SIGTERM)
-        worker.join(60)
-        assert result["r"].status_code == 200 and result["r"].json()["details"]["generated_tokens"] == 300
-        assert proc.wait(30) == 0
+        idle = httpx.Client(timeout=10)  # a keep-alive connection left open, as a proxy's pool keeps them
+        assert idle.get(url + "/info").status_code == 200
+        with httpx.Client(timeout=60) as client:
+            body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 300, "ignore_eos": True}}
+            with client.stream("POST", url + "/generate_stream", json=body) as stream:
+                events = (json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:"))
+                first = next(events)
+                proc.send_signal(signal.SIGTERM)
+                wait_for(lambda: httpx.get(url + "/health").status_code == 503, 30, "not ready")
+                health = httpx.get(url + "/health")
+                assert health.json()["error_type"] == "draining"
+                refused = httpx.post(url + "/generate", json={"inputs": "Hi"}, timeout=10)
+                assert refused.status_code == 503 and refused.json()["error_type"] == "draining"
+                assert refused.headers["connection"] == "close" and refused.headers["retry-after"] == "1"
+                chat = httpx.post(url + "/v1/chat/completions", json={"messages": []}, timeout=10)
+                assert chat.status_code == 503 and chat.json()["error"]["type"] == "draining"
+                text = without_model(httpx.get(url + "/metrics").text)
+                assert "\nember_draining 1\n" in text
+                assert 'ember_http_requests_total{route="/generate",status="503"} 1' in text
+                assert 'ember_http_requests_total{route="/v1/chat/completions",status="503"} 1' in text
+                result["events"] = [first, *events]
+        idle.close()
+        assert result["events"][-1]["details"]["generated_tokens"] == 300
+        assert len(result["events"]) == 300
+        assert proc.wait(60) == 0
     finally:
         stop_process(proc)
 

@@ -342,6 +342,22 @@ SETTINGS: tuple[Setting, ...] = (
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     ),
+    _s(
+        "otlp-endpoint",
+        "OpenTelemetry collector that the router and the shards send traces to, OTLP over gRPC "
+        "(`http://collector:4317`; `https://` for TLS). One trace per request across the processes: "
+        "validation, queue, inference and every shard call. Unset: no tracing, and OpenTelemetry is not "
+        "even imported. The SDK's OTEL_* variables (OTEL_TRACES_SAMPLER, OTEL_BSP_SCHEDULE_DELAY, ...) apply.",
+        (LAUNCHER, ROUTER, SHARD),
+    ),
+    _s(
+        "otlp-service-name",
+        "Service name of the traces: the router reports it as given, the shards with `.shard` appended "
+        "(`ember` and `ember.shard` by default; TGI's router reports text-generation-inference.router, its "
+        "shards text-generation-inference.server).",
+        (LAUNCHER, ROUTER, SHARD),
+        default="ember",
+    ),
     # -- router: HTTP
     _s("hostname", "Address the HTTP server binds.", LR, default="0.0.0.0"),
     _s("port", "Port the HTTP server listens on.", LR, type=int, default=3000),

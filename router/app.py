@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Receive, Scope, Send
 
 from ember import __version__
-from ember.router import openapi
+from ember.router import openapi, tracing
 from ember.router.api import tgi
 from ember.router.client import ShardedClient
 from ember.router.errors import DrainingError, EmberError, UnhealthyError, error_response, openai_response
@@ -294,6 +294,8 @@ class _App(Starlette):
 
 def create_app(state: AppState, extra_routes: list[BaseRoute] | None = None) -> Starlette:
     middleware = [Middleware(RequestIdMiddleware)]
+    if tracing.enabled():  # --otlp-endpoint: a root span per generation request
+        middleware.append(Middleware(tracing.RequestSpans))
     if state.api_key:
         middleware.append(
             Middleware(

@@ -37,6 +37,7 @@ import time
 import grpc
 
 from ember.proto import generate_pb2 as pb
+from ember.router import tracing
 from ember.router.client import ShardedClient
 from ember.router.errors import GenerationError
 from ember.router.limits import Limits
@@ -127,9 +128,9 @@ class Batcher:
         schedule = self.scheduler.schedule
         while (action := schedule()) is not None:
             if type(action) is Forward:
-                await self._forward(action)
+                await tracing.step(self._forward(action), action, self.scheduler.running)
             else:
-                await self._filter(action)
+                await tracing.step(self._filter(action), action, self.scheduler.running)
 
     # -- shard calls ------------------------------------------------------------------
     async def _forward(self, step: Forward) -> None:
@@ -207,6 +208,7 @@ class Batcher:
 
     async def _shard_failed(self, entries: list[Entry], batch_ids: list[int], exc: BaseException) -> None:
         message = _rpc_message(exc)
+        tracing.step_failed(exc)
         log.error("shard error: %s (failing %d requests)", message, len(entries))
         self._fail(entries, message)
         for batch_id in batch_ids:

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from ember import lifeline, settings
+from ember import lifeline, settings, tracing
 from ember.proto import generate_pb2 as pb
 from ember.router.limits import Limits, LimitsError, apply_capacity, prefill_step_budget, resolve_pre_warmup
 
@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging("router", args.json_output, args.log_level)
+    tracing.setup(args.otlp_endpoint, args.otlp_service_name)
     lifeline.die_with_parent("router")
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal: exit 0 then.
     signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from ember import tracing
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
 
@@ -65,7 +66,11 @@ class ShardedClient:
         """`on_sent` runs as soon as the requests are handed to gRPC, before the replies are awaited:
         the batcher hands the last step's tokens over there (Batcher._deliver), so their fan-out to
         the clients runs while the shards work on this call instead of delaying its start."""
-        calls = [getattr(s.stub, method)(request, timeout=timeout) for s in self.shards]
+        metadata = tracing.outgoing()  # the current span's context for the shards' spans; None: tracing off
+        if metadata is None:
+            calls = [getattr(s.stub, method)(request, timeout=timeout) for s in self.shards]
+        else:
+            calls = [getattr(s.stub, method)(request, timeout=timeout, metadata=metadata) for s in self.shards]
         if on_sent is not None:
             on_sent()
         if len(calls) == 1:

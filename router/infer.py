@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ember.proto import generate_pb2 as pb
+from ember.router import tracing
 from ember.router.batcher import Batcher
 from ember.router.errors import EmberError, GenerationError, IncompleteGeneration, OverloadedError
 from ember.router.limits import Limits
@@ -162,7 +163,7 @@ class Infer:
 
     async def validate(self, request: GenerateRequest, stream: bool = False) -> ValidRequest:
         try:
-            valid = await self.validator.validate(request, stream)
+            valid = await tracing.validation(self.validator.validate(request, stream))
         except EmberError as exc:
             self.count_failure(exc)
             raise
@@ -171,6 +172,7 @@ class Infer:
 
     def submit(self, valid: ValidRequest, arrived: float | None = None, tag: str = "") -> Stream:
         entry = Entry(valid, tag=tag)
+        tracing.submitted(entry)
         self.batcher.append(entry)
         timing = Timing(arrived=arrived or entry.queued_at, validation=valid.validation_time)
         return Stream(entry, timing)
@@ -192,6 +194,7 @@ class Infer:
                         event,
                         extra={"fields": {"id": entry.tag or entry.id, "error": str(event)}},
                     )
+                    tracing.failed(entry, event)
                     raise event
                 if event.HasField("prefill_tokens"):
                     stream.prefill = _tokens(event.prefill_tokens)
@@ -206,6 +209,7 @@ class Infer:
                         return
         finally:
             self.batcher.cancel(entry)
+            tracing.closed(entry)
 
     def _latencies(self, stream: Stream, gen: pb.Generation, index: int) -> None:
         """Time to first token from arrival; then each token's share of the gap since the previous step's
@@ -264,6 +268,7 @@ class Infer:
                 FINISH_REASONS.get(g.finish_reason, "length"),
                 g.seed if g.HasField("seed") else stream.entry.request.seed,
             )
+            tracing.ended(stream, out[-1].end)
             if stream.primary:
                 self._finished(stream, g.generated_tokens, out[-1].end)
         return out

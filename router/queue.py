@@ -85,6 +85,8 @@ class Entry:
     tag: str = ""
     # Names of the prompt's leading blocks the shard may share with other prompts (`ember.prefix`).
     prefix_names: list[bytes] = field(default_factory=list)
+    # Its spans while tracing is on (`ember.router.tracing`); None otherwise.
+    trace: Any = None
 
     @property
     def budget(self) -> int:

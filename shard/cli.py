@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from ember import lifeline, settings
+from ember import lifeline, settings, tracing
 from ember.cpus import usable_cpus
 from ember.logs import setup_logging
 
@@ -69,6 +69,8 @@ DEFAULT_PREFILL_CHUNK = (256, 2048)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(f"shard-{args.rank}", args.json_output, args.log_level)
+    # Before the server exists: its interceptor makes the spans (none, nothing imported, without an endpoint).
+    tracing.setup(args.otlp_endpoint, f"{args.otlp_service_name}.shard", {"ember.rank": args.rank})
     lifeline.die_with_parent(f"shard-{args.rank}")
     start = time.perf_counter()
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from ember import tracing
 from ember.proto import generate_pb2 as pb
 from ember.proto import generate_pb2_grpc as pb_grpc
 from ember.schema_regex import GrammarError
@@ -126,10 +127,11 @@ async def serve(
     if os.path.exists(path):
         os.unlink(path)
     server = grpc.aio.server(
+        interceptors=tracing.server_interceptors(),  # a span per call with --otlp-endpoint; None without
         options=[
             ("grpc.max_send_message_length", 256 * 1024 * 1024),
             ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-        ]
+        ],
     )
     pb_grpc.add_TextGenerationServiceServicer_to_server(Servicer(engine, uds_prefix, world_size, executor), server)
     server.add_insecure_port(f"unix://{path}")

@@ -222,6 +222,8 @@ def test_settings_help_is_tgi_compatible_for_tgi_flags():
         "max-client-batch-size": "MAX_CLIENT_BATCH_SIZE",
         "prefill-chunking": "PREFILL_CHUNKING",
         "shard-uds-path": "SHARD_UDS_PATH",
+        "otlp-endpoint": "OTLP_ENDPOINT",
+        "otlp-service-name": "OTLP_SERVICE_NAME",
     }
     for name, env in tgi.items():
         assert settings.get(name).env_names[0] == env

@@ -185,7 +185,8 @@ def live_members(pgids: set[int]) -> list[int]:
 class Launcher:
     """A running `ember-launcher` whose output lines are collected by a reader thread."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cpus: set[int] | None = None) -> None:
+        """`cpus`: the CPUs the launcher and its children may run on (as `taskset` would pin them)."""
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
@@ -194,6 +195,7 @@ class Launcher:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})},
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

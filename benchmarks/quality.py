@@ -121,7 +121,42 @@ def main() -> None:
             }
         )
         print(f"{name}: KL {kl:.5f} nats/token, top-1 agreement {agree:.4f}", flush=True)
+    result["gguf_types"] = repack_costs()
     report.write_result(result, Path(args.out), render)
+
+
+def repack_costs(rows: int = 64, cols: int = 4096) -> list[dict]:
+    """Per GGUF block type: the form Ember's kernel holds it in, and how far its weights move from the
+    `gguf` package's own dequantization (largest |Δw| over the largest |w|) on random blocks: seeded
+    normal weights for the types the package quantizes, random code and scale bytes for the K types."""
+    import gguf
+    import numpy as np
+
+    from ember.shard import gguf_blocks, native
+
+    out = []
+    rng = np.random.default_rng(0)
+    for name, (elements, size, bits) in gguf_blocks.LAYOUTS.items():
+        qtype = gguf.GGMLQuantizationType[name]
+        if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            raw = gguf.quants.quantize(rng.normal(0, 0.02, (rows, cols)).astype(np.float32), qtype)
+        else:
+            raw = rng.integers(0, 256, (rows * cols // elements, size), dtype=np.uint8)
+            scales = rng.uniform(1e-4, 2e-3, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+            raw[:, -2:] = scales[:, :2] if name == "Q6_K" else raw[:, -2:]
+            if name != "Q6_K":
+                raw[:, 0:4] = scales
+        want = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+        codes = gguf_blocks.decode(name, torch.from_numpy(raw.reshape(rows, -1)), (rows, cols))
+        held = native.Q4Weight.pack(codes.codes, codes.scale, codes.low, bits=codes.bits).dequantize().numpy()
+        out.append(
+            {
+                "type": name,
+                "bits": bits,
+                "max_rel_error": float(np.abs(held - want).max() / np.abs(want).max()),
+            }
+        )
+    return out
 
 
 def render(result: dict) -> str:
@@ -146,6 +181,23 @@ def render(result: dict) -> str:
                 f"| {r['setting']} | {r['kl']:.5f} | {100 * r['top1']:.1f} % | ≤ {max_kl} / "
                 f"≥ {100 * min_top1:.0f} % | {'yes' if r['holds'] else '**no**'} |"
             )
+    if result.get("gguf_types"):
+        lines += [
+            "",
+            "## GGUF tensors as Ember holds them",
+            "",
+            "Under w4a8 a GGUF's quantized tensors go to Ember's kernel block for block (`shard/gguf_blocks.py`):",
+            "codes 4 or 8 bits wide with a float16 scale and minimum per 32 inputs. Largest change of a weight",
+            "against the `gguf` package's own dequantization, over the largest weight, on random blocks; 0 is",
+            "exact. The K types' products d·scale are rounded to float16; Q6_K's groups whose two 16-wide halves",
+            "carry different scales are requantized to 8 bits over their range. SmolLM2's Q4_1 layers and Q8_0",
+            "embedding are exact, so the w4a8 row above differs from float32 by the int8 activations alone.",
+            "",
+            "| GGUF type | Ember's codes | largest change / largest weight |",
+            "|---|---:|---:|",
+        ]
+        for r in result["gguf_types"]:
+            lines.append(f"| {r['type']} | {r['bits']}-bit | {r['max_rel_error']:.1e} |")
     return "\n".join(lines + ["", "Command:", "", "    " + result["command"], ""])
 
 

@@ -126,9 +126,20 @@ def gpu() -> str:
     )
 
 
+def memory() -> str:
+    row = next(r for r in _load("memory.json")["models"] if r["model"] == "smollm2")
+    mib = 2**20
+    return (
+        f"The default model's shard holds {row['weights_bytes'] / mib:.1f} MiB of weights, its GGUF's "
+        f"{row['file_tensor_bytes'] / mib:.1f} MiB of tensors as the file stores them ({row['precision']}), and "
+        f"resides in {row['rss_bytes'] / mib:,.0f} MiB with a {row['kv_cache_bytes'] / mib:.0f} MiB KV cache "
+        "(`benchmarks/results/memory.md`)."
+    )
+
+
 def block() -> str:
     traffic = [*traffic_table(), ""] if (RESULTS / "traffic" / "comparison.json").exists() else []
-    return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), END])
+    return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), memory(), END])
 
 
 def readme_block(text: str) -> str:

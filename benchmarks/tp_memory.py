@@ -68,22 +68,34 @@ def rank_elements(name: str, shape: list[int], world_size: int) -> int:
     return total  # norms, row-parallel biases: replicated
 
 
-def rank_parameters(model_dir: Path, world_size: int, dtype_bytes: int) -> dict:
-    """Bytes one rank holds, by group, computed from the safetensors headers (no tensor is read)."""
-    groups = {"layers": [0, 0], "embedding_and_head": [0, 0], "other": [0, 0]}  # [rank, whole model]
+def _tensors(model_dir: Path, dtype_bytes: int):
+    """(Hugging Face name, shape, bytes per element) of every weight, from the safetensors headers or, in a
+    converted GGUF's directory, from the GGUF's tensor table (its own bytes: Ember keeps them)."""
+    gguf = model_dir / "model.gguf"
+    if gguf.is_file():
+        from gguf import GGUFReader
+
+        from ember.shard.weights import hf_name
+
+        for tensor in GGUFReader(gguf).tensors:
+            name = hf_name(tensor.name)
+            if name is not None:
+                shape = [int(n) for n in reversed(tensor.shape)]
+                yield name, shape, int(tensor.n_bytes) / math.prod(shape)
+        return
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                shape = list(f.get_slice(name).get_shape())
-                group = (
-                    "layers"
-                    if ".layers." in name
-                    else "embedding_and_head"
-                    if any(v in name for v in VOCAB)
-                    else "other"
-                )
-                groups[group][0] += rank_elements(name, shape, world_size) * dtype_bytes
-                groups[group][1] += math.prod(shape) * dtype_bytes
+                yield name, list(f.get_slice(name).get_shape()), dtype_bytes
+
+
+def rank_parameters(model_dir: Path, world_size: int, dtype_bytes: int) -> dict:
+    """Bytes one rank holds, by group, computed from the weight files' headers (no tensor is read)."""
+    groups = {"layers": [0, 0], "embedding_and_head": [0, 0], "other": [0, 0]}  # [rank, whole model]
+    for name, shape, per_element in _tensors(model_dir, dtype_bytes):
+        group = "layers" if ".layers." in name else "embedding_and_head" if any(v in name for v in VOCAB) else "other"
+        groups[group][0] += round(rank_elements(name, shape, world_size) * per_element)
+        groups[group][1] += round(math.prod(shape) * per_element)
     out = {g: {"rank_bytes": r, "model_bytes": m, "share": r / m if m else 0.0} for g, (r, m) in groups.items()}
     out["total"] = {"rank_bytes": sum(r for r, _ in groups.values()), "model_bytes": sum(m for _, m in groups.values())}
     out["total"]["share"] = out["total"]["rank_bytes"] / out["total"]["model_bytes"]

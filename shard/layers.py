@@ -14,21 +14,48 @@ import torch.nn.functional as F
 
 from ember.shard import native
 from ember.shard.dist import Group, all_gather, all_reduce
+from ember.shard.gguf_blocks import Codes
 from ember.shard.weights import Weights
+
+
+def _held(weight):
+    """A layer's weight as it holds it: a tensor as a frozen parameter, a packed weight as it is."""
+    return torch.nn.Parameter(weight, requires_grad=False) if isinstance(weight, torch.Tensor) else weight
+
+
+def _as_weight(codes: Codes):
+    """A GGUF tensor's codes on Ember's packed kernel (`PackedWeight` w4a8), or as floats where the
+    kernel cannot take its shape."""
+    if PackedWeight.unfit_reason("w4a8", codes.shape, torch.device("cpu")) is None:
+        return PackedWeight.from_codes(codes)
+    return codes.dequantize()
+
+
+def _table(codes: Codes):
+    """An embedding table or head kept as codes: `native.Q4Weight` (rows looked up one by one), or floats
+    where the packing cannot take its shape."""
+    rows, cols = codes.shape
+    if rows % 16 == 0 and cols % native.Q4_GROUP == 0:
+        return native.Q4Weight.pack(codes.codes, codes.scale, codes.low, bits=codes.bits)
+    return codes.dequantize()
 
 
 class ColumnParallelLinear(torch.nn.Module):
     """y = x W_rᵀ (+ b_r) with this rank's output rows; several weights may be packed (q|k|v)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight = _held(weight)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     @classmethod
     def load(cls, weights: Weights, prefixes: list[str], bias: bool = False) -> ColumnParallelLinear:
-        """Concatenate this rank's slice of each `prefix.weight` along the output dimension."""
-        weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
+        """Concatenate this rank's slice of each `prefix.weight` along the output dimension (a GGUF's
+        quantized tensors as codes on the packed kernel, where the loader keeps them)."""
+        if all(weights.serves_codes(f"{p}.weight") for p in prefixes):
+            weight = _as_weight(Codes.cat([weights.codes_sharded(f"{p}.weight", dim=0) for p in prefixes]))
+        else:
+            weight = torch.cat([weights.get_sharded(f"{p}.weight", dim=0) for p in prefixes], dim=0)
         b = torch.cat([weights.get_sharded(f"{p}.bias", dim=0) for p in prefixes]) if bias else None
         return cls(weight, b)
 
@@ -128,7 +155,7 @@ class PackedWeight:
     * `int8`: symmetric, one scale per output feature (torch's `_weight_int8pack_mm`).
     * `int4`: asymmetric, a scale and a minimum per group of 32 input features
       (torch's `_weight_int4pack_mm_for_cpu`).
-    * `w4a8`: int4 weights as `int4` (float32 scale and minimum) times activations
+    * `w4a8`: int4 weights as `int4` (float16 scale and minimum) times activations
       quantized per row and group of 32 to int8, on Ember's AVX-512 VNNI kernel
       (`kernels/matmul_q4.c`: llama.cpp's Q4_1 x Q8_1 scheme). 2-3x faster than bf16 at any
       row count and 0.75 bytes per weight, at a cost in precision that the other
@@ -218,7 +245,9 @@ class PackedWeight:
         low = groups.amin(dim=-1)
         scale = ((groups.amax(dim=-1) - low) / 15.0).clamp(min=1e-12)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        if kind == "w4a8":  # Ember's VNNI kernel: float32 d and m, no dense copy (it beats bf16 at any rows)
+        if kind == "w4a8":  # Ember's VNNI kernel: float16 d and m, no dense copy (it beats bf16 at any rows)
+            low, scale = low.half().float(), scale.clamp(min=1e-7).half().float()  # the codes against those
+            q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
             return cls(
                 kind, None, None, tuple(w.shape), q4=native.Q4Weight.pack(q.view(out_features, in_features), scale, low)
             )
@@ -226,6 +255,14 @@ class PackedWeight:
         # The kernel computes (q - 8)·scale + zero, so zero is the value of q = 8: m + 8·d.
         scales_and_zeros = torch.stack([scale, low + 8.0 * scale], dim=-1).transpose(0, 1).contiguous()
         return cls(kind, packed, scales_and_zeros.to(cls.compute_dtype), tuple(w.shape), keep_dense)
+
+    @classmethod
+    def from_codes(cls, codes: Codes) -> PackedWeight:
+        """A GGUF tensor's codes as they are, on Ember's VNNI kernel (`w4a8`; 8-bit codes for 5- to
+        8-bit types): no requantization (`gguf_blocks`)."""
+        return cls(
+            "w4a8", None, None, codes.shape, q4=native.Q4Weight.pack(codes.codes, codes.scale, codes.low, codes.bits)
+        )
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in bfloat16 (float32 from Ember's int4 and bf16 kernels)."""
@@ -277,7 +314,10 @@ class PackedWeight:
 
 
 def pack_weight(module: torch.nn.Module, kind: str) -> str | None:
-    """Replace a linear layer's weight by its `PackedWeight`; returns why it could not (kept as it was)."""
+    """Replace a linear layer's weight by its `PackedWeight`; returns why it could not (kept as it was).
+    A weight packed at load (a GGUF's codes) stays as it is."""
+    if isinstance(module.weight, PackedWeight):
+        return None
     weight = module.weight.data
     reason = PackedWeight.unfit_reason(kind, tuple(weight.shape), weight.device)
     if reason:
@@ -330,15 +370,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
 class RowParallelLinear(torch.nn.Module):
     """y = all_reduce(x_r W_rᵀ) + b: input features are split, the bias is added once after the sum."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: Group) -> None:
+    def __init__(self, weight, bias: torch.Tensor | None, group: Group) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight = _held(weight)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
         self.group = group
 
     @classmethod
     def load(cls, weights: Weights, prefix: str, group: Group, bias: bool = False) -> RowParallelLinear:
-        weight = weights.get_sharded(f"{prefix}.weight", dim=1)
+        name = f"{prefix}.weight"
+        if weights.serves_codes(name):
+            weight = _as_weight(weights.codes_sharded(name, dim=1))
+        else:
+            weight = weights.get_sharded(name, dim=1)
         b = weights.get(f"{prefix}.bias") if bias else None
         return cls(weight, b, group)
 
@@ -353,34 +397,47 @@ class RowParallelLinear(torch.nn.Module):
 class VocabParallelEmbedding(torch.nn.Module):
     """Each rank holds a contiguous vocabulary range; ids outside it read zeros, then all-reduce."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, group: Group) -> None:
+    def __init__(self, weight, vocab_size: int, group: Group, dtype: torch.dtype | None = None) -> None:
+        """`weight`: [vocab part, hidden] floats, or a `native.Q4Weight` (a GGUF's quantized table,
+        looked up row by row into `dtype`)."""
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight = _held(weight)
         self.vocab_size = vocab_size
         self.group = group
         self.start = group.rank * weight.shape[0]
         self.stop = self.start + weight.shape[0]
+        self.dtype = weight.dtype if isinstance(weight, torch.Tensor) else (dtype or torch.float32)
+        self.device = weight.device if isinstance(weight, torch.Tensor) else torch.device("cpu")
 
     @classmethod
     def load(cls, weights: Weights, name: str, group: Group) -> VocabParallelEmbedding:
         vocab_size = weights.shape(name)[0]
+        if weights.serves_codes(name):
+            table = _table(weights.codes_sharded(name, dim=0, allow_padding=True))
+            return cls(table, vocab_size, group, weights.dtype)
         return cls(weights.get_sharded(name, dim=0, allow_padding=True), vocab_size, group)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, native.Q4Weight):
+            return self.weight.rows(ids).view(*ids.shape, -1).to(self.dtype)
+        return F.embedding(ids, self.weight)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.group.is_trivial:
-            return F.embedding(ids, self.weight)
+            return self._lookup(ids)
         outside = (ids < self.start) | (ids >= self.stop)
         local = (ids - self.start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = self._lookup(local).masked_fill(outside.unsqueeze(-1), 0.0)
         return all_reduce(out, self.group)
 
 
 class ParallelLMHead(torch.nn.Module):
     """Vocab-sharded output projection; logits of all ranks are all-gathered and unpadded."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, group: Group) -> None:
+    def __init__(self, weight, vocab_size: int, group: Group) -> None:
+        """`weight`: [vocab part, hidden] floats, or a `native.Q4Weight` (a GGUF's quantized head)."""
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight = _held(weight)
         self.vocab_size = vocab_size
         self.group = group
 
@@ -388,15 +445,27 @@ class ParallelLMHead(torch.nn.Module):
     def load(cls, weights: Weights, name: str, group: Group) -> ParallelLMHead:
         """`name` is `lm_head.weight`, or `model.embed_tokens.weight` for tied embeddings."""
         vocab_size = weights.shape(name)[0]
+        if weights.serves_codes(name):
+            return cls(_table(weights.codes_sharded(name, dim=0, allow_padding=True)), vocab_size, group)
         return cls(weights.get_sharded(name, dim=0, allow_padding=True), vocab_size, group)
 
     @classmethod
     def tied(cls, embedding: VocabParallelEmbedding) -> ParallelLMHead:
         """Share the embedding's storage (tied embeddings: no second copy in memory)."""
-        return cls(embedding.weight.data, embedding.vocab_size, embedding.group)
+        weight = embedding.weight
+        return cls(weight.data if isinstance(weight, torch.Tensor) else weight, embedding.vocab_size, embedding.group)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The head's rows `ids` as floats (the candidates `logits` rescores)."""
+        if isinstance(self.weight, native.Q4Weight):
+            return self.weight.rows(ids)
+        return self.weight.index_select(0, ids)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        if isinstance(self.weight, native.Q4Weight):
+            logits = native.kernels().q4_linear(hidden.float().contiguous(), self.weight)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.group.is_trivial:
             return logits
         return all_gather(logits, self.group, dim=-1)[..., : self.vocab_size]

@@ -556,14 +556,14 @@ class Q4Weight:
     `bits` 8 the same with 8-bit codes (Ember's int8 LM head under w4a8)."""
 
     packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte (8 bits: [.., 8, 16, 4]), matmul_q4.c
-    d: torch.Tensor  # float32 [n / 16, k / 32, 16]
-    m: torch.Tensor  # float32 [n / 16, k / 32, 16]
+    d: torch.Tensor  # float16 [n / 16, k / 32, 16]: GGUF's own precision for d and m
+    m: torch.Tensor  # float16 [n / 16, k / 32, 16]
     shape: tuple[int, int]
     bits: int = 4
 
     @classmethod
     def pack(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int = 4) -> Q4Weight:
-        """codes [n, k] in 0..2^bits - 1, scale and low [n, k / 32] (float32)."""
+        """codes [n, k] in 0..2^bits - 1, scale and low [n, k / 32] (stored as float16, as GGUF stores them)."""
         n, k = codes.shape
         tiles, groups = n // 16, k // Q4_GROUP
         if bits == 8:  # input 32g + 4c + b of output 16t + j -> [tile, group, chunk, lane, byte]
@@ -571,16 +571,20 @@ class Q4Weight:
         else:  # input 32g + 8c + 4·nibble + b of output 16t + j -> [tile, group, chunk, lane, byte] bytes
             q = codes.to(torch.uint8).view(tiles, 16, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
             packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()
-        per_tile = lambda t: t.float().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous()  # noqa: E731
-        return cls(packed, per_tile(scale), per_tile(low), (n, k), bits)
+        per_tile = lambda t: t.half().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous()  # noqa: E731
+        d, m = per_tile(scale), per_tile(low)
+        if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
+            raise ValueError("scales or minimums beyond float16's range")
+        return cls(packed, d, m, (n, k), bits)
 
     @classmethod
     def quantize8(cls, weight: torch.Tensor) -> Q4Weight:
         """8-bit codes of `weight` [n, k] (n % 16 == 0, k % 32 == 0): per 32 inputs, d = range / 255."""
         n, k = weight.shape
         groups = weight.detach().float().view(n, k // Q4_GROUP, Q4_GROUP)
-        low = groups.amin(dim=-1)
-        scale = ((groups.amax(dim=-1) - low) / 255.0).clamp(min=1e-12)
+        # d and m as the packing keeps them (float16), so the codes are chosen against what is multiplied.
+        low = groups.amin(dim=-1).half().float()
+        scale = ((groups.amax(dim=-1) - low) / 255.0).clamp(min=1e-7).half().float()
         codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 255).view(n, k)
         return cls.pack(codes, scale, low, bits=8)
 
@@ -592,10 +596,23 @@ class Q4Weight:
         nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)  # [tile, group, chunk, lane, byte, 2]
         return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(n, k)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), k]: the rows `ids` (output features) dequantized, the rest left packed. An
+        embedding looks tokens up this way, and the head rescores its candidates."""
+        n, k = self.shape
+        ids = ids.reshape(-1).long()
+        tile, lane = ids // 16, ids % 16
+        picked = self.packed[tile, :, :, lane, :]  # [rows, groups, chunks, bytes]
+        if self.bits == 4:  # input 8c + 4·nibble + b of each group
+            picked = torch.stack([picked & 15, picked >> 4], dim=-2)  # [rows, groups, chunks, nibble, bytes]
+        codes = picked.reshape(len(ids), k // Q4_GROUP, Q4_GROUP).float()
+        d, m = self.d[tile, :, lane].float(), self.m[tile, :, lane].float()  # [rows, groups]
+        return (codes * d[..., None] + m[..., None]).reshape(len(ids), k)
+
     def dequantize(self) -> torch.Tensor:
         """[n, k] float32: d·q + m."""
         n, k = self.shape
-        per_row = lambda t: t.permute(0, 2, 1).reshape(n, k // Q4_GROUP, 1)  # noqa: E731
+        per_row = lambda t: t.float().permute(0, 2, 1).reshape(n, k // Q4_GROUP, 1)  # noqa: E731
         codes = self.codes().float().view(n, k // Q4_GROUP, Q4_GROUP)
         return (codes * per_row(self.d) + per_row(self.m)).view(n, k)
 

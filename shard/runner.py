@@ -221,7 +221,7 @@ class PagedRunner(ModelRunner):
         self.prefix_caching = prefix_caching
         self.device = device
         self.group = group
-        self.dtype = model.embed.weight.dtype
+        self.dtype = model.embed.dtype
         self.kv_dtype = kv_dtype or self.dtype
         self.block_size = block_size
         self.kv_cache_bytes = kv_cache_bytes
@@ -540,6 +540,8 @@ def load_runner(
             )
         )
     weights = Weights(model_dir, torch_dtype, device, rank=rank, world_size=world_size)
+    # A GGUF's quantized tensors go to the w4a8 kernel as the file's own codes, with no float copy.
+    weights.keep_codes = quantize == "w4a8" and device.type == "cpu"
     model = LlamaForCausalLM(config, weights, group).eval()
     matmul = resolve_dtype(matmul_dtype, device) if matmul_dtype is not None else torch_dtype
     weights_note = ""

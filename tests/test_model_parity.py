@@ -16,15 +16,19 @@ import pytest
 import torch
 
 from ember.shard.runner import PagedRunner, Sequence, load_runner
+from ember.store import GGUF_FILE
 
 TOL = 1e-3
 
 
 def load_reference(model_dir: Path):
-    """transformers' own float32 model for `model_dir` (local files only)."""
+    """transformers' own float32 model for `model_dir` (local files only; a converted GGUF's from its
+    `model.gguf`, which transformers dequantizes)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=torch.float32, local_files_only=True).eval()
+    model_dir = Path(model_dir)
+    gguf = {"gguf_file": GGUF_FILE} if (model_dir / GGUF_FILE).is_file() else {}
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True, **gguf).eval()
 
 
 def reference_logits(reference, token_ids: list[int]) -> torch.Tensor:

@@ -230,8 +230,9 @@ def test_rotary_in_place_matches_apply_rotary(kernels, rot):
 def _q4_codes(n, k, seed=0):
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), generator=gen)
-    scale = torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3
-    low = -torch.rand(n, k // 32, generator=gen) * 0.05
+    # d and m as the packing keeps them (float16, GGUF's precision): the packing is then exact.
+    scale = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+    low = (-torch.rand(n, k // 32, generator=gen) * 0.05).half().float()
     return codes, scale, low
 
 
@@ -287,7 +288,7 @@ def test_w4a8_runner_uses_ember_kernel_without_dense_copies(q4, tiny_llama_dir):
     assert runner.model.packed_head is None and runner.model.fast_head is None  # 8-bit head: see below
     assert runner.model.q8_head is not None
     n, k = weight.shape
-    assert weight.nbytes == n * k // 2 + n * (k // 32) * 8  # 0.75 bytes per weight: codes, float32 d and m
+    assert weight.nbytes == n * k // 2 + n * (k // 32) * 4  # 0.625 bytes per weight: codes, float16 d and m
     exact = step_logits(load_runner(tiny_llama_dir, dtype="float32"), PROMPTS)
     # A float32 twin holding the dequantized weights: what remains is the activations' int8 rounding.
     twin = load_runner(tiny_llama_dir, dtype="float32")

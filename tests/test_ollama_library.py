@@ -25,7 +25,7 @@ from servers import Launcher, free_port
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 from test_multi_model_e2e import groups, launcher_args
-from test_store import write_tiny_gguf
+from tiny_gguf import write_tiny_gguf
 
 from ember.registry import Registry, RegistryError
 from ember.router.api.ollama import library

@@ -380,14 +380,15 @@ def test_launcher_flag_reaches_the_shard_command_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_int4_keeps_its_q4_1_weights_and_knows_paris(smollm2_dir):
-    from safetensors import safe_open
     from transformers import AutoTokenizer
+
+    from ember.shard.weights import Weights
 
     runner = load_runner(smollm2_dir, dtype="float32", quantize="int4")
     layer = runner.model.layers[3]
-    with safe_open(str(smollm2_dir / "model.safetensors"), "pt") as f:
-        down = f.get_tensor("model.layers.3.mlp.down_proj.weight").float()
-        qkv = torch.cat([f.get_tensor(f"model.layers.3.self_attn.{n}_proj.weight").float() for n in "qkv"])
+    f = Weights(smollm2_dir, torch.float32, "cpu")  # the GGUF's tensors, dequantized
+    down = f.get("model.layers.3.mlp.down_proj.weight")
+    qkv = torch.cat([f.get(f"model.layers.3.self_attn.{n}_proj.weight") for n in "qkv"])
     for original, packed in ((down, layer.mlp.down.weight), (qkv, layer.attn.qkv.weight)):
         groups = original.view(original.shape[0], -1, INT4_GROUP)
         low = groups.amin(-1, keepdim=True)

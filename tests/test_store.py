@@ -10,22 +10,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from tiny_gguf import CHAT_TEMPLATE, write_tiny_gguf
 
 from ember import store
 from ember.progress import LogProgress
-from ember.store import DefaultModel, ModelStoreError, ResolvedModel, resolve_model
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from ember.store import GGUF_FILE, DefaultModel, ModelStoreError, ResolvedModel, resolve_model
 
 
 class Recorder:
@@ -44,59 +40,6 @@ class Recorder:
 
 def _fail(*_args, **_kwargs):
     raise AssertionError("this step must not run on a warm cache")
-
-
-def write_tiny_gguf(path: Path) -> None:
-    """A 2-layer llama GGUF with tied embeddings, F32 tensors and a ChatML-style tokenizer."""
-    import gguf
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    merges = ["h e", "l l", "he ll", "hell o", "Ġ w"]
-    tokens = specials + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges]
-    vocab, hidden, layers, heads, kv_heads, inter = len(tokens), 32, 2, 4, 2, 64
-    head_dim = hidden // heads
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny")
-    writer.add_context_length(128)
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(inter)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(100000.0)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-    writer.add_chat_template(CHAT_TEMPLATE)
-    rng = np.random.default_rng(0)
-
-    def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
-
-    writer.add_tensor("token_embd.weight", weight(vocab, hidden))
-    for block in range(layers):
-        prefix = f"blk.{block}."
-        writer.add_tensor(prefix + "attn_norm.weight", 1 + weight(hidden))
-        writer.add_tensor(prefix + "attn_q.weight", weight(heads * head_dim, hidden))
-        writer.add_tensor(prefix + "attn_k.weight", weight(kv_heads * head_dim, hidden))
-        writer.add_tensor(prefix + "attn_v.weight", weight(kv_heads * head_dim, hidden))
-        writer.add_tensor(prefix + "attn_output.weight", weight(hidden, heads * head_dim))
-        writer.add_tensor(prefix + "ffn_norm.weight", 1 + weight(hidden))
-        writer.add_tensor(prefix + "ffn_gate.weight", weight(inter, hidden))
-        writer.add_tensor(prefix + "ffn_up.weight", weight(inter, hidden))
-        writer.add_tensor(prefix + "ffn_down.weight", weight(hidden, inter))
-    writer.add_tensor("output_norm.weight", 1 + weight(hidden))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def sha256_of(path: Path) -> str:
@@ -158,7 +101,7 @@ def test_gguf_is_converted_into_a_complete_directory(tiny_gguf: Path, tiny_conve
     assert tiny_converted.path.name == tiny_converted.sha
     for name in (
         "config.json",
-        "model.safetensors",
+        GGUF_FILE,
         "tokenizer.json",
         "tokenizer_config.json",
         "generation_config.json",
@@ -168,6 +111,7 @@ def test_gguf_is_converted_into_a_complete_directory(tiny_gguf: Path, tiny_conve
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
     assert config["torch_dtype"] == config["dtype"] == "float32"
     assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["tie_word_embeddings"] is True  # the GGUF has no output.weight
     assert "quantization_config" not in config
     tokenizer_config = json.loads((tiny_converted.path / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -176,13 +120,35 @@ def test_gguf_is_converted_into_a_complete_directory(tiny_gguf: Path, tiny_conve
     assert generation["eos_token_id"] == 2
 
 
-def test_tied_embeddings_are_stored_once(tiny_converted: ResolvedModel) -> None:
-    from safetensors import safe_open
+def test_a_llama_gguf_keeps_its_own_file_as_its_weights(tiny_gguf: Path, tiny_converted: ResolvedModel) -> None:
+    """No float copy on disk: the directory's weights are the GGUF itself, hard-linked (no bytes written)."""
+    kept = tiny_converted.path / GGUF_FILE
+    assert os.stat(kept).st_ino == os.stat(tiny_gguf).st_ino
+    assert not list(tiny_converted.path.glob("*.safetensors"))
+    source = json.loads((tiny_converted.path / "ember_source.json").read_text())
+    assert source["format"] == store.CONVERSION_FORMAT == 2
 
-    with safe_open(str(tiny_converted.path / "model.safetensors"), framework="pt") as weights:
-        names = set(weights.keys())
-    assert "model.embed_tokens.weight" in names
-    assert "lm_head.weight" not in names
+
+def test_a_float32_directory_of_an_older_layout_is_converted_again(tiny_gguf: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = resolve_model(str(tiny_gguf), cache_dir=cache, progress=Recorder())
+    # What format 1 left: float32 safetensors, no GGUF.
+    (first.path / GGUF_FILE).unlink()
+    (first.path / "model.safetensors").write_bytes(b"float32 weights")
+    source = json.loads((first.path / "ember_source.json").read_text())
+    (first.path / "ember_source.json").write_text(json.dumps({**source, "format": 1}))
+    again = resolve_model(str(tiny_gguf), cache_dir=cache, progress=Recorder())
+    assert again.path == first.path
+    assert (again.path / GGUF_FILE).is_file() and not (again.path / "model.safetensors").exists()
+    assert not [p for p in again.path.parent.iterdir() if p != again.path]  # the old one moved aside, then removed
+
+
+def test_a_tensor_type_ember_cannot_run_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "q2k.gguf"
+    write_tiny_gguf(path, quant="Q2_K")
+    with pytest.raises(ModelStoreError, match="Q2_K"):
+        resolve_model(str(path), cache_dir=tmp_path / "cache", progress=Recorder())
+    assert not list((tmp_path / "cache" / "models").glob("*"))
 
 
 def test_converted_directory_matches_the_gguf(tiny_gguf: Path, tiny_converted: ResolvedModel) -> None:
@@ -201,7 +167,7 @@ def test_converted_directory_matches_the_gguf(tiny_gguf: Path, tiny_converted: R
     assert converted_tok.eos_token_id == 2
 
     reference = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-    converted = AutoModelForCausalLM.from_pretrained(str(tiny_converted.path))
+    converted = AutoModelForCausalLM.from_pretrained(str(tiny_converted.path), gguf_file=GGUF_FILE)
     assert converted.dtype == torch.float32
     assert converted.config.rope_parameters["rope_theta"] == 100000.0
     tokens = torch.tensor([ids])
@@ -239,11 +205,11 @@ def test_crash_mid_conversion_leaves_no_half_cache(
 ) -> None:
     cache = tmp_path / "cache"
 
-    def crash(model, config, out_dir: Path) -> None:
-        (out_dir / "model.safetensors").write_bytes(b"half")
+    def crash(tokenizer, config, out_dir: Path) -> None:
+        (out_dir / "tokenizer.json").write_bytes(b"half")
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(store, "_write_weights", crash)
+    monkeypatch.setattr(store, "_write_tokenizer", crash)
     with pytest.raises(RuntimeError, match="killed mid-write"):
         resolve_model(str(tiny_gguf), cache_dir=cache, progress=Recorder())
     assert list((cache / "models").iterdir()) == []
@@ -251,7 +217,9 @@ def test_crash_mid_conversion_leaves_no_half_cache(
     monkeypatch.undo()
     resolved = resolve_model(str(tiny_gguf), cache_dir=cache, progress=Recorder())
     assert [p.name for p in (cache / "models").iterdir()] == [resolved.sha]
-    assert (resolved.path / "model.safetensors").stat().st_size > 1000
+    assert (resolved.path / GGUF_FILE).stat().st_size > 1000 and (
+        resolved.path / "tokenizer.json"
+    ).stat().st_size > 1000
 
 
 def test_unreadable_gguf_is_refused_clearly(tmp_path: Path) -> None:
@@ -437,7 +405,7 @@ def test_smollm2_answers_paris(smollm2_cold: tuple[ResolvedModel, Recorder, Path
 
     path = smollm2_cold[0].path
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=GGUF_FILE)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -456,7 +424,7 @@ def test_smollm2_logits_match_the_gguf(smollm2_cold: tuple[ResolvedModel, Record
     reference = AutoModelForCausalLM.from_pretrained(
         str(cache / "gguf"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
     )
-    converted = AutoModelForCausalLM.from_pretrained(str(path))
+    converted = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=GGUF_FILE)
     tokens = torch.tensor([[1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198]])
     with torch.no_grad():
         torch.testing.assert_close(converted(tokens).logits, reference(tokens).logits, rtol=0, atol=0)

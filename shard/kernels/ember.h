@@ -53,11 +53,12 @@ enum ember_status {
 /* --- the structs decode_layers reads (mirrored by ctypes.Structure classes in native.py, whose sizes
  * and field offsets are checked against ember_layout at load: keep the two in step) ----------------- */
 
-/* A linear layer's weight [n, k]: w4a8's packed 4-bit codes with float32 scales d and minimums m per 32
- * inputs (native.Q4Weight), or bf16 weights' packed tiles (native.BF16Weight; d and m NULL). */
+/* A linear layer's weight [n, k]: w4a8's packed 4-bit codes with float16 scales d and minimums m per 32
+ * inputs (native.Q4Weight: GGUF's own precision for them), or bf16 weights' packed tiles
+ * (native.BF16Weight; d and m NULL). */
 typedef struct {
     const void *packed;
-    const float *d, *m;
+    const uint16_t *d, *m; /* IEEE float16 bits */
 } ember_linear;
 
 /* One decoder layer of decode_layers' table: built once at load (the cache pointers when the cache is

@@ -51,9 +51,9 @@ static inline void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx
  * 4-bit codes' (q4_tiles) or 8-bit codes' (q8_tiles) tiles shared among the threads of the enclosing
  * parallel region (an orphaned `omp for`, with its barrier). */
 EMBER_INTERNAL void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
-                             const uint8_t *packed, const float *d, const float *m, int64_t n, float *out);
+                             const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out);
 EMBER_INTERNAL void q8_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
-                             const uint8_t *packed, const float *d, const float *m, int64_t n, float *out);
+                             const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out);
 #endif
 
 #endif

@@ -5,7 +5,8 @@
  * Weights: GGUF Q4_1's blocks, w = d * q + m per group of 32 inputs, q in 0..15. Packed for
  * vpdpbusd in tiles of 16 output features: for tile t and group g, 4 chunks of 64 bytes; byte b
  * (0..3) of lane j in chunk c holds q[16t + j][32g + 8c + b] in its low nibble and
- * q[16t + j][32g + 8c + 4 + b] in its high one. d and m are float32 [tiles, groups, 16].
+ * q[16t + j][32g + 8c + 4 + b] in its high one. d and m are float16 [tiles, groups, 16] (GGUF's own
+ * precision for them: a Q4_1 tensor takes exactly its file's bytes), widened as they are loaded.
  * Activations are quantized per row and group of 32 to int8 (x = dx * xq, Q8_0's rule), so
  *   sum_k w x = sum_g d dx sum_k q xq + m dx sum_k xq
  * with the integer sums done 64 products per instruction. Each row's result depends on that row
@@ -35,10 +36,15 @@ static inline __attribute__((always_inline)) void load_codes(const uint8_t *wp, 
     }
 }
 
+/* 16 float16 values widened to float32. */
+static inline __attribute__((always_inline)) __m512 half16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
 #define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
 
 /* ROWS (1..Q4_ROWS) rows of activations against one tile of 16 output features. */
-static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const float *d, const float *m,
+static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed, const uint16_t *d, const uint16_t *m,
                                                           const int8_t *xq, const float *dx, const float *sx,
                                                           int64_t k, int64_t n, int64_t tile, float *out,
                                                           const int ROWS, const int BITS) {
@@ -49,8 +55,8 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
     for (int64_t g = 0; g < groups; g++) {
         __m512i w[8];
         load_codes(packed + (tile * groups + g) * 64 * BITS, w, BITS);
-        const __m512 dv = _mm512_loadu_ps(d + (tile * groups + g) * 16);
-        const __m512 mv = _mm512_loadu_ps(m + (tile * groups + g) * 16);
+        const __m512 dv = half16(d + (tile * groups + g) * 16);
+        const __m512 mv = half16(m + (tile * groups + g) * 16);
 #pragma GCC unroll 16
         for (int r = 0; r < ROWS; r++) {
             const int32_t *xr = (const int32_t *)(xq + r * k + g * Q4_GROUP);
@@ -70,7 +76,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
 
 /* ROWS (1..Q4_ROWS2) rows against tiles `tile` and `tile` + 1 (32 output features): each activation
  * broadcast feeds two vpdpbusd. */
-static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed, const float *d, const float *m,
+static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed, const uint16_t *d, const uint16_t *m,
                                                            const int8_t *xq, const float *dx, const float *sx,
                                                            int64_t k, int64_t n, int64_t tile, float *out,
                                                            const int ROWS, const int BITS, const int ahead) {
@@ -82,22 +88,21 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
      * (the head 10-16 % faster at 32 rows); 4-bit layers gained nothing measurable. */
     const char *next_codes = (const char *)(packed + (tile + 2) * groups * 64 * BITS);
     const char *next_d = (const char *)(d + (tile + 2) * groups * 16);
-    const char *next_m = (const char *)(m + (tile + 2) * groups * 16);
+    const char *next_m = (const char *)(m + (tile + 2) * groups * 16);  /* 32 bytes per tile and group */
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m512i w0[8], w1[8];
         load_codes(packed + (tile * groups + g) * 64 * BITS, w0, BITS);
         load_codes(packed + ((tile + 1) * groups + g) * 64 * BITS, w1, BITS);
-        const __m512 dv0 = _mm512_loadu_ps(d + (tile * groups + g) * 16);
-        const __m512 mv0 = _mm512_loadu_ps(m + (tile * groups + g) * 16);
-        const __m512 dv1 = _mm512_loadu_ps(d + ((tile + 1) * groups + g) * 16);
-        const __m512 mv1 = _mm512_loadu_ps(m + ((tile + 1) * groups + g) * 16);
+        const __m512 dv0 = half16(d + (tile * groups + g) * 16);
+        const __m512 mv0 = half16(m + (tile * groups + g) * 16);
+        const __m512 dv1 = half16(d + ((tile + 1) * groups + g) * 16);
+        const __m512 mv1 = half16(m + ((tile + 1) * groups + g) * 16);
         if (ahead) {
 #pragma GCC unroll 16
             for (int c = 0; c < 2 * BITS; c++) _mm_prefetch(next_codes + (g * 2 * BITS + c) * 64, _MM_HINT_T1);
-            _mm_prefetch(next_d + g * 128, _MM_HINT_T1), _mm_prefetch(next_d + g * 128 + 64, _MM_HINT_T1);
-            _mm_prefetch(next_m + g * 128, _MM_HINT_T1), _mm_prefetch(next_m + g * 128 + 64, _MM_HINT_T1);
+            _mm_prefetch(next_d + g * 64, _MM_HINT_T1), _mm_prefetch(next_m + g * 64, _MM_HINT_T1);
         }
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++) {
@@ -127,7 +132,7 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
  * threads of the enclosing parallel region (an orphaned `omp for`, with its barrier). */
 static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, const float *dx, const float *sx,
                                                            int64_t rows, int64_t k, const uint8_t *packed,
-                                                           const float *d, const float *m, int64_t n, float *out,
+                                                           const uint16_t *d, const uint16_t *m, int64_t n, float *out,
                                                            const int BITS) {
     const int64_t groups = k / Q4_GROUP;
     if ((n / 16) % 2 == 0) { /* pairs of tiles: 15-20 % faster from 4 rows up, the same numbers */
@@ -169,18 +174,18 @@ static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, con
 
 /* (matmul.h) */
 void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
-              const uint8_t *packed, const float *d, const float *m, int64_t n, float *out) {
+              const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out) {
     tiles_of(xq, dx, sx, rows, k, packed, d, m, n, out, 4);
 }
 
 void q8_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
-              const uint8_t *packed, const float *d, const float *m, int64_t n, float *out) {
+              const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out) {
     tiles_of(xq, dx, sx, rows, k, packed, d, m, n, out, 8);
 }
 
 /* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0), its
  * codes 4 or 8 `bits` wide (w = d * q + m per 32 inputs either way). */
-int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
+int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const uint16_t *d, const uint16_t *m,
               int64_t n, float *out, int bits, int threads) {
     if (bits != 4 && bits != 8) return EMBER_E_BITS;
     if (k % Q4_GROUP) return EMBER_E_IN_FEATURES;
@@ -207,7 +212,7 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
 }
 #else
 int q4_supported(void) { return 0; }
-int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const float *d, const float *m,
+int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const uint16_t *d, const uint16_t *m,
               int64_t n, float *out, int bits, int threads) {
     return EMBER_E_NO_VNNI;
 }

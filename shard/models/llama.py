@@ -279,7 +279,12 @@ class LlamaForCausalLM(torch.nn.Module):
                 if reason:
                     kept.append(f"layer {i} {name}: {reason}")
         self.fused, self.fused_why = FusedDecode.build(self)  # w4a8: the layers in one C call
-        head = self.lm_head.weight.data
+        head = self.lm_head.weight
+        if isinstance(head, native.Q4Weight):  # a GGUF's own quantized head (or tied embedding), kept as codes
+            if self.lm_head.group.is_trivial:
+                self.q8_head = head
+            return kept
+        head = head.data
         head_fits = PackedWeight.unfit_reason(kind, tuple(head.shape), head.device) is None
         if kind == "w4a8" and self.lm_head.group.is_trivial and head_fits:
             # int8 codes per 32 inputs on the VNNI kernel: 1.25 bytes per weight against bf16's 2, and
@@ -310,7 +315,7 @@ class LlamaForCausalLM(torch.nn.Module):
             best = kernels.topk_indices(approx, k)  # [N, k]; the set of torch's topk, in one pass
         else:
             best = approx.topk(k, dim=-1).indices  # [N, k]
-        rows = self.lm_head.weight.index_select(0, best.view(-1)).view(*best.shape, -1)  # [N, k, H]
+        rows = self.lm_head.rows(best.view(-1)).view(*best.shape, -1)  # [N, k, H]
         exact = torch.bmm(rows, hidden.unsqueeze(-1).to(rows.dtype)).squeeze(-1).float()
         return approx.scatter_(1, best, exact)
 
@@ -318,7 +323,7 @@ class LlamaForCausalLM(torch.nn.Module):
         """(kind of layer, the path it runs on, why) per kind of layer, as decided at load by
         `cast_matmuls` / `quantize` (native.py's docstring lists the paths); `kv_dtype`: the KV cache's
         (default: the model's). What `log_kernel_paths` logs."""
-        device, dtype = self.embed.weight.device, self.embed.weight.dtype
+        device, dtype = self.embed.device, self.embed.dtype
         kv_dtype = kv_dtype or dtype
         kernels = native.kernels() if device.type == "cpu" else None
         if kernels is not None:
@@ -484,8 +489,8 @@ class FusedDecode:
     @staticmethod
     def unfit_reason(model: LlamaForCausalLM) -> str | None:
         """Why `model`'s decoder layers cannot run in one C call (None: they can)."""
-        if model.embed.weight.device.type != "cpu":
-            return f"on {model.embed.weight.device.type}: the fused step is a CPU kernel"
+        if model.embed.device.type != "cpu":
+            return f"on {model.embed.device.type}: the fused step is a CPU kernel"
         kernels = native.kernels()
         if kernels is None:
             return f"Ember's C kernels are unavailable ({native.unavailable_reason()})"
@@ -502,10 +507,12 @@ class FusedDecode:
         elif not all(isinstance(linear.weight, PackedWeight) and linear.weight.q4 is not None for linear in linears):
             paths = sorted({linear_path(linear.weight)[0] for linear in linears})
             return f"the linears are {' / '.join(paths)}: the fused step takes w4a8 or bf16 on Ember's kernel"
+        elif any(linear.weight.q4.bits != 4 for linear in linears):
+            return "some linears hold 8-bit codes (a GGUF's 5- to 8-bit tensors): the fused step takes 4-bit ones"
         if not kernels.q4:
             return "a CPU without AVX-512 VNNI (the fused step is built with the int8 kernels)"
-        if model.embed.weight.dtype != torch.float32:
-            return f"activations in {model.embed.weight.dtype}: the fused step takes float32"
+        if model.embed.dtype != torch.float32:
+            return f"activations in {model.embed.dtype}: the fused step takes float32"
         if model.spec.hidden_act not in ("silu", "swish"):
             return f"activation {model.spec.hidden_act!r}: the fused step has silu only"
         if len({layer.input_norm.eps for layer in model.layers} | {layer.post_norm.eps for layer in model.layers}) != 1:

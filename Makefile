@@ -39,6 +39,7 @@ deploy-tools:
 
 # Build Ember's image with buildah on a debootstrapped Debian base and boot it (deploy/image-test.sh).
 image-test: install
+	bash deploy/tools.sh --image
 	bash deploy/image-test.sh
 
 proto: install

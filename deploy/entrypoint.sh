@@ -37,6 +37,12 @@ sagemaker_env() {
     fi
 }
 
+# A bind-mounted cache the image's user cannot write fails deep in the first download: say so up front.
+if [ -n "${EMBER_CACHE:-}" ] && [ -d "$EMBER_CACHE" ] && [ ! -w "$EMBER_CACHE" ]; then
+    log "warning: $EMBER_CACHE is not writable by uid $(id -u) (gid $(id -g)): models cannot be cached there;" \
+        "use a named volume, or make the folder writable (chown -R $(id -u):0 DIR)"
+fi
+
 case "${1:-}" in
     serve)
         shift

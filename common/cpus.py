@@ -1,4 +1,5 @@
-"""How many CPUs this process may really use: its affinity, bounded by a cgroup CPU quota.
+"""How many CPUs and how much memory this process may really use: its affinity bounded by a cgroup CPU
+quota, and the machine's memory bounded by a cgroup memory limit.
 
 Containers are commonly limited by a quota (Docker's `--cpus`, Kubernetes' `limits.cpu`), not by
 affinity: the process still sees every core of the node, and a thread pool sized by the cores it sees
@@ -52,3 +53,22 @@ def usable_cpus(root: Path = CGROUP) -> int:
     if quota is not None:
         count = min(count, math.ceil(quota))
     return max(1, count)
+
+
+def usable_memory(root: Path = CGROUP) -> int:
+    """Bytes of memory this process may use: the machine's, bounded by its cgroup's limit (v2 `memory.max`,
+    or v1's `memory.limit_in_bytes`). A container limited to 4 GiB on a 64 GiB node sees 4 GiB: what the
+    kernel's OOM killer will enforce, whatever /proc/meminfo says."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    own = _own_cgroup_v2(root)
+    for candidate in [p for p in (own, root) if p is not None]:
+        try:
+            limit = (candidate / "memory.max").read_text().strip()
+        except OSError:
+            continue
+        return physical if limit == "max" else min(physical, int(limit))
+    try:
+        limit = int((root / "memory" / "memory.limit_in_bytes").read_text())
+    except (OSError, ValueError):
+        return physical
+    return min(physical, limit)  # v1 writes a huge number for "no limit"

@@ -30,12 +30,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.cpus import usable_memory
 from ember.durations import FOREVER
 from ember.model_names import ModelNameError
 from ember.model_names import parse as parse_name
@@ -78,7 +78,8 @@ class ManagementDisabled(EmberError):
 
 
 def machine_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory models may take three quarters of by default: the machine's, or its container's limit."""
+    return usable_memory()
 
 
 @dataclass

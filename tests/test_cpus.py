@@ -1,4 +1,5 @@
-"""The CPUs a shard sizes its threads by: affinity, bounded by a cgroup quota (v2 and v1)."""
+"""The CPUs a shard sizes its threads by (affinity bounded by a cgroup quota) and the memory models may take
+(the machine's bounded by a cgroup limit), cgroup v2 and v1."""
 
 from __future__ import annotations
 
@@ -32,3 +33,20 @@ def test_this_machine_reports_at_least_one_cpu_and_no_more_than_its_quota():
     assert 1 <= n <= len(os.sched_getaffinity(0))
     if quota is not None:
         assert n <= math.ceil(quota)
+
+
+def test_a_cgroup_memory_limit_bounds_the_memory(tmp_path):
+    from ember.cpus import usable_memory
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert usable_memory(tmp_path) == physical  # no cgroup files at all
+    (tmp_path / "memory.max").write_text("4294967296\n")
+    assert usable_memory(tmp_path) == min(physical, 4 << 30)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert usable_memory(tmp_path) == physical
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("1073741824\n")
+    assert usable_memory(tmp_path) == min(physical, 1 << 30)
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096) + "\n")  # v1's "none"
+    assert usable_memory(tmp_path) == physical

@@ -72,6 +72,10 @@ class HubError(RuntimeError):
     """A fetch from the Hub that failed, with a message meant for the operator."""
 
 
+class RepoNotFound(HubError):
+    """The Hub has no such repository (or none this token may see without saying so): a 404 for clients."""
+
+
 class InvalidRepoIdError(HubError, ValueError):
     """A repository id that cannot name a Hub repository; refused before any request or path is made of it."""
 
@@ -533,7 +537,7 @@ def _translated(repo_id: str, settings: _Settings, name: str | None = None) -> I
     except errors.RepositoryNotFoundError as exc:
         if _status(exc) in (401, 403):
             raise HubError(_unauthorized(repo_id, settings)) from exc
-        raise HubError(f"no repository {repo_id} on {settings.endpoint}") from exc
+        raise RepoNotFound(f"no repository {repo_id} on {settings.endpoint}") from exc
     except errors.RevisionNotFoundError as exc:
         raise HubError(f"{repo_id} changed while it was fetched; fetch it again") from exc
     except errors.RemoteEntryNotFoundError as exc:

@@ -876,6 +876,8 @@ class Registry:
         try:
             found = hub.fetch_gguf(repo_id, quant, dest, state) if gguf else hub.fetch_repo(repo_id, dest, state)
         except Exception as error:  # the Hub module's own errors: say which repository failed, keep the cause
+            if isinstance(error, getattr(hub, "RepoNotFound", ())):  # an unknown name, as the catalog's: a 404
+                raise ModelNotFound(f"no repository {repo_id} on the Hugging Face Hub ({error})") from error
             raise RegistryError(f"cannot download {repo_id} from the Hugging Face Hub: {error}") from error
         chosen = _hub_files(found, dest, gguf, repo_id)
         fmt = "gguf" if gguf else "safetensors"

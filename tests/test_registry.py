@@ -795,3 +795,17 @@ def test_a_derived_model_may_run_its_weights_at_its_own_precision(tmp_path, tiny
     assert registry.set_precision("tiny-q8", None).group_key == base.group_key
     with pytest.raises(RegistryError, match="precision"):
         registry.create("tiny-q5", "tiny", precision="q5")
+
+
+def test_an_unknown_hub_repository_is_an_unknown_model(reg: Registry, cache: Path, fake_hub, monkeypatch) -> None:
+    class RepoNotFound(Exception):  # ember.hub's, which the fake stands in for
+        pass
+
+    def absent(*_args, **_kwargs):
+        raise RepoNotFound("no repository Owner/Absent on the test hub")
+
+    monkeypatch.setattr(fake_hub, "RepoNotFound", RepoNotFound, raising=False)
+    monkeypatch.setattr(fake_hub, "fetch_gguf", absent)
+    with pytest.raises(ModelNotFound, match="no repository Owner/Absent"):
+        reg.pull("hf.co/Owner/Absent")
+    assert_nothing_registered(reg, cache)

@@ -173,6 +173,13 @@ def test_service_routes(url):
     assert [(t["text"], t["start"], t["stop"]) for t in tokens] == [("Hello", 0, 5), (" café", 5, 10)]
     spec = httpx.get(url + "/openapi.json").json()
     assert {"/generate", "/generate_stream", "/info", "/metrics", "/tokenize"} <= set(spec["paths"])
+    # Every route served is in the document: Ollama's and Jan's too, their path parameters declared.
+    assert spec["paths"]["/api/chat"]["post"]["tags"] == ["Ollama"]
+    assert any(p.startswith("/v1/models/{") for p in spec["paths"])
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == set(re.findall(r"\{(\w+)\}", path)), path
     assert httpx.get(url + "/docs").status_code == 200
     raw = httpx.get(url + "/metrics").text
     # Every request, queue and batch series carries the model it is about (TGI's names, one label more).

@@ -402,7 +402,8 @@ def _pull_digest(registry: Any, name: str) -> str | None:
 
 
 def _registry_failure(exc: BaseException, name: str) -> EmberError:
-    """A registry exception as Ollama's error: unknown names 404, bad names 400, the rest 500 with the reason."""
+    """A registry exception as Ollama's error: unknown names and Hub repositories 404, bad names 400, the rest
+    500 with the reason."""
     from ember.registry import ModelNotFound as Unknown
 
     if isinstance(exc, EmberError):

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {k: v for k, v in vars(args).items()},
-        "model": {"dir": str(model_dir), "gguf": gguf_or_none(), "params": roofline.param_count(model_dir)},
+        "model": {"dir": str(model_dir), "gguf": gguf_or_none(), "params": roofline.param_count(model_paths.hf_dir())},
         "servers": {},
     }
     if os.environ.get("EMBER_BENCH_MODEL_NOTE"):

@@ -448,13 +448,21 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
     result, so the tensors are written with safetensors directly and the config is
     written by hand, in both the transformers 4 and 5 spellings.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     progress = progress or LogProgress()
     if gguf_architecture(gguf) in OWN_CODE_ARCHS:
         _keep_gguf(gguf, out_dir, progress)
         return
+    float_directory(gguf, out_dir, progress)
+
+
+def float_directory(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) -> None:
+    """Write a float32 safetensors Hugging Face directory for `gguf` into `out_dir`: how Ember serves the
+    architectures its own code does not (transformers' generic path), and what servers that read only
+    safetensors load (the benchmarks' peers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress = progress or LogProgress()
     where = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
     try:
         progress("load", 0, 2)

@@ -22,9 +22,10 @@ venv_needed() {
 # Ember's own interpreter (the repo's .venv), which can ask the model store for paths.
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 EMBER_PY="${EMBER_PY:-$REPO_ROOT/.venv/bin/python}"
-model_path() {  # model_path dir|gguf: the benchmarked model, from the env or the store
+model_path() {  # model_path dir|hf|gguf: the benchmarked model, from the env or the store
     case "$1" in
         dir) echo "${EMBER_BENCH_MODEL_DIR:-$("$EMBER_PY" "$REPO_ROOT/benchmarks/peers/model_paths.py" dir)}" ;;
+        hf) echo "${EMBER_BENCH_MODEL_DIR:-$("$EMBER_PY" "$REPO_ROOT/benchmarks/peers/model_paths.py" hf)}" ;;
         gguf) echo "${EMBER_BENCH_GGUF:-$("$EMBER_PY" "$REPO_ROOT/benchmarks/peers/model_paths.py" gguf)}" ;;
     esac
 }

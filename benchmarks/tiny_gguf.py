@@ -20,10 +20,71 @@ QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 """The block types the `gguf` package's own quantizer writes."""
 
 
-def write_tiny_gguf(path: Path, quant: str | None = None, seed: int = 0, vocab_multiple: int = 1) -> None:
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+"""The super-block types written by this module's own encoders (`k_quantize`): the package only reads them."""
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _k_scales(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and mins per super-block into its 12 bytes (llama.cpp's K-quant packing)."""
+    out = np.zeros((scales.shape[0], 12), np.uint8)
+    out[:, 0:4] = (scales[:, :4] & 63) | ((scales[:, 4:] >> 4) << 6)
+    out[:, 4:8] = (mins[:, :4] & 63) | ((mins[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (scales[:, 4:] & 15) | ((mins[:, 4:] & 15) << 4)
+    return out
+
+
+def k_quantize(values: np.ndarray, type_name: str) -> np.ndarray:
+    """`values` [rows, cols] (cols a multiple of 256) as Q4_K, Q5_K or Q6_K blocks [rows, bytes]: a plain
+    round-to-nearest encoder for tests (llama.cpp's searches for better scales), checked against the
+    `gguf` package's own decoder by the tests."""
+    rows, cols = values.shape
+    w = values.astype(np.float32).reshape(-1, 256)
+    n = w.shape[0]
+    if type_name == "Q6_K":
+        sub = w.reshape(n, 16, 16)
+        step = np.abs(sub).max(-1) / 31  # per 16 inputs: q - 32 in -32..31
+        d = np.maximum(step.max(-1), 1e-12) / 127
+        d = d.astype(np.float16).astype(np.float32)
+        sc = np.clip(np.round(step / d[:, None]), 1, 127).astype(np.int8)
+        q = np.clip(np.round(sub / (d[:, None, None] * sc[..., None])), -32, 31).astype(np.int16) + 32
+        q = q.reshape(n, 2, 4, 32).astype(np.uint8)  # [block, half, i, l]: input 128 h + 32 i + l
+        low = q & 15  # byte l (+ 32) of a half: input 32 i + l's low bits, i = 0 (1) low nibble, 2 (3) high
+        ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], -1)
+        high = q >> 4
+        qh = high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)
+        blocks = np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8), _f16_bytes(d)], -1)
+        return blocks.reshape(rows, -1)
+    top = 15 if type_name == "Q4_K" else 31
+    sub = w.reshape(n, 8, 32)
+    lows = np.maximum(-sub.min(-1), 0)  # w = d·sc·q - dmin·m, m ≥ 0
+    steps = np.maximum((sub.max(-1) + lows) / top, 1e-12)
+    d = (steps.max(-1) / 63).astype(np.float16).astype(np.float32)
+    dmin = np.maximum(lows.max(-1) / 63, 1e-12).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(steps / d[:, None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.round(lows / dmin[:, None]), 0, 63).astype(np.uint8)
+    scale = d[:, None, None] * sc[..., None]
+    q = np.clip(np.round((sub + (dmin[:, None] * mn)[..., None]) / scale), 0, top).astype(np.uint8)
+    runs = q.reshape(n, 4, 2, 32)  # sub-blocks 2r (low nibbles) and 2r + 1 (high) of run r
+    qs = ((runs[:, :, 0] & 15) | ((runs[:, :, 1] & 15) << 4)).reshape(n, 128)
+    parts = [_f16_bytes(d), _f16_bytes(dmin), _k_scales(sc, mn)]
+    if type_name == "Q5_K":  # bit j of byte l: the fifth bit of input l of sub-block j
+        fifth = (q >> 4) & 1  # [block, sub-block, l]
+        parts.append(sum(fifth[:, j, :] << j for j in range(8)).astype(np.uint8))
+    blocks = np.concatenate([*parts, qs], -1)
+    return blocks.reshape(rows, -1)
+
+
+def write_tiny_gguf(
+    path: Path, quant: str | None = None, seed: int = 0, vocab_multiple: int = 1, hidden: int = 32
+) -> None:
     """A 2-layer llama GGUF with tied embeddings, F32 tensors and a ChatML-style tokenizer; with `quant`
-    (`Q4_0`, `Q8_0`, ...: a type the `gguf` package quantizes) its matrices in that type, norms in F32.
-    `vocab_multiple`: unused control tokens pad the vocabulary to a multiple of it."""
+    (`Q4_0`, `Q8_0`, ...: a type the `gguf` package quantizes, or one of `K_QUANTS`) its matrices in that
+    type, norms in F32. `vocab_multiple`: unused control tokens pad the vocabulary to a multiple of it.
+    `hidden`: the model width (256 for the K types: their blocks span 256 inputs)."""
     import gguf
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -32,7 +93,7 @@ def write_tiny_gguf(path: Path, quant: str | None = None, seed: int = 0, vocab_m
     tokens = specials + list(bytes_to_unicode().values()) + [m.replace(" ", "") for m in merges]
     extra = [f"<|unused{i}|>" for i in range(-len(tokens) % vocab_multiple)]
     tokens += extra
-    vocab, hidden, layers, heads, kv_heads, inter = len(tokens), 32, 2, 4, 2, 64
+    vocab, layers, heads, kv_heads, inter = len(tokens), 2, 4, 2, 2 * hidden
     head_dim = hidden // heads
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny")
@@ -55,8 +116,10 @@ def write_tiny_gguf(path: Path, quant: str | None = None, seed: int = 0, vocab_m
     writer.add_chat_template(CHAT_TEMPLATE)
     rng = np.random.default_rng(seed)
 
+    scale = 0.2 * (32 / hidden) ** 0.5  # each layer's gain about the same at any width
+
     def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     def matrix(name: str, rows: int, cols: int) -> None:
         values = weight(rows, cols)
@@ -66,6 +129,8 @@ def write_tiny_gguf(path: Path, quant: str | None = None, seed: int = 0, vocab_m
         qtype = gguf.GGMLQuantizationType[quant]
         if quant in QUANTIZABLE:
             blocks = gguf.quants.quantize(values, qtype)
+        elif quant in K_QUANTS:
+            blocks = k_quantize(values, quant)
         else:  # a type the package cannot write: random bytes of its size (for refusals only)
             elements, size = gguf.GGML_QUANT_SIZES[qtype]
             blocks = rng.integers(0, 256, (rows, cols // elements * size), dtype=np.uint8)

@@ -174,14 +174,7 @@ def _decode_q6_k(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     l < 32) has the low nibble (i < 2) or high nibble (i ≥ 2) of low byte l + 32·(i % 2) and bits
     2i..2i+1 of high byte l; its value is d·scale[(32·i + l) / 16]·(q - 32)."""
     n = raw.shape[0]
-    ql = raw[:, 0:128].reshape(n, 2, 2, 32)  # [half, which 32 bytes, l]
-    qh = raw[:, 128:192].reshape(n, 2, 1, 32)
-    sc = raw[:, 192:208].view(torch.int8).float().reshape(n, 16)
-    d = _f16(raw, 208)
-    low4 = torch.cat([ql & 15, ql >> 4], dim=2)  # [n, half, i, l]: i = 0, 1 low nibbles, 2, 3 high
-    high2 = (qh >> (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 4, 1)) & 3
-    q = (low4 | (high2 << 4)).reshape(n, 8, 32)  # eight groups of 32 inputs, in order
-    step = (d[:, None] * sc).view(n, 8, 2)  # each group's two 16-wide halves
+    q, step = _q6_k_fields(raw)
     same = step[..., 0] == step[..., 1]
     scale, low = step[..., 0].clone(), -32.0 * step[..., 0]
     codes = q.clone()
@@ -195,6 +188,19 @@ def _decode_q6_k(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
         scale = torch.where(same, scale, rescale)
         low = torch.where(same, low, lo)
     return codes.reshape(n, 256), scale, low
+
+
+def _q6_k_fields(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K's codes [blocks, 8 groups, 32] (0..63, in input order) and steps [blocks, 8 groups, 2 halves]."""
+    n = raw.shape[0]
+    ql = raw[:, 0:128].reshape(n, 2, 2, 32)  # [half, which 32 bytes, l]
+    qh = raw[:, 128:192].reshape(n, 2, 1, 32)
+    sc = raw[:, 192:208].view(torch.int8).float().reshape(n, 16)
+    d = _f16(raw, 208)
+    low4 = torch.cat([ql & 15, ql >> 4], dim=2)  # [n, half, i, l]: i = 0, 1 low nibbles, 2, 3 high
+    high2 = (qh >> (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 4, 1)) & 3
+    q = (low4 | (high2 << 4)).reshape(n, 8, 32)  # eight groups of 32 inputs, in order
+    return q, (d[:, None] * sc).view(n, 8, 2)  # each group's two 16-wide halves
 
 
 def decode(type_name: str, raw: torch.Tensor, shape: tuple[int, int]) -> Codes:
@@ -218,5 +224,10 @@ def decode(type_name: str, raw: torch.Tensor, shape: tuple[int, int]) -> Codes:
 
 
 def dequantize(type_name: str, raw: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """float32 [rows, cols]: what Ember multiplies for this tensor (GGUF's values, Q6_K aside; see above)."""
-    return decode(type_name, raw, shape).dequantize()
+    """float32 [rows, cols]: the tensor's values as GGUF defines them (Q6_K's too: no requantization), for
+    the paths that multiply floats."""
+    if type_name != "Q6_K":
+        return decode(type_name, raw, shape).dequantize()
+    blocks = raw.reshape(-1, LAYOUTS["Q6_K"][1])
+    q, step = _q6_k_fields(blocks)
+    return ((q.float() - 32.0).view(-1, 8, 2, 16) * step[..., None]).reshape(shape)

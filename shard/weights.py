@@ -243,33 +243,36 @@ class GGUFTensors:
             data = data[_unpermute(shape[0], self.heads[kind])]
         return data
 
-    def codes(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None, part: int = 0):
-        """The quantized tensor's rows or columns [start, stop) along `dim` as codes, zero rows padding
-        it to `part` rows (a vocabulary split over ranks)."""
+    def _blocks(self, name: str, dim: int, start: int, stop: int | None):
+        """(type, raw blocks, shape) of the quantized tensor's rows or columns [start, stop) along `dim`."""
         type_name = self._tensor(name).tensor_type.name
         rows, cols = self.shape(name)
         stop = (rows if dim == 0 else cols) if stop is None else stop
         data = self._rows(name)
         elements, block_bytes, _ = gguf_blocks.LAYOUTS[type_name]
         if dim == 0:
-            data, shape = data[start:stop], (stop - start, cols)
-        else:
-            if start % elements or stop % elements:
-                raise TensorParallelError(
-                    f"{name}: columns {start}..{stop} of a {type_name} tensor do not fall on its "
-                    f"{elements}-input blocks; choose another --num-shard"
-                )
-            data = data[:, start // elements * block_bytes : stop // elements * block_bytes]
-            shape = (rows, stop - start)
-        codes = gguf_blocks.decode(type_name, data.contiguous(), shape)
-        if dim == 0 and part > stop - start:
+            return type_name, data[start:stop].contiguous(), (stop - start, cols)
+        if start % elements or stop % elements:
+            raise TensorParallelError(
+                f"{name}: columns {start}..{stop} of a {type_name} tensor do not fall on its "
+                f"{elements}-input blocks; choose another --num-shard"
+            )
+        data = data[:, start // elements * block_bytes : stop // elements * block_bytes]
+        return type_name, data.contiguous(), (rows, stop - start)
+
+    def codes(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None, part: int = 0):
+        """The quantized tensor's rows or columns [start, stop) along `dim` as codes, zero rows padding
+        it to `part` rows (a vocabulary split over ranks)."""
+        type_name, data, shape = self._blocks(name, dim, start, stop)
+        codes = gguf_blocks.decode(type_name, data, shape)
+        if dim == 0 and part > shape[0]:
             codes = codes.padded(part)
         return codes
 
     def tensor(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """The tensor (or its part along `dim`) as floats: its own dtype, or dequantized."""
+        """The tensor (or its part along `dim`) as floats: its own dtype, or dequantized exactly."""
         if self.quantized(name):
-            return self.codes(name, dim, start, stop).dequantize()
+            return gguf_blocks.dequantize(*self._blocks(name, dim, start, stop))
         data = self._rows(name).reshape(self.shape(name))
         if stop is not None:
             data = data.narrow(dim, start, stop - start)

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import report  # noqa: E402
+from tiny_gguf import random_blocks  # noqa: E402
 
 TEXTS_REVISION = "677469e"
 TEXTS = ["README.md", "docs/architecture.md", "benchmarks/README.md"]
@@ -136,16 +137,9 @@ def repack_costs(rows: int = 64, cols: int = 4096) -> list[dict]:
 
     out = []
     rng = np.random.default_rng(0)
-    for name, (elements, size, bits) in gguf_blocks.LAYOUTS.items():
+    for name, (_, _, bits) in gguf_blocks.LAYOUTS.items():
         qtype = gguf.GGMLQuantizationType[name]
-        if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
-            raw = gguf.quants.quantize(rng.normal(0, 0.02, (rows, cols)).astype(np.float32), qtype)
-        else:
-            raw = rng.integers(0, 256, (rows * cols // elements, size), dtype=np.uint8)
-            scales = rng.uniform(1e-4, 2e-3, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
-            raw[:, -2:] = scales[:, :2] if name == "Q6_K" else raw[:, -2:]
-            if name != "Q6_K":
-                raw[:, 0:4] = scales
+        raw = random_blocks(name, rows, cols, rng, weight_std=0.02, scale_range=(1e-4, 2e-3))
         want = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
         codes = gguf_blocks.decode(name, torch.from_numpy(raw.reshape(rows, -1)), (rows, cols))
         held = native.Q4Weight.pack(codes.codes, codes.scale, codes.low, bits=codes.bits).dequantize().numpy()

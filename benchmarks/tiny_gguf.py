@@ -24,6 +24,27 @@ K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 """The super-block types written by this module's own encoders (`k_quantize`): the package only reads them."""
 
 
+def random_blocks(
+    type_name: str, rows: int, cols: int, rng: np.random.Generator, weight_std: float, scale_range: tuple[float, float]
+) -> np.ndarray:
+    """Blocks of `type_name` for a rows x cols tensor, uint8 [blocks, block bytes]: the `gguf` package's
+    quantization of normal weights for the types it writes; random code bytes with finite float16 scales
+    drawn from `scale_range` for the K types."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if type_name in QUANTIZABLE:
+        return gguf.quants.quantize(rng.normal(0, weight_std, (rows, cols)).astype(np.float32), qtype)
+    elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // elements, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(*scale_range, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    if type_name == "Q6_K":
+        raw[:, 208:210] = scales[:, :2]  # d
+    else:
+        raw[:, 0:4] = scales  # d and dmin
+    return raw
+
+
 def _f16_bytes(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float16).reshape(-1, 1).view(np.uint8)
 

@@ -57,10 +57,10 @@ OWN_CODE_ARCHS = frozenset({"llama", "mistral", "qwen2"})
 """GGUF architectures whose model types Ember's own (paged) model code serves, from the GGUF's own tensors."""
 
 GGUF_FILE = "model.gguf"
+"""The GGUF in a converted directory of an `OWN_CODE_ARCHS` model (what the shard's `Weights` reads)."""
 
 RUNNABLE_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 """The GGUF tensor types Ember's own model code runs (the shard's `gguf_blocks`, kept equal by a test)."""
-"""The GGUF in a converted directory of an `OWN_CODE_ARCHS` model (the shard's `weights.GGUF_FILE`)."""
 
 _CHUNK = 1 << 20
 
@@ -400,14 +400,19 @@ def _replace_dir(new: Path, target: Path) -> None:
         os.rename(new, target)
 
 
-def gguf_architecture(gguf: Path) -> str:
-    """The GGUF's `general.architecture` ("llama", "gemma3", ...; "" when it has none)."""
+def _reader(gguf: Path) -> Any:
+    """The GGUF's header and tensor table (`gguf.GGUFReader`, memory-mapped: no tensor is read)."""
     from gguf import GGUFReader
 
     try:
-        field = GGUFReader(gguf).get_field("general.architecture")
+        return GGUFReader(gguf)
     except (ValueError, KeyError, OSError, IndexError) as error:
         raise ModelStoreError(f"cannot load {gguf}: it is not a readable GGUF ({error})") from error
+
+
+def gguf_architecture(gguf: Path, reader: Any = None) -> str:
+    """The GGUF's `general.architecture` ("llama", "gemma3", ...; "" when it has none)."""
+    field = (reader or _reader(gguf)).get_field("general.architecture")
     return field.contents() if field is not None else ""
 
 
@@ -449,8 +454,9 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
     written by hand, in both the transformers 4 and 5 spellings.
     """
     progress = progress or LogProgress()
-    if gguf_architecture(gguf) in OWN_CODE_ARCHS:
-        _keep_gguf(gguf, out_dir, progress)
+    reader = _reader(gguf)
+    if gguf_architecture(gguf, reader) in OWN_CODE_ARCHS:
+        _keep_gguf(gguf, reader.tensors, out_dir, progress)
         return
     float_directory(gguf, out_dir, progress)
 
@@ -497,14 +503,20 @@ def _check_loaded(gguf: Path, model: Any, loading: dict[str, Any]) -> None:
         raise ModelStoreError(f"transformers found no tensor in {gguf} for {len(missing)} weights ({shown})")
 
 
-def _keep_gguf(gguf: Path, out_dir: Path, progress: ProgressFn) -> None:
-    """The directory of a GGUF that Ember's own model code serves from its own tensors: tokenizer, config
-    and generation config from transformers' GGUF support (no weights loaded), and the GGUF hard-linked in
-    (copied where the cache is on another file system)."""
-    from gguf import GGUFReader
+def _keep_gguf(gguf: Path, tensors: list, out_dir: Path, progress: ProgressFn) -> None:
+    """The directory of a GGUF that Ember's own model code serves from its own tensors (`tensors`: its
+    tensor table): tokenizer, config and generation config from transformers' GGUF support (no weights
+    loaded), and the GGUF hard-linked in (copied where the cache is on another file system). A tensor type
+    Ember cannot run is refused first, before anything is loaded."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    unknown = sorted({t.tensor_type.name for t in tensors} - set(RUNNABLE_TENSOR_TYPES))
+    if unknown:
+        raise ModelStoreError(
+            f"{gguf.name} holds tensors of type {', '.join(unknown)}, which Ember does not run "
+            f"(it runs {', '.join(RUNNABLE_TENSOR_TYPES)}); choose another quantization of the model"
+        )
     where = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
     try:
         progress("load", 0, 2)
@@ -514,14 +526,6 @@ def _keep_gguf(gguf: Path, out_dir: Path, progress: ProgressFn) -> None:
         progress("load", 2, 2)
     except (ValueError, KeyError, OSError) as error:
         raise ModelStoreError(f"transformers cannot read {gguf} as a causal LM: {error}") from error
-    tensors = GGUFReader(gguf).tensors
-    types = sorted({t.tensor_type.name for t in tensors})
-    unknown = [t for t in types if t not in RUNNABLE_TENSOR_TYPES]
-    if unknown:
-        raise ModelStoreError(
-            f"{gguf.name} holds tensors of type {', '.join(unknown)}, which Ember does not run "
-            f"(it runs {', '.join(RUNNABLE_TENSOR_TYPES)}); choose another quantization of the model"
-        )
     config = _config_dict(hf_config, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type, ""))
     # Tied when the GGUF has no output matrix: the head is the embedding (llama.cpp's own rule).
     config["tie_word_embeddings"] = not any(t.name == "output.weight" for t in tensors)

@@ -97,6 +97,12 @@ class Codes:
             parts[0].bits,
         )
 
+    def packed(self):
+        """These codes in the packed kernel's layout (`native.Q4Weight`, d and m rounded to float16)."""
+        from ember.shard import native
+
+        return native.Q4Weight.pack(self.codes, self.scale, self.low, bits=self.bits)
+
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.codes.shape
         q = self.codes.float().view(rows, cols // GROUP, GROUP)

@@ -23,21 +23,20 @@ def _held(weight):
     return torch.nn.Parameter(weight, requires_grad=False) if isinstance(weight, torch.Tensor) else weight
 
 
+def _packable(codes: Codes) -> bool:
+    return PackedWeight.unfit_reason("w4a8", codes.shape, torch.device("cpu")) is None
+
+
 def _as_weight(codes: Codes):
     """A GGUF tensor's codes on Ember's packed kernel (`PackedWeight` w4a8), or as floats where the
     kernel cannot take its shape."""
-    if PackedWeight.unfit_reason("w4a8", codes.shape, torch.device("cpu")) is None:
-        return PackedWeight.from_codes(codes)
-    return codes.dequantize()
+    return PackedWeight.from_codes(codes) if _packable(codes) else codes.dequantize()
 
 
 def _table(codes: Codes):
     """An embedding table or head kept as codes: `native.Q4Weight` (rows looked up one by one), or floats
     where the packing cannot take its shape."""
-    rows, cols = codes.shape
-    if rows % 16 == 0 and cols % native.Q4_GROUP == 0:
-        return native.Q4Weight.pack(codes.codes, codes.scale, codes.low, bits=codes.bits)
-    return codes.dequantize()
+    return codes.packed() if _packable(codes) else codes.dequantize()
 
 
 class ColumnParallelLinear(torch.nn.Module):
@@ -244,10 +243,10 @@ class PackedWeight:
         groups = w.view(out_features, in_features // INT4_GROUP, INT4_GROUP)
         low = groups.amin(dim=-1)
         scale = ((groups.amax(dim=-1) - low) / 15.0).clamp(min=1e-12)
+        if kind == "w4a8":  # Ember's kernel keeps d and m in float16: the codes are chosen against those
+            low, scale = low.half().float(), scale.clamp(min=1e-7).half().float()
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        if kind == "w4a8":  # Ember's VNNI kernel: float16 d and m, no dense copy (it beats bf16 at any rows)
-            low, scale = low.half().float(), scale.clamp(min=1e-7).half().float()  # the codes against those
-            q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        if kind == "w4a8":  # Ember's VNNI kernel: no dense copy (it beats bf16 at any rows)
             return cls(
                 kind, None, None, tuple(w.shape), q4=native.Q4Weight.pack(q.view(out_features, in_features), scale, low)
             )
@@ -260,9 +259,7 @@ class PackedWeight:
     def from_codes(cls, codes: Codes) -> PackedWeight:
         """A GGUF tensor's codes as they are, on Ember's VNNI kernel (`w4a8`; 8-bit codes for 5- to
         8-bit types): no requantization (`gguf_blocks`)."""
-        return cls(
-            "w4a8", None, None, codes.shape, q4=native.Q4Weight.pack(codes.codes, codes.scale, codes.low, codes.bits)
-        )
+        return cls("w4a8", None, None, codes.shape, q4=codes.packed())
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] → [..., out] in bfloat16 (float32 from Ember's int4 and bf16 kernels)."""

@@ -177,19 +177,20 @@ def gguf_name(name: str) -> str | None:
     return None
 
 
+_HF_LAYER = {gguf: hf for hf, gguf in _LAYER_TENSORS.items()}
+_HF_MODEL = {gguf: hf for hf, gguf in _MODEL_TENSORS.items()}
+
+
 def hf_name(name: str) -> str | None:
     """Hugging Face's name of a GGUF Llama-family tensor name (None: not one Ember reads)."""
     stem, dot, kind = name.rpartition(".")
     if not dot or kind not in ("weight", "bias"):
         return None
-    for hf, gguf in _MODEL_TENSORS.items():
-        if stem == gguf:
-            return f"{hf}.{kind}"
+    if stem in _HF_MODEL:
+        return f"{_HF_MODEL[stem]}.{kind}"
     parts = stem.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk":
-        for hf, gguf in _LAYER_TENSORS.items():
-            if parts[2] == gguf:
-                return f"model.layers.{parts[1]}.{hf}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _HF_LAYER:
+        return f"model.layers.{parts[1]}.{_HF_LAYER[parts[2]]}.{kind}"
     return None
 
 
@@ -273,10 +274,8 @@ class GGUFTensors:
         """The tensor (or its part along `dim`) as floats: its own dtype, or dequantized exactly."""
         if self.quantized(name):
             return gguf_blocks.dequantize(*self._blocks(name, dim, start, stop))
-        data = self._rows(name).reshape(self.shape(name))
-        if stop is not None:
-            data = data.narrow(dim, start, stop - start)
-        return data.clone()
+        data = self._rows(name).reshape(self.shape(name))  # already a copy of the file's bytes
+        return data if stop is None else data.narrow(dim, start, stop - start).clone()
 
 
 def _unpermute(rows: int, heads: int) -> torch.Tensor:

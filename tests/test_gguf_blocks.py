@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, quants
+from tiny_gguf import random_blocks
 
 from ember.shard import gguf_blocks, native
 
@@ -13,20 +14,11 @@ ROWS, COLS = 32, 512
 
 
 def _blocks(type_name: str, rng: np.random.Generator) -> np.ndarray:
-    """Random valid blocks of `type_name` for a ROWS x COLS tensor: random code bytes, finite fp16 scales."""
-    qtype = GGMLQuantizationType[type_name]
-    elements, block_bytes = GGML_QUANT_SIZES[qtype]
-    if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
-        weights = rng.normal(0, 0.05, (ROWS, COLS)).astype(np.float32)
-        return quants.quantize(weights, qtype)  # the package's own quantizer writes these types
-    raw = rng.integers(0, 256, (ROWS * COLS // elements, block_bytes), dtype=np.uint8)
-    halves = rng.uniform(1e-4, 2e-2, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    """Random valid blocks of `type_name` for a ROWS x COLS tensor; Q6_K with some groups whose halves share
+    their scale (the exact path) and others not (requantized)."""
+    raw = random_blocks(type_name, ROWS, COLS, rng, weight_std=0.05, scale_range=(1e-4, 2e-2))
     if type_name == "Q6_K":
-        raw[:, 208:210] = halves[:, :2]
-        # Some groups with equal halves' scales (the exact path), others not (requantized).
         raw[::3, 193:208:2] = raw[::3, 192:208:2]
-    else:
-        raw[:, 0:4] = halves
     return raw
 
 

@@ -250,6 +250,17 @@ SETTINGS: tuple[Setting, ...] = (
         kind="optbool",
     ),
     _s(
+        "speculate",
+        "N-gram speculative decoding (TGI's flag; vLLM's `ngram` prompt lookup): a decoding request proposes up "
+        "to N tokens by matching its last tokens against its own prompt and output, and one forward verifies "
+        "them; accepted tokens arrive together. Outputs are unchanged (greedy token for token; sampling keeps "
+        "its distribution and seed). Each step drafts only as many tokens as the step times measured at warmup "
+        "and the acceptance seen so far say will pay, so large batches run without. `0` turns it off.",
+        LS,
+        type=non_negative_int,
+        default=0,
+    ),
+    _s(
         "prefill-chunking",
         "Newcomers share the running batch's forward (one Prefill carrying the running "
         "batch, cut into --prefill-chunk-tokens steps) where the shard can; `false`: TGI's separate prefills "

@@ -156,6 +156,9 @@ class Batcher:
         if reply.HasField("concat_ns"):
             self.metrics.batch_concat_duration.observe(reply.concat_ns / 1e9, method)
         self.pacer.observe(reply.decode_rows, reply.prompt_tokens, reply.forward_ns)
+        if reply.draft_tokens:
+            self.metrics.draft_tokens.inc(amount=reply.draft_tokens)
+            self.metrics.accepted_tokens.inc(amount=reply.accepted_tokens)
         out = self.scheduler.update(step, reply.generations, reply.batch if reply.HasField("batch") else None)
         if self.undelivered:
             self.undelivered += out.tokens

@@ -155,6 +155,12 @@ class Metrics:
             "Prompt tokens by where their keys and values came from: the prefix cache or computed",
             ("source",),
         )
+        self.draft_tokens = Counter(
+            "ember_speculative_draft_tokens", "Draft tokens verified by speculative decoding (--speculate)"
+        )
+        self.accepted_tokens = Counter(
+            "ember_speculative_accepted_tokens", "Draft tokens the model accepted (each one a token gained)"
+        )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the queue")
         self.batch_current_size = Gauge("tgi_batch_current_size", "Requests in the running batch")
         self.batch_current_max_tokens = Gauge("tgi_batch_current_max_tokens", "Tokens reserved by the running batch")

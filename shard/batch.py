@@ -32,6 +32,7 @@ from ember.shard.detok import IncrementalDetokenizer
 from ember.shard.grammar import GrammarState
 from ember.shard.runner import ModelRunner, Sequence
 from ember.shard.sampling import BatchSampler, SamplingParams
+from ember.shard.speculate import PRIOR_ACCEPTANCE, NgramIndex, SpeculationPolicy, update_rate
 from ember.shard.stopping import StopCriteria
 
 
@@ -52,6 +53,9 @@ class RequestState:
     prefill_logprobs: bool
     grammar: GrammarState | None
     generated: list[int] = field(default_factory=list)
+    # Speculative decoding: where the sequence's n-grams last occurred, and how often its drafts held.
+    ngrams: NgramIndex | None = None
+    draft_rate: float = PRIOR_ACCEPTANCE
 
     @property
     def max_tokens(self) -> int:
@@ -64,15 +68,21 @@ class StepTimings:
     decode_ns: int = 0
     decode_rows: int = 0  # running requests' next tokens in the forward
     prompt_tokens: int = 0  # prompt tokens in the forward
+    draft_tokens: int = 0  # speculative draft tokens in the forward
+    accepted_tokens: int = 0  # of those, the ones the model accepted
 
 
 class Context:
     """What building a batch needs from the shard: runner, tokenizer, grammar compiler."""
 
-    def __init__(self, runner: ModelRunner, tokenizer, grammar_compiler, prefill_chunk: int = 0) -> None:
+    def __init__(
+        self, runner: ModelRunner, tokenizer, grammar_compiler, prefill_chunk: int = 0, speculate: int = 0
+    ) -> None:
         self.runner = runner
         # Prompt tokens per step (0: whole prompts); only runners that attend over a cached prefix.
         self.prefill_chunk = prefill_chunk if runner.info.shared_prefill else 0
+        # Draft tokens a decoding request may verify per step (`speculate.py`); the same runners only.
+        self.speculation = SpeculationPolicy(speculate if runner.info.shared_prefill else 0)
         self.tokenizer = tokenizer
         self.grammar_compiler = grammar_compiler
         self.eos_ids = set(runner.info.eos_token_ids)
@@ -156,37 +166,51 @@ class GenerationBatch:
         pending = [len(r.seq.token_ids) - r.seq.num_cached for r in self.requests]
         plan = self._chunk_plan(pending, prompt_budget)
         if plan is None:
-            rows, sizes = list(range(len(self.requests))), pending
+            rows, sizes = list(range(len(self.requests))), list(pending)
             prompt_details = [r.prefill_logprobs and not r.generated for r in self.requests]
-            out = self.ctx.runner.step([r.seq for r in self.requests], want_prompt_logits=any(prompt_details))
         else:
             rows, sizes = plan
             prompt_details = [False] * len(rows)
-            out = self.ctx.runner.step([self.requests[i].seq for i in rows], num_new=sizes)
         timings.decode_rows = sum(1 for i, n in zip(rows, sizes) if n == 1 and self.requests[i].generated)
         timings.prompt_tokens = sum(sizes) - timings.decode_rows
+        drafts = {} if any(prompt_details) else self._drafts(rows, sizes, timings)
+        seqs = [self.requests[i].seq for i in rows]
+        if drafts:
+            for k, draft in drafts.items():
+                seqs[k].token_ids.extend(draft)
+                sizes[k] += len(draft)
+            num_logits = [1 + len(drafts.get(k, ())) for k in range(len(rows))]
+            out = runner.step(seqs, num_new=sizes, num_logits=num_logits)
+            for k, draft in drafts.items():  # verification appends the tokens that hold
+                del seqs[k].token_ids[-len(draft) :]
+        elif plan is None:
+            out = runner.step(seqs, want_prompt_logits=any(prompt_details))
+        else:
+            out = runner.step(seqs, num_new=sizes)
         timings.forward_ns = time.perf_counter_ns() - start
 
         start = time.perf_counter_ns()
         # The rows whose prompt is done have a next token; a prompt still in chunks has none yet.
         ready = [
-            k for k, i in enumerate(rows) if self.requests[i].seq.num_cached == len(self.requests[i].seq.token_ids)
+            k
+            for k, i in enumerate(rows)
+            if self.requests[i].seq.num_cached == len(self.requests[i].seq.token_ids) + len(drafts.get(k, ()))
         ]
         generations = []
         finished = set()
         if ready:
             idx = [rows[k] for k in ready]
             requests = [self.requests[i] for i in idx]
+            if drafts:  # each row's logits start at its first
+                first = [0]
+                for k in range(len(rows) - 1):
+                    first.append(first[-1] + 1 + len(drafts.get(k, ())))
+                ready_logits = [first[k] for k in ready]
+            else:
+                ready_logits = ready
             sampler = self.sampler if len(idx) == len(self.requests) else self.sampler.filter(idx)
-            logits = out.logits if len(ready) == len(rows) else out.logits[torch.tensor(ready).to(out.logits.device)]
-            result = sampler(
-                logits,
-                [r.seq.token_ids for r in requests],
-                [r.prompt_len for r in requests],
-                [r.top_n for r in requests],
-                [r.grammar.allowed_ids(self.ctx.device) if r.grammar is not None else None for r in requests],
-                [r.stop.banned_ids() for r in requests],
-            )
+            logits = out.logits if len(ready) == len(rows) and not drafts else self._rows(out.logits, ready_logits)
+            result = self._sample(sampler, logits, requests)
             for j, (k, r) in enumerate(zip(ready, requests)):
                 gen, done = self._advance(r, j, result)
                 if prompt_details[k]:
@@ -194,10 +218,103 @@ class GenerationBatch:
                 generations.append(gen)
                 if done:
                     finished.add(idx[j])
+            if drafts:
+                self._verify(drafts, ready, idx, ready_logits, out.logits, generations, finished, timings)
         if finished:
             self._keep([i for i in range(len(self.requests)) if i not in finished])
         timings.decode_ns = time.perf_counter_ns() - start
         return generations, timings
+
+    @staticmethod
+    def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return logits[torch.tensor(rows).to(logits.device)]
+
+    def _sample(self, sampler: BatchSampler, logits: torch.Tensor, requests: list[RequestState]):
+        return sampler(
+            logits,
+            [r.seq.token_ids for r in requests],
+            [r.prompt_len for r in requests],
+            [r.top_n for r in requests],
+            [r.grammar.allowed_ids(self.ctx.device) if r.grammar is not None else None for r in requests],
+            [r.stop.banned_ids() for r in requests],
+        )
+
+    # ---- speculative decoding (speculate.py) ----------------------------------------------
+
+    def _drafts(self, rows: list[int], sizes: list[int], timings: StepTimings) -> dict[int, list[int]]:
+        """Draft tokens of the decoding requests of this step, by position in `rows`: as many as pay."""
+        policy = self.ctx.speculation
+        if not policy.enabled:
+            return {}
+        found: list[tuple[int, list[int]]] = []
+        for k, (i, n) in enumerate(zip(rows, sizes)):
+            r = self.requests[i]
+            if n != 1 or not r.generated or len(r.seq.token_ids) - r.seq.num_cached != 1:
+                continue
+            if r.ngrams is None:
+                r.ngrams = NgramIndex()
+            # Room for the token after the drafts: a request never holds more than its max_tokens.
+            room = min(policy.max_draft, r.max_new_tokens - len(r.generated) - 1)
+            draft = r.ngrams.propose(r.seq.token_ids, room)
+            if draft:
+                found.append((k, draft))
+        if not found:
+            return {}
+        counts = policy.plan(
+            timings.decode_rows, timings.prompt_tokens, [(self.requests[rows[k]].draft_rate, len(d)) for k, d in found]
+        )
+        drafts = {k: draft[:c] for (k, draft), c in zip(found, counts) if c}
+        timings.draft_tokens = sum(len(d) for d in drafts.values())
+        return drafts
+
+    def _verify(
+        self,
+        drafts: dict[int, list[int]],
+        ready: list[int],
+        idx: list[int],
+        ready_logits: list[int],
+        logits: torch.Tensor,
+        generations: list[pb.Generation],
+        finished: set[int],
+        timings: StepTimings,
+    ) -> None:
+        """After the first token of every ready row: each drafting row's next positions, in rounds, while
+        its drafts hold; then the runner keeps only the accepted drafts' keys and values."""
+        runner = self.ctx.runner
+        # Per drafting row: its index in `ready`, its draft, and the draft tokens accepted so far.
+        live = {j: drafts[k] for j, k in enumerate(ready) if k in drafts}
+        accepted = dict.fromkeys(live, 0)
+        held = {j for j, draft in live.items() if self.requests[idx[j]].generated[-1] == draft[0]}
+        held -= {j for j in held if idx[j] in finished}
+        depth = 1
+        while held:
+            order = sorted(held)
+            for j in order:
+                accepted[j] += 1
+            active = [j for j in order if depth <= len(live[j])]  # rows with a position left to sample
+            if not active:
+                break
+            requests = [self.requests[idx[j]] for j in active]
+            result = self._sample(
+                self.sampler.filter([idx[j] for j in active]),
+                self._rows(logits, [ready_logits[j] + depth for j in active]),
+                requests,
+            )
+            held = set()
+            for n, (j, r) in enumerate(zip(active, requests)):
+                self._advance(r, n, result, generations[j])
+                if generations[j].HasField("generated_text"):
+                    finished.add(idx[j])
+                elif depth < len(live[j]) and r.generated[-1] == live[j][depth]:
+                    held.add(j)
+            depth += 1
+        for j, draft in live.items():
+            r = self.requests[idx[j]]
+            verified = accepted[j] if idx[j] in finished else len(draft)  # a stop is no rejection
+            r.draft_rate = update_rate(r.draft_rate, accepted[j], verified)
+            timings.accepted_tokens += accepted[j]
+            if idx[j] not in finished:
+                runner.accept(r.seq, len(r.seq.token_ids) - 1)
 
     def _chunk_plan(self, pending: list[int], prompt_budget: int = 0) -> tuple[list[int], list[int]] | None:
         """The requests this step runs and how many tokens each, from each one's `pending` uncached tokens;
@@ -238,7 +355,8 @@ class GenerationBatch:
             return None
         return rows, sizes
 
-    def _advance(self, r: RequestState, i: int, result) -> tuple[pb.Generation, bool]:
+    def _advance(self, r: RequestState, i: int, result, gen: pb.Generation | None = None) -> tuple[pb.Generation, bool]:
+        """Append row `i`'s chosen token to `r` (and to `gen`, a Generation of this step's earlier tokens)."""
         token = result.next_ids[i]
         r.seq.token_ids.append(token)
         r.generated.append(token)
@@ -249,16 +367,19 @@ class GenerationBatch:
         if reason is None and r.grammar is not None and r.grammar.is_finished():
             reason = pb.FINISH_REASON_EOS_TOKEN
         is_special = token in self.ctx.special_ids
-        gen = pb.Generation(
-            request_id=r.id,
-            cached_tokens=r.seq.cached_tokens if len(r.generated) == 1 else 0,
-            tokens=pb.Tokens(
-                ids=[token],
-                logprobs=[result.logprobs[i]],
-                texts=[self.ctx.tokenizer.decode([token], skip_special_tokens=False) if is_special else piece],
-                is_special=[is_special],
-            ),
-        )
+        text = self.ctx.tokenizer.decode([token], skip_special_tokens=False) if is_special else piece
+        if gen is None:
+            gen = pb.Generation(
+                request_id=r.id,
+                cached_tokens=r.seq.cached_tokens if len(r.generated) == 1 else 0,
+                tokens=pb.Tokens(ids=[token], logprobs=[result.logprobs[i]], texts=[text], is_special=[is_special]),
+            )
+        else:
+            tokens = gen.tokens
+            tokens.ids.append(token)
+            tokens.logprobs.append(result.logprobs[i])
+            tokens.texts.append(text)
+            tokens.is_special.append(is_special)
         if r.top_n:
             top_ids = result.top_ids[i]
             gen.top_tokens.append(

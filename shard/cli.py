@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         kv_cache_bytes=args.kv_cache_bytes,
         prefill_chunk=chunk,
         precision=(precision.summary, precision.reason),
+        speculate=args.speculate,
     )
     log.info(
         "rank %d: model loaded in %.2fs (%s attention)",

@@ -31,10 +31,13 @@ class Engine:
         kv_cache_bytes: int | None = None,
         prefill_chunk: int = 0,
         precision: tuple[str, str] = ("", ""),
+        speculate: int = 0,
     ) -> None:
         self.runner = runner
         self.precision, self.precision_reason = precision
-        self.ctx = Context(runner, tokenizer, grammar_compiler, prefill_chunk)
+        self.ctx = Context(runner, tokenizer, grammar_compiler, prefill_chunk, speculate)
+        if speculate and not self.ctx.speculation.enabled:
+            log.warning("--speculate %d: this model's path runs padded batches, which cannot verify drafts", speculate)
         self.kv_cache_bytes = kv_cache_bytes
         self.batches: dict[int, GenerationBatch] = {}
 
@@ -102,6 +105,8 @@ class Engine:
             concat_ns=concat_ns,
             decode_rows=timings.decode_rows,
             prompt_tokens=timings.prompt_tokens,
+            draft_tokens=timings.draft_tokens,
+            accepted_tokens=timings.accepted_tokens,
         )
 
     def _step_stored(self, batch: GenerationBatch, prompt_budget: int = 0):
@@ -138,6 +143,9 @@ class Engine:
         max_total = request.max_total_tokens or max_prefill
         self.clear(None)
         capacity = self.runner.warmup(max_prefill, max_total, self.kv_cache_bytes)
+        policy = self.ctx.speculation
+        if policy.enabled:
+            policy.costs = self.runner.speculation_costs(policy.max_draft)
         block_size = self.runner.info.block_size
         log.info("warmup: %d prefill tokens ran; KV cache holds %d tokens", max_prefill, capacity)
         return pb.WarmupResponse(
@@ -167,7 +175,7 @@ class Engine:
             dtype=i.dtype,
             device_type=i.device_type,
             window_size=i.window_size,
-            speculate=0,
+            speculate=self.ctx.speculation.max_draft,
             block_size=i.block_size,
             eos_token_ids=sorted(i.eos_token_ids),
             pad_token_id=i.pad_token_id,

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,13 +106,28 @@ class ModelRunner(ABC):
 
     @abstractmethod
     def step(
-        self, seqs: list[Sequence], want_prompt_logits: bool = False, num_new: list[int] | None = None
+        self,
+        seqs: list[Sequence],
+        want_prompt_logits: bool = False,
+        num_new: list[int] | None = None,
+        num_logits: list[int] | None = None,
     ) -> StepOutput:
         """Run token_ids[num_cached:] of every sequence in one forward; then num_cached = len(token_ids).
 
         `num_new` (runners with `info.shared_prefill` only): run just that many of each
         sequence's uncached tokens, a prompt in chunks; the logits are those of each one's last token run.
+        `num_logits` (the same runners; speculative decoding): the logits of each sequence's last that
+        many tokens run, stacked in order; a sequence with more than one ran draft tokens, so none of its
+        blocks is named for the prefix cache until `accept` says how many of them stay.
         """
+
+    def accept(self, seq: Sequence, num_cached: int) -> None:  # noqa: B027 (only runners that speculate act)
+        """After a speculative step: only the first `num_cached` tokens' keys and values stay (the rest
+        were rejected drafts); blocks beyond what `seq.token_ids` needs go back."""
+
+    def speculation_costs(self, max_draft: int):
+        """Measured step times for `speculate.SpeculationPolicy` (None: this runner cannot speculate)."""
+        return None
 
     @abstractmethod
     def free(self, seq: Sequence) -> None:
@@ -341,7 +357,11 @@ class PagedRunner(ModelRunner):
 
     @torch.inference_mode()
     def step(
-        self, seqs: list[Sequence], want_prompt_logits: bool = False, num_new: list[int] | None = None
+        self,
+        seqs: list[Sequence],
+        want_prompt_logits: bool = False,
+        num_new: list[int] | None = None,
+        num_logits: list[int] | None = None,
     ) -> StepOutput:
         if not seqs:
             raise ValueError("step() needs at least one sequence")
@@ -352,7 +372,13 @@ class PagedRunner(ModelRunner):
             raise ValueError("num_new: between 1 and the uncached tokens of each sequence")
         if min(num_new) < 1:
             raise ValueError("every sequence in a step needs at least one uncached token")
+        if num_logits is not None and (
+            len(num_logits) != len(seqs) or any(not 1 <= m <= n for m, n in zip(num_logits, num_new))
+        ):
+            raise ValueError("num_logits: between 1 and the tokens each sequence runs")
         self._allocate(seqs, num_new)
+        if num_logits is not None and max(num_logits) > 1:
+            return self._speculative_step(seqs, num_new, num_logits)
         if self.graphs is not None and not want_prompt_logits and max(uncached) == 1:
             logits = self.graphs.run(seqs, self.cache)
             if logits is not None:
@@ -375,6 +401,90 @@ class PagedRunner(ModelRunner):
         if self.prefix_caching:
             self._register(seqs)
         return output
+
+    def _speculative_step(self, seqs: list[Sequence], num_new: list[int], num_logits: list[int]) -> StepOutput:
+        """A step whose sequences ran draft tokens: the logits of each one's last `num_logits` tokens.
+        Blocks of sequences with drafts are named only once `accept` has dropped the rejected ones."""
+        ids: list[int] = []
+        for s, n in zip(seqs, num_new):
+            ids.extend(s.token_ids[s.num_cached : s.num_cached + n])
+        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
+        meta = AttentionMetadata.build(
+            [s.num_cached for s in seqs], num_new, [s.blocks for s in seqs], self.block_size, self.device
+        )
+        hidden = self.model(input_ids, meta, self.cache)
+        rows: list[int] = []
+        end = 0
+        for n, m in zip(num_new, num_logits):
+            end += n
+            rows.extend(range(end - m, end))
+        logits = self.model.logits(hidden.index_select(0, torch.tensor(rows).to(self.device)))
+        for s, n in zip(seqs, num_new):
+            s.num_cached += n
+        if self.prefix_caching:
+            self._register([s for s, m in zip(seqs, num_logits) if m == 1])
+        return StepOutput(logits=logits)
+
+    def accept(self, seq: Sequence, num_cached: int) -> None:
+        if num_cached > seq.num_cached:
+            raise ValueError(f"accept: {num_cached} tokens, of {seq.num_cached} cached")
+        seq.num_cached = num_cached
+        keep = -(-len(seq.token_ids) // self.block_size)
+        if len(seq.blocks) > keep:
+            self.cache.allocator.free(seq.blocks[keep:])
+            del seq.blocks[keep:]
+        if self.prefix_caching:
+            self._register([seq])
+
+    @torch.inference_mode()
+    def speculation_costs(self, max_draft: int, batch_sizes=(1, 2, 4, 8, 16, 32), context: int = 256):
+        """Forward seconds of decode steps of each batch size over `context` cached tokens per row, with no
+        draft and with `max_draft` draft tokens per row (the fastest of three runs; the slowest rank's, so
+        every rank plans the same steps). Sizes the cache cannot hold are left out."""
+        from ember.shard.speculate import StepCosts
+
+        bs, alloc = self.block_size, self.cache.allocator
+        sizes, plain, drafted = [], [], []
+        for batch in batch_sizes:
+            per_row = -(-(context + 1 + max_draft) // bs)
+            if batch * per_row > alloc.num_free:
+                break
+            tables = [alloc.allocate(per_row) for _ in range(batch)]
+            try:
+                times = [self._time_step(tables, context, new) for new in (1, 1 + max_draft)]
+            finally:
+                for table in tables:
+                    alloc.free(table)
+            sizes.append(batch)
+            plain.append(times[0])
+            drafted.append(times[1])
+        if not sizes:
+            return None
+        measured = torch.tensor(plain + drafted, dtype=torch.float64, device=self.device)
+        measured = all_reduce(measured, self.group, op="max").tolist()
+        costs = StepCosts(sizes, measured[: len(sizes)], measured[len(sizes) :], max_draft)
+        log.info(
+            "speculation: decode step times measured for batches %s: %s ms plain, %s ms with %d draft tokens a row",
+            sizes,
+            [round(t * 1e3, 2) for t in costs.plain],
+            [round(t * 1e3, 2) for t in costs.drafted],
+            max_draft,
+        )
+        return costs
+
+    def _time_step(self, tables: list[list[int]], context: int, new: int, repeats: int = 3) -> float:
+        """The fastest of `repeats` forwards (with their logits) of `new` tokens a row after `context` cached."""
+        rows = len(tables)
+        input_ids = torch.zeros(rows * new, dtype=torch.long, device=self.device)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            meta = AttentionMetadata.build([context] * rows, [new] * rows, tables, self.block_size, self.device)
+            self.model.logits(self.model(input_ids, meta, self.cache))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            best = min(best, time.perf_counter() - start)
+        return best
 
     def _logits(self, hidden: torch.Tensor, num_new: list[int], want_prompt_logits: bool) -> StepOutput:
         """Project only the last token of each sequence, unless prompt logits were asked for."""

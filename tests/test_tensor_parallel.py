@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -76,7 +77,8 @@ def shared_prefix_texts(base: str) -> list[dict]:
     return out
 
 
-def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int) -> list[dict]:
+def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int, *extra: str, seen=None) -> list[dict]:
+    """Greedy and shared-prefix answers; `seen`, a dict, gets the server's /metrics text."""
     launcher, base = launch(
         model_dir,
         prefix,
@@ -89,10 +91,14 @@ def run(model_dir: Path, prefix: Path, num_shard: int, max_new_tokens: int) -> l
         "256",
         "--kv-cache-bytes",
         "4MiB",
+        *extra,
     )
     try:
         launcher.wait_for_line("[launcher] serving ")
-        return greedy_texts(base, max_new_tokens) + shared_prefix_texts(base)
+        answers = greedy_texts(base, max_new_tokens) + shared_prefix_texts(base)
+        if seen is not None:
+            seen["metrics"] = httpx.get(f"{base}/metrics", timeout=10).text
+        return answers
     finally:
         launcher.kill()
 
@@ -110,6 +116,22 @@ def test_two_ranks_give_the_tokens_of_one(tiny_llama_dir, tmp_path):
     assert cached[0] == 0 and cached[1] >= 32
     prompt = shared_two[2]["usage"]["prompt_tokens"]  # the third repeats the first: all but its last token's block
     assert cached[2] == (prompt - 1) // 16 * 16
+
+
+def test_two_ranks_speculating_give_the_tokens_of_one_without(tiny_llama_dir, tmp_path):
+    """Drafts, their verification and the rollback of rejected ones happen alike on every rank (each rank
+    plans from the same tokens and the slowest rank's measured step times)."""
+    one = run(tiny_llama_dir, tmp_path / "tp1", 1, 24)
+    seen: dict = {}
+    two = run(tiny_llama_dir, tmp_path / "tp2", 2, 24, "--speculate", "4", seen=seen)
+    accepted = re.search(r"^ember_speculative_accepted_tokens(?:\{[^}]*\})? (\S+)$", seen["metrics"], re.M)
+    assert accepted is not None and float(accepted.group(1)) > 0
+    for a, b in zip(one, two):
+        if "tokens" in a:
+            assert a["tokens"] == b["tokens"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+        else:
+            assert a == b
 
 
 def test_heads_that_do_not_divide_are_refused_with_the_numbers(tiny_model_factory, tmp_path):

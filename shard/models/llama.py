@@ -52,6 +52,7 @@ FUSED_MAX_NEW_TOKENS = 2048
 # whole context once per row. On SmolLM2 (w4a8, 2 cores) 64 new tokens over 1,300 cached ones took 63 ms
 # through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
 FUSED_MAX_ATTENTION_PAIRS = 65_536
+FUSED_SHORT_SPAN = 16  # 16 new tokens over 1,300 cached: about even either way
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
 PACKED_HEAD_MAX_ROWS = 8
@@ -572,9 +573,13 @@ class FusedDecode:
 
 def _attention_pairs(meta: AttentionMetadata) -> int:
     """(query, key) pairs the prompt chunks over a cached context attend over (fresh prompts' own keys are
-    float32: the modules would gain nothing there)."""
+    float32: the modules would gain nothing there). Spans of at most `FUSED_SHORT_SPAN` tokens (a token
+    with its speculative drafts, a prompt's last few tokens) count for nothing: row by row they read
+    the context as often as decode rows do, which is what the fused step is fastest at."""
     return sum(
-        span.num_new * (span.num_cached + span.num_new) for span in meta.spans if span.num_new > 1 and span.num_cached
+        span.num_new * (span.num_cached + span.num_new)
+        for span in meta.spans
+        if span.num_new > FUSED_SHORT_SPAN and span.num_cached
     )
 
 

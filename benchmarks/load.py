@@ -1,7 +1,7 @@
 """Streaming load generator for TGI and OpenAI endpoints: TTFT, inter-token latency, throughput.
 
     python benchmarks/load.py --url http://127.0.0.1:3000 --concurrency 1 8 32 \
-        --requests 64 --max-new-tokens 128 [--api tgi|openai] [--scenario short|long|mix|rag|chat] \
+        --requests 64 --max-new-tokens 128 [--api tgi|openai] [--scenario short|long|mix|rag|chat|grounded] \
         [--time-limit 120] [--client raw|httpx] [--json results.json]
 
 Each of `concurrency` workers sends streaming requests back to back
@@ -672,6 +672,8 @@ def _default_tokenizer() -> Path:
 
 
 def main() -> None:
+    from prompts import SCENARIOS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:3000")
     p.add_argument("--api", choices=sorted(APIS), default="tgi")
@@ -680,7 +682,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level (at least the concurrency)")
     p.add_argument("--time-limit", type=float, default=300, help="seconds per level before cancelling")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--scenario", choices=["short", "long", "mix", "rag", "chat"], default="short")
+    p.add_argument("--scenario", choices=SCENARIOS, default="short")
     p.add_argument("--tokenizer", help="tokenizer.json measuring the prompts (default: smollm2's)")
     p.add_argument("--prompt", help="send this one prompt every time instead of a prompt set")
     p.add_argument(

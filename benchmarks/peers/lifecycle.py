@@ -56,6 +56,23 @@ PEERS: dict[str, Peer] = {
         version_probe=(None, "ember"),
         note="ember-default with --prefix-caching false: what prefix caching buys",
     ),
+    "ember-nospec": Peer(
+        "ember-nospec",
+        "start_ember_nospec.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-default with --speculate 0: no n-gram speculative decoding, ember-speculate's baseline",
+    ),
+    "ember-speculate": Peer(
+        "ember-speculate",
+        "start_ember_speculate.sh",
+        "/health",
+        "auto",
+        version_probe=(None, "ember"),
+        note="ember-default with --speculate 4: n-gram speculative decoding (up to 4 draft tokens a step, "
+        "matched in the request's own prompt and output), what it buys",
+    ),
     "ember": Peer(
         "ember",
         "start_ember.sh",

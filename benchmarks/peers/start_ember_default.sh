@@ -6,5 +6,6 @@ source "$(dirname "$0")/common.sh"
 PORT="${1:?usage: start_ember_default.sh PORT}"
 unset DTYPE QUANTIZE MATMUL_DTYPE KV_CACHE_DTYPE PREFILL_CHUNK_TOKENS PREFILL_CHUNKING NUM_THREADS OMP_NUM_THREADS
 [ "${EMBER_BENCH_KEEP_PREFIX_CACHING:-}" = 1 ] || unset PREFIX_CACHING
+[ "${EMBER_BENCH_KEEP_SPECULATE:-}" = 1 ] || unset SPECULATE
 exec "$REPO_ROOT/.venv/bin/ember-launcher" --model-id "${EMBER_BENCH_MODEL_ID:-${EMBER_BENCH_MODEL_DIR:-smollm2}}" \
     --hostname 127.0.0.1 --port "$PORT" --shard-uds-path "/tmp/ember-bench-$PORT"

@@ -35,7 +35,7 @@ MIN_NGRAM = 2  # a single repeated token says too little about what follows
 MAX_NGRAM = 4
 PRIOR_ACCEPTANCE = 0.5  # a new request's acceptance rate before any of its drafts was verified
 RATE_ALPHA = 0.3  # weight of the newest verified token in a request's acceptance rate
-MARGIN = 0.05  # drafts run only when the step's expected tokens/s beats plain decoding by this much
+MARGIN = 0.10  # drafts run only when the step's expected tokens/s beats plain decoding by this much
 
 
 class NgramIndex:
@@ -48,9 +48,16 @@ class NgramIndex:
         self.sizes = range(max_n, min_n - 1, -1)  # longest first
         self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> where it last ended (exclusive)
         self.indexed = 0  # every n-gram ending at or before this position is in `ends`
+        # The copy being followed: at sequence length `at`, the tokens before `source` matched the last ones.
+        self.source: int | None = None
+        self.at = 0
 
     def propose(self, ids: list[int], k: int) -> list[int]:
-        """Up to `k` tokens that followed the longest earlier occurrence of `ids`' last tokens."""
+        """Up to `k` tokens that followed the earlier occurrence of `ids`' last tokens: the passage the
+        sequence has been copying while it goes on copying it, else the longest, most recent n-gram match.
+
+        Following the copy matters where a passage repeats short phrases: "the large" may occur ten
+        times, but the text being copied goes on from one place."""
         end = len(ids)
         ends = self.ends
         # Index the n-grams ending before the last position: the one ending there is what we look up.
@@ -61,10 +68,18 @@ class NgramIndex:
         self.indexed = max(self.indexed, end - 1)
         if k <= 0:
             return []
+        if self.source is not None:
+            grown = end - self.at
+            source = self.source + grown
+            if source < end and ids[self.source : source] == ids[self.at : end]:
+                self.source, self.at = source, end
+                return ids[source : source + k]
+            self.source = None
         for n in self.sizes:
             if end > n:
                 found = ends.get(tuple(ids[end - n :]))
                 if found is not None:
+                    self.source, self.at = found, end
                     return ids[found : found + k]
         return []
 
@@ -82,9 +97,18 @@ class StepCosts:
         return _interpolate(self.batch, self.plain, rows)
 
     def per_draft_token(self, rows: int) -> float:
-        """What one draft token adds to a step of `rows` rows (at least nothing)."""
+        """What one draft token adds to a step of `rows` rows: as measured, and never less than one more
+        row adds (a draft token does a row's work; a lower figure is the noise of a shared machine)."""
         extra = [max(0.0, d - p) / (b * self.draft) for b, p, d in zip(self.batch, self.plain, self.drafted)]
-        return _interpolate(self.batch, extra, rows)
+        return max(_interpolate(self.batch, extra, rows), self.marginal_row(rows))
+
+    def marginal_row(self, rows: int) -> float:
+        """What one more row adds to a step of `rows` rows: the slope of the plain times from there on."""
+        if len(self.batch) == 1:
+            return self.plain[0] / self.batch[0]
+        i = min(max(bisect.bisect_right(self.batch, rows), 1), len(self.batch) - 1)
+        slope = (self.plain[i] - self.plain[i - 1]) / (self.batch[i] - self.batch[i - 1])
+        return max(slope, 0.0)
 
 
 def _interpolate(xs: list[int], ys: list[float], x: float) -> float:

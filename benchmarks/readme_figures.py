@@ -137,9 +137,27 @@ def memory() -> str:
     )
 
 
+def speculation(path: str = "speculate/comparison.json") -> str:
+    """Tokens/s with `--speculate 4` over the same server without it: the grounded set, and short prompts."""
+    servers = _load(path)["servers"]
+
+    def ratio(scenario: str, concurrency: int) -> str:
+        on = _level(servers["ember-speculate"], scenario, concurrency)
+        off = _level(servers["ember-nospec"], scenario, concurrency)
+        return f"{on['output_tokens_per_s']['median'] / off['output_tokens_per_s']['median']:.2f}×"
+
+    return (
+        "With `--speculate 4`, prompts that ask to copy or lightly edit a ~300-token passage (`grounded`) stream "
+        f"{ratio('grounded', 1)} (1 stream) and {ratio('grounded', 4)} (4 streams) the tokens/s of the same server "
+        f"without it, and 16 streams of short prompts {ratio('short', 16)} "
+        f"(`benchmarks/results/{path.replace('.json', '.md')}`)."
+    )
+
+
 def block() -> str:
     traffic = [*traffic_table(), ""] if (RESULTS / "traffic" / "comparison.json").exists() else []
-    return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), memory(), END])
+    spec = [speculation()] if (RESULTS / "speculate" / "comparison.json").exists() else []
+    return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), memory(), *spec, END])
 
 
 def readme_block(text: str) -> str:

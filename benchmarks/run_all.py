@@ -109,8 +109,11 @@ def choose_api(peer: lifecycle.Peer, url: str) -> str:
     return "openai" if status == 200 else "tgi"
 
 
-def bench_server(peer: lifecycle.Peer, args: argparse.Namespace, prompts: dict, log_dir: Path) -> dict:
-    """Install, start, warm up and measure one server; errors end up in the returned entry."""
+def bench_server(
+    peer: lifecycle.Peer, args: argparse.Namespace, prompts: dict, log_dir: Path, repeats: list[int] | None = None
+) -> dict:
+    """Install, start, warm up and measure one server (the given repeats; default all); errors end up in the
+    returned entry."""
     note = peer.note
     if peer.name == "naive":  # its dtype and device are the start script's environment (start_naive.sh)
         note += f"; {os.environ.get('NAIVE_DTYPE', 'float32')}, device {os.environ.get('NAIVE_DEVICE', 'auto')}"
@@ -129,7 +132,7 @@ def bench_server(peer: lifecycle.Peer, args: argparse.Namespace, prompts: dict, 
             entry["api"] = api = choose_api(peer, url)
             print(f"[{peer.name}] ready at {url} after {server.ready_after_s:.0f}s, API {api}", flush=True)
             warm_up(url, api, prompts["short"])
-            measure(url, api, args, prompts, entry)
+            measure(url, api, args, prompts, entry, repeats)
     except lifecycle.PeerError as exc:
         entry.update(status="start_failed", error=str(exc))
     except Exception as exc:  # a crash mid-run: keep the levels measured so far, and say why
@@ -146,9 +149,11 @@ def warm_up(url: str, api: str, prompts) -> None:
         raise RuntimeError(f"warm-up failed: {summary['first_error']}")
 
 
-def measure(url: str, api: str, args: argparse.Namespace, prompts: dict, entry: dict) -> None:
+def measure(
+    url: str, api: str, args: argparse.Namespace, prompts: dict, entry: dict, repeats: list[int] | None = None
+) -> None:
     sizes = level_sizes(args.concurrency, args.rounds, args.min_requests)
-    for repeat in range(args.repeats):
+    for repeat in range(args.repeats) if repeats is None else repeats:
         for scenario in args.scenarios:
             source = prompts[scenario]
             # A repeat that replays the last one's prompts measures the servers' prefix caches, not the
@@ -299,6 +304,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="every repeat sends new prompts (always so for rag and chat); without it the others repeat theirs",
     )
+    p.add_argument(
+        "--alternate",
+        action="store_true",
+        help="servers take turns, one repeat each (restarted each time): drift of a shared machine hits all alike",
+    )
     p.add_argument("--rounds", type=int, default=2, help="requests per worker in a level")
     p.add_argument("--min-requests", type=int, default=8, help="fewest requests in a level")
     p.add_argument(
@@ -340,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"roofline probe on {args.device} ...", flush=True)
     dtypes = ["float32", "bfloat16", "int8"] if args.device == "cpu" else ["float32", "bfloat16"]
     results["roofline"] = roofline.probe(dtypes, args.roofline_time, args.device)
-    for name in args.servers:
+    if args.alternate:
+        alternate(args, prompts, log_dir, results, out)
+    for name in [] if args.alternate else args.servers:
         entry = bench_server(lifecycle.PEERS[name], args, prompts, log_dir)
         entry["summary"] = aggregate(entry["levels"])
         results["servers"][name] = entry
@@ -355,6 +367,26 @@ def main(argv: list[str] | None = None) -> None:
     results["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     write_outputs(results, out)
     print(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'} and plots", flush=True)
+
+
+def alternate(args: argparse.Namespace, prompts: dict, log_dir: Path, results: dict, out: Path) -> None:
+    """`--alternate`: the servers take turns, one repeat each (each started afresh), so a machine that
+    drifts during the run (a shared one) weighs on every server alike rather than on the later ones."""
+    servers = results["servers"]
+    for repeat in range(args.repeats):
+        for name in args.servers:
+            entry = bench_server(lifecycle.PEERS[name], args, prompts, log_dir, [repeat])
+            if name in servers:
+                previous = servers[name]
+                entry["levels"] = previous["levels"] + entry["levels"]
+                entry["wall_s"] += previous["wall_s"]
+                if previous["error"] and not entry["error"]:
+                    entry.update(status=previous["status"], error=previous["error"])
+            entry["summary"] = aggregate(entry["levels"])
+            servers[name] = entry
+            if entry["error"]:
+                print(f"[{name}] {entry['status']}: {entry['error']}", flush=True)
+            write_outputs(results, out)
 
 
 def write_outputs(results: dict, out: Path) -> None:

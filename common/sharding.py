@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 # Model types with Ember's own tensor-parallel model code; others take the generic path (one rank).
-PAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# `gemma3` is Gemma 3's multimodal checkpoint (its text model's config nested in `text_config`): the text
+# model is served, the vision tower left unread.
+PAGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma3_text", "gemma3"})
+
+
+def text_config(config: dict) -> dict:
+    """The text model's config: `text_config` where a multimodal config nests it (Gemma 3), else `config`."""
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else config
 
 
 def sharding_problem(config: dict, world_size: int) -> str | None:
@@ -16,8 +24,9 @@ def sharding_problem(config: dict, world_size: int) -> str | None:
             f"model_type {model_type!r} runs on the generic transformers path, which supports one shard "
             f"only (tensor parallel size 1), but --num-shard is {world_size}"
         )
-    heads = config.get("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
+    text = text_config(config)
+    heads = text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads") or heads
     if heads is not None and heads % world_size:
         return (
             f"num_attention_heads={heads} is not divisible by --num-shard {world_size} "

@@ -49,12 +49,24 @@ from ember import settings
 from ember.progress import LogProgress, ProgressFn
 
 Source = Literal["dir", "gguf", "default"]
-CONVERSION_FORMAT = 2
+CONVERSION_FORMAT = 3
 """Bumped when the converted layout changes; recorded in `ember_source.json`. 2: GGUFs of `OWN_CODE_ARCHS`
-keep their own file (`model.gguf`) instead of float32 safetensors (directories of format 1 are converted again)."""
+keep their own file (`model.gguf`) instead of float32 safetensors (directories of format 1 are converted again).
+3: so do Gemma 3's (`gemma3` joined `OWN_CODE_ARCHS`; its float32 directories of format 2 are converted again)."""
 
-OWN_CODE_ARCHS = frozenset({"llama", "mistral", "qwen2"})
+OWN_CODE_ARCHS = frozenset({"llama", "mistral", "qwen2", "gemma3"})
 """GGUF architectures whose model types Ember's own (paged) model code serves, from the GGUF's own tensors."""
+
+_BLOCK_TENSORS = (
+    *("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output"),
+    *("ffn_norm", "ffn_gate", "ffn_up", "ffn_down"),
+)
+_REQUIRED_TENSORS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2"), _BLOCK_TENSORS),
+    "gemma3": (*_BLOCK_TENSORS, "attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"),
+}
+"""Each `OWN_CODE_ARCHS` decoder block's tensors that Ember's model code reads (`blk.N.<name>.weight`,
+llama.cpp's names), besides `token_embd` and `output_norm`: a GGUF lacking one is refused at conversion."""
 
 GGUF_FILE = "model.gguf"
 """The GGUF in a converted directory of an `OWN_CODE_ARCHS` model (what the shard's `Weights` reads)."""
@@ -385,7 +397,9 @@ def _outdated(target: Path, gguf: Path) -> bool:
         recorded = json.loads((target / "ember_source.json").read_text()).get("format", 1)
     except (OSError, ValueError):
         return False
-    return recorded < 2 and not (target / GGUF_FILE).exists() and gguf_architecture(gguf) in OWN_CODE_ARCHS
+    return (
+        recorded < CONVERSION_FORMAT and not (target / GGUF_FILE).exists() and gguf_architecture(gguf) in OWN_CODE_ARCHS
+    )
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -455,7 +469,9 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: ProgressFn | None = None) 
     """
     progress = progress or LogProgress()
     reader = _reader(gguf)
-    if gguf_architecture(gguf, reader) in OWN_CODE_ARCHS:
+    arch = gguf_architecture(gguf, reader)
+    if arch in OWN_CODE_ARCHS:
+        _check_tensors(gguf, reader, arch)
         _keep_gguf(gguf, reader.tensors, out_dir, progress)
         return
     float_directory(gguf, out_dir, progress)
@@ -501,6 +517,20 @@ def _check_loaded(gguf: Path, model: Any, loading: dict[str, Any]) -> None:
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
         raise ModelStoreError(f"transformers found no tensor in {gguf} for {len(missing)} weights ({shown})")
+
+
+def _check_tensors(gguf: Path, reader: Any, arch: str) -> None:
+    """Refuse a GGUF of `OWN_CODE_ARCHS` that lacks a tensor the model code reads (`_REQUIRED_TENSORS`):
+    the shard would fail on it at every start, after the cache had kept it."""
+    field = reader.get_field(f"{arch}.block_count")
+    blocks = int(field.contents()) if field is not None else 0
+    present = {t.name for t in reader.tensors}
+    wanted = ["token_embd.weight", "output_norm.weight"]
+    wanted += [f"blk.{i}.{name}.weight" for i in range(blocks) for name in _REQUIRED_TENSORS[arch]]
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ModelStoreError(f"{gguf.name} ({arch}, {blocks} blocks) has no tensor {shown}: it is incomplete")
 
 
 def _keep_gguf(gguf: Path, tensors: list, out_dir: Path, progress: ProgressFn) -> None:

@@ -188,11 +188,13 @@ def paged_attention(
     kv: tuple[torch.Tensor, torch.Tensor] | None,
     meta: AttentionMetadata,
     window: int | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Attention for flattened new tokens. q [T, H, D]; k, v [T, KVH, D]; kv = the layer's flat cache.
 
     Writes the new K/V into their slots first (in the cache's dtype, which may be
-    narrower than q's), then attends in q's dtype. Returns [T, H * D].
+    narrower than q's), then attends in q's dtype. `scale` multiplies the scores (None: D ** -0.5;
+    Gemma's is its `query_pre_attn_scalar` ** -0.5). Returns [T, H * D].
     """
     if kv is not None and meta.slots is not None:
         kernels = native.kernels() if q.device.type == "cpu" else None
@@ -200,16 +202,25 @@ def paged_attention(
             kv[0].index_copy_(0, meta.slots, k.to(kv[0].dtype))
             kv[1].index_copy_(0, meta.slots, v.to(kv[1].dtype))
     if meta.is_decode:
-        return _decode(q, kv, meta, window)
-    return _prefill(q, k, v, kv, meta, window)
+        return _decode(q, kv, meta, window, scale)
+    return _prefill(q, k, v, kv, meta, window, scale)
 
 
-def _decode(q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None, scale: float | None = None
+) -> torch.Tensor:
     batch, heads, dim = q.shape
     kernels = native.kernels() if q.device.type == "cpu" else None
     if kernels is not None and kernels.supports_decode(kv[0].dtype):
         out = kernels.paged_decode(
-            q.float(), kv[0], kv[1], meta.gather_blocks, meta.context_lens, meta.block_size, window, dim**-0.5
+            q.float(),
+            kv[0],
+            kv[1],
+            meta.gather_blocks,
+            meta.context_lens,
+            meta.block_size,
+            window,
+            dim**-0.5 if scale is None else scale,
         )
         return out.view(batch, heads * dim).to(q.dtype)
     kv_heads = kv[0].shape[1]
@@ -223,7 +234,9 @@ def _decode(q: torch.Tensor, kv, meta: AttentionMetadata, window: int | None) ->
     keys = keys.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2).to(q.dtype)  # [B, KVH, L, D]
     values = values.view(batch, padded, kv_heads, dim)[:, :width].transpose(1, 2).to(q.dtype)
     grouped = q.view(batch, kv_heads, heads // kv_heads, dim)  # query heads of one KV head as rows
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=meta.decode_mask(window, q.dtype))
+    out = F.scaled_dot_product_attention(
+        grouped, keys, values, attn_mask=meta.decode_mask(window, q.dtype), scale=scale
+    )
     return out.reshape(batch, heads * dim)
 
 
@@ -232,12 +245,12 @@ def _block_view(flat: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size, *flat.shape[1:])
 
 
-def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.Tensor:
+def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None, scale: float | None = None) -> torch.Tensor:
     total, heads, dim = q.shape
     out = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
     lead = meta.decode_rows
     if lead:
-        out[:lead] = _decode(q[:lead], kv, meta.decode_part, window).view(lead, heads, dim)
+        out[:lead] = _decode(q[:lead], kv, meta.decode_part, window, scale).view(lead, heads, dim)
     i = lead
     while i < len(meta.spans):
         run = _equal_fresh_run(meta, i, window)
@@ -251,6 +264,7 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.
                 k[s:e].view(shape).transpose(1, 2),
                 v[s:e].view(shape).transpose(1, 2),
                 is_causal=True,
+                scale=scale,
                 enable_gqa=True,
             )
             out[s:e] = o.transpose(1, 2).reshape(run * n, heads, dim)
@@ -278,6 +292,7 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None) -> torch.
             values.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
             is_causal=mask is None,
+            scale=scale,
             enable_gqa=True,
         )
         out[s:e] = o[0].transpose(0, 1)

@@ -498,6 +498,22 @@ class RMSNorm(torch.nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: x · (1 + w), all in float32, rounded to the activations' dtype once at the end
+    (Llama rounds the normalized x first). Holds 1 + w in float32, added once at load, so float32
+    activations take the same fused kernels as `RMSNorm`."""
+
+    @classmethod
+    def load(cls, weights: Weights, name: str, eps: float) -> OffsetRMSNorm:
+        return cls(weights.get(name, dtype=torch.float32) + 1.0, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
 def rope_parameters(config: dict) -> dict:
     """Merge the rope spellings found in configs: `rope_theta` + `rope_scaling`, or transformers-5 `rope_parameters`."""
     params: dict = {}

@@ -585,7 +585,7 @@ def load_runner(
     cuda_graphs: tuple[int, ...] | None = None,
     prefix_caching: bool = True,
 ) -> ModelRunner:
-    """Load a model directory: Ember's paged code for llama/mistral/qwen2, transformers' otherwise.
+    """Load a model directory: Ember's paged code for llama/mistral/qwen2/gemma3, transformers' otherwise.
 
     `matmul_dtype` (paged code only) stores the decoder layers' linear weights in
     another dtype than `dtype`: float32 activations with bfloat16 matmuls halve the

@@ -99,16 +99,17 @@ class Weights:
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file]
 
-    def _finish(self, t: torch.Tensor) -> torch.Tensor:
+    def _finish(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         if t.is_floating_point():
-            t = t.to(self.dtype)
+            t = t.to(dtype or self.dtype)
         return t.to(self.device).contiguous()
 
-    def get(self, name: str) -> torch.Tensor:
-        """The whole tensor (for norms and anything replicated on every rank)."""
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor (for norms and anything replicated on every rank); floats in `dtype`
+        (default: the model's)."""
         if self.gguf is not None:
-            return self._finish(self.gguf.tensor(name))
-        return self._finish(self._handle(name).get_tensor(name))
+            return self._finish(self.gguf.tensor(name), dtype)
+        return self._finish(self._handle(name).get_tensor(name), dtype)
 
     def shape(self, name: str) -> list[int]:
         if self.gguf is not None:
@@ -159,47 +160,69 @@ _LAYER_TENSORS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Gemma 3's (the `gguf` package's gemma3 table): per-head query and key norms, and four norms per layer.
+# Its `post_attention_layernorm` normalizes the attention's output (llama.cpp's `post_attention_norm`),
+# where Llama's is the norm before the MLP (`ffn_norm`, Gemma's `pre_feedforward_layernorm`).
+_GEMMA3_LAYER_TENSORS = {
+    **{hf: gguf for hf, gguf in _LAYER_TENSORS.items() if hf != "post_attention_layernorm"},
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+_ARCH_LAYER_TENSORS = {"gemma3": _GEMMA3_LAYER_TENSORS}
 _MODEL_TENSORS = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 # llama.cpp stores these architectures' query and key rows interleaved per head for its rotary layout.
 _PERMUTED_ARCHS = ("llama", "mistral")
+# llama.cpp's converter stores these architectures' RMSNorm weights as 1 + w (Gemma's norms scale by 1 + w,
+# llama.cpp's by the weight): every `*norm.weight`, the per-head query and key norms included. Read back
+# as Hugging Face's w, as transformers' GGUF loader does.
+_NORM_PLUS_ONE_ARCHS = ("gemma3",)
 
 
-def gguf_name(name: str) -> str | None:
-    """GGUF's name of a Hugging Face Llama-family tensor name (None: not one of a decoder's)."""
+def _layer_tensors(arch: str) -> dict[str, str]:
+    return _ARCH_LAYER_TENSORS.get(arch, _LAYER_TENSORS)
+
+
+def gguf_name(name: str, arch: str = "llama") -> str | None:
+    """GGUF's name of a Hugging Face tensor name of `arch`'s decoder (None: not one Ember reads)."""
     stem, dot, kind = name.rpartition(".")
     if not dot or kind not in ("weight", "bias"):
         return None
     if stem in _MODEL_TENSORS:
         return f"{_MODEL_TENSORS[stem]}.{kind}"
+    layer_tensors = _layer_tensors(arch)
     parts = stem.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_TENSORS:
-        return f"blk.{parts[2]}.{_LAYER_TENSORS[parts[3]]}.{kind}"
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in layer_tensors:
+        return f"blk.{parts[2]}.{layer_tensors[parts[3]]}.{kind}"
     return None
 
 
-_HF_LAYER = {gguf: hf for hf, gguf in _LAYER_TENSORS.items()}
 _HF_MODEL = {gguf: hf for hf, gguf in _MODEL_TENSORS.items()}
 
 
-def hf_name(name: str) -> str | None:
-    """Hugging Face's name of a GGUF Llama-family tensor name (None: not one Ember reads)."""
+def hf_name(name: str, arch: str = "llama") -> str | None:
+    """Hugging Face's name of a GGUF tensor name of `arch` (None: not one Ember reads)."""
     stem, dot, kind = name.rpartition(".")
     if not dot or kind not in ("weight", "bias"):
         return None
     if stem in _HF_MODEL:
         return f"{_HF_MODEL[stem]}.{kind}"
+    hf_layer = {gguf: hf for hf, gguf in _layer_tensors(arch).items()}
     parts = stem.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _HF_LAYER:
-        return f"model.layers.{parts[1]}.{_HF_LAYER[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in hf_layer:
+        return f"model.layers.{parts[1]}.{hf_layer[parts[2]]}.{kind}"
     return None
 
 
 class GGUFTensors:
-    """A GGUF's tensors under Hugging Face's Llama-family names, memory-mapped, each read when asked.
+    """A GGUF's tensors under Hugging Face's names (Llama family, Gemma 3), memory-mapped, each read when asked.
 
     Quantized tensors come out as codes (`codes`) or, where a layer wants floats, dequantized
     (`tensor`); query and key rows are put back in Hugging Face's order for architectures whose
-    converter interleaved them. A tensor type Ember cannot run is refused by name when the file is opened.
+    converter interleaved them, and Gemma's norm weights stored as 1 + w come out as w. A tensor type
+    Ember cannot run is refused by name when the file is opened.
     """
 
     def __init__(self, path: Path, config: dict) -> None:
@@ -219,13 +242,13 @@ class GGUFTensors:
         self.heads = {"attn_q": heads, "attn_k": config.get("num_key_value_heads") or heads}
 
     def _tensor(self, name: str):
-        found = gguf_name(name)
+        found = gguf_name(name, self.arch)
         if found is None or found not in self.tensors:
             raise KeyError(f"tensor {name!r} not found in {self.path}")
         return self.tensors[found]
 
     def has(self, name: str) -> bool:
-        found = gguf_name(name)
+        found = gguf_name(name, self.arch)
         return found is not None and found in self.tensors
 
     def shape(self, name: str) -> list[int]:
@@ -273,9 +296,13 @@ class GGUFTensors:
     def tensor(self, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The tensor (or its part along `dim`) as floats: its own dtype, or dequantized exactly."""
         if self.quantized(name):
-            return gguf_blocks.dequantize(*self._blocks(name, dim, start, stop))
-        data = self._rows(name).reshape(self.shape(name))  # already a copy of the file's bytes
-        return data if stop is None else data.narrow(dim, start, stop - start).clone()
+            data = gguf_blocks.dequantize(*self._blocks(name, dim, start, stop))
+        else:
+            data = self._rows(name).reshape(self.shape(name))  # already a copy of the file's bytes
+            data = data if stop is None else data.narrow(dim, start, stop - start).clone()
+        if self.arch in _NORM_PLUS_ONE_ARCHS and name.endswith("norm.weight"):
+            data = data.float() - 1.0  # exact for stored values in [0.5, 2] (Sterbenz)
+        return data
 
 
 def _unpermute(rows: int, heads: int) -> torch.Tensor:

@@ -126,7 +126,7 @@ def test_a_llama_gguf_keeps_its_own_file_as_its_weights(tiny_gguf: Path, tiny_co
     assert os.stat(kept).st_ino == os.stat(tiny_gguf).st_ino
     assert not list(tiny_converted.path.glob("*.safetensors"))
     source = json.loads((tiny_converted.path / "ember_source.json").read_text())
-    assert source["format"] == store.CONVERSION_FORMAT == 2
+    assert source["format"] == store.CONVERSION_FORMAT == 3
 
 
 def test_a_float32_directory_of_an_older_layout_is_converted_again(tiny_gguf: Path, tmp_path: Path) -> None:

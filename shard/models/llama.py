@@ -1,8 +1,13 @@
-"""Ember's Llama-family model code (Llama, Llama 3, Mistral, Qwen2, SmolLM2) on TP layers.
+"""Ember's Llama-family model code (Llama, Llama 3, Mistral, Qwen2, SmolLM2, Gemma 3 text) on TP layers.
 
 The variants differ only in config facts read once by `LlamaSpec`: rope type,
 sliding window (Mistral, some Qwen2 layers), qkv bias (Qwen2) and tied
-embeddings (SmolLM2). The forward runs over flattened ragged tokens.
+embeddings (SmolLM2). Gemma 3 (`LlamaSpec.gemma`) adds to the same attention and MLP
+modules: embeddings scaled by sqrt(hidden), RMSNorms scaling by 1 + w in float32
+(`OffsetRMSNorm`), per-head query/key norms before the rotary, norms on the attention's and
+the MLP's outputs before each residual add (`GemmaDecoderLayer`), a gelu-tanh MLP, scores
+scaled by `query_pre_attn_scalar` ** -0.5, and sliding and full attention layers with their
+own rope (`rope_local_base_freq` for the sliding ones). The forward runs over flattened ragged tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from ember.shard.dist import Group
 from ember.shard.kv_cache import PagedKVCache
 from ember.shard.layers import (
     ColumnParallelLinear,
+    OffsetRMSNorm,
     OneDNNWeight,
     PackedWeight,
     ParallelLMHead,
@@ -30,15 +36,18 @@ from ember.shard.layers import (
     _linear,
     apply_rotary,
     cast_weight,
+    inverse_frequencies,
     linear_path,
     pack_weight,
+    rope_parameters,
 )
 from ember.shard.weights import Weights, check_tp_divisible
-from ember.sharding import PAGED_MODEL_TYPES
+from ember.sharding import PAGED_MODEL_TYPES, text_config
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = PAGED_MODEL_TYPES
+GEMMA_MODEL_TYPES = frozenset({"gemma3_text", "gemma3"})
 # With low-precision matmuls, the logits of this many best tokens per row are recomputed in the model dtype.
 RESCORED_CANDIDATES = 16
 # Steps whose prompt chunks are all at most this long run in FusedDecode (row-by-row attention over the
@@ -85,10 +94,16 @@ class LlamaSpec:
     tie_word_embeddings: bool
     layer_windows: list[int | None]
     max_position_embeddings: int
+    gemma: bool = False  # Gemma 3's extra norms, embedding scale and per-layer-type rope (module docstring)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    local_rope: list[bool] | None = None  # per layer: rotates with the sliding layers' rope (Gemma 3)
+    final_logit_softcapping: float | None = None
 
     @classmethod
     def from_config(cls, config: dict) -> LlamaSpec:
         model_type = config.get("model_type", "llama")
+        if model_type in GEMMA_MODEL_TYPES:
+            return cls._gemma(text_config(config), model_type)
         heads = config["num_attention_heads"]
         attention_bias = bool(config.get("attention_bias", False))
         return cls(
@@ -108,6 +123,43 @@ class LlamaSpec:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             layer_windows=_layer_windows(config, model_type),
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        )
+
+    @classmethod
+    def _gemma(cls, config: dict, model_type: str) -> LlamaSpec:
+        """Gemma 3's text model (`config`: the text config), with `Gemma3TextConfig`'s defaults."""
+        for key, why in (
+            ("attn_logit_softcapping", "attention logit softcapping (SDPA and Ember's kernels have none)"),
+            ("use_bidirectional_attention", "bidirectional attention (an embedding model, not a causal LM)"),
+        ):
+            if config.get(key):
+                raise NotImplementedError(f"{model_type}: {key}={config[key]!r}: Ember's model code has no {why}")
+        heads = config.get("num_attention_heads", 8)
+        layer_types = gemma_layer_types(config)
+        window = config.get("sliding_window", 4096)
+        attention_bias = bool(config.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=config.get("vocab_size", 262_208),
+            hidden_size=config.get("hidden_size", 2304),
+            intermediate_size=config.get("intermediate_size", 9216),
+            num_layers=len(layer_types),
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or 256,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            # transformers' Gemma code reads `hidden_activation` (Gemma 1 configs also carry a `hidden_act`)
+            hidden_act=config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh",
+            qkv_bias=attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=False,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+            layer_windows=[window if t == "sliding_attention" else None for t in layer_types],
+            max_position_embeddings=int(config.get("max_position_embeddings", 131_072)),
+            gemma=True,
+            attention_scale=float(config.get("query_pre_attn_scalar", 256)) ** -0.5,
+            local_rope=[t == "sliding_attention" for t in layer_types],
+            final_logit_softcapping=config.get("final_logit_softcapping"),
         )
 
     @property
@@ -134,8 +186,45 @@ def _layer_windows(config: dict, model_type: str) -> list[int | None]:
     return [window] * n
 
 
+def gemma_layer_types(config: dict) -> list[str]:
+    """Gemma 3's attention kind per layer: `layer_types`, else every `sliding_window_pattern`-th layer
+    (default 6) full and the others sliding, as `Gemma3TextConfig` fills it in."""
+    n = config.get("num_hidden_layers", 26)
+    layer_types = config.get("layer_types")
+    if layer_types:
+        return list(layer_types)[:n]
+    pattern = int(config.get("sliding_window_pattern", 6))
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+
+
+def gemma_rope(config: dict, layer_type: str) -> dict:
+    """Rope parameters of Gemma 3's `layer_type` layers: transformers 5's `rope_parameters` per layer
+    type, else transformers 4's spelling (full layers: `rope_theta`, default 1e6, and `rope_scaling`;
+    sliding layers: `rope_local_base_freq`, default 1e4, unscaled)."""
+    per_type = config.get("rope_parameters") or {}
+    if per_type and all(isinstance(v, dict) for v in per_type.values()) and per_type.get(layer_type):
+        params = dict(per_type[layer_type])
+    elif layer_type == "sliding_attention":
+        params = {"rope_theta": config.get("rope_local_base_freq", 10_000.0)}
+    else:
+        params = rope_parameters(
+            {"rope_scaling": config.get("rope_scaling"), "rope_theta": config.get("rope_theta", 1_000_000.0)}
+        )
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", 10_000.0 if layer_type == "sliding_attention" else 1_000_000.0)
+    return params
+
+
+def _rotary(params: dict, spec: LlamaSpec, weights: Weights) -> RotaryEmbedding:
+    max_pos = spec.max_position_embeddings
+    inv_freq = inverse_frequencies(params, spec.head_dim, max_pos)
+    return RotaryEmbedding(inv_freq, weights.dtype, weights.device, initial_len=min(max_pos, 8192))
+
+
 class LlamaAttention(torch.nn.Module):
-    def __init__(self, spec: LlamaSpec, weights: Weights, prefix: str, group: Group, layer: int) -> None:
+    def __init__(
+        self, spec: LlamaSpec, weights: Weights, prefix: str, group: Group, layer: int, norm_cls=RMSNorm
+    ) -> None:
         super().__init__()
         ws = group.world_size
         self.layer = layer
@@ -143,15 +232,26 @@ class LlamaAttention(torch.nn.Module):
         self.kv_heads = spec.num_kv_heads // ws
         self.head_dim = spec.head_dim
         self.window = spec.layer_windows[layer]
+        self.scale = spec.attention_scale
+        self.rope = int(spec.local_rope[layer]) if spec.local_rope else 0  # which cos/sin table it rotates with
         self.qkv = ColumnParallelLinear.load(
             weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], bias=spec.qkv_bias
         )
         self.o_proj = RowParallelLinear.load(weights, f"{prefix}.o_proj", group, bias=spec.o_bias)
+        # Gemma 3: RMSNorms over each query and key head (replicated: head_dim wide), before the rotary.
+        self.q_norm = self.k_norm = None
+        if spec.gemma:
+            self.q_norm = norm_cls.load(weights, f"{prefix}.q_norm.weight", spec.rms_norm_eps)
+            self.k_norm = norm_cls.load(weights, f"{prefix}.k_norm.weight", spec.rms_norm_eps)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
         total = x.shape[0]
         qkv = self.qkv.forward(x)  # (.forward: no module-call overhead; Ember's modules have no hooks)
         qk_width = (self.heads + self.kv_heads) * self.head_dim
+        if self.q_norm is not None:  # normalized in place, per head
+            heads = qkv[:, :qk_width].view(total, self.heads + self.kv_heads, self.head_dim)
+            heads[:, : self.heads] = self.q_norm.forward(heads[:, : self.heads])
+            heads[:, self.heads :] = self.k_norm.forward(heads[:, self.heads :])
         kernels = native.kernels() if qkv.device.type == "cpu" else None
         if kernels is not None and kernels.fits(cos, sin, qkv):
             kernels.rotary_(qkv, self.heads + self.kv_heads, self.head_dim, cos, sin)  # in place, one pass
@@ -161,7 +261,7 @@ class LlamaAttention(torch.nn.Module):
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, qk_width:].view(total, self.kv_heads, self.head_dim)
         kv = cache.flat(self.layer) if cache is not None else None
-        return self.o_proj.forward(paged_attention(q, k, v, kv, meta, self.window))
+        return self.o_proj.forward(paged_attention(q, k, v, kv, meta, self.window, self.scale))
 
 
 class LlamaMLP(torch.nn.Module):
@@ -200,6 +300,40 @@ class LlamaDecoderLayer(torch.nn.Module):
         return self.mlp.forward(x), residual
 
 
+class GemmaDecoderLayer(torch.nn.Module):
+    """Gemma 3's layer: Llama's attention and MLP modules, each between two `OffsetRMSNorm`s (the second
+    normalizes the block's output before the residual add), plus per-head query/key norms."""
+
+    def __init__(self, spec: LlamaSpec, weights: Weights, layer: int, group: Group, prefix: str) -> None:
+        super().__init__()
+        prefix = f"{prefix}.layers.{layer}"
+        eps = spec.rms_norm_eps
+        self.input_norm = OffsetRMSNorm.load(weights, f"{prefix}.input_layernorm.weight", eps)
+        self.attn = LlamaAttention(spec, weights, f"{prefix}.self_attn", group, layer, norm_cls=OffsetRMSNorm)
+        self.attn_out_norm = OffsetRMSNorm.load(weights, f"{prefix}.post_attention_layernorm.weight", eps)
+        # The norm before the MLP, with the residual add: Llama's `post_norm` (Gemma's pre_feedforward_layernorm).
+        self.post_norm = OffsetRMSNorm.load(weights, f"{prefix}.pre_feedforward_layernorm.weight", eps)
+        self.mlp = LlamaMLP(spec, weights, f"{prefix}.mlp", group)
+        self.mlp_out_norm = OffsetRMSNorm.load(weights, f"{prefix}.post_feedforward_layernorm.weight", eps)
+
+    def forward(self, delta, residual, cos, sin, meta: AttentionMetadata, cache: PagedKVCache | None):
+        """As `LlamaDecoderLayer.forward`: the delta returned is the MLP's normalized output."""
+        x, residual = self.input_norm.add_and_norm(delta, residual)
+        attn = self.attn_out_norm.add_and_norm(self.attn.forward(x, cos, sin, meta, cache), None)[0]
+        x, residual = self.post_norm.add_and_norm(attn, residual)
+        return self.mlp_out_norm.add_and_norm(self.mlp.forward(x), None)[0], residual
+
+
+def _text_prefix(weights: Weights) -> str:
+    """Where the text model's tensors are: `model` (causal LMs), or inside a Gemma 3 multimodal
+    checkpoint (`language_model.model` as Google published them, `model.language_model` as transformers 5
+    saves them)."""
+    for prefix in ("model", "model.language_model", "language_model.model"):
+        if weights.has(f"{prefix}.embed_tokens.weight"):
+            return prefix
+    return "model"
+
+
 class LlamaForCausalLM(torch.nn.Module):
     """The whole model on this rank's slices; `forward` returns final-normed hidden states."""
 
@@ -208,14 +342,33 @@ class LlamaForCausalLM(torch.nn.Module):
         check_tp_divisible(config, group.world_size)
         spec = LlamaSpec.from_config(config)
         self.spec = spec
-        self.embed = VocabParallelEmbedding.load(weights, "model.embed_tokens.weight", group)
-        self.layers = torch.nn.ModuleList(LlamaDecoderLayer(spec, weights, i, group) for i in range(spec.num_layers))
-        self.norm = RMSNorm.load(weights, "model.norm.weight", spec.rms_norm_eps)
-        if spec.tie_word_embeddings or not weights.has("lm_head.weight"):
+        prefix = _text_prefix(weights)
+        self.embed = VocabParallelEmbedding.load(weights, f"{prefix}.embed_tokens.weight", group)
+        if spec.gemma:
+            self.layers = torch.nn.ModuleList(
+                GemmaDecoderLayer(spec, weights, i, group, prefix) for i in range(spec.num_layers)
+            )
+            self.norm = OffsetRMSNorm.load(weights, f"{prefix}.norm.weight", spec.rms_norm_eps)
+        else:
+            self.layers = torch.nn.ModuleList(
+                LlamaDecoderLayer(spec, weights, i, group) for i in range(spec.num_layers)
+            )
+            self.norm = RMSNorm.load(weights, f"{prefix}.norm.weight", spec.rms_norm_eps)
+        head = "lm_head.weight"
+        if spec.tie_word_embeddings or not weights.has(head):
             self.lm_head = ParallelLMHead.tied(self.embed)
         else:
-            self.lm_head = ParallelLMHead.load(weights, "lm_head.weight", group)
-        self.rotary = RotaryEmbedding.from_config(config, spec.head_dim, weights.dtype, weights.device)
+            self.lm_head = ParallelLMHead.load(weights, head, group)
+        text = text_config(config)
+        if spec.gemma:
+            # Gemma scales the embeddings by sqrt(hidden) rounded to their dtype (55.5 for 3072 in bf16, as trained).
+            self.embed_scale = torch.tensor(spec.hidden_size**0.5).to(self.embed.dtype).to(self.embed.device)
+            self.rotary = _rotary(gemma_rope(text, "full_attention"), spec, weights)
+            self.local_rotary = _rotary(gemma_rope(text, "sliding_attention"), spec, weights)
+        else:
+            self.embed_scale = None
+            self.rotary = RotaryEmbedding.from_config(config, spec.head_dim, weights.dtype, weights.device)
+            self.local_rotary: RotaryEmbedding | None = None
         self.kv_heads_per_rank = spec.num_kv_heads // group.world_size
         self.fast_head: torch.Tensor | OneDNNWeight | None = None  # see cast_matmuls
         self.packed_head: PackedWeight | None = None  # see quantize
@@ -224,13 +377,19 @@ class LlamaForCausalLM(torch.nn.Module):
         self.q8_head: native.Q4Weight | None = None  # see quantize
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: PagedKVCache | None) -> torch.Tensor:
-        cos, sin = self.rotary.cos_sin(meta.positions, meta.max_position)
+        tables = [self.rotary.cos_sin(meta.positions, meta.max_position)]
         delta, residual = self.embed(input_ids), None
+        if self.embed_scale is not None:
+            delta = delta * self.embed_scale
+        if self.local_rotary is not None:  # grown with `rotary`, so its table's length is the same
+            tables.append(self.local_rotary.cos_sin(meta.positions, meta.max_position))
+        cos, sin = tables[0]
         if self.fused is not None and cache is not None and meta.slots is not None:
             done = self.fused.run(delta, cos, sin, meta, cache)
             if done is not None:
                 return self.norm.add_and_norm(*done)[0]
         for layer in self.layers:
+            cos, sin = tables[layer.attn.rope]
             delta, residual = layer.forward(delta, residual, cos, sin, meta, cache)
         return self.norm.add_and_norm(delta, residual)[0]
 
@@ -300,7 +459,15 @@ class LlamaForCausalLM(torch.nn.Module):
         return kept
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits over the whole vocabulary (gathered across ranks)."""
+        """float32 logits over the whole vocabulary (gathered across ranks), soft-capped where the config
+        says so (`final_logit_softcapping`: cap · tanh(logit / cap), after any rescoring: the order is kept)."""
+        logits = self._logits(hidden)
+        cap = self.spec.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         packed = self.packed_head
         if self.q8_head is not None and hidden.dtype == torch.float32:
             approx = native.kernels().q4_linear(hidden.contiguous(), self.q8_head)
@@ -490,6 +657,11 @@ class FusedDecode:
     @staticmethod
     def unfit_reason(model: LlamaForCausalLM) -> str | None:
         """Why `model`'s decoder layers cannot run in one C call (None: they can)."""
+        if model.spec.gemma:
+            return (
+                "Gemma's layers are not the fused step's Llama layers: it has silu only and two norms per layer "
+                "(Gemma has gelu-tanh, four norms per layer, query/key norms and its own attention scale)"
+            )
         if model.embed.device.type != "cpu":
             return f"on {model.embed.device.type}: the fused step is a CPU kernel"
         kernels = native.kernels()

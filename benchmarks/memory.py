@@ -1,7 +1,8 @@
 """Memory per model: the file, the store, and the shard's resident memory split into weights, KV cache and
 runtime.
 
-    .venv/bin/python benchmarks/memory.py [--models smollm2 gemma3:270m tiny-q4_1] [--kv-cache-bytes 64MiB]
+    .venv/bin/python benchmarks/memory.py [--models smollm2 gemma3:270m gemma3:270m@w4a8 tiny-q4_1] \
+        [--kv-cache-bytes 64MiB]
 
 Each model is measured in a fresh process, loaded as a shard loads it (the store or the registry resolves
 it, the automatic precision of `ember.shard.precision` chooses how it runs, `load_runner` loads it):
@@ -13,7 +14,8 @@ it, the automatic precision of `ember.shard.precision` chooses how it runs, `loa
   allocator's slack; `before load` is the process after importing all of it, before any model;
 - peak: the process's high-water mark (loading takes one tensor's transient copies at a time).
 Each is read after one short step, so that weights mapped from files are resident too.
-`tiny-q4_1` is the tiny llama GGUF the tests write (benchmarks/tiny_gguf.py).
+`tiny-q4_1` is the tiny llama GGUF the tests write (benchmarks/tiny_gguf.py); `name@w4a8` is that model
+under `--quantize w4a8` instead of its automatic precision.
 Writes benchmarks/results/memory.json and memory.md.
 """
 
@@ -89,9 +91,11 @@ def _held_bytes(model) -> int:
 
     def add(obj) -> None:
         nonlocal total
-        if obj is None or id(obj) in seen:
+        # A tensor by its storage: a tied head and its embedding are two tensors over one.
+        key = obj.untyped_storage().data_ptr() if isinstance(obj, torch.Tensor) else id(obj)
+        if obj is None or key in seen:
             return
-        seen.add(id(obj))
+        seen.add(key)
         if isinstance(obj, torch.Tensor):
             total += obj.numel() * obj.element_size()
         elif isinstance(obj, (PackedWeight, native.Q4Weight, native.BF16Weight, OneDNNWeight)):
@@ -118,10 +122,11 @@ def child(name: str, kv_cache_bytes: int) -> dict:
 
     native.kernels()  # compiled or loaded now: the runtime, not the model
     with tempfile.TemporaryDirectory() as work:
-        model_dir, gguf = _model_dir(name, Path(work))
+        model, _, quantize = name.partition("@")  # `gemma3:270m@w4a8`: that model with --quantize w4a8
+        model_dir, gguf = _model_dir(model, Path(work))
         before = _status("VmRSS")
         device = torch.device("cpu")
-        precision = choose(model_dir, device, None, None, None)
+        precision = choose(model_dir, device, None, None, quantize or None)
         runner = load_runner(
             model_dir,
             resolve_dtype(precision.dtype, device),
@@ -195,7 +200,7 @@ def _bytes(text: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["smollm2", "gemma3:270m", "tiny-q4_1"])
+    p.add_argument("--models", nargs="+", default=["smollm2", "gemma3:270m", "gemma3:270m@w4a8", "tiny-q4_1"])
     p.add_argument("--kv-cache-bytes", default="64MiB")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS / "memory.json"))

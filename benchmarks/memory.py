@@ -1,7 +1,7 @@
 """Memory per model: the file, the store, and the shard's resident memory split into weights, KV cache and
 runtime.
 
-    .venv/bin/python benchmarks/memory.py [--models smollm2 gemma3:270m gemma3:270m@w4a8 tiny-q4_1] \
+    .venv/bin/python benchmarks/memory.py [--models smollm2 gemma3:270m tiny-q4_1 (name@w4a8: that precision)] \
         [--kv-cache-bytes 64MiB]
 
 Each model is measured in a fresh process, loaded as a shard loads it (the store or the registry resolves
@@ -200,7 +200,7 @@ def _bytes(text: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["smollm2", "gemma3:270m", "gemma3:270m@w4a8", "tiny-q4_1"])
+    p.add_argument("--models", nargs="+", default=["smollm2", "gemma3:270m", "tiny-q4_1"])
     p.add_argument("--kv-cache-bytes", default="64MiB")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", default=str(RESULTS / "memory.json"))

@@ -261,6 +261,15 @@ SETTINGS: tuple[Setting, ...] = (
         default=0,
     ),
     _s(
+        "speculate-policy",
+        "How many of the drafts `--speculate` finds a step verifies (Ember). `measured`: as many as the step "
+        "times measured at warmup and each request's acceptance say will pay, none in large batches; `always`: "
+        "every draft, as TGI does (where a step costs the same for one token or a few, as on a GPU).",
+        LS,
+        default="measured",
+        choices=("measured", "always"),
+    ),
+    _s(
         "prefill-chunking",
         "Newcomers share the running batch's forward (one Prefill carrying the running "
         "batch, cut into --prefill-chunk-tokens steps) where the shard can; `false`: TGI's separate prefills "

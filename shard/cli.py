@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         prefill_chunk=chunk,
         precision=(precision.summary, precision.reason),
         speculate=args.speculate,
+        measure_speculation=args.speculate_policy == "measured",
     )
     log.info(
         "rank %d: model loaded in %.2fs (%s attention)",

@@ -31,6 +31,8 @@ import torch
 log = logging.getLogger("ember.shard")
 
 FOUR_BIT_GGUF = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
+# Held as 8-bit codes on the VNNI kernel (w4a8 keeps a GGUF's own codes: `weights.keep_codes`).
+FIVE_TO_SIX_BIT_GGUF = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -115,6 +117,20 @@ def choose(
             )
         return Precision(
             None, None, "int4", f"the GGUF's weights are {weight_type}; not w4a8 because {problem}", automatic=True
+        )
+    if weight_type in FIVE_TO_SIX_BIT_GGUF:
+        problem = _w4a8_problem()
+        if problem is None:
+            return Precision(
+                None,
+                None,
+                "w4a8",
+                f"the GGUF's weights are {weight_type} and the CPU has AVX-512 VNNI: its codes held as 8-bit "
+                "ones times int8 activations, as llama.cpp multiplies them",
+                automatic=True,
+            )
+        return Precision(
+            None, None, "int8", f"the GGUF's weights are {weight_type}; not w4a8 because {problem}", automatic=True
         )
     if weight_type == "Q8_0":
         return Precision(None, None, "int8", "the GGUF's weights are Q8_0: 8-bit weights", automatic=True)

@@ -42,6 +42,14 @@ def test_without_the_vnni_kernel_a_four_bit_gguf_runs_int4(tmp_path, monkeypatch
     assert p.quantize == "int4" and "VNNI" in p.reason
 
 
+@pytest.mark.parametrize("weight_type", ["Q5_0", "Q6_K"])
+def test_a_five_or_six_bit_gguf_keeps_its_codes_on_the_vnni_kernel(tmp_path, monkeypatch, weight_type):
+    p = choose(_model(tmp_path, weight_type=weight_type), CPU)
+    assert p.automatic and p.quantize == ("w4a8" if _has_vnni() else "int8") and weight_type in p.reason
+    monkeypatch.setattr("ember.shard.precision._w4a8_problem", lambda: "the CPU has no AVX-512 VNNI")
+    assert choose(_model(tmp_path, weight_type=weight_type), CPU).quantize == "int8"
+
+
 def test_a_q8_gguf_runs_int8(tmp_path):
     assert choose(_model(tmp_path, weight_type="Q8_0"), CPU).quantize == "int8"
 

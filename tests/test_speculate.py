@@ -224,8 +224,14 @@ def test_drafts_never_take_a_request_past_its_tokens(tiny_llama_dir, parts):
 
 
 def test_warmup_measures_step_costs_and_info_reports_speculate(tiny_llama_dir, parts):
+    warmup = pb.WarmupRequest(batch=pb.Batch(id=9, requests=[shard_request(1, [1] * 8, 2)]))
+    tokenizer, grammar = parts
+    runner = load_runner(tiny_llama_dir, dtype="float32")
+    always = Engine(runner, tokenizer, grammar, speculate=3, measure_speculation=False)
+    always.warmup(warmup)
+    assert always.ctx.speculation.costs is None  # `--speculate-policy always`: every draft, nothing measured
     engine = _engine(tiny_llama_dir, parts, 3)
-    engine.warmup(pb.WarmupRequest(batch=pb.Batch(id=9, requests=[shard_request(1, [1] * 8, 2)])))
+    engine.warmup(warmup)
     costs = engine.ctx.speculation.costs
     assert costs is not None and costs.batch[0] == 1 and len(costs.plain) == len(costs.batch)
     assert all(t > 0 for t in costs.plain + costs.drafted)
@@ -240,7 +246,8 @@ def test_warmup_measures_step_costs_and_info_reports_speculate(tiny_llama_dir, p
 @pytest.fixture(scope="module")
 def url(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("speculate-e2e")
-    with shard_process(tiny_llama_dir, str(tmp / "s"), "--speculate", "4") as socket:
+    # `always`: every draft verified, whatever the warmup measured on a loaded machine.
+    with shard_process(tiny_llama_dir, str(tmp / "s"), "--speculate", "4", "--speculate-policy", "always") as socket:
         with router_process(socket, tiny_llama_dir) as url:
             yield url
 

@@ -123,7 +123,8 @@ def test_two_ranks_speculating_give_the_tokens_of_one_without(tiny_llama_dir, tm
     plans from the same tokens and the slowest rank's measured step times)."""
     one = run(tiny_llama_dir, tmp_path / "tp1", 1, 24)
     seen: dict = {}
-    two = run(tiny_llama_dir, tmp_path / "tp2", 2, 24, "--speculate", "4", seen=seen)
+    # Every draft verified (`always`): whether measured costs would let drafts run depends on the machine's load.
+    two = run(tiny_llama_dir, tmp_path / "tp2", 2, 24, "--speculate", "4", "--speculate-policy", "always", seen=seen)
     accepted = re.search(r"^ember_speculative_accepted_tokens(?:\{[^}]*\})? (\S+)$", seen["metrics"], re.M)
     assert accepted is not None and float(accepted.group(1)) > 0
     for a, b in zip(one, two):

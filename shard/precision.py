@@ -77,6 +77,17 @@ def _w4a8_problem() -> str | None:
     return PackedWeight.unfit_reason("w4a8", (16, 32), torch.device("cpu"))
 
 
+def _gguf_codes(weight_type: str, what: str, fallback: str) -> Precision:
+    """A quantized GGUF: w4a8 over its own codes where the VNNI kernel runs (`what` it then computes), else
+    `fallback`."""
+    problem = _w4a8_problem()
+    if problem is None:
+        reason = f"the GGUF's weights are {weight_type} and the CPU has AVX-512 VNNI: {what}"
+        return Precision(None, None, "w4a8", reason, automatic=True)
+    reason = f"the GGUF's weights are {weight_type}; not w4a8 because {problem}"
+    return Precision(None, None, fallback, reason, automatic=True)
+
+
 def choose(
     model_dir: Path,
     device: torch.device,
@@ -105,32 +116,10 @@ def choose(
         )
     weight_type = source_weight_type(model_dir)
     if weight_type in FOUR_BIT_GGUF:
-        problem = _w4a8_problem()
-        if problem is None:
-            return Precision(
-                None,
-                None,
-                "w4a8",
-                f"the GGUF's weights are {weight_type} and the CPU has "
-                "AVX-512 VNNI: 4-bit weights times int8 activations",
-                automatic=True,
-            )
-        return Precision(
-            None, None, "int4", f"the GGUF's weights are {weight_type}; not w4a8 because {problem}", automatic=True
-        )
+        return _gguf_codes(weight_type, "4-bit weights times int8 activations", "int4")
     if weight_type in FIVE_TO_SIX_BIT_GGUF:
-        problem = _w4a8_problem()
-        if problem is None:
-            return Precision(
-                None,
-                None,
-                "w4a8",
-                f"the GGUF's weights are {weight_type} and the CPU has AVX-512 VNNI: its codes held as 8-bit "
-                "ones times int8 activations, as llama.cpp multiplies them",
-                automatic=True,
-            )
-        return Precision(
-            None, None, "int8", f"the GGUF's weights are {weight_type}; not w4a8 because {problem}", automatic=True
+        return _gguf_codes(
+            weight_type, "its codes held as 8-bit ones times int8 activations, as llama.cpp multiplies them", "int8"
         )
     if weight_type == "Q8_0":
         return Precision(None, None, "int8", "the GGUF's weights are Q8_0: 8-bit weights", automatic=True)

@@ -387,14 +387,7 @@ class PagedRunner(ModelRunner):
                 if self.prefix_caching:
                     self._register(seqs)
                 return StepOutput(logits=logits)
-        ids: list[int] = []
-        for s, n in zip(seqs, num_new):
-            ids.extend(s.token_ids[s.num_cached : s.num_cached + n])
-        input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)
-        meta = AttentionMetadata.build(
-            [s.num_cached for s in seqs], num_new, [s.blocks for s in seqs], self.block_size, self.device
-        )
-        hidden = self.model(input_ids, meta, self.cache)
+        hidden = self._forward(seqs, num_new)
         output = self._logits(hidden, num_new, want_prompt_logits)
         for s, n in zip(seqs, num_new):
             s.num_cached += n
@@ -402,9 +395,8 @@ class PagedRunner(ModelRunner):
             self._register(seqs)
         return output
 
-    def _speculative_step(self, seqs: list[Sequence], num_new: list[int], num_logits: list[int]) -> StepOutput:
-        """A step whose sequences ran draft tokens: the logits of each one's last `num_logits` tokens.
-        Blocks of sequences with drafts are named only once `accept` has dropped the rejected ones."""
+    def _forward(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
+        """The hidden states of the next `num_new` uncached tokens of each sequence (blocks allocated)."""
         ids: list[int] = []
         for s, n in zip(seqs, num_new):
             ids.extend(s.token_ids[s.num_cached : s.num_cached + n])
@@ -412,7 +404,12 @@ class PagedRunner(ModelRunner):
         meta = AttentionMetadata.build(
             [s.num_cached for s in seqs], num_new, [s.blocks for s in seqs], self.block_size, self.device
         )
-        hidden = self.model(input_ids, meta, self.cache)
+        return self.model(input_ids, meta, self.cache)
+
+    def _speculative_step(self, seqs: list[Sequence], num_new: list[int], num_logits: list[int]) -> StepOutput:
+        """A step whose sequences ran draft tokens: the logits of each one's last `num_logits` tokens.
+        Blocks of sequences with drafts are named only once `accept` has dropped the rejected ones."""
+        hidden = self._forward(seqs, num_new)
         rows: list[int] = []
         end = 0
         for n, m in zip(num_new, num_logits):

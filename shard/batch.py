@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -175,11 +176,11 @@ class GenerationBatch:
         timings.prompt_tokens = sum(sizes) - timings.decode_rows
         drafts = {} if any(prompt_details) else self._drafts(rows, sizes, timings)
         seqs = [self.requests[i].seq for i in rows]
+        num_logits = [1 + len(drafts.get(k, ())) for k in range(len(rows))]
         if drafts:
             for k, draft in drafts.items():
                 seqs[k].token_ids.extend(draft)
                 sizes[k] += len(draft)
-            num_logits = [1 + len(drafts.get(k, ())) for k in range(len(rows))]
             out = runner.step(seqs, num_new=sizes, num_logits=num_logits)
             for k, draft in drafts.items():  # verification appends the tokens that hold
                 del seqs[k].token_ids[-len(draft) :]
@@ -201,13 +202,8 @@ class GenerationBatch:
         if ready:
             idx = [rows[k] for k in ready]
             requests = [self.requests[i] for i in idx]
-            if drafts:  # each row's logits start at its first
-                first = [0]
-                for k in range(len(rows) - 1):
-                    first.append(first[-1] + 1 + len(drafts.get(k, ())))
-                ready_logits = [first[k] for k in ready]
-            else:
-                ready_logits = ready
+            first = list(accumulate(num_logits, initial=0))  # where each row's logits start
+            ready_logits = [first[k] for k in ready]
             sampler = self.sampler if len(idx) == len(self.requests) else self.sampler.filter(idx)
             logits = out.logits if len(ready) == len(rows) and not drafts else self._rows(out.logits, ready_logits)
             result = self._sample(sampler, logits, requests)
@@ -284,8 +280,9 @@ class GenerationBatch:
         # Per drafting row: its index in `ready`, its draft, and the draft tokens accepted so far.
         live = {j: drafts[k] for j, k in enumerate(ready) if k in drafts}
         accepted = dict.fromkeys(live, 0)
-        held = {j for j, draft in live.items() if self.requests[idx[j]].generated[-1] == draft[0]}
-        held -= {j for j in held if idx[j] in finished}
+        held = {
+            j for j, draft in live.items() if idx[j] not in finished and self.requests[idx[j]].generated[-1] == draft[0]
+        }
         depth = 1
         while held:
             order = sorted(held)

@@ -37,8 +37,7 @@ class Engine:
         self.runner = runner
         self.precision, self.precision_reason = precision
         self.ctx = Context(runner, tokenizer, grammar_compiler, prefill_chunk, speculate)
-        # False (`--speculate-policy always`): no step costs, so every draft found is verified.
-        self.measure_speculation = measure_speculation
+        self.ctx.speculation.measured = measure_speculation
         if speculate and not self.ctx.speculation.enabled:
             log.warning("--speculate %d: this model's path runs padded batches, which cannot verify drafts", speculate)
         self.kv_cache_bytes = kv_cache_bytes
@@ -147,7 +146,7 @@ class Engine:
         self.clear(None)
         capacity = self.runner.warmup(max_prefill, max_total, self.kv_cache_bytes)
         policy = self.ctx.speculation
-        if policy.enabled and self.measure_speculation:
+        if policy.enabled and policy.measured:
             policy.costs = self.runner.speculation_costs(policy.max_draft)
         block_size = self.runner.info.block_size
         log.info("warmup: %d prefill tokens ran; KV cache holds %d tokens", max_prefill, capacity)

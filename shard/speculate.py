@@ -123,9 +123,10 @@ def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
 class SpeculationPolicy:
     """How many draft tokens each request of a step runs (see the module's doc)."""
 
-    def __init__(self, max_draft: int, costs: StepCosts | None = None) -> None:
+    def __init__(self, max_draft: int, costs: StepCosts | None = None, measured: bool = True) -> None:
         self.max_draft = max_draft
         self.costs = costs
+        self.measured = measured  # False (`--speculate-policy always`): no costs, every draft verified
 
     @property
     def enabled(self) -> bool:
@@ -141,8 +142,8 @@ class SpeculationPolicy:
         # Expected tokens the j-th draft token of a row brings: rate ** j (every one before it accepted).
         gains = [(-(rate**j), i) for i, (rate, k) in enumerate(candidates) for j in range(1, k + 1)]
         heapq.heapify(gains)
-        base = self.costs.plain_at(rows) + prompt_tokens * self.costs.per_draft_token(rows)
         per_token = self.costs.per_draft_token(rows)
+        base = self.costs.plain_at(rows) + prompt_tokens * per_token
         best_rate, best_m = rows / base, 0
         tokens, taken = float(rows), []
         while gains:

@@ -13,7 +13,9 @@ Each path below is fixed at load (where a step's row count picks between two, th
   (matmul_bf16.c) on `BF16Weight` tiles, activations rounded to bf16, float32 sums; with AMX, or without AVX-512 BF16
   (or a shape it does not take): oneDNN in bf16. `--quantize int8|int4`: torch's packed kernels up to
   `layers.PACKED_MAX_ROWS` rows, a bf16 copy (bf16 kernel or oneDNN) beyond. `--quantize w4a8` (AVX-512 VNNI):
-  `q4_linear` (matmul_q4.c), int4 codes x int8 activations, at any row count. Off CPU: torch's F.linear.
+  `q4_linear` (matmul_q4.c), int4 codes x int8 activations, at any row count: vpdpbusd tiles, or from
+  `AMX_MIN_ROWS` rows AMX int8 tiles where the CPU has AMX (the same integer sums and float steps, so the same
+  bits). Off CPU: torch's F.linear.
 * Fused step: w4a8 weights, or bf16 weights on the bf16 kernel, with float32 activations, world size 1,
   silu and no biases: `decode_layers` (fused_step.c) runs every decoder layer of a step in one call
   (decode steps, and steps whose prompt chunks are at most `llama.FUSED_MAX_NEW_TOKENS` long);
@@ -257,6 +259,7 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
     "bf16_supported": (),
     "bf16_linear": (("x", _P), ("rows", _I64), ("k", _I64), ("w", _P), ("n", _I64), ("out", _P), ("threads", _INT)),
     "q4_supported": (),
+    "q4_amx": (("min_rows", _I64),),
     "q4_linear": (
         ("x", _P),
         ("rows", _I64),
@@ -341,7 +344,16 @@ class Kernels:
             setattr(self, f"_{name}", fn)
         self._decode = {torch.float32: self._paged_decode_f32, torch.bfloat16: self._paged_decode_bf16}
         self.q4 = bool(self._q4_supported())  # built with AVX-512 VNNI
+        self.amx_min_rows = self.use_amx(AMX_MIN_ROWS)  # 0: AMX tiles off (no AMX, or not granted)
         self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
+
+    def use_amx(self, min_rows: int) -> int:
+        """Run w4a8 matmuls of `min_rows` rows or more on AMX int8 tiles (0: never); returns the row count
+        in force, 0 where this build or process has no AMX. Either path gives the same bits."""
+        self.amx_min_rows = min_rows if min_rows > 0 and self._q4_amx(min_rows) else 0
+        if min_rows <= 0:
+            self._q4_amx(0)
+        return self.amx_min_rows
 
     def error(self, entry: str, status: int, detail: str = "") -> NativeError:
         """The NativeError for `status` returned by `entry`: which check failed, in the library's words."""
@@ -548,6 +560,9 @@ class Kernels:
 
 
 Q4_GROUP = 32
+AMX_MIN_ROWS = 12
+"""From this many rows a w4a8 matmul runs on AMX int8 tiles where the CPU has them (matmul_q4.c): 1.1-1.6x
+the VNNI path's speed from 12 rows on SmolLM2's shapes (a 2-core Sapphire Rapids), slower below 8."""
 
 
 @dataclass

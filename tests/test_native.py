@@ -281,6 +281,48 @@ def test_q4_rows_never_depend_on_their_neighbours(q4):
         assert torch.equal(q4.q4_linear(x[i : i + 1].clone(), weight)[0], together[i])
 
 
+@pytest.fixture()
+def amx(q4):
+    """The kernels with AMX tiles available (skipped elsewhere); the automatic row count is restored after."""
+    if not q4.use_amx(native.AMX_MIN_ROWS):
+        pytest.skip("no AMX int8 tiles here (CPU, compiler or kernel): w4a8 stays on vpdpbusd")
+    yield q4
+    q4.use_amx(native.AMX_MIN_ROWS)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", [(48, 160), (64, 1280)])  # an odd tile count; more groups than one unpacking
+def test_amx_tiles_give_the_vpdpbusd_paths_bits(amx, bits, n, k):
+    """The same integer sums and the same float steps in the same order: equal to the bit at any row count,
+    so a step's size may choose the path without changing any sequence's numbers."""
+    gen = torch.Generator().manual_seed(bits + n)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scale = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+    low = (-torch.rand(n, k // 32, generator=gen) * 0.05).half().float()
+    weight = native.Q4Weight.pack(codes, scale, low, bits=bits)
+    x = torch.randn(300, k, generator=gen) * 3
+    x[7] *= 1000
+    for rows in (1, 11, 12, 16, 17, 31, 300):
+        assert amx.use_amx(1) == 1
+        tiles = amx.q4_linear(x[:rows].clone(), weight)
+        assert amx.use_amx(0) == 0
+        plain = amx.q4_linear(x[:rows].clone(), weight)
+        assert torch.equal(tiles, plain), f"{rows} rows"
+    assert (tiles - plain).abs().max() == 0 and plain.abs().max() > 0
+
+
+def test_fused_steps_on_amx_tiles_give_the_same_logits(amx, tiny_llama_dir):
+    """decode_layers' projections of a 22-row prefill on AMX tiles: the logits of the vpdpbusd path."""
+    runner = load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
+    assert runner.model.fused is not None
+    amx.use_amx(1)
+    tiles = _fused_run(runner, prefill_fused=True, decode_fused=True)
+    amx.use_amx(0)
+    plain = _fused_run(runner, prefill_fused=True, decode_fused=True)
+    for got, want in zip(tiles, plain):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_w4a8_runner_uses_ember_kernel_without_dense_copies(q4, tiny_llama_dir):
     runner = load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
     weight = runner.model.layers[0].mlp.gate_up.weight

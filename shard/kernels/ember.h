@@ -31,6 +31,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define EMBER_HAVE_VNNI 1 /* q4_linear (w4a8, the 8-bit LM head) and decode_layers */
 #endif
+#if defined(EMBER_HAVE_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define EMBER_HAVE_AMX 1 /* q4_linear / decode_layers' projections of many rows on AMX int8 tiles */
+#endif
 
 /* The statuses: X(name, code, message). abi.c turns them into ember_status_name / _message. */
 #define EMBER_STATUSES(X)                                                                                        \

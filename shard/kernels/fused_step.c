@@ -81,7 +81,8 @@ int decode_layers(const ember_decode_step *step) {
     if (hidden % Q4_GROUP || q_width % Q4_GROUP || inter % Q4_GROUP) return EMBER_E_LAYER_WIDTHS;
     const size_t floats = (size_t)(rows * (hidden + widest + q_width + inter + 2 * (k_max / Q4_GROUP)));
     float *buf = malloc(sizeof(float) * floats);
-    int8_t *xq = malloc(2 * (size_t)(rows * k_max)); /* int8 codes, or bf16 activations */
+    /* int8 codes, or bf16 activations; whole tiles of 16 rows (AMX reads them, matmul.h) */
+    int8_t *xq = calloc(2 * (size_t)((rows + 15) / 16 * 16), (size_t)k_max);
     if (!buf || !xq) {
         free(buf), free(xq);
         return EMBER_E_NO_MEMORY;

@@ -128,6 +128,166 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
     }
 }
 
+#ifdef EMBER_HAVE_AMX
+/*
+ * Many rows on AMX int8 tiles (Sapphire Rapids and later). A group of 32 inputs is one tdpbsud of 16 rows'
+ * int8 activations (tmm0, 16 x 32 bytes, signed) by one (tile, group)'s codes (tmm1, 8 x 64 bytes,
+ * unsigned: exactly the packed layout above, 4 consecutive inputs of 16 outputs per 64 bytes) into 16 x 16
+ * int32 sums (tmm2). Those are the integers the vpdpbusd path sums, and each then takes the same float
+ * operations in the same order (sums * (d dx) + acc, then m sx + acc, group by group), so a row's result
+ * is the same to the bit on either path: a step's row count may pick the path.
+ */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_ROWS 16 /* rows per tile; `xq` must be readable to a multiple of 16 rows (matmul.h) */
+
+/* The smallest row count that goes on tiles; 0: none (q4_amx sets it). */
+static int64_t amx_min_rows = 0;
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+static void amx_configure(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    c.rows[0] = AMX_ROWS, c.colsb[0] = Q4_GROUP; /* tmm0: activations */
+    c.rows[1] = Q4_GROUP / 4, c.colsb[1] = 64;  /* tmm1: codes */
+    c.rows[2] = AMX_ROWS, c.colsb[2] = 64;      /* tmm2, tmm3: int32 sums, one per group in turn */
+    c.rows[3] = AMX_ROWS, c.colsb[3] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* The float work of one group's sums for ROWS rows: the vpdpbusd path's, operation for operation. */
+static inline __attribute__((always_inline)) void amx_accumulate(const int32_t *sums, __m512 dv, __m512 mv,
+                                                                 const float *dx, const float *sx, int64_t groups,
+                                                                 int64_t g, __m512 *acc, const int ROWS) {
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) {
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_load_si512((const void *)(sums + r * 16)));
+        acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(dv, _mm512_set1_ps(dx[r * groups + g])), acc[r]);
+        acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[r * groups + g]), acc[r]);
+    }
+}
+
+/* Group g's int32 sums of 16 rows by 16 outputs into `sums` (tmm2 and tmm3 in turn). */
+static inline __attribute__((always_inline)) void amx_sums(const uint8_t *codes, const int8_t *xq, int64_t k,
+                                                           int64_t g0, int64_t g, int32_t *sums) {
+    _tile_loadd(0, xq + g * Q4_GROUP, k);
+    _tile_loadd(1, codes + (g - g0) * 512, 64);
+    if (g % 2 == 0) {
+        _tile_zero(2);
+        _tile_dpbsud(2, 0, 1);
+        _tile_stored(2, sums, 64);
+    } else {
+        _tile_zero(3);
+        _tile_dpbsud(3, 0, 1);
+        _tile_stored(3, sums, 64);
+    }
+}
+
+/* ROWS (1..16) rows against one tile of 16 outputs over groups g0 .. g1 - 1, whose codes are `codes` (a
+ * byte per code, 512 bytes per group from g0). The sums of a group are computed (tmm2 and tmm3 in turn)
+ * while the previous group's are accumulated. Past the first groups (g0 > 0) the rows' sums so far are
+ * read back from `out`, where the previous groups left them: float32 both ways, so nothing rounds. */
+static inline __attribute__((always_inline)) void amx_block(const uint8_t *codes, const uint16_t *d,
+                                                            const uint16_t *m, const int8_t *xq, const float *dx,
+                                                            const float *sx, int64_t k, int64_t n, int64_t tile,
+                                                            int64_t g0, int64_t g1, float *out, const int ROWS) {
+    const int64_t groups = k / Q4_GROUP;
+    int32_t sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
+    __m512 acc[AMX_ROWS];
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) acc[r] = g0 ? _mm512_loadu_ps(out + r * n + tile * 16) : _mm512_setzero_ps();
+    amx_sums(codes, xq, k, g0, g0, sums[g0 % 2]);
+    for (int64_t g = g0; g < g1; g++) {
+        if (g + 3 < g1)
+            for (int c = 0; c < 8; c++) _mm_prefetch((const char *)(codes + (g + 3 - g0) * 512 + c * 64), _MM_HINT_T0);
+        if (g + 1 < g1) amx_sums(codes, xq, k, g0, g + 1, sums[(g + 1) % 2]);
+        amx_accumulate(sums[g % 2], half16(d + (tile * groups + g) * 16), half16(m + (tile * groups + g) * 16), dx,
+                       sx, groups, g, acc, ROWS);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(out + r * n + tile * 16, acc[r]);
+}
+
+#define AMX_GROUPS 32 /* groups of 4-bit codes unpacked to bytes at a time: 16 KiB on the stack */
+
+/* tiles_of on AMX tiles: a tile's 4-bit codes are unpacked to bytes AMX_GROUPS groups at a time (8-bit
+ * codes are read in place), and every block of 16 rows runs over them before the next groups. */
+static void amx_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
+                      const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out,
+                      const int BITS) {
+    const int64_t groups = k / Q4_GROUP;
+    uint8_t unpacked[AMX_GROUPS * 512] __attribute__((aligned(64)));
+    amx_configure();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n / 16; t++) {
+        for (int64_t g0 = 0; g0 < groups; g0 += AMX_GROUPS) {
+            const int64_t g1 = g0 + AMX_GROUPS < groups ? g0 + AMX_GROUPS : groups;
+            const uint8_t *codes = packed + (t * groups + g0) * 64 * BITS;
+            /* this thread's next tile (static schedule) fetched into L2 meanwhile: the whole model does not
+             * stay in cache, and a tile's work is too short for the hardware prefetcher to run ahead */
+            const int ahead = t + 1 < n / 16;
+            const char *next_codes = (const char *)(packed + ((t + 1) * groups + g0) * 64 * BITS);
+            const char *next_d = (const char *)(d + ((t + 1) * groups + g0) * 16);
+            const char *next_m = (const char *)(m + ((t + 1) * groups + g0) * 16);
+            if (ahead)
+                for (int64_t g = g0; g < g1; g += 2) {
+                    for (int c = 0; c < 2 * BITS; c++) _mm_prefetch(next_codes + ((g - g0) * BITS + c) * 64, _MM_HINT_T1);
+                    _mm_prefetch(next_d + (g - g0) * 32, _MM_HINT_T1), _mm_prefetch(next_m + (g - g0) * 32, _MM_HINT_T1);
+                }
+            if (BITS == 4) {
+                for (int64_t g = g0; g < g1; g++) {
+                    __m512i w[8];
+                    load_codes(packed + (t * groups + g) * 256, w, 4);
+#pragma GCC unroll 8
+                    for (int j = 0; j < 8; j++) _mm512_store_si512((void *)(unpacked + (g - g0) * 512 + j * 64), w[j]);
+                }
+                codes = unpacked;
+            }
+            for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS) {
+                const int64_t left = rows - r0;
+                const int8_t *xr = xq + r0 * k;
+                const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
+                float *o = out + r0 * n;
+                switch (left >= AMX_ROWS ? AMX_ROWS : left) {
+#define AMX_CASE(R) case R: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, R); break;
+                    AMX_CASE(16) AMX_CASE(15) AMX_CASE(14) AMX_CASE(13) AMX_CASE(12) AMX_CASE(11) AMX_CASE(10)
+                    AMX_CASE(9) AMX_CASE(8) AMX_CASE(7) AMX_CASE(6) AMX_CASE(5) AMX_CASE(4) AMX_CASE(3)
+                    AMX_CASE(2)
+#undef AMX_CASE
+                    default: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, 1); break;
+                }
+            }
+        }
+    }
+    _tile_release();
+}
+
+/* (matmul.h) Put AMX tiles to work from `min_rows` rows (0 or less: never): 1 when they will be, 0 when
+ * the process may not use them (Linux grants AMX's state per process, on request). */
+int q4_amx(int64_t min_rows) {
+    static int permitted = -1;
+    if (min_rows <= 0) {
+        amx_min_rows = 0;
+        return 0;
+    }
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    amx_min_rows = permitted ? min_rows : 0;
+    return permitted;
+}
+#else
+int q4_amx(int64_t min_rows) {
+    (void)min_rows;
+    return 0;
+}
+#endif
+
 /* The tiles of out [rows, n] = xq [rows, k] times the packed weight [n, k] transposed, shared among the
  * threads of the enclosing parallel region (an orphaned `omp for`, with its barrier). */
 static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, const float *dx, const float *sx,
@@ -135,6 +295,12 @@ static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, con
                                                            const uint16_t *d, const uint16_t *m, int64_t n, float *out,
                                                            const int BITS) {
     const int64_t groups = k / Q4_GROUP;
+#ifdef EMBER_HAVE_AMX
+    if (amx_min_rows && rows >= amx_min_rows) {
+        amx_tiles(xq, dx, sx, rows, k, packed, d, m, n, out, BITS);
+        return;
+    }
+#endif
     if ((n / 16) % 2 == 0) { /* pairs of tiles: 15-20 % faster from 4 rows up, the same numbers */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < n / 16; t += 2) {
@@ -191,7 +357,7 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
     if (k % Q4_GROUP) return EMBER_E_IN_FEATURES;
     if (n % 16) return EMBER_E_OUT_FEATURES;
     const int64_t groups = k / Q4_GROUP;
-    int8_t *xq = malloc((size_t)(rows * k));
+    int8_t *xq = calloc((size_t)((rows + 15) / 16 * 16), (size_t)k); /* whole tiles of 16 rows (AMX) */
     float *dx = malloc(sizeof(float) * (size_t)(rows * groups));
     float *sx = malloc(sizeof(float) * (size_t)(rows * groups));
     if (!xq || !dx || !sx) {
@@ -212,6 +378,10 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
 }
 #else
 int q4_supported(void) { return 0; }
+int q4_amx(int64_t min_rows) {
+    (void)min_rows;
+    return 0;
+}
 int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const uint16_t *d, const uint16_t *m,
               int64_t n, float *out, int bits, int threads) {
     return EMBER_E_NO_VNNI;

@@ -1,19 +1,21 @@
 """GGUF's quantized blocks as the codes Ember's packed kernel multiplies, without a float copy.
 
-Ember's 4-bit and 8-bit weights (`native.Q4Weight`) hold, per 32 inputs of an output row, codes q and
-two float16 numbers d and m: w = d·q + m. Every block type llama.cpp writes for the models Ember serves
-is that form, or nearly, so a GGUF tensor is repacked block for block (`Codes` keeps d and m in
-float32; the packing rounds them to float16, which the 32-input types already are, while the K types'
-products d·scale_j lose at most 2^-11 of themselves):
+Ember's 4-, 5- and 8-bit weights (`native.Q4Weight`) hold, per 32 inputs of an output row, codes q and
+two float16 numbers d and m: w = d·q + m (m not stored where it is -2^(bits-1)·d: Q4_0, Q5_0, Q8_0).
+5-bit codes are held as 4-bit nibbles plus a plane of fifth bits (5 bits a weight, as in the file).
+Every block type llama.cpp writes for the models Ember serves is that form, or nearly, so a GGUF
+tensor is repacked block for block (`Codes` keeps d and m in float32; the packing rounds them to
+float16, which the 32-input types already are, while the K types' products d·scale_j lose at most
+2^-11 of themselves):
 
 | GGUF type | bits/weight | Ember's codes                     | d, m per 32 inputs                   | exact |
 |-----------|-------------|-----------------------------------|--------------------------------------|-------|
 | Q4_0      | 4.5         | 4-bit, the block's nibbles        | d, -8·d                              | yes   |
 | Q4_1      | 5           | 4-bit                             | d, m                                 | yes   |
 | Q4_K      | 4.5         | 4-bit                             | d·scale_j, -dmin·min_j (8 per block) | yes   |
-| Q5_0      | 5.5         | 8-bit, 0..31                      | d, -16·d                             | yes   |
-| Q5_1      | 6           | 8-bit, 0..31                      | d, m                                 | yes   |
-| Q5_K      | 5.5         | 8-bit, 0..31                      | d·scale_j, -dmin·min_j               | yes   |
+| Q5_0      | 5.5         | 5-bit, 0..31                      | d, -16·d                             | yes   |
+| Q5_1      | 6           | 5-bit                             | d, m                                 | yes   |
+| Q5_K      | 5.5         | 5-bit                             | d·scale_j, -dmin·min_j               | yes   |
 | Q8_0      | 8.5         | 8-bit, q + 128                    | d, -128·d                            | yes   |
 | Q6_K      | 6.56        | 8-bit: 0..63 where the two 16-wide | d·s, -32·d·s; else requantized over  | see   |
 |           |             | halves share a scale              | the 32 values' range (255 steps)     | left  |
@@ -39,11 +41,11 @@ GROUP = 32
 LAYOUTS: dict[str, tuple[int, int, int]] = {
     "Q4_0": (32, 18, 4),
     "Q4_1": (32, 20, 4),
-    "Q5_0": (32, 22, 8),
-    "Q5_1": (32, 24, 8),
+    "Q5_0": (32, 22, 5),
+    "Q5_1": (32, 24, 5),
     "Q8_0": (32, 34, 8),
     "Q4_K": (256, 144, 4),
-    "Q5_K": (256, 176, 8),
+    "Q5_K": (256, 176, 5),
     "Q6_K": (256, 210, 8),
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -81,15 +83,15 @@ class Codes:
         pad = lambda t: torch.cat([t, t.new_zeros(extra, t.shape[1])])  # noqa: E731
         return Codes(pad(self.codes), pad(self.scale), pad(self.low), self.bits)
 
-    def widened(self) -> Codes:
-        """The same weights with 8-bit codes (4-bit codes are 8-bit codes below 16: exact)."""
-        return self if self.bits == 8 else Codes(self.codes, self.scale, self.low, 8)
+    def widened(self, bits: int) -> Codes:
+        """The same weights with `bits`-bit codes (narrower codes are wider ones below their range: exact)."""
+        return self if self.bits == bits else Codes(self.codes, self.scale, self.low, bits)
 
     @staticmethod
     def cat(parts: list[Codes]) -> Codes:
         """Rows of several weights one after the other (q|k|v), at the widest code width among them."""
         if len({p.bits for p in parts}) > 1:
-            parts = [p.widened() for p in parts]
+            parts = [p.widened(max(p.bits for p in parts)) for p in parts]
         return Codes(
             torch.cat([p.codes for p in parts]),
             torch.cat([p.scale for p in parts]),
@@ -110,8 +112,10 @@ class Codes:
 
     @property
     def nbytes_packed(self) -> int:
-        """Bytes once packed: the codes at their width, d and m as float16."""
-        return self.codes.numel() * self.bits // 8 + 2 * 2 * self.scale.numel()
+        """Bytes once packed: the codes at their width, d and m as float16 (m not where it is -2^(bits-1)·d)."""
+        d = self.scale.half()
+        symmetric = torch.equal(self.low.half(), d * -(2 ** (self.bits - 1)))
+        return self.codes.numel() * self.bits // 8 + 2 * (1 if symmetric else 2) * self.scale.numel()
 
 
 def _f16(raw: torch.Tensor, at: int) -> torch.Tensor:

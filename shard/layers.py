@@ -257,8 +257,8 @@ class PackedWeight:
 
     @classmethod
     def from_codes(cls, codes: Codes) -> PackedWeight:
-        """A GGUF tensor's codes as they are, on Ember's VNNI kernel (`w4a8`; 8-bit codes for 5- to
-        8-bit types): no requantization (`gguf_blocks`)."""
+        """A GGUF tensor's codes as they are, on Ember's VNNI kernel (`w4a8`; 5-bit codes for the 5-bit
+        types, 8-bit ones for Q6_K and Q8_0): no requantization (`gguf_blocks`)."""
         return cls("w4a8", None, None, codes.shape, q4=codes.packed())
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:

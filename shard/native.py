@@ -110,7 +110,8 @@ class LinearWeights(ctypes.Structure):
     @classmethod
     def of(cls, weight: Q4Weight | BF16Weight) -> LinearWeights:
         if isinstance(weight, Q4Weight):
-            return cls(weight.packed.data_ptr(), weight.d.data_ptr(), weight.m.data_ptr())
+            m = weight.m.data_ptr() if weight.m is not None else None
+            return cls(weight.packed.data_ptr(), weight.d.data_ptr(), m)
         if isinstance(weight, BF16Weight):
             return cls(weight.packed.data_ptr(), None, None)
         raise TypeError(f"decode_layers takes Q4Weight or BF16Weight projections, not {type(weight).__name__}")
@@ -485,7 +486,7 @@ class Kernels:
             k,
             weight.packed.data_ptr(),
             weight.d.data_ptr(),
-            weight.m.data_ptr(),
+            weight.m.data_ptr() if weight.m is not None else None,
             n,
             out.data_ptr(),
             weight.bits,
@@ -567,12 +568,14 @@ the VNNI path's speed from 12 rows on SmolLM2's shapes (a 2-core Sapphire Rapids
 
 @dataclass
 class Q4Weight:
-    """A [n, k] weight as Q4_1 blocks (w = d·q + m per 32 inputs), laid out for `q4_linear`; with
-    `bits` 8 the same with 8-bit codes (Ember's int8 LM head under w4a8)."""
+    """A [n, k] weight as Q4_1 blocks (w = d·q + m per 32 inputs), laid out for `q4_linear`; with `bits` 5
+    or 8 the same with 5- or 8-bit codes (a GGUF's 5-bit types; its 6- and 8-bit ones, and Ember's int8 LM
+    head under w4a8). `m` is None where every minimum is -2^(bits-1)·d (the symmetric types Q4_0, Q5_0,
+    Q8_0): the kernel computes it, and memory holds what the file holds."""
 
-    packed: torch.Tensor  # uint8 [n / 16, k / 32, 4, 16, 4]: two codes per byte (8 bits: [.., 8, 16, 4]), matmul_q4.c
+    packed: torch.Tensor  # uint8: matmul_q4.c's layout, [n / 16, k / 32, ...] (see `pack`)
     d: torch.Tensor  # float16 [n / 16, k / 32, 16]: GGUF's own precision for d and m
-    m: torch.Tensor  # float16 [n / 16, k / 32, 16]
+    m: torch.Tensor | None  # float16 [n / 16, k / 32, 16], or None: -2^(bits-1)·d
     shape: tuple[int, int]
     bits: int = 4
 
@@ -581,15 +584,23 @@ class Q4Weight:
         """codes [n, k] in 0..2^bits - 1, scale and low [n, k / 32] (stored as float16, as GGUF stores them)."""
         n, k = codes.shape
         tiles, groups = n // 16, k // Q4_GROUP
+        q = codes.to(torch.uint8)
         if bits == 8:  # input 32g + 4c + b of output 16t + j -> [tile, group, chunk, lane, byte]
-            packed = codes.to(torch.uint8).view(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+            packed = q.view(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
         else:  # input 32g + 8c + 4·nibble + b of output 16t + j -> [tile, group, chunk, lane, byte] bytes
-            q = codes.to(torch.uint8).view(tiles, 16, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
-            packed = (q[..., 0] | (q[..., 1] << 4)).contiguous()
+            low4 = (q & 15).view(tiles, 16, groups, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)
+            packed = (low4[..., 0] | (low4[..., 1] << 4)).contiguous()
+            if bits == 5:  # then the fifth bits: mask c, bit 4j + b for input 32g + 4c + b of output 16t + j
+                high = (q >> 4).view(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).reshape(tiles, groups, 8, 8, 8)
+                weights = (1 << torch.arange(8, dtype=torch.int32)).view(1, 1, 1, 1, 8)
+                masks = (high.int() * weights).sum(-1).to(torch.uint8)  # little-endian bytes of each mask
+                packed = torch.cat([packed.view(tiles, groups, 256), masks.view(tiles, groups, 64)], dim=-1)
         per_tile = lambda t: t.half().reshape(tiles, 16, groups).permute(0, 2, 1).contiguous()  # noqa: E731
         d, m = per_tile(scale), per_tile(low)
         if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
             raise ValueError("scales or minimums beyond float16's range")
+        if torch.equal(m, d * -(2 ** (bits - 1))):  # exact: a power of two times a float16 in its range
+            m = None
         return cls(packed, d, m, (n, k), bits)
 
     @classmethod
@@ -603,13 +614,30 @@ class Q4Weight:
         codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 255).view(n, k)
         return cls.pack(codes, scale, low, bits=8)
 
+    @property
+    def lows(self) -> torch.Tensor:
+        """m, float16 [n / 16, k / 32, 16], computed where it is not stored."""
+        return self.m if self.m is not None else self.d * -(2 ** (self.bits - 1))
+
     def codes(self) -> torch.Tensor:
         """The [n, k] codes back out of the packing (its exact inverse)."""
         n, k = self.shape
+        tiles, groups = n // 16, k // Q4_GROUP
         if self.bits == 8:
             return self.packed.permute(0, 3, 1, 2, 4).reshape(n, k)
-        nibbles = torch.stack([self.packed & 15, self.packed >> 4], dim=-1)  # [tile, group, chunk, lane, byte, 2]
-        return nibbles.permute(0, 3, 1, 2, 5, 4).reshape(n, k)
+        nibbles = self.packed.reshape(tiles, groups, -1)[..., :256].reshape(tiles, groups, 4, 16, 4)
+        nibbles = torch.stack([nibbles & 15, nibbles >> 4], dim=-1)  # [tile, group, chunk, lane, byte, 2]
+        codes = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(n, k)
+        if self.bits == 5:
+            codes = codes | (self._fifth_bits().permute(0, 3, 1, 2, 4).reshape(n, k) << 4)
+        return codes
+
+    def _fifth_bits(self) -> torch.Tensor:
+        """uint8 [tile, group, chunk (8), lane (16), byte (4)]: the codes' fifth bits (5-bit codes)."""
+        tiles, groups = self.packed.shape[:2]
+        masks = self.packed.reshape(tiles, groups, 320)[..., 256:].reshape(tiles, groups, 8, 8, 1)
+        bits = (masks >> torch.arange(8, dtype=torch.uint8)) & 1  # [tile, group, chunk, byte of mask, bit]
+        return bits.reshape(tiles, groups, 8, 16, 4)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), k]: the rows `ids` (output features) dequantized, the rest left packed. An
@@ -617,11 +645,17 @@ class Q4Weight:
         n, k = self.shape
         ids = ids.reshape(-1).long()
         tile, lane = ids // 16, ids % 16
-        picked = self.packed[tile, :, :, lane, :]  # [rows, groups, chunks, bytes]
-        if self.bits == 4:  # input 8c + 4·nibble + b of each group
+        if self.bits == 8:
+            picked = self.packed[tile, :, :, lane, :]  # [rows, groups, chunks, bytes]
+        else:  # input 8c + 4·nibble + b of each group
+            tiles, groups = self.packed.shape[:2]
+            nibbles = self.packed.reshape(tiles, groups, -1)[..., :256].reshape(tiles, groups, 4, 16, 4)
+            picked = nibbles[tile, :, :, lane, :]
             picked = torch.stack([picked & 15, picked >> 4], dim=-2)  # [rows, groups, chunks, nibble, bytes]
+            if self.bits == 5:
+                picked = picked.reshape(len(ids), groups, 8, 4) | (self._fifth_bits()[tile, :, :, lane, :] << 4)
         codes = picked.reshape(len(ids), k // Q4_GROUP, Q4_GROUP).float()
-        d, m = self.d[tile, :, lane].float(), self.m[tile, :, lane].float()  # [rows, groups]
+        d, m = self.d[tile, :, lane].float(), self.lows[tile, :, lane].float()  # [rows, groups]
         return (codes * d[..., None] + m[..., None]).reshape(len(ids), k)
 
     def dequantize(self) -> torch.Tensor:
@@ -629,11 +663,11 @@ class Q4Weight:
         n, k = self.shape
         per_row = lambda t: t.float().permute(0, 2, 1).reshape(n, k // Q4_GROUP, 1)  # noqa: E731
         codes = self.codes().float().view(n, k // Q4_GROUP, Q4_GROUP)
-        return (codes * per_row(self.d) + per_row(self.m)).view(n, k)
+        return (codes * per_row(self.d) + per_row(self.lows)).view(n, k)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.d, self.m))
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.d, self.m) if t is not None)
 
 
 @dataclass

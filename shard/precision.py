@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger("ember.shard")
 
 FOUR_BIT_GGUF = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
-# Held as 8-bit codes on the VNNI kernel (w4a8 keeps a GGUF's own codes: `weights.keep_codes`).
+# Held as 5-bit (Q5_*) or 8-bit (Q6_K) codes on the VNNI kernel (w4a8 keeps a GGUF's own codes: `weights.keep_codes`).
 FIVE_TO_SIX_BIT_GGUF = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -119,7 +119,7 @@ def choose(
         return _gguf_codes(weight_type, "4-bit weights times int8 activations", "int4")
     if weight_type in FIVE_TO_SIX_BIT_GGUF:
         return _gguf_codes(
-            weight_type, "its codes held as 8-bit ones times int8 activations, as llama.cpp multiplies them", "int8"
+            weight_type, "its own codes (5-bit as they are, 6-bit as 8-bit) times int8 activations, as llama.cpp multiplies them", "int8"
         )
     if weight_type == "Q8_0":
         return Precision(None, None, "int8", "the GGUF's weights are Q8_0: 8-bit weights", automatic=True)

@@ -51,7 +51,7 @@ def test_q6_k_is_exact_where_a_group_shares_its_scale_and_within_a_fraction_of_i
     assert np.abs(mine - reference).max() < per_input.max() / 8
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0", "Q6_K"])
 def test_codes_pack_into_embers_kernel_weight_without_loss(type_name):
     raw = _blocks(type_name, np.random.default_rng(7))
     codes = gguf_blocks.decode(type_name, torch.from_numpy(raw), (ROWS, COLS))
@@ -60,9 +60,14 @@ def test_codes_pack_into_embers_kernel_weight_without_loss(type_name):
     # K types' products d·scale rounded to it (2^-11 of each scale at most).
     halves = gguf_blocks.Codes(codes.codes, codes.scale.half().float(), codes.low.half().float(), codes.bits)
     assert torch.equal(packed.dequantize(), halves.dequantize())
-    if type_name in ("Q4_0", "Q8_0"):
+    if type_name in ("Q4_0", "Q5_0", "Q5_1", "Q8_0"):
         assert torch.equal(packed.dequantize(), codes.dequantize())
     assert packed.nbytes == codes.nbytes_packed
+    # In memory as in the file: the symmetric types store no minimum, 5-bit codes take 5 bits.
+    assert (packed.m is None) == (type_name in ("Q4_0", "Q5_0", "Q8_0"))
+    # (The K types' 6-bit sub-scales become float16 per 32: Q4_K takes 5 bits a weight for the file's 4.5.)
+    if type_name in ("Q4_0", "Q5_0", "Q5_K", "Q8_0"):
+        assert packed.nbytes <= raw.nbytes * 1.1, (packed.nbytes, raw.nbytes)
 
 
 def test_types_ember_cannot_run_are_refused_by_name():

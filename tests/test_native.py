@@ -281,6 +281,33 @@ def test_q4_rows_never_depend_on_their_neighbours(q4):
         assert torch.equal(q4.q4_linear(x[i : i + 1].clone(), weight)[0], together[i])
 
 
+@pytest.mark.parametrize("bits", [4, 5, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_q4_weights_of_every_width_pack_exactly_and_multiply_as_dequantized(q4, bits, symmetric):
+    """4-, 5- and 8-bit codes, with a minimum per group or none stored (m = -2^(bits-1)·d: Q4_0, Q5_0, Q8_0):
+    the packing is exact, a row looked up is the dequantized row, and the kernel equals the same codes
+    held 8 bits wide with m stored, to the bit (the same integer sums, the same float steps)."""
+    n, k = 48, 96
+    gen = torch.Generator().manual_seed(bits * 2 + symmetric)
+    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+    scale = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+    low = -(2 ** (bits - 1)) * scale if symmetric else (-torch.rand(n, k // 32, generator=gen) * 0.05).half().float()
+    weight = native.Q4Weight.pack(codes, scale, low, bits=bits)
+    assert (weight.m is None) == symmetric
+    stored = (n * k * bits // 8) + n * (k // 32) * 2 * (1 if symmetric else 2)
+    assert weight.nbytes == stored  # 5-bit: 0.625 + 0.0625 (+ m) bytes per weight
+    assert torch.equal(weight.codes(), codes.to(torch.uint8))
+    want = (codes.view(n, k // 32, 32) * scale[..., None] + low[..., None]).view(n, k)
+    assert torch.equal(weight.dequantize(), want)
+    ids = torch.tensor([0, 17, 47, 5])
+    assert torch.equal(weight.rows(ids), want[ids])
+    wide = native.Q4Weight.pack(codes, scale, low.half().float() + 0 * scale, bits=8)
+    wide.m = weight.lows if wide.m is None else wide.m
+    x = torch.randn(20, k, generator=gen)
+    for rows in (1, 3, 20):
+        assert torch.equal(q4.q4_linear(x[:rows].clone(), weight), q4.q4_linear(x[:rows].clone(), wide))
+
+
 @pytest.fixture()
 def amx(q4):
     """The kernels with AMX tiles available (skipped elsewhere); the automatic row count is restored after."""
@@ -290,7 +317,7 @@ def amx(q4):
     q4.use_amx(native.AMX_MIN_ROWS)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 @pytest.mark.parametrize("n,k", [(48, 160), (64, 1280)])  # an odd tile count; more groups than one unpacking
 def test_amx_tiles_give_the_vpdpbusd_paths_bits(amx, bits, n, k):
     """The same integer sums and the same float steps in the same order: equal to the bit at any row count,
@@ -705,7 +732,7 @@ def test_status_codes_name_the_check_that_failed(kernels):
     assert kernels.lib.ember_status_name(-99) is None
     err = kernels.error("q4_linear", -4, "x (1, 32)")
     assert isinstance(err, native.NativeError) and isinstance(err, RuntimeError)
-    assert str(err) == "q4_linear failed: codes must be 4 or 8 bits wide (EMBER_E_BITS) [x (1, 32)]"
+    assert str(err) == "q4_linear failed: codes must be 4, 5 or 8 bits wide (EMBER_E_BITS) [x (1, 32)]"
     assert (err.entry, err.status, err.name) == ("q4_linear", -4, "EMBER_E_BITS")
     assert "does not name" in str(kernels.error("q4_linear", -99))
 
@@ -714,8 +741,8 @@ def test_kernels_raise_the_named_error(q4):
     import dataclasses
 
     weight = native.Q4Weight.pack(*_q4_codes(16, 32))
-    with pytest.raises(native.NativeError, match=r"codes must be 4 or 8 bits wide \(EMBER_E_BITS\)"):
-        q4.q4_linear(torch.randn(2, 32), dataclasses.replace(weight, bits=5))
+    with pytest.raises(native.NativeError, match=r"codes must be 4, 5 or 8 bits wide \(EMBER_E_BITS\)"):
+        q4.q4_linear(torch.randn(2, 32), dataclasses.replace(weight, bits=6))
     # decode_layers through its struct: widths the int8 groups cannot split are refused before any work.
     step = native.DecodeStep(num_layers=0, hidden=48, heads=1, kv_heads=1, head_dim=64, inter=64)
     with pytest.raises(native.NativeError, match="multiples of 32 \\(EMBER_E_LAYER_WIDTHS\\)") as err:

@@ -41,7 +41,7 @@
     X(EMBER_E_NO_MEMORY, -1, "a scratch buffer could not be allocated")                                          \
     X(EMBER_E_NO_VNNI, -2, "this build has no AVX-512 VNNI kernels (w4a8, 8-bit codes, the fused step)")         \
     X(EMBER_E_NO_BF16, -3, "this build has no AVX-512 BF16 kernels (bf16 weights)")                             \
-    X(EMBER_E_BITS, -4, "codes must be 4 or 8 bits wide")                                                        \
+    X(EMBER_E_BITS, -4, "codes must be 4, 5 or 8 bits wide")                                                     \
     X(EMBER_E_IN_FEATURES, -5, "the input features (k) must be a multiple of 32")                                \
     X(EMBER_E_OUT_FEATURES, -6, "the output features (n) must be a multiple of 16")                              \
     X(EMBER_E_TOPK, -7, "k must be in 1 .. min(256, vocab)")                                                     \

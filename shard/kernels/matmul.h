@@ -48,10 +48,12 @@ static inline void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx
 }
 
 /* out [rows, n] = xq [rows, k] (int8 per 32, quantize_row) times the packed weight [n, k] transposed, its
- * 4-bit codes' (q4_tiles) or 8-bit codes' (q8_tiles) tiles shared among the threads of the enclosing
+ * 4-, 5- or 8-bit codes' (q4_tiles, q5_tiles, q8_tiles) tiles shared among the threads of the enclosing
  * parallel region (an orphaned `omp for`, with its barrier). On AMX tiles (q4_amx) blocks of 16 rows are
  * read, so `xq` must be readable to the next multiple of 16 rows. */
 EMBER_INTERNAL void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
+                             const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out);
+EMBER_INTERNAL void q5_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
                              const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out);
 EMBER_INTERNAL void q8_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
                              const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out);

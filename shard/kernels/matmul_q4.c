@@ -6,7 +6,11 @@
  * vpdpbusd in tiles of 16 output features: for tile t and group g, 4 chunks of 64 bytes; byte b
  * (0..3) of lane j in chunk c holds q[16t + j][32g + 8c + b] in its low nibble and
  * q[16t + j][32g + 8c + 4 + b] in its high one. d and m are float16 [tiles, groups, 16] (GGUF's own
- * precision for them: a Q4_1 tensor takes exactly its file's bytes), widened as they are loaded.
+ * precision for them: a Q4_1 tensor takes exactly its file's bytes), widened as they are loaded; m is
+ * NULL for the symmetric types (m = -2^(bits-1) d: Q4_0, Q5_0, Q8_0), whose files hold no minimum.
+ * 8-bit codes: byte b of lane j in chunk c (of 8) is q[16t + j][32g + 4c + b]. 5-bit codes: the 4-bit
+ * layout of their low nibbles, then 8 64-bit masks of their fifth bits, bit 4 j + b of mask c for input
+ * 32g + 4c + b of output 16t + j (320 bytes per tile and group).
  * Activations are quantized per row and group of 32 to int8 (x = dx * xq, Q8_0's rule), so
  *   sum_k w x = sum_g d dx sum_k q xq + m dx sum_k xq
  * with the integer sums done 64 products per instruction. Each row's result depends on that row
@@ -22,13 +26,20 @@ int q4_supported(void) { return 1; }
 /* The 8 code vectors of one (tile, group): BITS 4 holds two inputs' codes per byte (see above), BITS 8
  * one (byte b of lane j in chunk c: input 4c + b), so vector j always pairs with activation dword j. */
 static inline __attribute__((always_inline)) void load_codes(const uint8_t *wp, __m512i *w, const int BITS) {
-    if (BITS == 4) {
+    if (BITS == 4 || BITS == 5) {
         const __m512i low = _mm512_set1_epi8(0x0F);
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
             const __m512i v = _mm512_loadu_si512((const void *)(wp + c * 64));
             w[2 * c] = _mm512_and_si512(v, low);
             w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        if (BITS == 5) { /* the fifth bits: a 64-bit mask per vector, bit i for its byte i, adding 16 */
+            const __m512i sixteen = _mm512_set1_epi8(16);
+            uint64_t high[8];
+            memcpy(high, wp + 256, sizeof high);
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; j++) w[j] = _mm512_mask_add_epi8(w[j], _cvtu64_mask64(high[j]), w[j], sixteen);
         }
     } else {
 #pragma GCC unroll 8
@@ -39,6 +50,12 @@ static inline __attribute__((always_inline)) void load_codes(const uint8_t *wp, 
 /* 16 float16 values widened to float32. */
 static inline __attribute__((always_inline)) __m512 half16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+/* The 16 minimums m of one (tile, group) at `at`; where m is NULL (a symmetric type: Q4_0, Q5_0, Q8_0) each
+ * is -2^(BITS-1) d, exactly what float16 would have held. */
+static inline __attribute__((always_inline)) __m512 lows16(const uint16_t *m, int64_t at, __m512 dv, const int BITS) {
+    return m ? half16(m + at) : _mm512_mul_ps(dv, _mm512_set1_ps(-(float)(1 << (BITS - 1))));
 }
 
 #define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
@@ -56,7 +73,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *packed,
         __m512i w[8];
         load_codes(packed + (tile * groups + g) * 64 * BITS, w, BITS);
         const __m512 dv = half16(d + (tile * groups + g) * 16);
-        const __m512 mv = half16(m + (tile * groups + g) * 16);
+        const __m512 mv = lows16(m, (tile * groups + g) * 16, dv, BITS);
 #pragma GCC unroll 16
         for (int r = 0; r < ROWS; r++) {
             const int32_t *xr = (const int32_t *)(xq + r * k + g * Q4_GROUP);
@@ -88,7 +105,7 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
      * (the head 10-16 % faster at 32 rows); 4-bit layers gained nothing measurable. */
     const char *next_codes = (const char *)(packed + (tile + 2) * groups * 64 * BITS);
     const char *next_d = (const char *)(d + (tile + 2) * groups * 16);
-    const char *next_m = (const char *)(m + (tile + 2) * groups * 16);  /* 32 bytes per tile and group */
+    const char *next_m = m ? (const char *)(m + (tile + 2) * groups * 16) : NULL;  /* 32 bytes per tile and group */
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
@@ -96,13 +113,14 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
         load_codes(packed + (tile * groups + g) * 64 * BITS, w0, BITS);
         load_codes(packed + ((tile + 1) * groups + g) * 64 * BITS, w1, BITS);
         const __m512 dv0 = half16(d + (tile * groups + g) * 16);
-        const __m512 mv0 = half16(m + (tile * groups + g) * 16);
+        const __m512 mv0 = lows16(m, (tile * groups + g) * 16, dv0, BITS);
         const __m512 dv1 = half16(d + ((tile + 1) * groups + g) * 16);
-        const __m512 mv1 = half16(m + ((tile + 1) * groups + g) * 16);
+        const __m512 mv1 = lows16(m, ((tile + 1) * groups + g) * 16, dv1, BITS);
         if (ahead) {
 #pragma GCC unroll 16
             for (int c = 0; c < 2 * BITS; c++) _mm_prefetch(next_codes + (g * 2 * BITS + c) * 64, _MM_HINT_T1);
-            _mm_prefetch(next_d + g * 64, _MM_HINT_T1), _mm_prefetch(next_m + g * 64, _MM_HINT_T1);
+            _mm_prefetch(next_d + g * 64, _MM_HINT_T1);
+            if (m) _mm_prefetch(next_m + g * 64, _MM_HINT_T1);
         }
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++) {
@@ -197,7 +215,8 @@ static inline __attribute__((always_inline)) void amx_sums(const uint8_t *codes,
 static inline __attribute__((always_inline)) void amx_block(const uint8_t *codes, const uint16_t *d,
                                                             const uint16_t *m, const int8_t *xq, const float *dx,
                                                             const float *sx, int64_t k, int64_t n, int64_t tile,
-                                                            int64_t g0, int64_t g1, float *out, const int ROWS) {
+                                                            int64_t g0, int64_t g1, float *out, const int ROWS,
+                                                            const int BITS) {
     const int64_t groups = k / Q4_GROUP;
     int32_t sums[2][AMX_ROWS * 16] __attribute__((aligned(64)));
     __m512 acc[AMX_ROWS];
@@ -208,8 +227,8 @@ static inline __attribute__((always_inline)) void amx_block(const uint8_t *codes
         if (g + 3 < g1)
             for (int c = 0; c < 8; c++) _mm_prefetch((const char *)(codes + (g + 3 - g0) * 512 + c * 64), _MM_HINT_T0);
         if (g + 1 < g1) amx_sums(codes, xq, k, g0, g + 1, sums[(g + 1) % 2]);
-        amx_accumulate(sums[g % 2], half16(d + (tile * groups + g) * 16), half16(m + (tile * groups + g) * 16), dx,
-                       sx, groups, g, acc, ROWS);
+        const __m512 dv = half16(d + (tile * groups + g) * 16);
+        amx_accumulate(sums[g % 2], dv, lows16(m, (tile * groups + g) * 16, dv, BITS), dx, sx, groups, g, acc, ROWS);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < ROWS; r++) _mm512_storeu_ps(out + r * n + tile * 16, acc[r]);
@@ -235,16 +254,17 @@ static void amx_tiles(const int8_t *xq, const float *dx, const float *sx, int64_
             const int ahead = t + 1 < n / 16;
             const char *next_codes = (const char *)(packed + ((t + 1) * groups + g0) * 64 * BITS);
             const char *next_d = (const char *)(d + ((t + 1) * groups + g0) * 16);
-            const char *next_m = (const char *)(m + ((t + 1) * groups + g0) * 16);
+            const char *next_m = m ? (const char *)(m + ((t + 1) * groups + g0) * 16) : NULL;
             if (ahead)
                 for (int64_t g = g0; g < g1; g += 2) {
                     for (int c = 0; c < 2 * BITS; c++) _mm_prefetch(next_codes + ((g - g0) * BITS + c) * 64, _MM_HINT_T1);
-                    _mm_prefetch(next_d + (g - g0) * 32, _MM_HINT_T1), _mm_prefetch(next_m + (g - g0) * 32, _MM_HINT_T1);
+                    _mm_prefetch(next_d + (g - g0) * 32, _MM_HINT_T1);
+                    if (m) _mm_prefetch(next_m + (g - g0) * 32, _MM_HINT_T1);
                 }
-            if (BITS == 4) {
+            if (BITS != 8) {
                 for (int64_t g = g0; g < g1; g++) {
                     __m512i w[8];
-                    load_codes(packed + (t * groups + g) * 256, w, 4);
+                    load_codes(packed + (t * groups + g) * 64 * BITS, w, BITS);
 #pragma GCC unroll 8
                     for (int j = 0; j < 8; j++) _mm512_store_si512((void *)(unpacked + (g - g0) * 512 + j * 64), w[j]);
                 }
@@ -256,12 +276,12 @@ static void amx_tiles(const int8_t *xq, const float *dx, const float *sx, int64_
                 const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
                 float *o = out + r0 * n;
                 switch (left >= AMX_ROWS ? AMX_ROWS : left) {
-#define AMX_CASE(R) case R: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, R); break;
+#define AMX_CASE(R) case R: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, R, BITS); break;
                     AMX_CASE(16) AMX_CASE(15) AMX_CASE(14) AMX_CASE(13) AMX_CASE(12) AMX_CASE(11) AMX_CASE(10)
                     AMX_CASE(9) AMX_CASE(8) AMX_CASE(7) AMX_CASE(6) AMX_CASE(5) AMX_CASE(4) AMX_CASE(3)
                     AMX_CASE(2)
 #undef AMX_CASE
-                    default: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, 1); break;
+                    default: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, 1, BITS); break;
                 }
             }
         }
@@ -349,11 +369,16 @@ void q8_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, 
     tiles_of(xq, dx, sx, rows, k, packed, d, m, n, out, 8);
 }
 
+void q5_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,
+              const uint8_t *packed, const uint16_t *d, const uint16_t *m, int64_t n, float *out) {
+    tiles_of(xq, dx, sx, rows, k, packed, d, m, n, out, 5);
+}
+
 /* out [rows, n] = x [rows, k] times the packed weight [n, k] transposed (k % 32 == 0, n % 16 == 0), its
  * codes 4 or 8 `bits` wide (w = d * q + m per 32 inputs either way). */
 int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const uint16_t *d, const uint16_t *m,
               int64_t n, float *out, int bits, int threads) {
-    if (bits != 4 && bits != 8) return EMBER_E_BITS;
+    if (bits != 4 && bits != 5 && bits != 8) return EMBER_E_BITS;
     if (k % Q4_GROUP) return EMBER_E_IN_FEATURES;
     if (n % 16) return EMBER_E_OUT_FEATURES;
     const int64_t groups = k / Q4_GROUP;
@@ -370,6 +395,8 @@ int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, co
         for (int64_t r = 0; r < rows; r++) quantize_row(x + r * k, k, xq + r * k, dx + r * groups, sx + r * groups);
         if (bits == 8)
             q8_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
+        else if (bits == 5)
+            q5_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
         else
             q4_tiles(xq, dx, sx, rows, k, packed, d, m, n, out);
     }

@@ -681,7 +681,7 @@ class FusedDecode:
             paths = sorted({linear_path(linear.weight)[0] for linear in linears})
             return f"the linears are {' / '.join(paths)}: the fused step takes w4a8 or bf16 on Ember's kernel"
         elif any(linear.weight.q4.bits != 4 for linear in linears):
-            return "some linears hold 8-bit codes (a GGUF's 5- to 8-bit tensors): the fused step takes 4-bit ones"
+            return "some linears hold 5- or 8-bit codes (a GGUF's 5- to 8-bit tensors): the fused step takes 4-bit ones"
         if not kernels.q4:
             return "a CPU without AVX-512 VNNI (the fused step is built with the int8 kernels)"
         if model.embed.dtype != torch.float32:

@@ -119,7 +119,9 @@ def choose(
         return _gguf_codes(weight_type, "4-bit weights times int8 activations", "int4")
     if weight_type in FIVE_TO_SIX_BIT_GGUF:
         return _gguf_codes(
-            weight_type, "its own codes (5-bit as they are, 6-bit as 8-bit) times int8 activations, as llama.cpp multiplies them", "int8"
+            weight_type,
+            "its own codes (5-bit as they are, 6-bit as 8-bit) times int8 activations, as llama.cpp multiplies them",
+            "int8",
         )
     if weight_type == "Q8_0":
         return Precision(None, None, "int8", "the GGUF's weights are Q8_0: 8-bit weights", automatic=True)

@@ -116,9 +116,12 @@ def child(name: str, kv_cache_bytes: int) -> dict:
     """Measure one model in this process (a fresh one: `--child`)."""
     import torch
 
-    from ember.shard import native
+    from ember.shard import native, server  # noqa: F401 (the gRPC server's libraries: part of a shard's runtime)
+    from ember.shard.engine import Engine
+    from ember.shard.grammar import GrammarCompiler
     from ember.shard.precision import choose
     from ember.shard.runner import Sequence, load_runner, resolve_dtype
+    from ember.shard.tokenizer import load_tokenizer
 
     native.kernels()  # compiled or loaded now: the runtime, not the model
     with tempfile.TemporaryDirectory() as work:
@@ -139,7 +142,15 @@ def child(name: str, kv_cache_bytes: int) -> dict:
         seq = Sequence(seq_id=0, token_ids=[1, 2, 3, 4])
         runner.step([seq])
         runner.free(seq)
+        tokenizer = load_tokenizer(model_dir)  # what the shard holds beside the model (shard/cli.py)
+        engine = Engine(runner, tokenizer, GrammarCompiler(tokenizer))
         after, peak = _status("VmRSS"), _status("VmHWM")
+        # What transformers' tokenizer, which the shard no longer loads, would add to that.
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir)
+        transformers_tokenizer = _status("VmRSS") - after
+        del engine
         model = getattr(runner, "model", None)
         weights = _held_bytes(model)
         cache = getattr(runner, "cache", None)
@@ -156,6 +167,7 @@ def child(name: str, kv_cache_bytes: int) -> dict:
             "rss_bytes": after,
             "runtime_bytes": after - weights - kv,
             "peak_bytes": peak,
+            "transformers_tokenizer_bytes": transformers_tokenizer,
         }
 
 
@@ -168,23 +180,25 @@ def render(rows: list[dict], command: str) -> str:
         "",
         "Each model loaded in a fresh process as a shard loads it (automatic precision). Its tensors: the file",
         "less its header (metadata, tokenizer). Weights: the bytes the",
-        "loaded model holds; runtime: resident memory less weights and KV cache (torch, libraries, Ember's",
-        "kernels, allocator slack); before load: the process after importing all of it. MiB.",
+        "loaded model holds; runtime: resident memory less weights and KV cache (torch, the gRPC libraries, the",
+        "tokenizer and engine the shard holds, Ember's kernels, allocator slack); before load: the process after",
+        "importing all of it. The last column: what loading transformers' tokenizer (which the shard did until",
+        "2026-12-06; it now reads tokenizer.json with the Rust `tokenizers` alone) adds on top. MiB.",
         "",
         "| model | precision | file | its tensors | store | weights | weights ÷ tensors | KV cache | runtime "
-        "| before load | RSS | peak |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| before load | RSS | peak | transformers' tokenizer would add |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | | |")
+            lines.append(f"| {r['model']} | error: {r['error']} | | | | | | | | | | | |")
             continue
         lines.append(
             f"| {r['model']} | {r['precision']} | {mib(r['file_bytes'])} | {mib(r['file_tensor_bytes'])} | "
             f"{mib(r['store_bytes'])} | {mib(r['weights_bytes'])} | "
             f"{r['weights_bytes'] / r['file_tensor_bytes']:.2f}× | {mib(r['kv_cache_bytes'])} | "
             f"{mib(r['runtime_bytes'])} | {mib(r['rss_before_load_bytes'])} | {mib(r['rss_bytes'])} | "
-            f"{mib(r['peak_bytes'])} |"
+            f"{mib(r['peak_bytes'])} | {mib(r['transformers_tokenizer_bytes'])} |"
         )
     lines += ["", "Command:", "", f"    {command}", ""]
     return "\n".join(lines)

@@ -58,6 +58,19 @@ static inline __attribute__((always_inline)) __m512 lows16(const uint16_t *m, in
     return m ? half16(m + at) : _mm512_mul_ps(dv, _mm512_set1_ps(-(float)(1 << (BITS - 1))));
 }
 
+/* Rows r0.. of the activations, their scales and code sums, and the output. */
+typedef struct {
+    const int8_t *xq;
+    const float *dx, *sx;
+    float *out;
+} row_block;
+
+static inline __attribute__((always_inline)) row_block rows_from(const int8_t *xq, const float *dx, const float *sx,
+                                                                 float *out, int64_t r0, int64_t k, int64_t n) {
+    const int64_t groups = k / Q4_GROUP;
+    return (row_block){xq + r0 * k, dx + r0 * groups, sx + r0 * groups, out + r0 * n};
+}
+
 #define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
 
 /* ROWS (1..Q4_ROWS) rows of activations against one tile of 16 output features. */
@@ -272,16 +285,14 @@ static void amx_tiles(const int8_t *xq, const float *dx, const float *sx, int64_
             }
             for (int64_t r0 = 0; r0 < rows; r0 += AMX_ROWS) {
                 const int64_t left = rows - r0;
-                const int8_t *xr = xq + r0 * k;
-                const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
-                float *o = out + r0 * n;
+                const row_block b = rows_from(xq, dx, sx, out, r0, k, n);
                 switch (left >= AMX_ROWS ? AMX_ROWS : left) {
-#define AMX_CASE(R) case R: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, R, BITS); break;
+#define AMX_CASE(R) case R: amx_block(codes, d, m, b.xq, b.dx, b.sx, k, n, t, g0, g1, b.out, R, BITS); break;
                     AMX_CASE(16) AMX_CASE(15) AMX_CASE(14) AMX_CASE(13) AMX_CASE(12) AMX_CASE(11) AMX_CASE(10)
                     AMX_CASE(9) AMX_CASE(8) AMX_CASE(7) AMX_CASE(6) AMX_CASE(5) AMX_CASE(4) AMX_CASE(3)
                     AMX_CASE(2)
 #undef AMX_CASE
-                    default: amx_block(codes, d, m, xr, dr, sr, k, n, t, g0, g1, o, 1, BITS); break;
+                    default: amx_block(codes, d, m, b.xq, b.dx, b.sx, k, n, t, g0, g1, b.out, 1, BITS); break;
                 }
             }
         }
@@ -314,7 +325,6 @@ static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, con
                                                            int64_t rows, int64_t k, const uint8_t *packed,
                                                            const uint16_t *d, const uint16_t *m, int64_t n, float *out,
                                                            const int BITS) {
-    const int64_t groups = k / Q4_GROUP;
 #ifdef EMBER_HAVE_AMX
     if (amx_min_rows && rows >= amx_min_rows) {
         amx_tiles(xq, dx, sx, rows, k, packed, d, m, n, out, BITS);
@@ -326,15 +336,13 @@ static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, con
         for (int64_t t = 0; t < n / 16; t += 2) {
             for (int64_t r0 = 0; r0 < rows; r0 += Q4_ROWS2) {
                 const int64_t left = rows - r0;
-                const int8_t *xr = xq + r0 * k;
-                const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
-                float *o = out + r0 * n;
+                const row_block b = rows_from(xq, dx, sx, out, r0, k, n);
                 const int ahead = BITS == 8 && r0 == 0 && t + 2 < n / 16;
                 switch (left >= Q4_ROWS2 ? Q4_ROWS2 : left) {
-                    case 4: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 4, BITS, ahead); break;
-                    case 3: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 3, BITS, ahead); break;
-                    case 2: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 2, BITS, ahead); break;
-                    default: q4_tile2(packed, d, m, xr, dr, sr, k, n, t, o, 1, BITS, ahead); break;
+                    case 4: q4_tile2(packed, d, m, b.xq, b.dx, b.sx, k, n, t, b.out, 4, BITS, ahead); break;
+                    case 3: q4_tile2(packed, d, m, b.xq, b.dx, b.sx, k, n, t, b.out, 3, BITS, ahead); break;
+                    case 2: q4_tile2(packed, d, m, b.xq, b.dx, b.sx, k, n, t, b.out, 2, BITS, ahead); break;
+                    default: q4_tile2(packed, d, m, b.xq, b.dx, b.sx, k, n, t, b.out, 1, BITS, ahead); break;
                 }
             }
         }
@@ -344,15 +352,13 @@ static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, con
     for (int64_t t = 0; t < n / 16; t++) {
         for (int64_t r0 = 0; r0 < rows; r0 += Q4_ROWS) {
             const int64_t left = rows - r0;
-            const int8_t *xr = xq + r0 * k;
-            const float *dr = dx + r0 * groups, *sr = sx + r0 * groups;
-            float *o = out + r0 * n;
+            const row_block b = rows_from(xq, dx, sx, out, r0, k, n);
             switch (left >= Q4_ROWS ? Q4_ROWS : left) {
-#define Q4_CASE(R) case R: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, R, BITS); break;
+#define Q4_CASE(R) case R: q4_tile(packed, d, m, b.xq, b.dx, b.sx, k, n, t, b.out, R, BITS); break;
 
                 Q4_CASE(8) Q4_CASE(7) Q4_CASE(6) Q4_CASE(5) Q4_CASE(4) Q4_CASE(3) Q4_CASE(2)
 #undef Q4_CASE
-                default: q4_tile(packed, d, m, xr, dr, sr, k, n, t, o, 1, BITS); break;
+                default: q4_tile(packed, d, m, b.xq, b.dx, b.sx, k, n, t, b.out, 1, BITS); break;
             }
         }
     }

@@ -113,8 +113,9 @@ class Codes:
     @property
     def nbytes_packed(self) -> int:
         """Bytes once packed: the codes at their width, d and m as float16 (m not where it is -2^(bits-1)·d)."""
-        d = self.scale.half()
-        symmetric = torch.equal(self.low.half(), d * -(2 ** (self.bits - 1)))
+        from ember.shard import native
+
+        symmetric = torch.equal(self.low.half(), native.symmetric_lows(self.scale.half(), self.bits))
         return self.codes.numel() * self.bits // 8 + 2 * (1 if symmetric else 2) * self.scale.numel()
 
 

@@ -345,15 +345,14 @@ class Kernels:
             setattr(self, f"_{name}", fn)
         self._decode = {torch.float32: self._paged_decode_f32, torch.bfloat16: self._paged_decode_bf16}
         self.q4 = bool(self._q4_supported())  # built with AVX-512 VNNI
-        self.amx_min_rows = self.use_amx(AMX_MIN_ROWS)  # 0: AMX tiles off (no AMX, or not granted)
+        self.use_amx(AMX_MIN_ROWS)  # sets amx_min_rows: 0 where AMX tiles are off (no AMX, or not granted)
         self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
 
     def use_amx(self, min_rows: int) -> int:
         """Run w4a8 matmuls of `min_rows` rows or more on AMX int8 tiles (0: never); returns the row count
         in force, 0 where this build or process has no AMX. Either path gives the same bits."""
-        self.amx_min_rows = min_rows if min_rows > 0 and self._q4_amx(min_rows) else 0
-        if min_rows <= 0:
-            self._q4_amx(0)
+        granted = self._q4_amx(max(min_rows, 0))  # 0 rows switches the tiles off
+        self.amx_min_rows = min_rows if granted else 0
         return self.amx_min_rows
 
     def error(self, entry: str, status: int, detail: str = "") -> NativeError:
@@ -561,6 +560,14 @@ class Kernels:
 
 
 Q4_GROUP = 32
+
+
+def symmetric_lows(d: torch.Tensor, bits: int) -> torch.Tensor:
+    """The minimums of a symmetric type (Q4_0, Q5_0, Q8_0): -2^(bits-1)·d, exact in d's float16 (a power of
+    two times a value in its range), which the kernel computes where `Q4Weight.m` is None."""
+    return d * -(2 ** (bits - 1))
+
+
 AMX_MIN_ROWS = 12
 """From this many rows a w4a8 matmul runs on AMX int8 tiles where the CPU has them (matmul_q4.c): 1.1-1.6x
 the VNNI path's speed from 12 rows on SmolLM2's shapes (a 2-core Sapphire Rapids), slower below 8."""
@@ -599,7 +606,7 @@ class Q4Weight:
         d, m = per_tile(scale), per_tile(low)
         if not (torch.isfinite(d).all() and torch.isfinite(m).all()):
             raise ValueError("scales or minimums beyond float16's range")
-        if torch.equal(m, d * -(2 ** (bits - 1))):  # exact: a power of two times a float16 in its range
+        if torch.equal(m, symmetric_lows(d, bits)):
             m = None
         return cls(packed, d, m, (n, k), bits)
 
@@ -617,7 +624,7 @@ class Q4Weight:
     @property
     def lows(self) -> torch.Tensor:
         """m, float16 [n / 16, k / 32, 16], computed where it is not stored."""
-        return self.m if self.m is not None else self.d * -(2 ** (self.bits - 1))
+        return self.m if self.m is not None else symmetric_lows(self.d, self.bits)
 
     def codes(self) -> torch.Tensor:
         """The [n, k] codes back out of the packing (its exact inverse)."""

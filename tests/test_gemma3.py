@@ -30,7 +30,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_model_parity import check_parity
-from tiny import train_tokenizer
+from tiny import assert_ranks_give, ragged_steps, run_two_ranks, train_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from ember.proto import generate_pb2 as pb
@@ -315,15 +315,8 @@ def test_a_multimodal_gemma3_checkpoint_serves_its_text_model(multimodal_gemma_d
 
 def _tp_steps(runner) -> list[torch.Tensor]:
     """A ragged prefill past the window (with prompt logits), then decode steps."""
-    a = Sequence(0, [BOS] + [(5 * i) % 250 + 20 for i in range(3 * WINDOW)])
-    b = Sequence(1, [BOS] + [(3 * i) % 250 + 20 for i in range(5)])
-    out = runner.step([a, b], want_prompt_logits=True)
-    results = [out.logits, *out.prompt_logits]
-    for i in range(4):
-        a.token_ids.append(30 + i)
-        b.token_ids.append(40 + i)
-        results.append(runner.step([a, b]).logits)
-    return results
+    first = [BOS] + [(5 * i) % 250 + 20 for i in range(3 * WINDOW)]
+    return ragged_steps(runner, first, [BOS] + [(3 * i) % 250 + 20 for i in range(5)], appended=(30, 40))
 
 
 def _tp_worker(rank: int, model_dir: str, port: int, out_dir: str) -> None:
@@ -341,19 +334,7 @@ def _tp_worker(rank: int, model_dir: str, port: int, out_dir: str) -> None:
 def test_tensor_parallel_two_ranks_match_one(odd_gemma_dir, tmp_path):
     """Two ranks over gloo (heads, KV heads, MLP and vocabulary split; the query/key norms replicated)
     give one rank's logits."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_tp_worker, args=(str(odd_gemma_dir), port, str(tmp_path)), nprocs=2, join=True)
-    want = _tp_steps(_runner(odd_gemma_dir))
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert_ranks_give(run_two_ranks(_tp_worker, odd_gemma_dir, tmp_path), _tp_steps(_runner(odd_gemma_dir)))
 
 
 def test_padded_steps_match_transformers_across_the_window(gemma_dir):

@@ -11,13 +11,12 @@ groups requantized where their halves' scales differ.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_model_parity import check_parity, load_reference, reference_logits
+from tiny import run_two_ranks
 from tiny_gguf import K_QUANTS, QUANTIZABLE, write_tiny_gguf
 
 from ember.shard import gguf_blocks, native
@@ -123,15 +122,11 @@ def test_two_ranks_each_hold_half_of_the_files_5_bit_codes(type_name, cache, tmp
     if not path.exists():  # each rank's half of a row must be whole blocks: 128 inputs of Q5_0's 32, 256 of Q5_K's
         write_tiny_gguf(path, type_name, vocab_multiple=16, hidden=512 if type_name in K_QUANTS else 256)
     model_dir = resolve_model(str(path), cache_dir=cache).path
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_tp_worker, args=(str(model_dir), port, str(tmp_path)), nprocs=2, join=True)
+    ranks = run_two_ranks(_tp_worker, model_dir, tmp_path)
     one = load_runner(model_dir, dtype="float32", quantize="w4a8")
     held = [layer.get_submodule(where).weight.q4 for layer in one.model.layers for where in PROJECTIONS]
     want = one.step([Sequence(seq_id=1, token_ids=list(TOKENS))], want_prompt_logits=True).prompt_logits[0]
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+    for rank, got in enumerate(ranks):
         assert got["bits"] == [5] and {q.bits for q in held} == {5}
         assert 2 * got["bytes"] == sum(q.nbytes for q in held)
         for where in ("attn.o_proj", "mlp.down"):  # row-parallel: this rank's half of every row, exactly

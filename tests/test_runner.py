@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from tiny import assert_ranks_give, ragged_steps, run_two_ranks
 
 from ember.shard.kv_cache import OutOfBlocks
 from ember.shard.runner import Sequence, WarmupError, load_runner
@@ -172,14 +171,8 @@ def test_generic_runner_embed_and_warmup(tiny_gpt2_dir):
 
 
 def _scripted_steps(runner) -> list[torch.Tensor]:
-    """Prefill two ragged sequences (with prompt logits), then four decode steps."""
-    a, b = Sequence(0, _toks(21)), Sequence(1, _toks(7, offset=50))
-    out = runner.step([a, b], want_prompt_logits=True)
-    results = [out.logits, *out.prompt_logits]
-    for i in range(4):
-        a.token_ids.append(10 + i)
-        b.token_ids.append(20 + i)
-        results.append(runner.step([a, b]).logits)
+    """Prefill two ragged sequences (with prompt logits), four decode steps, then an embedding."""
+    results = ragged_steps(runner, _toks(21), _toks(7, offset=50), appended=(10, 20))
     results.append(runner.embed([_toks(6)]))
     return results
 
@@ -195,23 +188,12 @@ def _tp_worker(rank: int, model_dir: str, port: int, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant, overrides", [("llama", {}), ("qwen2", {"vocab_size": 601})])
 def test_tensor_parallel_two_ranks_match_one(tiny_model_factory, tmp_path, variant, overrides):
     """Tied embeddings (llama) and qkv bias with a vocabulary that does not divide by 2 (qwen2)."""
     model_dir = tiny_model_factory(variant, **overrides)
-    mp.spawn(_tp_worker, args=(str(model_dir), _free_port(), str(tmp_path)), nprocs=2, join=True)
-    want = _scripted_steps(load_runner(model_dir))
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert_ranks_give(run_two_ranks(_tp_worker, model_dir, tmp_path), _scripted_steps(load_runner(model_dir)))
 
 
 def test_load_runner_needs_a_model_directory(tmp_path):

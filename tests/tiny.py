@@ -174,3 +174,42 @@ def step_logits(runner, prompts: list[list[int]], continuation=(11, 12, 13)) -> 
     for s in seqs:
         runner.free(s)
     return steps
+
+
+def run_two_ranks(worker, model_dir: Path | str, out_dir: Path) -> list:
+    """Run `worker(rank, model_dir, port, out_dir)` as ranks 0 and 1 (their gloo group on a free loopback port)
+    and return what each saved to `out_dir/rank{rank}.pt`."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(str(model_dir), port, str(out_dir)), nprocs=2, join=True)
+    return [torch.load(Path(out_dir) / f"rank{rank}.pt") for rank in range(2)]
+
+
+def ragged_steps(runner, first: list[int], second: list[int], appended: tuple[int, int], steps: int = 4) -> list:
+    """Prefill two ragged sequences (their prompt logits too), then `steps` decode steps appending
+    appended[0] + i and appended[1] + i: each step's logits, in order."""
+    from ember.shard.runner import Sequence
+
+    a, b = Sequence(0, list(first)), Sequence(1, list(second))
+    out = runner.step([a, b], want_prompt_logits=True)
+    results = [out.logits, *out.prompt_logits]
+    for i in range(steps):
+        a.token_ids.append(appended[0] + i)
+        b.token_ids.append(appended[1] + i)
+        results.append(runner.step([a, b]).logits)
+    return results
+
+
+def assert_ranks_give(ranks: list, want: list, tol: float = 1e-4) -> None:
+    """Every rank's saved tensors (`run_two_ranks`) equal `want`, one rank's, to `tol`."""
+    import torch
+
+    for got in ranks:
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=tol, rtol=tol)

@@ -92,6 +92,7 @@ class AttentionMetadata:
         if block_tables is None:
             return meta
         table = _padded_table(block_tables)
+        meta.block_size = block_size
         meta.slots = (table[seq_idx, positions // block_size] * block_size + positions % block_size).to(device)
         if device.type == "cpu":
             meta.block_table, meta.row_seq, meta.row_lens = table, seq_idx, positions + 1
@@ -273,6 +274,24 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None, scale: fl
         span = meta.spans[i]
         s, e = span.start, span.start + span.num_new
         queries, dtype = q[s:e], q.dtype
+        if span.num_cached and span.ctx_slots is not None and meta.block_table is not None:
+            kernels = native.kernels() if q.device.type == "cpu" else None
+            if kernels is not None and kernels.prefill_fits(kv[0].dtype, dim):
+                # A chunk over a cached context in a bf16 cache: Ember's kernel on AMX bf16 tiles
+                # (prefill_amx.c), the cache read in place: SDPA's numbers, in less time.
+                o = kernels.paged_prefill(
+                    q[s:e],
+                    kv[0],
+                    kv[1],
+                    meta.block_table[i],
+                    span.num_cached,
+                    meta.block_size,
+                    window,
+                    dim**-0.5 if scale is None else scale,
+                )
+                out[s:e] = o.view(e - s, heads, dim).to(q.dtype)
+                i += 1
+                continue
         if span.num_cached and span.ctx_slots is not None:
             keys = kv[0].index_select(0, span.ctx_slots)
             values = kv[1].index_select(0, span.ctx_slots)

@@ -22,8 +22,10 @@ Each path below is fixed at load (where a step's row count picks between two, th
   `FusedDecode.build` says why a model does not fuse. Other steps go layer by layer, below.
 * Layer by layer, float32 on CPU: `rms_norm_f32` (with the residual add), `rotary_f32`, `silu_mul_f32`,
   `kv_store` (the step's K/V into the paged cache, float32 or bf16) and, for decode attention,
-  `paged_decode_f32` / `_bf16` (attention.c: the cache read in place through the block table). Prefill
-  attention is torch's SDPA; other dtypes and devices take torch's ops.
+  `paged_decode_f32` / `_bf16` (attention.c: the cache read in place through the block table). A prompt
+  chunk over a cached context in a bf16 cache: `paged_prefill_bf16` (prefill_amx.c) on AMX bf16 tiles where
+  the CPU and Linux allow them (`prefill_fits`); other prefill attention is torch's SDPA; other dtypes and
+  devices take torch's ops.
 * LM head: w4a8: 8-bit codes on `q4_linear`; int4: torch's int4 kernel up to `llama.PACKED_HEAD_MAX_ROWS`
   rows, its bf16 copy beyond; `--matmul-dtype bfloat16`: a bf16 copy (bf16 kernel or oneDNN); each row's 16 best
   candidates (`topk_rows`, sampling.c) are then rescored in the model's dtype. Otherwise torch's F.linear.
@@ -220,6 +222,26 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
     # attention.c
     "paged_decode_f32": _PAGED_DECODE,
     "paged_decode_bf16": _PAGED_DECODE,
+    # prefill_amx.c
+    "prefill_amx_supported": (),
+    "paged_prefill_bf16": (
+        ("q", _P),
+        ("q_stride", _I64),
+        ("k", _P),
+        ("v", _P),
+        ("table", _P),
+        ("cached", _I64),
+        ("rows", _I64),
+        ("heads", _I64),
+        ("kv_heads", _I64),
+        ("dim", _I64),
+        ("block_size", _I64),
+        ("window", _I64),
+        ("scale", _F32),
+        ("out", _P),
+        ("out_stride", _I64),
+        ("threads", _INT),
+    ),
     # elementwise.c
     "rms_norm_f32": (
         ("x", _P),
@@ -347,6 +369,7 @@ class Kernels:
         self.q4 = bool(self._q4_supported())  # built with AVX-512 VNNI
         self.use_amx(AMX_MIN_ROWS)  # sets amx_min_rows: 0 where AMX tiles are off (no AMX, or not granted)
         self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
+        self.prefill_amx = bool(self._prefill_amx_supported())  # built with AMX bf16, and granted
 
     def use_amx(self, min_rows: int) -> int:
         """Run w4a8 matmuls of `min_rows` rows or more on AMX int8 tiles (0: never); returns the row count
@@ -556,6 +579,50 @@ class Kernels:
                 status,
                 f"batch {batch}, longest context {int(lens.max())}",
             )
+        return out
+
+    def prefill_fits(self, cache_dtype: torch.dtype, head_dim: int) -> bool:
+        """`paged_prefill` runs here: AMX bf16 tiles, a bf16 cache, heads of a multiple of 32 up to 128."""
+        return self.prefill_amx and cache_dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 128
+
+    def paged_prefill(
+        self,
+        q: torch.Tensor,  # [rows, H, D] float32, each row's heads contiguous
+        k: torch.Tensor,  # [slots, KVH, D] bf16, contiguous
+        v: torch.Tensor,
+        table: torch.Tensor,  # [blocks] int64: the sequence's block table
+        cached: int,
+        block_size: int,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """[rows, H * D] float32: one sequence's prompt chunk (positions cached .. cached + rows - 1, its K/V
+        already in the cache) attending causally over the cache, on AMX bf16 tiles (prefill_amx.c)."""
+        rows, heads, dim = q.shape
+        if q.stride(2) != 1 or q.stride(1) != dim:
+            q = q.contiguous()
+        table = table.contiguous()
+        out = torch.empty(rows, heads * dim, dtype=torch.float32)
+        status = self._paged_prefill_bf16(
+            q.data_ptr(),
+            q.stride(0),
+            k.data_ptr(),
+            v.data_ptr(),
+            table.data_ptr(),
+            cached,
+            rows,
+            heads,
+            k.shape[1],
+            dim,
+            block_size,
+            window or 0,
+            scale,
+            out.data_ptr(),
+            heads * dim,
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise self.error("paged_prefill_bf16", status, f"{rows} rows over {cached} cached, head_dim {dim}")
         return out
 
 

@@ -399,6 +399,108 @@ def _fused_run(runner, prefill_fused: bool, decode_fused: bool, newcomer: list[i
 FUSED_SETTINGS = {"w4a8": {"quantize": "w4a8"}, "bf16": {"matmul_dtype": "bfloat16"}}
 
 
+@pytest.fixture()
+def amx_prefill(kernels):
+    if not kernels.prefill_amx:
+        pytest.skip("no AMX bf16 tiles here (CPU, compiler or kernel): chunks over a context take SDPA")
+    return kernels
+
+
+def _chunk_reference(q, keys, values, cached, window, scale):
+    """Float64 attention of a chunk (positions cached ..) over keys/values [len, KVH, D], causal, with bf16
+    queries: what the kernel computes before its own roundings (probabilities to bf16)."""
+    rows, heads, dim = q.shape
+    groups = heads // keys.shape[1]
+    qd, kd, vd = q.to(torch.bfloat16).double(), keys.double(), values.double()
+    out = torch.empty(rows, heads, dim, dtype=torch.float64)
+    for r in range(rows):
+        pos = cached + r
+        lo = max(0, pos + 1 - window) if window else 0
+        for h in range(heads):
+            p = torch.softmax((kd[lo : pos + 1, h // groups] @ qd[r, h]) * scale, 0)
+            out[r, h] = p @ vd[lo : pos + 1, h // groups]
+    return out
+
+
+@pytest.mark.parametrize(
+    "cached,rows,heads,kv_heads,dim,block_size,window",
+    [
+        (1300, 64, 9, 3, 64, 16, None),  # SmolLM2's heads, a chat turn over its history
+        (0, 5, 9, 3, 64, 16, None),  # a fresh chunk: fewer rows than a tile
+        (13, 37, 9, 3, 64, 16, None),  # unaligned: the context ends inside a block and a key tile
+        (31, 1, 4, 1, 64, 16, None),  # one row, four query heads on one KV head
+        (300, 40, 8, 8, 32, 8, None),  # no GQA, 32-wide heads, blocks of 8
+        (40, 50, 4, 2, 128, 16, None),  # 128-wide heads: two passes of output tiles
+        (37, 70, 4, 1, 96, 32, 50),  # 96-wide heads, a sliding window inside the chunk
+        (500, 40, 9, 3, 64, 16, 100),  # a window that drops most of the context
+        (600, 300, 9, 3, 64, 16, None),  # more keys than one online-softmax chunk, many tiles
+    ],
+)
+def test_amx_prefill_attends_like_float64(amx_prefill, cached, rows, heads, kv_heads, dim, block_size, window):
+    """Ember's AMX kernel for a chunk over its cached context, read through a shuffled block table: within
+    bf16's rounding of the probabilities (seen: at most 0.003 on unit values) of float64 attention. A wrong
+    mask, window, head or block lookup is off by the size of the values."""
+    gen = torch.Generator().manual_seed(cached + rows)
+    length = cached + rows
+    blocks = -(-length // block_size) + 3
+    table = torch.randperm(blocks, generator=gen)[: -(-length // block_size)]
+    k = torch.randn(blocks * block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    v = torch.randn(blocks * block_size, kv_heads, dim, generator=gen).to(torch.bfloat16)
+    q = torch.randn(rows, heads, dim, generator=gen) * 2
+    slots = table[torch.arange(length) // block_size] * block_size + torch.arange(length) % block_size
+    scale = dim**-0.5
+    got = amx_prefill.paged_prefill(q, k, v, table, cached, block_size, window, scale)
+    want = _chunk_reference(q, k[slots], v[slots], cached, window, scale)
+    assert got.shape == (rows, heads * dim) and got.dtype == torch.float32
+    assert (got.view(rows, heads, dim).double() - want).abs().max() < 0.01
+
+
+def test_amx_prefill_takes_strided_queries_and_refuses_wide_heads(amx_prefill):
+    """Queries as the fused qkv projection leaves them (a view, rows wider than the heads) give the same
+    numbers as a contiguous copy; heads wider than 128 stay on SDPA (prefill_fits), and the kernel names
+    why if called anyway."""
+    k = torch.randn(64, 2, 64).to(torch.bfloat16)
+    v = torch.randn(64, 2, 64).to(torch.bfloat16)
+    qkv = torch.randn(20, 8 * 64)
+    q = qkv[:, : 4 * 64].view(20, 4, 64)
+    table = torch.arange(4)
+    strided = amx_prefill.paged_prefill(q, k, v, table, 30, 16, None, 0.125)
+    assert torch.equal(strided, amx_prefill.paged_prefill(q.contiguous(), k, v, table, 30, 16, None, 0.125))
+    assert not amx_prefill.prefill_fits(torch.bfloat16, 256) and not amx_prefill.prefill_fits(torch.float32, 64)
+    wide = torch.randn(64, 1, 256).to(torch.bfloat16)
+    with pytest.raises(native.NativeError, match="EMBER_E_HEAD_DIM"):
+        amx_prefill.paged_prefill(torch.randn(4, 1, 256), wide, wide, table, 30, 16, None, 0.0625)
+
+
+def test_amx_prefill_in_a_model_step_stays_close_to_bf16_sdpa(amx_prefill, tiny_model_factory, monkeypatch):
+    """A prompt chunk over a cached context through the modules: Ember's AMX kernel against torch's bf16
+    SDPA on the same cache (the path it replaces): the same numbers up to bf16 roundings."""
+    from ember.shard.runner import Sequence
+
+    wide_heads = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
+    runner = load_runner(wide_heads, dtype="float32", kv_cache_dtype="bfloat16")
+    calls = []
+    original = amx_prefill.paged_prefill
+    monkeypatch.setattr(amx_prefill, "paged_prefill", lambda *a, **k: calls.append(1) or original(*a, **k))
+    context = [(7 * i) % 300 + 5 for i in range(150)]
+    chunk = [(11 * i) % 300 + 5 for i in range(90)]
+
+    def chunk_logits() -> torch.Tensor:
+        seq = Sequence(0, context + chunk)
+        runner.step([seq], num_new=[len(context)])
+        out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]
+        runner.free(seq)
+        return out
+
+    kernel = chunk_logits()
+    assert len(calls) == 2  # one call per layer of the second step
+    monkeypatch.setattr(native.Kernels, "prefill_fits", lambda *a: False)
+    sdpa = chunk_logits()
+    assert len(calls) == 2
+    assert (kernel - sdpa).abs().max() < 0.05 * sdpa.std()  # (seen: 0.01 std)
+    assert (kernel.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.95
+
+
 @pytest.fixture(params=list(FUSED_SETTINGS))
 def fused_setting(request, kernels):
     """(load_runner keywords, kernels) of a fused setting this CPU runs."""
@@ -463,9 +565,12 @@ def test_long_prompt_chunks_take_sdpa(q4, tiny_llama_dir, monkeypatch):
     assert len(calls) == 1  # only the decode step
 
 
-def test_chunks_over_a_long_cached_context_in_a_bf16_cache_take_bf16_sdpa(fused_setting, tiny_llama_dir, monkeypatch):
+def test_chunks_over_a_long_cached_context_in_a_bf16_cache_leave_the_fused_step(
+    fused_setting, tiny_llama_dir, monkeypatch
+):
     """A prompt chunk attending over many cached keys (a prefix from the cache, earlier chunks) leaves the
-    row-by-row fused call for the modules' SDPA, in bf16 over the bf16 cache: close to the fused numbers."""
+    row-by-row fused call for the modules, attending in bf16 over the bf16 cache (Ember's AMX kernel, or
+    SDPA): close to the fused numbers."""
     from ember.shard.models import llama
     from ember.shard.runner import Sequence
 
@@ -487,6 +592,7 @@ def test_chunks_over_a_long_cached_context_in_a_bf16_cache_take_bf16_sdpa(fused_
     sdpa = chunk_logits()
     assert len(calls) == 1
     monkeypatch.setattr(llama, "FUSED_MAX_ATTENTION_PAIRS", 10**9)
+    monkeypatch.setattr(llama, "FUSED_MAX_ATTENTION_PAIRS_AMX", 10**9)
     fused = chunk_logits()
     assert len(calls) == 3
     assert (sdpa - fused).abs().max() < 0.2 * fused.std()  # (seen: 0.12 std; bf16 queries besides a bf16 cache)
@@ -727,7 +833,7 @@ def test_a_struct_mismatch_is_refused_with_a_clear_error(kernels, monkeypatch, c
 
 
 def test_status_codes_name_the_check_that_failed(kernels):
-    names = {status: kernels.lib.ember_status_name(status) for status in range(0, -9, -1)}
+    names = {status: kernels.lib.ember_status_name(status) for status in range(0, -11, -1)}
     assert all(names.values()) and len(set(names.values())) == len(names)  # every code named, once
     assert kernels.lib.ember_status_name(-99) is None
     err = kernels.error("q4_linear", -4, "x (1, 32)")

@@ -5,6 +5,7 @@
  * which kernel runs when.
  *
  *   attention.h / attention.c   paged decode attention over the KV cache, read in place
+ *   prefill_amx.c               a prompt chunk's attention over a bf16 cache, on AMX bf16 tiles
  *   rows.h / elementwise.c      RMSNorm (+ residual add), silu * mul, rotary, K/V cache writes
  *   matmul.h, matmul_bf16.c     bf16 weights x bf16-rounded activations (AVX-512 BF16)
  *   matmul_q4.c                 int4 / int8 codes x int8 activations (AVX-512 VNNI, w4a8)
@@ -34,6 +35,13 @@
 #if defined(EMBER_HAVE_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define EMBER_HAVE_AMX 1 /* q4_linear / decode_layers' projections of many rows on AMX int8 tiles */
 #endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define EMBER_HAVE_AMX_BF16 1 /* paged_prefill_bf16: prompt chunks' attention over a bf16 cache */
+#endif
+#if defined(__AMX_TILE__)
+/* 1 once Linux has granted this process AMX's register state (asked at the first call), else 0. */
+EMBER_INTERNAL int amx_permitted(void);
+#endif
 
 /* The statuses: X(name, code, message). abi.c turns them into ember_status_name / _message. */
 #define EMBER_STATUSES(X)                                                                                        \
@@ -45,7 +53,9 @@
     X(EMBER_E_IN_FEATURES, -5, "the input features (k) must be a multiple of 32")                                \
     X(EMBER_E_OUT_FEATURES, -6, "the output features (n) must be a multiple of 16")                              \
     X(EMBER_E_TOPK, -7, "k must be in 1 .. min(256, vocab)")                                                     \
-    X(EMBER_E_LAYER_WIDTHS, -8, "hidden size, heads * head_dim and intermediate size must be multiples of 32")
+    X(EMBER_E_LAYER_WIDTHS, -8, "hidden size, heads * head_dim and intermediate size must be multiples of 32") \
+    X(EMBER_E_NO_AMX, -9, "this build or process has no AMX bf16 tiles")                                      \
+    X(EMBER_E_HEAD_DIM, -10, "the head dimension must be a multiple of 32, at most 128")
 
 enum ember_status {
 #define EMBER_STATUS_ENUM(name, code, message) name = code,

@@ -168,9 +168,6 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
  * operations in the same order (sums * (d dx) + acc, then m sx + acc, group by group), so a row's result
  * is the same to the bit on either path: a step's row count may pick the path.
  */
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #define AMX_ROWS 16 /* rows per tile; `xq` must be readable to a multiple of 16 rows (matmul.h) */
 
 /* The smallest row count that goes on tiles; 0: none (q4_amx sets it). */
@@ -303,12 +300,11 @@ static void amx_tiles(const int8_t *xq, const float *dx, const float *sx, int64_
 /* (matmul.h) Put AMX tiles to work from `min_rows` rows (0 or less: never): 1 when they will be, 0 when
  * the process may not use them (Linux grants AMX's state per process, on request). */
 int q4_amx(int64_t min_rows) {
-    static int permitted = -1;
     if (min_rows <= 0) {
         amx_min_rows = 0;
         return 0;
     }
-    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    const int permitted = amx_permitted();
     amx_min_rows = permitted ? min_rows : 0;
     return permitted;
 }

@@ -61,6 +61,10 @@ FUSED_MAX_NEW_TOKENS = 2048
 # whole context once per row. On SmolLM2 (w4a8, 2 cores) 64 new tokens over 1,300 cached ones took 63 ms
 # through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
 FUSED_MAX_ATTENTION_PAIRS = 65_536
+# ...or this many where those chunks attend through Ember's AMX bf16 kernel (`native.Kernels.paged_prefill`)
+# rather than SDPA: 24 new tokens over 1,300 cached took 31 ms through the modules against 34 ms fused,
+# 64 over 1,300: 55 against 78; 64 over 300 about even.
+FUSED_MAX_ATTENTION_PAIRS_AMX = 24_576
 FUSED_SHORT_SPAN = 16  # 16 new tokens over 1,300 cached: about even either way
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
@@ -530,13 +534,12 @@ class LlamaForCausalLM(torch.nn.Module):
             paths.append(("fused step", "none: layer by layer through the modules", self.fused_why))
 
         if kernels is not None and kernels.supports_decode(kv_dtype):
-            paths.append(
-                (
-                    "attention",
-                    "decode: Ember's paged kernel, the cache read in place; prefill: torch SDPA",
-                    f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}",
-                )
-            )
+            prefill, why = "torch SDPA", f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}"
+            if kernels.prefill_fits(kv_dtype, self.spec.head_dim):
+                prefill = "torch SDPA for fresh prompts, Ember's AMX bf16 kernel for chunks over a cached context"
+                why += ", AMX bf16 tiles"
+            decode = "decode: Ember's paged kernel, the cache read in place"
+            paths.append(("attention", f"{decode}; prefill: {prefill}", why))
         else:
             why = no_kernels if kernels is None else f"Ember's kernel reads no {kv_dtype} cache"
             paths.append(("attention", "decode: blocks gathered, torch SDPA; prefill: torch SDPA", why))
@@ -716,6 +719,12 @@ class FusedDecode:
             self.step.block_size = cache.block_size
             self._cache_key = key
 
+    def _pairs_bound(self, cache: PagedKVCache) -> int:
+        """How many (query, key) pairs of prompt chunks over a cached context a step may hold and stay fused."""
+        if self.kernels.prefill_fits(cache.dtype, self.step.head_dim):
+            return FUSED_MAX_ATTENTION_PAIRS_AMX
+        return FUSED_MAX_ATTENTION_PAIRS
+
     def run(
         self,
         embeddings: torch.Tensor,
@@ -730,7 +739,7 @@ class FusedDecode:
         if meta.is_decode:
             tables, row_seq, lens = meta.gather_blocks.contiguous(), None, meta.context_lens
         elif meta.row_seq is not None and max(span.num_new for span in meta.spans) <= FUSED_MAX_NEW_TOKENS:
-            if cache.dtype == torch.bfloat16 and _attention_pairs(meta) >= FUSED_MAX_ATTENTION_PAIRS:
+            if cache.dtype == torch.bfloat16 and _attention_pairs(meta) >= self._pairs_bound(cache):
                 return None
             tables, row_seq, lens = meta.block_table, meta.row_seq, meta.row_lens
         else:

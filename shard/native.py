@@ -222,6 +222,7 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
     # attention.c
     "paged_decode_f32": _PAGED_DECODE,
     "paged_decode_bf16": _PAGED_DECODE,
+    "attention_amx": (("on", _INT),),
     # prefill_amx.c
     "prefill_amx_supported": (),
     "paged_prefill_bf16": (
@@ -370,6 +371,13 @@ class Kernels:
         self.use_amx(AMX_MIN_ROWS)  # sets amx_min_rows: 0 where AMX tiles are off (no AMX, or not granted)
         self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
         self.prefill_amx = bool(self._prefill_amx_supported())  # built with AMX bf16, and granted
+        self.use_amx_attention(True)
+
+    def use_amx_attention(self, on: bool) -> bool:
+        """Decode attention over a bf16 cache (64-wide heads) on AMX bf16 tiles where this build and process
+        have them (on by default); returns whether it is. About float32's numbers either way (2e-5)."""
+        self.decode_amx = bool(self._attention_amx(int(on)))
+        return self.decode_amx
 
     def use_amx(self, min_rows: int) -> int:
         """Run w4a8 matmuls of `min_rows` rows or more on AMX int8 tiles (0: never); returns the row count

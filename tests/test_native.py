@@ -64,6 +64,56 @@ def test_paged_decode_matches_the_gathering_torch_path(kernels, dtype, dim, head
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.fixture()
+def amx_decode(kernels):
+    """The kernels with decode attention on AMX tiles (skipped where there are none); restored after."""
+    if not kernels.use_amx_attention(True):
+        pytest.skip("no AMX bf16 tiles here (CPU, compiler or kernel): decode attention stays on AVX-512")
+    yield kernels
+    kernels.use_amx_attention(True)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1), (16, 2)])
+@pytest.mark.parametrize("block_size", [16, 32, 8])
+@pytest.mark.parametrize("window", [None, 5, 40])
+def test_amx_decode_attention_keeps_float32s_numbers(amx_decode, heads, kv_heads, block_size, window):
+    """Decode attention over a bf16 cache on AMX tiles (queries and probabilities split into two bf16
+    parts each) against the AVX-512 float32 path: within 2e-5 (seen: 7e-6), at contexts that end inside a
+    key tile, within one, and across many; with windows; up to 8 query heads per KV head (16 take the
+    AVX-512 path, as do blocks of 8 slots). Bf16 queries alone would be off by ~1e-3."""
+    lens = [1, 2, 15, 16, 17, 33, 70, 300]
+    q, k, v, meta = _case(lens, heads, kv_heads, 64, block_size, torch.bfloat16, seed=3)
+
+    def run() -> torch.Tensor:
+        return amx_decode.paged_decode(q, k, v, meta.gather_blocks, meta.context_lens, block_size, window, 0.125)
+
+    tiles = run()
+    assert not amx_decode.use_amx_attention(False)
+    avx512 = run()
+    torch.testing.assert_close(tiles, avx512, atol=2e-5, rtol=1e-4)
+
+
+def test_amx_decode_attention_in_a_model_keeps_float32s_logits(amx_decode, tiny_model_factory):
+    """A model with 64-wide heads and a bf16 cache, prompt rows and decode steps with decode attention on
+    AMX tiles against the AVX-512 path: float32 layers give the same logits to 1e-4 std; the fused w4a8
+    step, whose int8 activations can round a 1e-6 difference a step apart (seen: 0.015 std on one row),
+    to 0.05 std with the same greedy tokens."""
+    model_dir = tiny_model_factory("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    settings = [({"kv_cache_dtype": "bfloat16"}, 1e-4)]
+    if amx_decode.q4:
+        settings.append(({"quantize": "w4a8"}, 0.05))
+    for setting, bound in settings:
+        runner = load_runner(model_dir, dtype="float32", **setting)
+        assert runner.kv_dtype == torch.bfloat16 and (runner.model.fused is not None) == ("quantize" in setting)
+        amx_decode.use_amx_attention(True)
+        tiles = step_logits(runner, PROMPTS, continuation=[11, 12, 13])
+        amx_decode.use_amx_attention(False)
+        avx512 = step_logits(runner, PROMPTS, continuation=[11, 12, 13])
+        for a, b in zip(tiles, avx512):
+            assert (a - b).abs().max() < bound * b.std()
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_queries_may_be_a_strided_view(kernels):
     """The model hands q as a slice of the fused q/k rotary output: rows are not contiguous."""
     q, k, v, meta = _case([5, 30], 4, 2, 16, 4, torch.float32)

@@ -38,3 +38,19 @@ int paged_decode_bf16(const float *q, int64_t q_stride, const uint16_t *k, const
     return paged_decode(q, q_stride, k, v, tables, table_width, lens, batch, heads, kv_heads, dim, block_size,
                         window, scale, out, threads, 1);
 }
+
+#ifdef EMBER_HAVE_AMX_BF16
+int attend_amx_on = 0;
+
+/* Decode attention over a bf16 cache on AMX tiles (attend_amx64) where `on` and this process may use
+ * them: 1 when it will, else 0 (the AVX-512 path). */
+int attention_amx(int on) {
+    attend_amx_on = on && amx_permitted();
+    return attend_amx_on;
+}
+#else
+int attention_amx(int on) {
+    (void)on;
+    return 0;
+}
+#endif

@@ -17,6 +17,7 @@
 #ifndef EMBER_ATTENTION_H
 #define EMBER_ATTENTION_H
 
+#include <math.h>
 #include <stdlib.h>
 
 #include "ember.h"
@@ -290,6 +291,252 @@ static inline __attribute__((always_inline)) void attend64(
 }
 #endif
 
+#ifdef __AVX512F__
+/* The lanes t .. t+15 that fall in a .. b. */
+static inline __mmask16 lanes_in(int64_t t, int64_t a, int64_t b) {
+    const int64_t lo = a - t, hi = b - t;
+    __mmask16 keep = 0xffff;
+    if (lo > 0) keep &= lo >= 16 ? 0 : (__mmask16)(0xffff << lo);
+    if (hi < 16) keep &= hi <= 0 ? 0 : (__mmask16)(0xffff >> (16 - hi));
+    return keep;
+}
+
+/* 2^x of 16 lanes for x <= 0 (the exponents of a softmax, in bits): 2^n for the nearest integer n by the
+ * exponent's scaling, 2^f (|f| <= 1/2) by a degree-5 polynomial, about 3e-6 relative: far below the
+ * bf16 rounding the probabilities then take. */
+static inline __attribute__((always_inline)) __m512 exp2_neg16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 e = _mm512_set1_ps(1.3333558146e-3f);
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(9.6181291076e-3f));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(5.5504108665e-2f));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(2.4022650696e-1f));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(6.9314718056e-1f));
+    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(e, n);
+}
+
+#endif
+
+#ifdef EMBER_HAVE_AMX_BF16
+/*
+ * `attend64` on AMX bf16 tiles, for a bf16 cache whose blocks hold a multiple of 16 slots and up to 8
+ * query heads per KV head. Per KV head:
+ *
+ *   1. Scores, 16 keys a tile: the keys' rows straight from the cache (an A tile: 16 consecutive slots,
+ *      32 dims a row) times the queries as B tiles (dims in pairs, a query per column). A query is split
+ *      into its bf16 part and the bf16 part of what remains (hi + lo: 16 of float32's 24 bits), and both
+ *      multiply into the same float32 sums: scores to about 1e-5 relative, where bf16 queries alone would
+ *      be off by 4e-3. The 16 x 16 sums (a key per row) are read back a query at a time.
+ *   2. The softmax per query over its scores in float32 (maximum, 2^x, sum), as `attend64`.
+ *   3. out = P V, 32 keys a step: each query's probabilities split hi + lo again (two A rows), the values
+ *      of key pairs interleaved into B tiles (vpunpck: its 128-bit lanes permute the dims, undone when
+ *      the output is written), sums in float32 on the tiles.
+ *
+ * About float32's numbers (tested against the float32 path to 2e-5), not its bits: a build with AMX and
+ * one without differ in the last places. Every row of every step takes this path on such a build, so a
+ * sequence's numbers still never depend on its batch.
+ */
+#define AMX_GROUPS_MAX 8
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} attend_tiles_config;
+
+/* Every tile 16 rows of 64 bytes. Scores: tmm0/tmm7 sums (alternate tiles of keys), tmm1/tmm6 keys,
+ * tmm2-3 and tmm4-5 the queries' hi and lo parts (two 32-dim chunks). Values: tmm0-3 the output's four
+ * 16-column chunks, tmm4 probabilities, tmm5/tmm6 values. */
+static inline void attend_tiles_configure(void) {
+    attend_tiles_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* Whether decode attention may take AMX tiles (attention.c: attention_amx; on where granted). */
+EMBER_INTERNAL extern int attend_amx_on;
+
+static inline int attend_amx_fits(int64_t dim, int64_t groups, int64_t block_size, const int bf16) {
+    return bf16 && attend_amx_on && dim == 64 && groups <= AMX_GROUPS_MAX && block_size % 16 == 0;
+}
+
+/* The queries of one KV head as B tiles: word p of column g of chunk c holds dims c*32+2p, +1 of query
+ * g's hi part (hi) or lo part (lo); columns past `groups` are zero. */
+static inline __attribute__((always_inline)) void amx_query_tiles(const float *qh, int64_t groups, uint32_t *hi,
+                                                                  uint32_t *lo) {
+    memset(hi, 0, 2 * 1024), memset(lo, 0, 2 * 1024);
+    for (int64_t g = 0; g < groups; g++) {
+        uint16_t h16[64] __attribute__((aligned(64))), l16[64] __attribute__((aligned(64)));
+        for (int c = 0; c < 64; c += 16) {
+            const __m512 x = _mm512_loadu_ps(qh + g * 64 + c);
+            const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+            const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            _mm256_store_si256((__m256i *)(h16 + c), h);
+            _mm256_store_si256((__m256i *)(l16 + c), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back)));
+        }
+        const uint32_t *hw = (const uint32_t *)h16, *lw = (const uint32_t *)l16;
+        for (int c = 0; c < 2; c++)
+            for (int p = 0; p < 16; p++) {
+                hi[c * 256 + p * 16 + g] = hw[c * 16 + p];
+                lo[c * 256 + p * 16 + g] = lw[c * 16 + p];
+            }
+    }
+}
+
+/* The scores of one 16-key tile (slots from `row`, rows `stride` bytes apart) into sums tile C (0 or 7),
+ * with key registers A (1 or 6): hi and lo queries over both 32-dim chunks. */
+#define AMX_SCORES(C, A, row, stride)                  \
+    do {                                               \
+        _tile_zero(C);                                 \
+        _tile_loadd(A, (row), (stride));               \
+        _tile_dpbf16ps(C, A, 2);                       \
+        _tile_dpbf16ps(C, A, 4);                       \
+        _tile_loadd(A, (const uint16_t *)(row) + 32, (stride)); \
+        _tile_dpbf16ps(C, A, 3);                       \
+        _tile_dpbf16ps(C, A, 5);                       \
+    } while (0)
+
+/* One query's scores of a 16-key tile (keys t0 .. t0+15 of the sequence; those outside start .. len-1
+ * are -inf) from the stored sums st [key][query]: column g, scaled. */
+static inline __attribute__((always_inline)) __m512 amx_column(const float *st, int64_t g, int64_t t0,
+                                                               int64_t start, int64_t len, float scale) {
+    const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
+                                                                              3, 2, 1, 0),
+                                                             _mm512_set1_epi32(16)),
+                                         _mm512_set1_epi32((int)g));
+    const __m512 s = _mm512_mul_ps(_mm512_i32gather_ps(idx, st, 4), _mm512_set1_ps(scale));
+    const __mmask16 keep = lanes_in(t0, start, len);
+    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, s);
+}
+
+static inline __attribute__((always_inline)) void attend_amx64(
+    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, float *scores, float *out, const int G) {
+    const int64_t len = start + n, t_first = start / 16 * 16, keys = (len - t_first + 31) / 32 * 32;
+    const int64_t stride = kv_heads * 64 * 2; /* bytes between consecutive slots' rows */
+    uint32_t qhi[512] __attribute__((aligned(64))), qlo[512] __attribute__((aligned(64)));
+    float st[2][256] __attribute__((aligned(64)));
+    uint16_t probs[16 * 32] __attribute__((aligned(64)));
+    uint32_t vals[2][4 * 256] __attribute__((aligned(64)));
+    float o[4][256] __attribute__((aligned(64)));
+    attend_tiles_configure();
+    memset(probs, 0, sizeof probs);
+    for (int64_t h = h0; h < h1; h++) {
+        const int64_t q0 = (h - h0) * G;
+        amx_query_tiles(qb + q0 * 64, G, qhi, qlo);
+        _tile_loadd(2, qhi, 64);
+        _tile_loadd(3, qhi + 256, 64);
+        _tile_loadd(4, qlo, 64);
+        _tile_loadd(5, qlo + 256, 64);
+        /* 1. scores, [query][key - t_first], padded to `keys` with -inf */
+        __m512 most[AMX_GROUPS_MAX];
+        for (int g = 0; g < G; g++) most[g] = _mm512_set1_ps(-INFINITY);
+        for (int64_t t0 = t_first; t0 < len; t0 += 16) {
+            const int64_t slot = table[t0 / block_size] * block_size + t0 % block_size;
+            const uint16_t *row = (const uint16_t *)k + (slot * kv_heads + h) * 64;
+            const int odd = ((t0 - t_first) / 16) % 2;
+            if (odd) {
+                AMX_SCORES(7, 6, row, stride);
+                _tile_stored(7, st[1], 64);
+            } else {
+                AMX_SCORES(0, 1, row, stride);
+                _tile_stored(0, st[0], 64);
+            }
+            for (int g = 0; g < G; g++) {
+                const __m512 s = amx_column(st[odd], g, t0, start, len, scale);
+                most[g] = _mm512_max_ps(most[g], s);
+                _mm512_storeu_ps(scores + (q0 + g) * keys + (t0 - t_first), s);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int64_t t = (len - t_first + 15) / 16 * 16; t < keys; t += 16)
+                _mm512_storeu_ps(scores + (q0 + g) * keys + t, _mm512_set1_ps(-INFINITY));
+        /* 2 and 3: probabilities 32 keys at a time, times the values */
+        float top[AMX_GROUPS_MAX];
+        __m512 total[AMX_GROUPS_MAX];
+        for (int g = 0; g < G; g++) top[g] = _mm512_reduce_max_ps(most[g]), total[g] = _mm512_setzero_ps();
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < keys; t += 32) {
+            for (int g = 0; g < G; g++) {
+                const float *sc = scores + (q0 + g) * keys + t;
+                const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), shift = _mm512_set1_ps(-top[g]);
+                const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+                const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, minus_inf, _CMP_NEQ_OQ),
+                                                      exp2_neg16(_mm512_mul_ps(_mm512_add_ps(s0, shift), log2e)));
+                const __m512 p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, minus_inf, _CMP_NEQ_OQ),
+                                                      exp2_neg16(_mm512_mul_ps(_mm512_add_ps(s1, shift), log2e)));
+                total[g] = _mm512_add_ps(total[g], _mm512_add_ps(p0, p1));
+                const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(p1, p0); /* keys t .. t+31 in order */
+                const __m512 back0 = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+                const __m512 back1 = _mm512_castsi512_ps(
+                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+                _mm512_store_si512(probs + g * 32, hi);
+                _mm512_store_si512(probs + (G + g) * 32,
+                                   (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(p1, back1), _mm512_sub_ps(p0, back0)));
+            }
+            /* the values of keys t_first+t .. +31, pairs interleaved (zero outside start .. len-1) */
+            uint32_t *vb = vals[(t / 32) % 2];
+            for (int p = 0; p < 16; p++) {
+                const int64_t a = t_first + t + 2 * p, b = a + 1;
+                __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
+                if (a >= start && a < len) {
+                    const uint16_t *ra = (const uint16_t *)v +
+                                         ((table[a / block_size] * block_size + a % block_size) * kv_heads + h) * 64;
+                    a0 = _mm512_loadu_si512(ra), a1 = _mm512_loadu_si512(ra + 32);
+                }
+                if (b >= start && b < len) {
+                    const uint16_t *rb = (const uint16_t *)v +
+                                         ((table[b / block_size] * block_size + b % block_size) * kv_heads + h) * 64;
+                    b0 = _mm512_loadu_si512(rb), b1 = _mm512_loadu_si512(rb + 32);
+                }
+                _mm512_store_si512(vb + 0 * 256 + p * 16, _mm512_unpacklo_epi16(a0, b0));
+                _mm512_store_si512(vb + 1 * 256 + p * 16, _mm512_unpackhi_epi16(a0, b0));
+                _mm512_store_si512(vb + 2 * 256 + p * 16, _mm512_unpacklo_epi16(a1, b1));
+                _mm512_store_si512(vb + 3 * 256 + p * 16, _mm512_unpackhi_epi16(a1, b1));
+            }
+            _tile_loadd(4, probs, 64);
+            _tile_loadd(5, vb, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, vb + 256, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, vb + 512, 64);
+            _tile_dpbf16ps(2, 4, 5);
+            _tile_loadd(6, vb + 768, 64);
+            _tile_dpbf16ps(3, 4, 6);
+        }
+        _tile_stored(0, o[0], 64);
+        _tile_stored(1, o[1], 64);
+        _tile_stored(2, o[2], 64);
+        _tile_stored(3, o[3], 64);
+        /* out = (hi rows + lo rows) / sum, the dims put back in order: tile d, column 4L+i holds dim
+         * 32(d/2) + 8L + 4(d%2) + i (vpunpck works within 128-bit lanes) */
+        const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+        const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+        for (int g = 0; g < G; g++) {
+            const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total[g]));
+            float *dst = out + (q0 + g) * 64;
+            for (int half = 0; half < 2; half++) {
+                const float *lo_t = o[2 * half], *hi_t = o[2 * half + 1];
+                const __m512 x = _mm512_add_ps(_mm512_loadu_ps(lo_t + g * 16), _mm512_loadu_ps(lo_t + (G + g) * 16));
+                const __m512 y = _mm512_add_ps(_mm512_loadu_ps(hi_t + g * 16), _mm512_loadu_ps(hi_t + (G + g) * 16));
+                _mm512_storeu_ps(dst + 32 * half, _mm512_mul_ps(_mm512_permutex2var_ps(x, first, y), inv));
+                _mm512_storeu_ps(dst + 32 * half + 16, _mm512_mul_ps(_mm512_permutex2var_ps(x, second, y), inv));
+            }
+        }
+    }
+    _tile_release();
+}
+#endif
+
 /* The first key a query at context length `len` sees: all of them, or the last `window` (0: no window). */
 static inline int64_t window_start(int64_t len, int64_t window) {
     return (window > 0 && len > window) ? len - window : 0;
@@ -325,6 +572,12 @@ static inline __attribute__((always_inline)) void decode_task(
     const int64_t *table = tables + (row_seq ? row_seq[b] : b) * table_width;
     float *o = out + b * out_stride + h0 * groups * dim;
     /* constant head sizes let the compiler unroll the row loops completely */
+#ifdef EMBER_HAVE_AMX_BF16
+    if (attend_amx_fits(dim, groups, block_size, bf16)) {
+        attend_amx64(qb, k, v, table, start, len - start, h0, h1, kv_heads, block_size, scale, scores, o, (int)groups);
+        return;
+    }
+#endif
 #ifdef __AVX512F__
     if (dim == 64 && groups <= 4) {
         const int64_t n = len - start;
@@ -380,7 +633,7 @@ typedef struct {
 /* This thread's scratch for `plan`; a failed allocation sets *failed (shared) and returns 0. */
 static inline int scratch_alloc(attend_scratch *sc, const attend_plan *plan, int64_t dim, int *failed) {
     const int64_t heads = plan->per_task * plan->groups;
-    sc->scores = malloc(sizeof(float) * (size_t)(heads * plan->longest));
+    sc->scores = malloc(sizeof(float) * (size_t)(heads * (plan->longest + 64))); /* + attend_amx64's padding */
     sc->acc = malloc(sizeof(float) * (size_t)(heads * dim));
     sc->sums = malloc(sizeof(float) * (size_t)heads);
     sc->slots = malloc(sizeof(int64_t) * (size_t)plan->longest);

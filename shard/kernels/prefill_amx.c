@@ -23,7 +23,7 @@
  *   table    the sequence's block table (block ids of positions 0, block_size, ...)
  *   out      [rows, heads, dim] float32, rows `out_stride` floats apart
  */
-#include "ember.h"
+#include "attention.h"
 
 #if defined(__AMX_TILE__)
 #include <sys/syscall.h>
@@ -161,31 +161,6 @@ static inline void tile_values(const uint16_t *pb, int64_t pairs, const uint32_t
 #define STORE(c) if (chunks > c) _tile_stored(c, o + d0 + c * 16, dim * 4);
     STORE(0) STORE(1) STORE(2) STORE(3)
 #undef STORE
-}
-
-/* 2^x of 16 lanes for x <= 0 (the exponents of a softmax, in bits): 2^n for the nearest integer n by the
- * exponent's scaling, 2^f (|f| <= 1/2) by a degree-5 polynomial, about 3e-6 relative: far below the
- * bf16 rounding the probabilities then take. */
-static inline __attribute__((always_inline)) __m512 exp2_neg16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 e = _mm512_set1_ps(1.3333558146e-3f);
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(9.6181291076e-3f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(5.5504108665e-2f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(2.4022650696e-1f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(6.9314718056e-1f));
-    e = _mm512_fmadd_ps(e, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(e, n);
-}
-
-/* The lanes t .. t+15 that fall in a .. b. */
-static inline __mmask16 lanes_in(int64_t t, int64_t a, int64_t b) {
-    const int64_t lo = a - t, hi = b - t;
-    __mmask16 keep = 0xffff;
-    if (lo > 0) keep &= lo >= 16 ? 0 : (__mmask16)(0xffff << lo);
-    if (hi < 16) keep &= hi <= 0 ? 0 : (__mmask16)(0xffff >> (16 - hi));
-    return keep;
 }
 
 /* One row of a key chunk (online softmax): the scores s[a .. b) of `keys` (float32 dots, unscaled) raise

@@ -62,9 +62,10 @@ FUSED_MAX_NEW_TOKENS = 2048
 # through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
 FUSED_MAX_ATTENTION_PAIRS = 65_536
 # ...or this many where those chunks attend through Ember's AMX bf16 kernel (`native.Kernels.paged_prefill`)
-# rather than SDPA: 24 new tokens over 1,300 cached took 31 ms through the modules against 34 ms fused,
-# 64 over 1,300: 55 against 78; 64 over 300 about even.
-FUSED_MAX_ATTENTION_PAIRS_AMX = 24_576
+# rather than SDPA (where the fused call's row-by-row attention is on AMX tiles too): 32 new tokens over
+# 1,300 cached took 38 ms fused against 42 through the modules, 40 over 1,300: 59 against 53, 48: 55
+# against 49; over 300 cached, 96 new about even, 128: 75 against 69.
+FUSED_MAX_ATTENTION_PAIRS_AMX = 45_056
 FUSED_SHORT_SPAN = 16  # 16 new tokens over 1,300 cached: about even either way
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.

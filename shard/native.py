@@ -169,6 +169,7 @@ class DecodeStep(ctypes.Structure):
         ("tables", _P),
         ("row_seq", _P),
         ("lens", _P),  # int64: [rows], [seqs, width], [rows]
+        ("chunk_rows", _I64),  # longer prompt runs over a cached context attend on AMX tiles; 0: none
         ("threads", ctypes.c_int32),
     ]
 

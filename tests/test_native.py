@@ -642,11 +642,50 @@ def test_chunks_over_a_long_cached_context_in_a_bf16_cache_leave_the_fused_step(
     sdpa = chunk_logits()
     assert len(calls) == 1
     monkeypatch.setattr(llama, "FUSED_MAX_ATTENTION_PAIRS", 10**9)
-    monkeypatch.setattr(llama, "FUSED_MAX_ATTENTION_PAIRS_AMX", 10**9)
     fused = chunk_logits()
     assert len(calls) == 3
     assert (sdpa - fused).abs().max() < 0.2 * fused.std()  # (seen: 0.12 std; bf16 queries besides a bf16 cache)
     assert (sdpa.argmax(-1) == fused.argmax(-1)).float().mean() > 0.9
+
+
+def test_fused_step_attends_chunks_over_a_context_on_amx_tiles(amx_prefill, tiny_model_factory, monkeypatch):
+    """Under w4a8 with AMX, a step with a long prompt chunk over a cached context stays in the fused call,
+    which attends the chunk on AMX tiles (prefill_amx.c) and the other rows (a running sequence's token, a
+    short chunk) by themselves: the logits of the modules, whose attention runs the same kernel per layer."""
+    from ember.shard.models import llama
+    from ember.shard.runner import Sequence
+
+    if not amx_prefill.q4:
+        pytest.skip("this CPU has no AVX-512 VNNI: no fused w4a8 step")
+    model_dir = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
+    runner = load_runner(model_dir, dtype="float32", quantize="w4a8")
+    calls, chunks = [], []
+    original, original_prefill = amx_prefill.decode_layers, amx_prefill.paged_prefill
+    monkeypatch.setattr(amx_prefill, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(amx_prefill, "paged_prefill", lambda *a, **k: chunks.append(1) or original_prefill(*a, **k))
+    context = [(7 * i) % 300 + 5 for i in range(150)]
+
+    def mixed_logits(fused: bool) -> torch.Tensor:
+        """A running sequence's token, a 90-token chunk over 150 cached and a 20-token chunk over 150, in
+        one step (chunks of other lengths and positions than the tiles'), fused or through the modules;
+        the steps before it fused."""
+        running = Sequence(0, [5, 6, 7, 8])
+        long, short = Sequence(1, context + list(range(20, 110))), Sequence(2, context + list(range(30, 50)))
+        runner.step([running])
+        runner.step([long, short], num_new=[len(context), len(context)])
+        running.token_ids.append(9)
+        monkeypatch.setattr(llama, "FUSED_MAX_NEW_TOKENS", 2048 if fused else 0)
+        out = runner.step([running, long, short], want_prompt_logits=True)
+        monkeypatch.setattr(llama, "FUSED_MAX_NEW_TOKENS", 2048)
+        for seq in (running, long, short):
+            runner.free(seq)
+        return torch.cat([out.logits, *out.prompt_logits[1:]])
+
+    fused = mixed_logits(True)
+    assert len(calls) == 3 and not chunks  # every step fused; no per-layer kernel call
+    modules = mixed_logits(False)
+    assert len(calls) == 5 and len(chunks) == 4  # the modules: both chunks, one call per layer each
+    assert (fused - modules).abs().max() < 1e-4 * modules.std()  # (seen: equal)
 
 
 def test_fused_decode_is_built_only_where_it_fits(q4, tiny_model_factory):

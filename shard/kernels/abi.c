@@ -71,6 +71,7 @@ static const layout_entry layout[] = {
     FIELD(ember_decode_step, tables),
     FIELD(ember_decode_step, row_seq),
     FIELD(ember_decode_step, lens),
+    FIELD(ember_decode_step, chunk_rows),
     FIELD(ember_decode_step, threads),
 };
 #undef SIZE

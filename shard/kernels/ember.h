@@ -43,6 +43,36 @@
 EMBER_INTERNAL int amx_permitted(void);
 #endif
 
+/* A prompt chunk of one sequence attending over a bf16 cache on AMX tiles (prefill_amx.c), in pieces a
+ * parallel region shares: `chunk_layout` (once the span's fields are set), `chunk_pack` for each of
+ * pack_tasks, then `chunk_tile` for each of tile_tasks, with a scratch per thread. */
+#define CHUNK_DIM_OK(dim) ((dim) % 32 == 0 && (dim) <= 128)
+typedef struct {
+    const float *q;     /* [rows, heads, dim] float32, rows q_stride floats apart */
+    int64_t q_stride;
+    float *out;         /* [rows, heads, dim] float32, rows out_stride floats apart */
+    int64_t out_stride;
+    const int64_t *table; /* the sequence's block table */
+    int64_t cached, rows, groups; /* positions cached .. cached+rows-1; query heads per KV head */
+    /* chunk_layout's */
+    int64_t base, span, key_words, value_words, pack_tasks, tile_tasks;
+    uint32_t *packed; /* chunk_words(...) words, 64-byte aligned */
+} chunk_span;
+typedef struct {
+    float *scores, *ot, *acc;
+    uint16_t *probs, *qt;
+} chunk_scratch;
+#ifdef EMBER_HAVE_AMX_BF16
+EMBER_INTERNAL void chunk_layout(chunk_span *c, int64_t kv_heads, int64_t dim, int64_t window);
+EMBER_INTERNAL int64_t chunk_words(const chunk_span *c, int64_t kv_heads);
+EMBER_INTERNAL void chunk_pack(const chunk_span *c, int64_t task, const uint16_t *k, const uint16_t *v,
+                               int64_t kv_heads, int64_t dim, int64_t block_size);
+EMBER_INTERNAL int chunk_scratch_alloc(chunk_scratch *sc, int64_t dim);
+EMBER_INTERNAL void chunk_scratch_free(chunk_scratch *sc);
+EMBER_INTERNAL void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_heads, int64_t dim, int64_t window,
+                               float scale, chunk_scratch *sc);
+#endif
+
 /* The statuses: X(name, code, message). abi.c turns them into ember_status_name / _message. */
 #define EMBER_STATUSES(X)                                                                                        \
     X(EMBER_OK, 0, "done")                                                                                       \
@@ -102,6 +132,8 @@ typedef struct {
     const float *cos, *sin;                         /* [rows, rot] */
     const int64_t *slots;                           /* [rows] cache slot of each row's K and V */
     const int64_t *tables, *row_seq, *lens;         /* [sequences, table_width], [rows] or NULL, [rows] */
+    int64_t chunk_rows; /* a sequence's run of more than this many prompt rows over a cached context attends
+                         * on AMX tiles (prefill_amx.c) where the cache is bf16; 0: every row by itself */
     int32_t threads;
 } ember_decode_step;
 

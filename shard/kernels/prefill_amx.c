@@ -209,100 +209,134 @@ static void query_tile(const float *q, int64_t q_stride, int64_t i0, int64_t qro
     }
 }
 
+/* (ember.h) The keys a chunk's rows see, rounded to value tiles, and its packed buffer's layout. */
+void chunk_layout(chunk_span *c, int64_t kv_heads, int64_t dim, int64_t window) {
+    const int64_t len = c->cached + c->rows;
+    /* the first key any row sees, rounded down to a value tile; the keys after the last, rounded up */
+    const int64_t lowest = window > 0 && c->cached + 1 > window ? c->cached + 1 - window : 0;
+    c->base = lowest / PAIRS * PAIRS;
+    c->span = (len + PAIRS - 1) / PAIRS * PAIRS - c->base;
+    c->key_words = c->span / TILE * (dim / 32) * TILE_WORDS;
+    c->value_words = c->span / PAIRS * (dim / 16) * TILE_WORDS;
+    c->pack_tasks = c->span / PAIRS;
+    c->tile_tasks = kv_heads * ((c->rows * c->groups + TILE - 1) / TILE);
+}
+
+/* (ember.h) Words of packed keys and values `chunk_layout` asks for. */
+int64_t chunk_words(const chunk_span *c, int64_t kv_heads) { return kv_heads * (c->key_words + c->value_words); }
+
+/* (ember.h) Pack task `task` (of c->pack_tasks): 32 keys and their values, every KV head. */
+void chunk_pack(const chunk_span *c, int64_t task, const uint16_t *k, const uint16_t *v, int64_t kv_heads,
+                int64_t dim, int64_t block_size) {
+    const int64_t len = c->cached + c->rows, first = c->base + task * PAIRS, chunks = dim / 32;
+    for (int64_t h = 0; h < kv_heads; h++) {
+        uint32_t *kp = c->packed + h * (c->key_words + c->value_words);
+        pack_keys(k, c->table, first, len, h, kv_heads, dim, block_size, kp + (2 * task) * chunks * TILE_WORDS);
+        pack_keys(k, c->table, first + TILE, len, h, kv_heads, dim, block_size,
+                  kp + (2 * task + 1) * chunks * TILE_WORDS);
+        pack_values(v, c->table, first, len, h, kv_heads, dim, block_size,
+                    kp + c->key_words + task * (dim / 16) * TILE_WORDS);
+    }
+}
+
+/* (ember.h) A thread's scratch for chunk_tile; 0 when it could not be allocated. */
+int chunk_scratch_alloc(chunk_scratch *sc, int64_t dim) {
+    sc->scores = aligned_alloc(64, sizeof(float) * TILE * CHUNK);
+    sc->probs = aligned_alloc(64, sizeof(uint16_t) * TILE * CHUNK);
+    sc->qt = aligned_alloc(64, sizeof(uint16_t) * (size_t)(TILE * dim));
+    sc->ot = aligned_alloc(64, sizeof(float) * (size_t)(TILE * dim));
+    sc->acc = aligned_alloc(64, sizeof(float) * (size_t)(TILE * dim));
+    return sc->scores && sc->probs && sc->qt && sc->ot && sc->acc;
+}
+
+void chunk_scratch_free(chunk_scratch *sc) {
+    free(sc->scores), free(sc->probs), free(sc->qt), free(sc->ot), free(sc->acc);
+}
+
+/* (ember.h) Tile task `task` (of c->tile_tasks, the later tiles with more keys first): 16 query rows of one
+ * KV head over the packed keys and values, into c->out. Configures the tiles itself (other kernels of the
+ * same thread use others) and releases them. */
+void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_heads, int64_t dim, int64_t window, float scale,
+                chunk_scratch *sc) {
+    const int64_t groups = c->groups, qrows = c->rows * groups, tiles = (qrows + TILE - 1) / TILE;
+    const int64_t chunks = dim / 32, cached = c->cached, base = c->base;
+    float *scores = sc->scores, *ot = sc->ot, *acc = sc->acc;
+    uint16_t *probs = sc->probs, *qt = sc->qt;
+    const int64_t h = task % kv_heads, i0 = (tiles - 1 - task / kv_heads) * TILE;
+    const int64_t last = (i0 + TILE < qrows ? i0 + TILE : qrows) - 1;
+    const int64_t seen = cached + last / groups + 1; /* keys the tile's last row sees */
+    const int64_t first_pos = cached + i0 / groups;
+    const int64_t lo = window > 0 && first_pos + 1 > window ? first_pos + 1 - window : 0;
+    const int64_t from = lo / PAIRS * PAIRS, to = (seen + PAIRS - 1) / PAIRS * PAIRS;
+    const uint32_t *kp = c->packed + h * (c->key_words + c->value_words);
+    configure();
+    query_tile(c->q, c->q_stride, i0, qrows, h, groups, dim, qt);
+    float top[TILE], total[TILE], rescale[TILE];
+    for (int64_t r = 0; r < TILE; r++) top[r] = -INFINITY, total[r] = 0.f;
+    memset(acc, 0, sizeof(float) * (size_t)(TILE * dim));
+    for (int64_t c0 = from; c0 < to; c0 += CHUNK) {
+        const int64_t keys = to - c0 < CHUNK ? to - c0 : CHUNK;
+#define LOADQ(t) if (chunks > t) _tile_loadd(t, qt + t * 32, dim * 2);
+        LOADQ(0) LOADQ(1) LOADQ(2) LOADQ(3)
+#undef LOADQ
+        tile_scores(kp + (c0 - base) / TILE * chunks * TILE_WORDS, keys / TILE, chunks, scores, keys);
+        for (int64_t i = i0; i < i0 + TILE; i++) {
+            int64_t a = 0, b = 0; /* the row's keys in this chunk */
+            if (i <= last) {
+                const int64_t pos = cached + i / groups;
+                const int64_t low = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
+                a = (low > c0 ? low : c0) - c0, b = (pos + 1 < c0 + keys ? pos + 1 : c0 + keys) - c0;
+            }
+            rescale[i - i0] = row_chunk(scores + (i - i0) * keys, probs + (i - i0) * keys, a, b, keys, scale,
+                                        top + (i - i0), total + (i - i0));
+        }
+        for (int64_t d0 = 0; d0 < dim; d0 += 64)
+            tile_values(probs, keys / PAIRS, kp + c->key_words + (c0 - base) / PAIRS * (dim / 16) * TILE_WORDS, dim,
+                        d0, ot, keys);
+        for (int64_t r = 0; r < TILE; r++) {
+            const __m512 f = _mm512_set1_ps(rescale[r]);
+            for (int64_t d = 0; d < dim; d += 16)
+                _mm512_storeu_ps(acc + r * dim + d,
+                                 _mm512_fmadd_ps(_mm512_loadu_ps(acc + r * dim + d), f, _mm512_loadu_ps(ot + r * dim + d)));
+        }
+    }
+    for (int64_t i = i0; i <= last; i++) {
+        float *o = c->out + (i / groups) * c->out_stride + (h * groups + i % groups) * dim;
+        const __m512 inv = _mm512_set1_ps(1.f / total[i - i0]);
+        for (int64_t d = 0; d < dim; d += 16)
+            _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(acc + (i - i0) * dim + d), inv));
+    }
+    _tile_release();
+}
+
 int paged_prefill_bf16(const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *table,
                        int64_t cached, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                        int64_t window, float scale, float *out, int64_t out_stride, int threads) {
     if (!amx_permitted()) return EMBER_E_NO_AMX;
-    if (dim % 32 != 0 || dim > 128) return EMBER_E_HEAD_DIM;
+    if (!CHUNK_DIM_OK(dim)) return EMBER_E_HEAD_DIM;
     if (rows <= 0) return EMBER_OK;
-    const int64_t groups = heads / kv_heads, qrows = rows * groups, tiles = (qrows + TILE - 1) / TILE;
-    const int64_t len = cached + rows;
-    /* the first key any row sees, rounded down to a value tile; the keys after the last, rounded up */
-    const int64_t lowest = window > 0 && cached + 1 > window ? cached + 1 - window : 0;
-    const int64_t base = lowest / PAIRS * PAIRS, end = (len + PAIRS - 1) / PAIRS * PAIRS, span = end - base;
-    const int64_t chunks = dim / 32, key_words = span / TILE * chunks * TILE_WORDS;
-    const int64_t value_words = span / PAIRS * (dim / 16) * TILE_WORDS;
-    uint32_t *packed = aligned_alloc(64, sizeof(uint32_t) * (size_t)(kv_heads * (key_words + value_words)));
-    if (packed == NULL) return EMBER_E_NO_MEMORY;
+    chunk_span c = {.q = q, .q_stride = q_stride, .out = out, .out_stride = out_stride, .table = table,
+                    .cached = cached, .rows = rows, .groups = heads / kv_heads};
+    chunk_layout(&c, kv_heads, dim, window);
+    c.packed = aligned_alloc(64, sizeof(uint32_t) * (size_t)chunk_words(&c, kv_heads));
+    if (c.packed == NULL) return EMBER_E_NO_MEMORY;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        /* 1. every KV head's keys and values, once */
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < kv_heads * (span / PAIRS); task++) {
-            const int64_t h = task / (span / PAIRS), j = task % (span / PAIRS), first = base + j * PAIRS;
-            uint32_t *kp = packed + h * (key_words + value_words);
-            pack_keys(k, table, first, len, h, kv_heads, dim, block_size, kp + (2 * j) * chunks * TILE_WORDS);
-            pack_keys(k, table, first + TILE, len, h, kv_heads, dim, block_size,
-                      kp + (2 * j + 1) * chunks * TILE_WORDS);
-            pack_values(v, table, first, len, h, kv_heads, dim, block_size,
-                        kp + key_words + j * (dim / 16) * TILE_WORDS);
-        }
-        /* 2. the query tiles */
-        float *scores = aligned_alloc(64, sizeof(float) * TILE * CHUNK);
-        uint16_t *probs = aligned_alloc(64, sizeof(uint16_t) * TILE * CHUNK);
-        uint16_t *qt = aligned_alloc(64, sizeof(uint16_t) * (size_t)(TILE * dim));
-        float *ot = aligned_alloc(64, sizeof(float) * (size_t)(TILE * dim));
-        float *acc = aligned_alloc(64, sizeof(float) * (size_t)(TILE * dim));
-        const int ok = scores && probs && qt && ot && acc;
+        for (int64_t task = 0; task < c.pack_tasks; task++) chunk_pack(&c, task, k, v, kv_heads, dim, block_size);
+        chunk_scratch sc;
+        const int ok = chunk_scratch_alloc(&sc, dim);
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            configure();
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < kv_heads * tiles; task++) {
-            if (!ok) continue;
-            /* the later tiles (more keys) first */
-            const int64_t h = task % kv_heads, i0 = (tiles - 1 - task / kv_heads) * TILE;
-            const int64_t last = (i0 + TILE < qrows ? i0 + TILE : qrows) - 1;
-            const int64_t seen = cached + last / groups + 1; /* keys the tile's last row sees */
-            const int64_t first_pos = cached + i0 / groups;
-            const int64_t lo = window > 0 && first_pos + 1 > window ? first_pos + 1 - window : 0;
-            const int64_t from = lo / PAIRS * PAIRS, to = (seen + PAIRS - 1) / PAIRS * PAIRS;
-            const uint32_t *kp = packed + h * (key_words + value_words);
-            query_tile(q, q_stride, i0, qrows, h, groups, dim, qt);
-            float top[TILE], total[TILE], rescale[TILE];
-            for (int64_t r = 0; r < TILE; r++) top[r] = -INFINITY, total[r] = 0.f;
-            memset(acc, 0, sizeof(float) * (size_t)(TILE * dim));
-            for (int64_t c0 = from; c0 < to; c0 += CHUNK) {
-                const int64_t keys = to - c0 < CHUNK ? to - c0 : CHUNK;
-#define LOADQ(c) if (chunks > c) _tile_loadd(c, qt + c * 32, dim * 2);
-                LOADQ(0) LOADQ(1) LOADQ(2) LOADQ(3)
-#undef LOADQ
-                tile_scores(kp + (c0 - base) / TILE * chunks * TILE_WORDS, keys / TILE, chunks, scores, keys);
-                for (int64_t i = i0; i < i0 + TILE; i++) {
-                    int64_t a = 0, b = 0; /* the row's keys in this chunk */
-                    if (i <= last) {
-                        const int64_t pos = cached + i / groups;
-                        const int64_t lo = window > 0 && pos + 1 > window ? pos + 1 - window : 0;
-                        a = (lo > c0 ? lo : c0) - c0, b = (pos + 1 < c0 + keys ? pos + 1 : c0 + keys) - c0;
-                    }
-                    rescale[i - i0] = row_chunk(scores + (i - i0) * keys, probs + (i - i0) * keys, a, b, keys, scale,
-                                                top + (i - i0), total + (i - i0));
-                }
-                for (int64_t d0 = 0; d0 < dim; d0 += 64)
-                    tile_values(probs, keys / PAIRS, kp + key_words + (c0 - base) / PAIRS * (dim / 16) * TILE_WORDS,
-                                dim, d0, ot, keys);
-                for (int64_t r = 0; r < TILE; r++) {
-                    const __m512 f = _mm512_set1_ps(rescale[r]);
-                    for (int64_t c = 0; c < dim; c += 16)
-                        _mm512_storeu_ps(acc + r * dim + c, _mm512_fmadd_ps(_mm512_loadu_ps(acc + r * dim + c), f,
-                                                                            _mm512_loadu_ps(ot + r * dim + c)));
-                }
-            }
-            for (int64_t i = i0; i <= last; i++) {
-                float *o = out + (i / groups) * out_stride + (h * groups + i % groups) * dim;
-                const __m512 inv = _mm512_set1_ps(1.f / total[i - i0]);
-                for (int64_t c = 0; c < dim; c += 16)
-                    _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_loadu_ps(acc + (i - i0) * dim + c), inv));
-            }
-        }
-        if (ok) _tile_release();
-        free(scores), free(probs), free(qt), free(ot), free(acc);
+        for (int64_t task = 0; task < c.tile_tasks; task++)
+            if (ok) chunk_tile(&c, task, kv_heads, dim, window, scale, &sc);
+        chunk_scratch_free(&sc);
     }
-    free(packed);
+    free(c.packed);
     return failed ? EMBER_E_NO_MEMORY : EMBER_OK;
 }
 

@@ -61,11 +61,10 @@ FUSED_MAX_NEW_TOKENS = 2048
 # whole context once per row. On SmolLM2 (w4a8, 2 cores) 64 new tokens over 1,300 cached ones took 63 ms
 # through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
 FUSED_MAX_ATTENTION_PAIRS = 65_536
-# ...or this many where those chunks attend through Ember's AMX bf16 kernel (`native.Kernels.paged_prefill`)
-# rather than SDPA (where the fused call's row-by-row attention is on AMX tiles too): 32 new tokens over
-# 1,300 cached took 38 ms fused against 42 through the modules, 40 over 1,300: 59 against 53, 48: 55
-# against 49; over 300 cached, 96 new about even, 128: 75 against 69.
-FUSED_MAX_ATTENTION_PAIRS_AMX = 45_056
+# Where the CPU has AMX, the fused call attends such chunks (runs of more than FUSED_SHORT_SPAN rows over a
+# cached context) on AMX tiles itself (prefill_amx.c, as `native.Kernels.paged_prefill`) and keeps them:
+# 64 new tokens over 1,300 cached took 43 ms against 56 through the modules (their per-op calls), 24: 24
+# against 32, 128: 77 against 90.
 FUSED_SHORT_SPAN = 16  # 16 new tokens over 1,300 cached: about even either way
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
@@ -720,11 +719,12 @@ class FusedDecode:
             self.step.block_size = cache.block_size
             self._cache_key = key
 
-    def _pairs_bound(self, cache: PagedKVCache) -> int:
-        """How many (query, key) pairs of prompt chunks over a cached context a step may hold and stay fused."""
-        if self.kernels.prefill_fits(cache.dtype, self.step.head_dim):
-            return FUSED_MAX_ATTENTION_PAIRS_AMX
-        return FUSED_MAX_ATTENTION_PAIRS
+    def _pairs_bound(self, cache: PagedKVCache) -> int | None:
+        """How many (query, key) pairs of prompt chunks over a cached context a step may hold and stay fused;
+        None: any (the fused call attends such chunks on AMX tiles itself, `step.chunk_rows`)."""
+        chunked = self.kernels.prefill_fits(cache.dtype, self.step.head_dim)
+        self.step.chunk_rows = FUSED_SHORT_SPAN if chunked else 0
+        return None if chunked else FUSED_MAX_ATTENTION_PAIRS
 
     def run(
         self,
@@ -740,7 +740,8 @@ class FusedDecode:
         if meta.is_decode:
             tables, row_seq, lens = meta.gather_blocks.contiguous(), None, meta.context_lens
         elif meta.row_seq is not None and max(span.num_new for span in meta.spans) <= FUSED_MAX_NEW_TOKENS:
-            if cache.dtype == torch.bfloat16 and _attention_pairs(meta) >= self._pairs_bound(cache):
+            bound = self._pairs_bound(cache)
+            if cache.dtype == torch.bfloat16 and bound is not None and _attention_pairs(meta) >= bound:
                 return None
             tables, row_seq, lens = meta.block_table, meta.row_seq, meta.row_lens
         else:

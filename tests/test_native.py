@@ -449,6 +449,25 @@ def _fused_run(runner, prefill_fused: bool, decode_fused: bool, newcomer: list[i
 FUSED_SETTINGS = {"w4a8": {"quantize": "w4a8"}, "bf16": {"matmul_dtype": "bfloat16"}}
 
 
+def _counted(monkeypatch, kernels, name: str) -> list:
+    """A list that grows by one at every call of `kernels.<name>` from now on (the call still runs)."""
+    calls = []
+    original = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def _chunk_logits(runner, context: list[int], chunk: list[int]) -> torch.Tensor:
+    """The prompt logits of `chunk` in a step of its own over `context`, cached by the step before."""
+    from ember.shard.runner import Sequence
+
+    seq = Sequence(0, context + chunk)
+    runner.step([seq], num_new=[len(context)])
+    out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]
+    runner.free(seq)
+    return out
+
+
 @pytest.fixture()
 def amx_prefill(kernels):
     if not kernels.prefill_amx:
@@ -525,27 +544,17 @@ def test_amx_prefill_takes_strided_queries_and_refuses_wide_heads(amx_prefill):
 def test_amx_prefill_in_a_model_step_stays_close_to_bf16_sdpa(amx_prefill, tiny_model_factory, monkeypatch):
     """A prompt chunk over a cached context through the modules: Ember's AMX kernel against torch's bf16
     SDPA on the same cache (the path it replaces): the same numbers up to bf16 roundings."""
-    from ember.shard.runner import Sequence
 
     wide_heads = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
     runner = load_runner(wide_heads, dtype="float32", kv_cache_dtype="bfloat16")
-    calls = []
-    original = amx_prefill.paged_prefill
-    monkeypatch.setattr(amx_prefill, "paged_prefill", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _counted(monkeypatch, amx_prefill, "paged_prefill")
     context = [(7 * i) % 300 + 5 for i in range(150)]
     chunk = [(11 * i) % 300 + 5 for i in range(90)]
 
-    def chunk_logits() -> torch.Tensor:
-        seq = Sequence(0, context + chunk)
-        runner.step([seq], num_new=[len(context)])
-        out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]
-        runner.free(seq)
-        return out
-
-    kernel = chunk_logits()
+    kernel = _chunk_logits(runner, context, chunk)
     assert len(calls) == 2  # one call per layer of the second step
     monkeypatch.setattr(native.Kernels, "prefill_fits", lambda *a: False)
-    sdpa = chunk_logits()
+    sdpa = _chunk_logits(runner, context, chunk)
     assert len(calls) == 2
     assert (kernel - sdpa).abs().max() < 0.05 * sdpa.std()  # (seen: 0.01 std)
     assert (kernel.argmax(-1) == sdpa.argmax(-1)).float().mean() > 0.95
@@ -569,9 +578,7 @@ def test_fused_decode_layers_match_the_per_op_kernels(fused_setting, tiny_model_
     for variant in ("llama", "mistral"):
         runner = load_runner(tiny_model_factory(variant), dtype="float32", kv_cache_dtype=kv_dtype, **setting)
         assert runner.model.fused is not None
-        calls = []
-        original = q4.decode_layers
-        monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))  # noqa: B023 (called within the iteration)
+        calls = _counted(monkeypatch, q4, "decode_layers")
         got = _fused_run(runner, prefill_fused=False, decode_fused=True)
         assert len(calls) == 24  # every decode step
         ref = _fused_run(runner, prefill_fused=False, decode_fused=False)
@@ -588,9 +595,7 @@ def test_fused_prefill_and_mixed_steps_stay_close_to_sdpa(fused_setting, tiny_mo
     cache, the prompt's own keys read back rounded, as decode steps read them)."""
     setting, q4 = fused_setting
     runner = load_runner(tiny_model_factory("mistral"), dtype="float32", kv_cache_dtype=kv_dtype, **setting)
-    calls = []
-    original = q4.decode_layers
-    monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _counted(monkeypatch, q4, "decode_layers")
     newcomer = [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28]
     got = _fused_run(runner, prefill_fused=True, decode_fused=True, newcomer=newcomer)
     assert len(calls) == 25  # the prefill, 23 decodes and the mixed step
@@ -607,9 +612,7 @@ def test_long_prompt_chunks_take_sdpa(q4, tiny_llama_dir, monkeypatch):
     from ember.shard.models import llama
 
     runner = load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8")
-    calls = []
-    original = q4.decode_layers
-    monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _counted(monkeypatch, q4, "decode_layers")
     monkeypatch.setattr(llama, "FUSED_MAX_NEW_TOKENS", 10)
     step_logits(runner, PROMPTS, continuation=[11])  # an 18-token prompt in the first step
     assert len(calls) == 1  # only the decode step
@@ -622,27 +625,18 @@ def test_chunks_over_a_long_cached_context_in_a_bf16_cache_leave_the_fused_step(
     row-by-row fused call for the modules, attending in bf16 over the bf16 cache (Ember's AMX kernel, or
     SDPA): close to the fused numbers."""
     from ember.shard.models import llama
-    from ember.shard.runner import Sequence
 
     setting, q4 = fused_setting
     runner = load_runner(tiny_llama_dir, dtype="float32", kv_cache_dtype="bfloat16", **setting)
-    calls = []
-    original = q4.decode_layers
-    monkeypatch.setattr(q4, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = _counted(monkeypatch, q4, "decode_layers")
     context = [(7 * i) % 300 + 5 for i in range(200)]
     chunk = [(11 * i) % 300 + 5 for i in range(180)]
 
-    def chunk_logits() -> torch.Tensor:
-        seq = Sequence(0, context + chunk)
-        runner.step([seq], num_new=[len(context)])  # 200 x 200 pairs: below the bound, fused
-        out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]  # 180 x 380 pairs
-        runner.free(seq)
-        return out
-
-    sdpa = chunk_logits()
+    # the context's step: 200 x 200 pairs, below the bound, fused; the chunk's: 180 x 380 pairs
+    sdpa = _chunk_logits(runner, context, chunk)
     assert len(calls) == 1
     monkeypatch.setattr(llama, "FUSED_MAX_ATTENTION_PAIRS", 10**9)
-    fused = chunk_logits()
+    fused = _chunk_logits(runner, context, chunk)
     assert len(calls) == 3
     assert (sdpa - fused).abs().max() < 0.2 * fused.std()  # (seen: 0.12 std; bf16 queries besides a bf16 cache)
     assert (sdpa.argmax(-1) == fused.argmax(-1)).float().mean() > 0.9
@@ -659,10 +653,8 @@ def test_fused_step_attends_chunks_over_a_context_on_amx_tiles(amx_prefill, tiny
         pytest.skip("this CPU has no AVX-512 VNNI: no fused w4a8 step")
     model_dir = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
     runner = load_runner(model_dir, dtype="float32", quantize="w4a8")
-    calls, chunks = [], []
-    original, original_prefill = amx_prefill.decode_layers, amx_prefill.paged_prefill
-    monkeypatch.setattr(amx_prefill, "decode_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(amx_prefill, "paged_prefill", lambda *a, **k: chunks.append(1) or original_prefill(*a, **k))
+    calls = _counted(monkeypatch, amx_prefill, "decode_layers")
+    chunks = _counted(monkeypatch, amx_prefill, "paged_prefill")
     context = [(7 * i) % 300 + 5 for i in range(150)]
 
     def mixed_logits(fused: bool) -> torch.Tensor:

@@ -340,17 +340,12 @@ static inline __attribute__((always_inline)) __m512 exp2_neg16(__m512 x) {
  */
 #define AMX_GROUPS_MAX 8
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} attend_tiles_config;
 
 /* Every tile 16 rows of 64 bytes. Scores: tmm0/tmm7 sums (alternate tiles of keys), tmm1/tmm6 keys,
  * tmm2-3 and tmm4-5 the queries' hi and lo parts (two 32-dim chunks). Values: tmm0-3 the output's four
  * 16-column chunks, tmm4 probabilities, tmm5/tmm6 values. */
 static inline void attend_tiles_configure(void) {
-    attend_tiles_config c;
+    amx_tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;

@@ -41,6 +41,13 @@
 #if defined(__AMX_TILE__)
 /* 1 once Linux has granted this process AMX's register state (asked at the first call), else 0. */
 EMBER_INTERNAL int amx_permitted(void);
+
+/* AMX's tile configuration (palette 1): each tile's rows and bytes per row (_tile_loadconfig). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tile_config;
 #endif
 
 /* A prompt chunk of one sequence attending over a bf16 cache on AMX tiles (prefill_amx.c), in pieces a

@@ -280,56 +280,5 @@ int decode_layers(const ember_decode_step *step) {
     return failed ? EMBER_E_NO_MEMORY : EMBER_OK;
 }
 #else
-/* A step's prompt chunks that attend on AMX tiles: the runs of more than step->chunk_rows rows of one
- * sequence at consecutive positions over a cached context (none unless the cache is bf16 and AMX may be
- * used), their packed keys and values (one buffer, reused by every layer), and which rows they hold. */
-typedef struct {
-    chunk_span *spans;
-    int64_t count, pack_tasks, tile_tasks;
-    uint8_t *in_chunk; /* [rows] or NULL */
-    uint32_t *packed;
-} chunks_of_step;
-
-static void chunks_free(chunks_of_step *c) {
-    free(c->spans), free(c->in_chunk), free(c->packed);
-    memset(c, 0, sizeof *c);
-}
-
-/* Fill `c` for `step` (queries in `wide`, outputs in `attn`); 0 when memory ran out. */
-static int find_chunks(const ember_decode_step *step, const float *wide, int64_t qkv_width, float *attn,
-                       int64_t q_width, chunks_of_step *c) {
-#ifdef EMBER_HAVE_AMX_BF16
-    const int64_t rows = step->rows, *row_seq = step->row_seq, *lens = step->lens;
-    if (step->chunk_rows <= 0 || !row_seq || !step->bf16_cache || !CHUNK_DIM_OK(step->head_dim) || !amx_permitted())
-        return 1;
-    int64_t words = 0;
-    for (int64_t r = 0; r < rows;) {
-        int64_t end = r + 1;
-        while (end < rows && row_seq[end] == row_seq[r] && lens[end] == lens[end - 1] + 1) end++;
-        if (end - r > step->chunk_rows && lens[r] > 1) {
-            if (!c->spans && !(c->spans = calloc((size_t)rows, sizeof(chunk_span)))) return 0;
-            if (!c->in_chunk && !(c->in_chunk = calloc((size_t)rows, 1))) return 0;
-            chunk_span *s = c->spans + c->count++;
-            *s = (chunk_span){.q = wide + r * qkv_width, .q_stride = qkv_width, .out = attn + r * q_width,
-                              .out_stride = q_width, .table = step->tables + row_seq[r] * step->table_width,
-                              .cached = lens[r] - 1, .rows = end - r, .groups = step->heads / step->kv_heads};
-            chunk_layout(s, step->kv_heads, step->head_dim, 0); /* no window: the most keys any layer packs */
-            c->pack_tasks += s->pack_tasks, c->tile_tasks += s->tile_tasks;
-            words += chunk_words(s, step->kv_heads);
-            memset(c->in_chunk + r, 1, (size_t)(end - r));
-        }
-        r = end;
-    }
-    if (c->count && !(c->packed = aligned_alloc(64, sizeof(uint32_t) * (size_t)words))) return 0;
-    for (int64_t i = 0, at = 0; i < c->count; i++) {
-        c->spans[i].packed = c->packed + at;
-        at += chunk_words(c->spans + i, step->kv_heads);
-    }
-#else
-    (void)step, (void)wide, (void)qkv_width, (void)attn, (void)q_width, (void)c;
-#endif
-    return 1;
-}
-
 int decode_layers(const ember_decode_step *step) { return EMBER_E_NO_VNNI; }
 #endif

@@ -173,14 +173,9 @@ static inline __attribute__((always_inline)) void q4_tile2(const uint8_t *packed
 /* The smallest row count that goes on tiles; 0: none (q4_amx sets it). */
 static int64_t amx_min_rows = 0;
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
 
 static void amx_configure(void) {
-    amx_config c;
+    amx_tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     c.rows[0] = AMX_ROWS, c.colsb[0] = Q4_GROUP; /* tmm0: activations */

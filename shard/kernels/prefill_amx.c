@@ -47,16 +47,11 @@ int amx_permitted(void) {
 #define TILE_WORDS 256 /* a 16 x 64-byte tile, in 32-bit words */
 #define CHUNK 256      /* keys per step of the online softmax: its scores stay in L1 */
 
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 /* Every tile 16 rows of 64 bytes: tmm0-3 query chunks (then output accumulators), tmm4-5 keys or values,
  * tmm6-7 score accumulators (then probabilities). */
 static void configure(void) {
-    tile_config c;
+    amx_tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int t = 0; t < 8; t++) c.rows[t] = TILE, c.colsb[t] = 64;

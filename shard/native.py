@@ -201,6 +201,15 @@ MIRRORS = (LinearWeights, DecodeLayer, DecodeStep)  # checked against the librar
 # Every entry point of the library (kernels/*.c) with its parameters, as C declares them. Each returns a
 # status (0: done; else an EMBER_E_* code, raised as NativeError), but the *_supported probes (1: built
 # with the instructions their kernels need).
+# The attention kernels' shape of the heads and the cache, in their parameter order.
+_HEADS = (
+    ("heads", _I64),
+    ("kv_heads", _I64),
+    ("dim", _I64),
+    ("block_size", _I64),
+    ("window", _I64),
+    ("scale", _F32),
+)
 _PAGED_DECODE = (
     ("q", _P),
     ("q_stride", _I64),
@@ -210,12 +219,7 @@ _PAGED_DECODE = (
     ("table_width", _I64),
     ("lens", _P),
     ("batch", _I64),
-    ("heads", _I64),
-    ("kv_heads", _I64),
-    ("dim", _I64),
-    ("block_size", _I64),
-    ("window", _I64),
-    ("scale", _F32),
+    *_HEADS,
     ("out", _P),
     ("threads", _INT),
 )
@@ -234,12 +238,7 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
         ("table", _P),
         ("cached", _I64),
         ("rows", _I64),
-        ("heads", _I64),
-        ("kv_heads", _I64),
-        ("dim", _I64),
-        ("block_size", _I64),
-        ("window", _I64),
-        ("scale", _F32),
+        *_HEADS,
         ("out", _P),
         ("out_stride", _I64),
         ("threads", _INT),

@@ -249,6 +249,8 @@ def _block_view(flat: torch.Tensor, block_size: int) -> torch.Tensor:
 def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None, scale: float | None = None) -> torch.Tensor:
     total, heads, dim = q.shape
     out = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
+    kernels = native.kernels() if q.device.type == "cpu" and meta.block_table is not None else None
+    amx_chunks = kernels is not None and kv is not None and kernels.prefill_fits(kv[0].dtype, dim)
     lead = meta.decode_rows
     if lead:
         out[:lead] = _decode(q[:lead], kv, meta.decode_part, window, scale).view(lead, heads, dim)
@@ -274,25 +276,24 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None, scale: fl
         span = meta.spans[i]
         s, e = span.start, span.start + span.num_new
         queries, dtype = q[s:e], q.dtype
-        if span.num_cached and span.ctx_slots is not None and meta.block_table is not None:
-            kernels = native.kernels() if q.device.type == "cpu" else None
-            if kernels is not None and kernels.prefill_fits(kv[0].dtype, dim):
-                # A chunk over a cached context in a bf16 cache: Ember's kernel on AMX bf16 tiles
-                # (prefill_amx.c), the cache read in place: SDPA's numbers, in less time.
-                o = kernels.paged_prefill(
-                    q[s:e],
-                    kv[0],
-                    kv[1],
-                    meta.block_table[i],
-                    span.num_cached,
-                    meta.block_size,
-                    window,
-                    dim**-0.5 if scale is None else scale,
-                )
-                out[s:e] = o.view(e - s, heads, dim).to(q.dtype)
-                i += 1
-                continue
-        if span.num_cached and span.ctx_slots is not None:
+        over_context = span.num_cached and span.ctx_slots is not None
+        if over_context and amx_chunks:
+            # A chunk over a cached context in a bf16 cache: Ember's kernel on AMX bf16 tiles
+            # (prefill_amx.c), the cache read in place: SDPA's numbers, in less time.
+            o = kernels.paged_prefill(
+                queries,
+                kv[0],
+                kv[1],
+                meta.block_table[i],
+                span.num_cached,
+                meta.block_size,
+                window,
+                dim**-0.5 if scale is None else scale,
+            )
+            out[s:e] = o.view(e - s, heads, dim).to(q.dtype)
+            i += 1
+            continue
+        if over_context:
             keys = kv[0].index_select(0, span.ctx_slots)
             values = kv[1].index_select(0, span.ctx_slots)
             if keys.dtype == torch.bfloat16 and q.device.type == "cpu":

@@ -37,11 +37,15 @@ static inline __attribute__((always_inline)) const void *row_at(const void *base
 #ifdef __AVX512F__
 #include <immintrin.h>
 #define VEC 16
+/* Sixteen bf16 values as floats (their bits are a float's high half). */
+static inline __attribute__((always_inline)) __m512 widen16(__m256i half) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
 /* Sixteen elements of a cache row as floats (bf16 widened in registers). */
 static inline __attribute__((always_inline)) __m512 load16(const void *row, int64_t i, const int bf16) {
     if (!bf16) return _mm512_loadu_ps((const float *)row + i);
-    const __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    return widen16(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)));
 }
 
 static inline __attribute__((always_inline)) float dot_row(const float *q, const void *row, const int64_t dim,
@@ -291,6 +295,11 @@ static inline __attribute__((always_inline)) void attend64(
 }
 #endif
 
+/* The cache slot of position `pos` of a sequence with block table `table`. */
+static inline int64_t slot_of(const int64_t *table, int64_t pos, int64_t block_size) {
+    return table[pos / block_size] * block_size + pos % block_size;
+}
+
 #ifdef __AVX512F__
 /* The lanes t .. t+15 that fall in a .. b. */
 static inline __mmask16 lanes_in(int64_t t, int64_t a, int64_t b) {
@@ -340,10 +349,8 @@ static inline __attribute__((always_inline)) __m512 exp2_neg16(__m512 x) {
  */
 #define AMX_GROUPS_MAX 8
 
-
-/* Every tile 16 rows of 64 bytes. Scores: tmm0/tmm7 sums (alternate tiles of keys), tmm1/tmm6 keys,
- * tmm2-3 and tmm4-5 the queries' hi and lo parts (two 32-dim chunks). Values: tmm0-3 the output's four
- * 16-column chunks, tmm4 probabilities, tmm5/tmm6 values. */
+/* Every tile 16 rows of 64 bytes, the attention kernels' one configuration (attend_amx64 here, the
+ * prefill's tiles in prefill_amx.c). */
 static inline void attend_tiles_configure(void) {
     amx_tile_config c;
     memset(&c, 0, sizeof c);
@@ -369,9 +376,8 @@ static inline __attribute__((always_inline)) void amx_query_tiles(const float *q
         for (int c = 0; c < 64; c += 16) {
             const __m512 x = _mm512_loadu_ps(qh + g * 64 + c);
             const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-            const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
             _mm256_store_si256((__m256i *)(h16 + c), h);
-            _mm256_store_si256((__m256i *)(l16 + c), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back)));
+            _mm256_store_si256((__m256i *)(l16 + c), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, widen16(h))));
         }
         const uint32_t *hw = (const uint32_t *)h16, *lw = (const uint32_t *)l16;
         for (int c = 0; c < 2; c++)
@@ -418,6 +424,9 @@ static inline __attribute__((always_inline)) void attend_amx64(
     uint16_t probs[16 * 32] __attribute__((aligned(64)));
     uint32_t vals[2][4 * 256] __attribute__((aligned(64)));
     float o[4][256] __attribute__((aligned(64)));
+    /* tiles: scores in tmm0/tmm7 (alternate key tiles), keys in tmm1/tmm6, the queries' hi and lo parts in
+     * tmm2-3 and tmm4-5 (two 32-dim chunks); then the output's four 16-column chunks in tmm0-3,
+     * probabilities in tmm4, values in tmm5/tmm6 */
     attend_tiles_configure();
     memset(probs, 0, sizeof probs);
     for (int64_t h = h0; h < h1; h++) {
@@ -431,8 +440,7 @@ static inline __attribute__((always_inline)) void attend_amx64(
         __m512 most[AMX_GROUPS_MAX];
         for (int g = 0; g < G; g++) most[g] = _mm512_set1_ps(-INFINITY);
         for (int64_t t0 = t_first; t0 < len; t0 += 16) {
-            const int64_t slot = table[t0 / block_size] * block_size + t0 % block_size;
-            const uint16_t *row = (const uint16_t *)k + (slot * kv_heads + h) * 64;
+            const uint16_t *row = (const uint16_t *)k + (slot_of(table, t0, block_size) * kv_heads + h) * 64;
             const int odd = ((t0 - t_first) / 16) % 2;
             if (odd) {
                 AMX_SCORES(7, 6, row, stride);
@@ -470,10 +478,8 @@ static inline __attribute__((always_inline)) void attend_amx64(
                                                       exp2_neg16(_mm512_mul_ps(_mm512_add_ps(s1, shift), log2e)));
                 total[g] = _mm512_add_ps(total[g], _mm512_add_ps(p0, p1));
                 const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(p1, p0); /* keys t .. t+31 in order */
-                const __m512 back0 = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
-                const __m512 back1 = _mm512_castsi512_ps(
-                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+                const __m512 back0 = widen16(_mm512_castsi512_si256(hi)),
+                             back1 = widen16(_mm512_extracti64x4_epi64(hi, 1));
                 _mm512_store_si512(probs + g * 32, hi);
                 _mm512_store_si512(probs + (G + g) * 32,
                                    (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(p1, back1), _mm512_sub_ps(p0, back0)));
@@ -484,13 +490,11 @@ static inline __attribute__((always_inline)) void attend_amx64(
                 const int64_t a = t_first + t + 2 * p, b = a + 1;
                 __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
                 if (a >= start && a < len) {
-                    const uint16_t *ra = (const uint16_t *)v +
-                                         ((table[a / block_size] * block_size + a % block_size) * kv_heads + h) * 64;
+                    const uint16_t *ra = (const uint16_t *)v + (slot_of(table, a, block_size) * kv_heads + h) * 64;
                     a0 = _mm512_loadu_si512(ra), a1 = _mm512_loadu_si512(ra + 32);
                 }
                 if (b >= start && b < len) {
-                    const uint16_t *rb = (const uint16_t *)v +
-                                         ((table[b / block_size] * block_size + b % block_size) * kv_heads + h) * 64;
+                    const uint16_t *rb = (const uint16_t *)v + (slot_of(table, b, block_size) * kv_heads + h) * 64;
                     b0 = _mm512_loadu_si512(rb), b1 = _mm512_loadu_si512(rb + 32);
                 }
                 _mm512_store_si512(vb + 0 * 256 + p * 16, _mm512_unpacklo_epi16(a0, b0));

@@ -72,6 +72,13 @@ typedef struct {
     uint32_t *packed;
 } chunks_of_step;
 
+/* The span holding task *t of the step's pack tasks (pack) or tile tasks (!pack); *t becomes its own. */
+static inline const chunk_span *chunk_of_task(const chunks_of_step *c, int64_t *t, const int pack) {
+    const chunk_span *s = c->spans;
+    while (*t >= (pack ? s->pack_tasks : s->tile_tasks)) *t -= pack ? s->pack_tasks : s->tile_tasks, s++;
+    return s;
+}
+
 static void chunks_free(chunks_of_step *c) {
     free(c->spans), free(c->in_chunk), free(c->packed);
     memset(c, 0, sizeof *c);
@@ -225,15 +232,15 @@ int decode_layers(const ember_decode_step *step) {
                     }
 #pragma omp for schedule(static)
                     for (int64_t task = 0; task < chunks.pack_tasks; task++) {
-                        int64_t i = 0, t = task;
-                        while (t >= chunks.spans[i].pack_tasks) t -= chunks.spans[i++].pack_tasks;
-                        chunk_pack(chunks.spans + i, t, kc, vc, kv_heads, dim, block_size);
+                        int64_t t = task;
+                        const chunk_span *span = chunk_of_task(&chunks, &t, 1);
+                        chunk_pack(span, t, kc, vc, kv_heads, dim, block_size);
                     }
 #pragma omp for schedule(dynamic, 1) nowait
                     for (int64_t task = 0; task < chunks.tile_tasks; task++) {
-                        int64_t i = 0, t = task;
-                        while (t >= chunks.spans[i].tile_tasks) t -= chunks.spans[i++].tile_tasks;
-                        if (chunk_ok) chunk_tile(chunks.spans + i, t, kv_heads, dim, window, scale, &csc);
+                        int64_t t = task;
+                        const chunk_span *span = chunk_of_task(&chunks, &t, 0);
+                        if (chunk_ok) chunk_tile(span, t, kv_heads, dim, window, scale, &csc);
                     }
                 }
 #endif

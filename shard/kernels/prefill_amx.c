@@ -47,21 +47,6 @@ int amx_permitted(void) {
 #define TILE_WORDS 256 /* a 16 x 64-byte tile, in 32-bit words */
 #define CHUNK 256      /* keys per step of the online softmax: its scores stay in L1 */
 
-
-/* Every tile 16 rows of 64 bytes: tmm0-3 query chunks (then output accumulators), tmm4-5 keys or values,
- * tmm6-7 score accumulators (then probabilities). */
-static void configure(void) {
-    amx_tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = TILE, c.colsb[t] = 64;
-    _tile_loadconfig(&c);
-}
-
-static inline int64_t slot_of(const int64_t *table, int64_t pos, int64_t block_size) {
-    return table[pos / block_size] * block_size + pos % block_size;
-}
-
 /* Keys base+16j .. +15 of KV head h as `chunks` B tiles (one per 32 dims): word p of key n's chunk c is
  * the pair of dims c*32+2p, c*32+2p+1. Keys at or past `len` are zero. */
 static void pack_keys(const uint16_t *k, const int64_t *table, int64_t first, int64_t len, int64_t h,
@@ -264,7 +249,9 @@ void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_heads, int64_t dim
     const int64_t lo = window > 0 && first_pos + 1 > window ? first_pos + 1 - window : 0;
     const int64_t from = lo / PAIRS * PAIRS, to = (seen + PAIRS - 1) / PAIRS * PAIRS;
     const uint32_t *kp = c->packed + h * (c->key_words + c->value_words);
-    configure();
+    /* tiles (all 16 x 64 bytes): tmm0-3 query chunks, then output accumulators; tmm4-5 keys or values;
+     * tmm6-7 score accumulators, then probabilities */
+    attend_tiles_configure();
     query_tile(c->q, c->q_stride, i0, qrows, h, groups, dim, qt);
     float top[TILE], total[TILE], rescale[TILE];
     for (int64_t r = 0; r < TILE; r++) top[r] = -INFINITY, total[r] = 0.f;

@@ -717,14 +717,11 @@ class FusedDecode:
                 entry.k_cache, entry.v_cache = k.data_ptr(), v.data_ptr()
             self.step.bf16_cache = int(cache.dtype == torch.bfloat16)
             self.step.block_size = cache.block_size
+            # chunks over a cached context attend on AMX tiles in the fused call itself, or leave it for the
+            # modules beyond FUSED_MAX_ATTENTION_PAIRS
+            chunked = self.kernels.prefill_fits(cache.dtype, self.step.head_dim)
+            self.step.chunk_rows = FUSED_SHORT_SPAN if chunked else 0
             self._cache_key = key
-
-    def _pairs_bound(self, cache: PagedKVCache) -> int | None:
-        """How many (query, key) pairs of prompt chunks over a cached context a step may hold and stay fused;
-        None: any (the fused call attends such chunks on AMX tiles itself, `step.chunk_rows`)."""
-        chunked = self.kernels.prefill_fits(cache.dtype, self.step.head_dim)
-        self.step.chunk_rows = FUSED_SHORT_SPAN if chunked else 0
-        return None if chunked else FUSED_MAX_ATTENTION_PAIRS
 
     def run(
         self,
@@ -737,18 +734,18 @@ class FusedDecode:
         """(last layer's output, residual stream) of a step, or None when the step does not fit."""
         if cache.dtype not in (torch.float32, torch.bfloat16) or not native.Kernels.fits(embeddings, cos, sin):
             return None
+        self._bind_cache(cache)
         if meta.is_decode:
             tables, row_seq, lens = meta.gather_blocks.contiguous(), None, meta.context_lens
         elif meta.row_seq is not None and max(span.num_new for span in meta.spans) <= FUSED_MAX_NEW_TOKENS:
-            bound = self._pairs_bound(cache)
-            if cache.dtype == torch.bfloat16 and bound is not None and _attention_pairs(meta) >= bound:
+            unchunked = cache.dtype == torch.bfloat16 and not self.step.chunk_rows
+            if unchunked and _attention_pairs(meta) >= FUSED_MAX_ATTENTION_PAIRS:
                 return None
             tables, row_seq, lens = meta.block_table, meta.row_seq, meta.row_lens
         else:
             return None
         delta = embeddings  # a fresh tensor from F.embedding: the kernel writes the layers' output into it
         residual = torch.empty_like(delta)
-        self._bind_cache(cache)
         self.step.set_rows(delta, residual, cos, sin, meta.slots, tables, row_seq, lens)
         self.kernels.decode_layers(self.step)
         return delta, residual

@@ -180,11 +180,11 @@ SETTINGS: tuple[Setting, ...] = (
         "quantize",
         "Weight quantization of the decoder's linear layers on CPU. Default (unset): the fastest "
         "setting whose quality is stated (benchmarks/results/quality.md): a 4-bit GGUF runs `w4a8` where the CPU "
-        "has AVX-512 VNNI, else `int4`; a Q8_0 GGUF `int8`; bf16/fp16 weights run bf16 matmuls where the CPU "
+        "has AVX2 or AVX-512 VNNI, else `int4`; a Q8_0 GGUF `int8`; bf16/fp16 weights run bf16 matmuls where the CPU "
         "has AVX-512 BF16 or AMX; float32 otherwise. `int8`: a scale per output feature; `int4`: a scale and "
         "minimum per 32 inputs (GGUF Q4_1's layout, so its 4-bit codes are kept), multiplied in bf16; `w4a8`: "
-        "int4 weights times int8 activations on Ember's AVX-512 VNNI kernel (llama.cpp's Q4_1 x Q8_1); `none`: "
-        "no quantization. TGI's GPU methods (awq, gptq, ...) are not available.",
+        "int4 weights times int8 activations on Ember's int8 kernel, AVX-512 VNNI or AVX2 (llama.cpp's Q4_1 x "
+        "Q8_1); `none`: no quantization. TGI's GPU methods (awq, gptq, ...) are not available.",
         LS,
         type=quantize_kind,
     ),

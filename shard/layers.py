@@ -155,7 +155,7 @@ class PackedWeight:
     * `int4`: asymmetric, a scale and a minimum per group of 32 input features
       (torch's `_weight_int4pack_mm_for_cpu`).
     * `w4a8`: int4 weights as `int4` (float16 scale and minimum) times activations
-      quantized per row and group of 32 to int8, on Ember's AVX-512 VNNI kernel
+      quantized per row and group of 32 to int8, on Ember's int8 kernel (AVX-512 VNNI or AVX2)
       (`kernels/matmul_q4.c`: llama.cpp's Q4_1 x Q8_1 scheme). 2-3x faster than bf16 at any
       row count and 0.75 bytes per weight, at a cost in precision that the other
       kinds do not pay (benchmarks/results/quality.md). This is the layout of GGUF's Q4_1
@@ -220,10 +220,10 @@ class PackedWeight:
                 here = (
                     f"Ember's kernels are unavailable: {native.unavailable_reason()}"
                     if kernels is None
-                    else "this CPU has no AVX-512 VNNI"
+                    else "this CPU has neither AVX2 nor AVX-512 VNNI"
                 )
                 return (
-                    f"w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX-512 VNNI CPU "
+                    f"w4a8 runs on Ember's C kernel, which needs a C compiler and an AVX2 or AVX-512 VNNI CPU "
                     f"({here}; use int4)"
                 )
         return None
@@ -246,7 +246,7 @@ class PackedWeight:
         if kind == "w4a8":  # Ember's kernel keeps d and m in float16: the codes are chosen against those
             low, scale = low.half().float(), scale.clamp(min=1e-7).half().float()
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-        if kind == "w4a8":  # Ember's VNNI kernel: no dense copy (it beats bf16 at any rows)
+        if kind == "w4a8":  # Ember's int8 kernel: no dense copy (it beats bf16 at any rows)
             return cls(
                 kind, None, None, tuple(w.shape), q4=native.Q4Weight.pack(q.view(out_features, in_features), scale, low)
             )
@@ -257,7 +257,7 @@ class PackedWeight:
 
     @classmethod
     def from_codes(cls, codes: Codes) -> PackedWeight:
-        """A GGUF tensor's codes as they are, on Ember's VNNI kernel (`w4a8`; 5-bit codes for the 5-bit
+        """A GGUF tensor's codes as they are, on Ember's int8 kernel (`w4a8`; 5-bit codes for the 5-bit
         types, 8-bit ones for Q6_K and Q8_0): no requantization (`gguf_blocks`)."""
         return cls("w4a8", None, None, codes.shape, q4=codes.packed())
 
@@ -336,9 +336,10 @@ def linear_path(weight) -> tuple[str, str]:
         return f"oneDNN, {_dtype_name(weight.dtype)} weights in its blocked layout", "CPU: reordered once at load"
     if isinstance(weight, PackedWeight):
         if weight.q4 is not None:
+            isa = weight._kernels.q4_isa
             return (
-                "w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
-                "--quantize w4a8 on a CPU with AVX-512 VNNI",
+                f"w4a8: int4 codes x int8 activations on Ember's int8 kernel ({isa})",
+                f"--quantize w4a8 on a CPU with {isa}",
             )
         beyond = linear_path(weight.dense)[0] if weight.dense is not None else f"torch's {weight.kind} kernel"
         return (

@@ -12,8 +12,9 @@ Each path below is fixed at load (where a step's row count picks between two, th
   torch's, not this library). `--matmul-dtype bfloat16` with AVX-512 BF16: `bf16_linear`
   (matmul_bf16.c) on `BF16Weight` tiles, activations rounded to bf16, float32 sums; with AMX, or without AVX-512 BF16
   (or a shape it does not take): oneDNN in bf16. `--quantize int8|int4`: torch's packed kernels up to
-  `layers.PACKED_MAX_ROWS` rows, a bf16 copy (bf16 kernel or oneDNN) beyond. `--quantize w4a8` (AVX-512 VNNI):
-  `q4_linear` (matmul_q4.c), int4 codes x int8 activations, at any row count: vpdpbusd tiles, or from
+  `layers.PACKED_MAX_ROWS` rows, a bf16 copy (bf16 kernel or oneDNN) beyond. `--quantize w4a8` (AVX-512 VNNI or
+  AVX2): `q4_linear` (matmul_q4.c), int4 codes x int8 activations, at any row count: vpdpbusd tiles (AVX2:
+  vpmaddubsw, the same integer sums and float steps), or from
   `AMX_MIN_ROWS` rows AMX int8 tiles where the CPU has AMX (the same integer sums and float steps, so the same
   bits). Off CPU: torch's F.linear.
 * Fused step: w4a8 weights, or bf16 weights on the bf16 kernel, with float32 activations, world size 1,
@@ -367,7 +368,9 @@ class Kernels:
             fn.argtypes = [kind for _, kind in params]
             setattr(self, f"_{name}", fn)
         self._decode = {torch.float32: self._paged_decode_f32, torch.bfloat16: self._paged_decode_bf16}
-        self.q4 = bool(self._q4_supported())  # built with AVX-512 VNNI
+        # the int8 kernels (w4a8, the fused step): on AVX-512 VNNI, or on AVX2 (the same numbers)
+        self.q4_isa = Q4_ISAS.get(self._q4_supported())
+        self.q4 = self.q4_isa is not None
         self.use_amx(AMX_MIN_ROWS)  # sets amx_min_rows: 0 where AMX tiles are off (no AMX, or not granted)
         self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
         self.prefill_amx = bool(self._prefill_amx_supported())  # built with AMX bf16, and granted
@@ -642,6 +645,9 @@ def symmetric_lows(d: torch.Tensor, bits: int) -> torch.Tensor:
     two times a value in its range), which the kernel computes where `Q4Weight.m` is None."""
     return d * -(2 ** (bits - 1))
 
+
+Q4_ISAS = {1: "AVX-512 VNNI", 2: "AVX2"}
+"""What `q4_supported` returns for each instruction set the int8 kernels (matmul_q4.c) were built for."""
 
 AMX_MIN_ROWS = 12
 """From this many rows a w4a8 matmul runs on AMX int8 tiles where the CPU has them (matmul_q4.c): 1.1-1.6x

@@ -5,13 +5,13 @@ model's source and the CPU, as llama.cpp and Ollama run a GGUF at its own
 quantization (the bounds each setting holds against float32 are measured in
 `benchmarks/results/quality.md` and kept by `tests/test_quality_bounds.py`):
 
-| source                          | CPU has                  | runs                                |
-|---------------------------------|--------------------------|-------------------------------------|
-| GGUF, 4-bit (Q4_0, Q4_1, Q4_K…) | AVX-512 VNNI (+ a C compiler) | `w4a8`                          |
-| GGUF, 4-bit                     | otherwise                | `int4` (bf16 matmuls above 8 rows)  |
-| GGUF, Q8_0                      | any                      | `int8`                              |
-| bf16 / fp16 weights (any source)| AVX-512 BF16 or AMX      | float32 activations, bf16 matmuls   |
-| anything else                   |                          | float32                             |
+| source                          | CPU has                          | runs                                |
+|---------------------------------|----------------------------------|-------------------------------------|
+| GGUF, 4-bit (Q4_0, Q4_1, Q4_K…) | AVX2 or AVX-512 VNNI (+ a C compiler) | `w4a8`                         |
+| GGUF, 4-bit                     | otherwise                        | `int4` (bf16 matmuls above 8 rows)  |
+| GGUF, Q8_0                      | any                              | `int8`                              |
+| bf16 / fp16 weights (any source)| AVX-512 BF16 or AMX              | float32 activations, bf16 matmuls   |
+| anything else                   |                                  | float32                             |
 
 Models without Ember's model code (the generic transformers path) and CUDA
 devices keep their dtype. Any of the three flags turns the choice off: what
@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger("ember.shard")
 
 FOUR_BIT_GGUF = ("Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS")
-# Held as 5-bit (Q5_*) or 8-bit (Q6_K) codes on the VNNI kernel (w4a8 keeps a GGUF's own codes: `weights.keep_codes`).
+# Held as 5-bit (Q5_*) or 8-bit (Q6_K) codes on the int8 kernel (w4a8 keeps a GGUF's own codes: `weights.keep_codes`).
 FIVE_TO_SIX_BIT_GGUF = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -78,11 +78,13 @@ def _w4a8_problem() -> str | None:
 
 
 def _gguf_codes(weight_type: str, what: str, fallback: str) -> Precision:
-    """A quantized GGUF: w4a8 over its own codes where the VNNI kernel runs (`what` it then computes), else
+    """A quantized GGUF: w4a8 over its own codes where the int8 kernel runs (`what` it then computes), else
     `fallback`."""
     problem = _w4a8_problem()
     if problem is None:
-        reason = f"the GGUF's weights are {weight_type} and the CPU has AVX-512 VNNI: {what}"
+        from ember.shard import native
+
+        reason = f"the GGUF's weights are {weight_type} and the CPU has {native.kernels().q4_isa}: {what}"
         return Precision(None, None, "w4a8", reason, automatic=True)
     reason = f"the GGUF's weights are {weight_type}; not w4a8 because {problem}"
     return Precision(None, None, fallback, reason, automatic=True)

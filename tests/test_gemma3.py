@@ -232,7 +232,7 @@ def test_the_fused_step_refuses_gemma_even_where_it_would_run(gemma_dir):
     from ember.shard.models.llama import FusedDecode
 
     if native.kernels() is None or not native.kernels().q4:
-        pytest.skip("w4a8 needs Ember's kernels on an AVX-512 VNNI CPU")
+        pytest.skip("w4a8 needs Ember's kernels on an AVX2 or AVX-512 VNNI CPU")
     runner = load_runner(gemma_dir, dtype="float32", device="cpu", quantize="w4a8")
     reason = FusedDecode.unfit_reason(runner.model)
     assert runner.model.fused is None and reason == runner.model.fused_why and "Gemma" in reason
@@ -432,7 +432,7 @@ def test_quantized_gemma_serves_near_float32(gemma_dir, reference, kind):
     from test_model_parity import reference_logits
 
     if kind == "w4a8" and (native.kernels() is None or not native.kernels().q4):
-        pytest.skip("w4a8 needs Ember's kernels on an AVX-512 VNNI CPU")
+        pytest.skip("w4a8 needs Ember's kernels on an AVX2 or AVX-512 VNNI CPU")
     runner = load_runner(gemma_dir, dtype="float32", device="cpu", quantize=kind)
     twin = _runner(gemma_dir)
     for layer, twin_layer in zip(runner.model.layers, twin.model.layers):
@@ -615,7 +615,7 @@ def test_the_gguf_serves_its_own_codes_under_w4a8(converted_gguf):
     from test_model_parity import load_reference, reference_logits
 
     if native.kernels() is None or not native.kernels().q4:
-        pytest.skip("w4a8 needs Ember's kernels on an AVX-512 VNNI CPU")
+        pytest.skip("w4a8 needs Ember's kernels on an AVX2 or AVX-512 VNNI CPU")
     _, out = converted_gguf
     reference = load_reference(out)
     state = reference.state_dict()

@@ -289,7 +289,7 @@ def _q4_codes(n, k, seed=0):
 @pytest.fixture()
 def q4(kernels):
     if not kernels.q4:
-        pytest.skip("this CPU has no AVX-512 VNNI: --quantize w4a8 is refused here")
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: --quantize w4a8 is refused here")
     return kernels
 
 
@@ -564,7 +564,7 @@ def test_amx_prefill_in_a_model_step_stays_close_to_bf16_sdpa(amx_prefill, tiny_
 def fused_setting(request, kernels):
     """(load_runner keywords, kernels) of a fused setting this CPU runs."""
     if request.param == "w4a8" and not kernels.q4:
-        pytest.skip("this CPU has no AVX-512 VNNI: --quantize w4a8 is refused here")
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: --quantize w4a8 is refused here")
     if request.param == "bf16" and not kernels.bf16:
         pytest.skip("this CPU has no AVX-512 BF16: bf16 weights take oneDNN, op by op")
     return FUSED_SETTINGS[request.param], kernels
@@ -650,7 +650,7 @@ def test_fused_step_attends_chunks_over_a_context_on_amx_tiles(amx_prefill, tiny
     from ember.shard.runner import Sequence
 
     if not amx_prefill.q4:
-        pytest.skip("this CPU has no AVX-512 VNNI: no fused w4a8 step")
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: no fused w4a8 step")
     model_dir = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
     runner = load_runner(model_dir, dtype="float32", quantize="w4a8")
     calls = _counted(monkeypatch, amx_prefill, "decode_layers")
@@ -1009,12 +1009,15 @@ def test_paths_under_bf16_matmuls(kernels, tiny_llama_dir):
 
 def test_paths_under_w4a8(q4, tiny_llama_dir):
     paths = _paths(load_runner(tiny_llama_dir, dtype="float32", quantize="w4a8"))
+    isa = q4.q4_isa
+    assert isa in ("AVX-512 VNNI", "AVX2")
     assert paths["decoder linears"] == (
-        "w4a8: int4 codes x int8 activations on Ember's VNNI kernel",
-        "--quantize w4a8 on a CPU with AVX-512 VNNI",
+        f"w4a8: int4 codes x int8 activations on Ember's int8 kernel ({isa})",
+        f"--quantize w4a8 on a CPU with {isa}",
     )
     assert paths["fused step"][0].startswith("2 layers in one C call (decode_layers, w4a8)")
-    assert paths["lm head"][0].startswith("8-bit codes per 32 inputs on Ember's VNNI kernel; each row's top 16")
+    head = f"8-bit codes per 32 inputs on Ember's int8 kernel ({isa}); each row's top 16"
+    assert paths["lm head"][0].startswith(head)
     assert paths["lm head"][0].endswith("rescored in float32")
 
 

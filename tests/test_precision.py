@@ -25,27 +25,29 @@ def _model(
     return tmp_path
 
 
-def _has_vnni() -> bool:
+def _has_int8_kernel() -> bool:
     kernels = native.kernels()
     return kernels is not None and kernels.q4
 
 
 def test_a_four_bit_gguf_runs_at_its_own_quantization(tmp_path):
     p = choose(_model(tmp_path, weight_type="Q4_1"), CPU, flags=BF16_CPU)
-    assert p.automatic and p.quantize == ("w4a8" if _has_vnni() else "int4")
+    assert p.automatic and p.quantize == ("w4a8" if _has_int8_kernel() else "int4")
     assert "Q4_1" in p.reason and p.summary == p.quantize
+    if p.quantize == "w4a8":  # the reason names the instruction set the kernel was built for
+        assert native.kernels().q4_isa in ("AVX-512 VNNI", "AVX2") and native.kernels().q4_isa in p.reason
 
 
-def test_without_the_vnni_kernel_a_four_bit_gguf_runs_int4(tmp_path, monkeypatch):
+def test_without_the_int8_kernel_a_four_bit_gguf_runs_int4(tmp_path, monkeypatch):
     monkeypatch.setattr("ember.shard.precision._w4a8_problem", lambda: "the CPU has no AVX-512 VNNI")
     p = choose(_model(tmp_path, weight_type="Q4_K"), CPU)
     assert p.quantize == "int4" and "VNNI" in p.reason
 
 
 @pytest.mark.parametrize("weight_type", ["Q5_0", "Q6_K"])
-def test_a_five_or_six_bit_gguf_keeps_its_codes_on_the_vnni_kernel(tmp_path, monkeypatch, weight_type):
+def test_a_five_or_six_bit_gguf_keeps_its_codes_on_the_int8_kernel(tmp_path, monkeypatch, weight_type):
     p = choose(_model(tmp_path, weight_type=weight_type), CPU)
-    assert p.automatic and p.quantize == ("w4a8" if _has_vnni() else "int8") and weight_type in p.reason
+    assert p.automatic and p.quantize == ("w4a8" if _has_int8_kernel() else "int8") and weight_type in p.reason
     monkeypatch.setattr("ember.shard.precision._w4a8_problem", lambda: "the CPU has no AVX-512 VNNI")
     assert choose(_model(tmp_path, weight_type=weight_type), CPU).quantize == "int8"
 

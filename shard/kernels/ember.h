@@ -8,7 +8,7 @@
  *   prefill_amx.c               a prompt chunk's attention over a bf16 cache, on AMX bf16 tiles
  *   rows.h / elementwise.c      RMSNorm (+ residual add), silu * mul, rotary, K/V cache writes
  *   matmul.h, matmul_bf16.c     bf16 weights x bf16-rounded activations (AVX-512 BF16)
- *   matmul_q4.c                 int4 / int8 codes x int8 activations (AVX-512 VNNI, w4a8)
+ *   matmul_q4.c                 int4 / int8 codes x int8 activations (AVX-512 VNNI or AVX2, w4a8)
  *   fused_step.c                a whole step's decoder layers in one call (decode_layers)
  *   sampling.c                  greedy choice with its logsumexp; top-k candidates of the LM head
  *   abi.c                       status messages and struct layouts, for native.py's checks at load
@@ -30,7 +30,12 @@
 #define EMBER_HAVE_BF16 1 /* bf16_linear, and decode_layers over bf16 weights */
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define EMBER_HAVE_VNNI 1 /* q4_linear (w4a8, the 8-bit LM head) and decode_layers */
+#define EMBER_HAVE_VNNI 1 /* the int8 kernels on AVX-512 VNNI's vpdpbusd */
+#endif
+#if defined(EMBER_HAVE_VNNI) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+/* q4_linear (w4a8, the 8-bit LM head) and decode_layers: on vpdpbusd (VNNI), else AVX2's vpmaddubsw, which
+ * sums the same integers; the float steps are the same either way, so the numbers are too */
+#define EMBER_HAVE_Q4 1
 #endif
 #if defined(EMBER_HAVE_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define EMBER_HAVE_AMX 1 /* q4_linear / decode_layers' projections of many rows on AMX int8 tiles */
@@ -84,7 +89,7 @@ EMBER_INTERNAL void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_hea
 #define EMBER_STATUSES(X)                                                                                        \
     X(EMBER_OK, 0, "done")                                                                                       \
     X(EMBER_E_NO_MEMORY, -1, "a scratch buffer could not be allocated")                                          \
-    X(EMBER_E_NO_VNNI, -2, "this build has no AVX-512 VNNI kernels (w4a8, 8-bit codes, the fused step)")         \
+    X(EMBER_E_NO_VNNI, -2, "this build has no int8 kernels (w4a8, 8-bit codes, the fused step): no AVX2")       \
     X(EMBER_E_NO_BF16, -3, "this build has no AVX-512 BF16 kernels (bf16 weights)")                             \
     X(EMBER_E_BITS, -4, "codes must be 4, 5 or 8 bits wide")                                                     \
     X(EMBER_E_IN_FEATURES, -5, "the input features (k) must be a multiple of 32")                                \

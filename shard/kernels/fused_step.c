@@ -20,7 +20,7 @@
 #include "matmul.h"
 #include "rows.h"
 
-#ifdef EMBER_HAVE_VNNI
+#ifdef EMBER_HAVE_Q4
 /* decode_layers' two weight kinds: a projection's input row quantized to int8 per 32 (w4a8) or rounded
  * to bf16 (bf16 weights), into row r of `xq`; and a projection by one of the layer's weights. */
 static inline __attribute__((always_inline)) void prep_row(const float *src, int64_t k, int64_t r, int8_t *xq,

@@ -1,6 +1,7 @@
 /*
- * int4 weights x int8 activations (AVX-512 VNNI): `--quantize w4a8`'s linears, and with 8-bit codes
- * its LM head.
+ * int4 weights x int8 activations: `--quantize w4a8`'s linears, and with 8-bit codes its LM head. On
+ * AVX-512 VNNI (vpdpbusd, 16 outputs a vector, AMX int8 tiles for many rows where the CPU has them), else on
+ * AVX2 (vpmaddubsw, 8 outputs a vector: the AVX2 section below).
  *
  * Weights: GGUF Q4_1's blocks, w = d * q + m per group of 32 inputs, q in 0..15. Packed for
  * vpdpbusd in tiles of 16 output features: for tile t and group g, 4 chunks of 64 bytes; byte b
@@ -19,6 +20,20 @@
 #include <stdlib.h>
 
 #include "matmul.h"
+
+#ifdef EMBER_HAVE_Q4
+/* Rows r0.. of the activations, their scales and code sums, and the output. */
+typedef struct {
+    const int8_t *xq;
+    const float *dx, *sx;
+    float *out;
+} row_block;
+
+static inline __attribute__((always_inline)) row_block rows_from(const int8_t *xq, const float *dx, const float *sx,
+                                                                 float *out, int64_t r0, int64_t k, int64_t n) {
+    const int64_t groups = k / Q4_GROUP;
+    return (row_block){xq + r0 * k, dx + r0 * groups, sx + r0 * groups, out + r0 * n};
+}
 
 #ifdef EMBER_HAVE_VNNI
 int q4_supported(void) { return 1; }
@@ -56,19 +71,6 @@ static inline __attribute__((always_inline)) __m512 half16(const uint16_t *p) {
  * is -2^(BITS-1) d, exactly what float16 would have held. */
 static inline __attribute__((always_inline)) __m512 lows16(const uint16_t *m, int64_t at, __m512 dv, const int BITS) {
     return m ? half16(m + at) : _mm512_mul_ps(dv, _mm512_set1_ps(-(float)(1 << (BITS - 1))));
-}
-
-/* Rows r0.. of the activations, their scales and code sums, and the output. */
-typedef struct {
-    const int8_t *xq;
-    const float *dx, *sx;
-    float *out;
-} row_block;
-
-static inline __attribute__((always_inline)) row_block rows_from(const int8_t *xq, const float *dx, const float *sx,
-                                                                 float *out, int64_t r0, int64_t k, int64_t n) {
-    const int64_t groups = k / Q4_GROUP;
-    return (row_block){xq + r0 * k, dx + r0 * groups, sx + r0 * groups, out + r0 * n};
 }
 
 #define Q4_ROWS 8 /* rows per pass over a weight tile: 16 accumulators + 8 unpacked weights in 32 registers */
@@ -354,6 +356,119 @@ static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, con
         }
     }
 }
+
+#else /* AVX2 */
+int q4_supported(void) { return 2; }
+
+int q4_amx(int64_t min_rows) {
+    (void)min_rows;
+    return 0;
+}
+
+/*
+ * AVX2 has no vpdpbusd. vpmaddubsw multiplies unsigned codes by signed activations and adds adjacent pairs
+ * into 16-bit lanes, without saturating here: a 4-bit code times an int8 is at most 15 x 127, so a lane
+ * holds the sum of all 8 vectors of a group (16 products, |sum| <= 30,480) before vpmaddwd widens it to
+ * int32. 8-bit and 5-bit codes are split into their low four bits and the rest (the high four bits, or the
+ * fifth bit), each summed the same way and put together in int32 (low + 16 rest). So every group's sums
+ * are vpdpbusd's integers exactly, and the float steps that follow are the VNNI path's, in its order: the
+ * two paths give the same bits. A vector holds 8 outputs: each tile of 16 is two halves, read from the same
+ * packed bytes (lanes 0-7 of every 64-byte chunk, then lanes 8-15).
+ */
+#define Q4_ROWS_AVX2 4 /* rows per pass over half a tile: 4 accumulators, 4 (8: 5- and 8-bit) partial sums */
+
+/* Vector j (0..7, paired with activation dword j) of one (tile, group)'s codes at `wp`, outputs 8h..8h+7:
+ * `lo` their low four bits, `hi` the rest (none for 4-bit codes). */
+static inline __attribute__((always_inline)) void codes_half(const uint8_t *wp, int h, int j, __m256i *lo,
+                                                             __m256i *hi, const int BITS) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    if (BITS == 8) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(wp + j * 64 + h * 32));
+        *lo = _mm256_and_si256(v, low);
+        *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        return;
+    }
+    const __m256i v = _mm256_loadu_si256((const __m256i *)(wp + (j / 2) * 64 + h * 32));
+    *lo = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low);
+    if (BITS == 5) { /* the fifth bits: 32 bits of mask j, bit i for byte i, spread to a byte each (0 or 1) */
+        int32_t bits;
+        memcpy(&bits, wp + 256 + j * 8 + h * 4, sizeof bits);
+        const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits),
+                                                   _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2,
+                                                                    2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+        const __m256i bit = _mm256_and_si256(spread, _mm256_set1_epi64x((int64_t)0x8040201008040201ull));
+        *hi = _mm256_min_epu8(bit, _mm256_set1_epi8(1));
+    }
+}
+
+/* 8 float16 values widened to float32. */
+static inline __attribute__((always_inline)) __m256 half8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* ROWS (1..Q4_ROWS_AVX2) rows against half h of tile `tile` (outputs 16 tile + 8h .. + 7). */
+static inline __attribute__((always_inline)) void q4_half(const uint8_t *packed, const uint16_t *d, const uint16_t *m,
+                                                          const int8_t *xq, const float *dx, const float *sx,
+                                                          int64_t k, int64_t n, int64_t tile, int h, float *out,
+                                                          const int ROWS, const int BITS) {
+    const int64_t groups = k / Q4_GROUP;
+    const __m256i ones = _mm256_set1_epi16(1), sixteens = _mm256_set1_epi16(16);
+    __m256 acc[Q4_ROWS_AVX2];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *wp = packed + (tile * groups + g) * 64 * BITS;
+        __m256i lo16[Q4_ROWS_AVX2], hi16[Q4_ROWS_AVX2];
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) lo16[r] = _mm256_setzero_si256(), hi16[r] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            __m256i lo, hi = _mm256_setzero_si256();
+            codes_half(wp, h, j, &lo, &hi, BITS);
+#pragma GCC unroll 4
+            for (int r = 0; r < ROWS; r++) {
+                const __m256i a = _mm256_set1_epi32(((const int32_t *)(xq + r * k + g * Q4_GROUP))[j]);
+                lo16[r] = _mm256_add_epi16(lo16[r], _mm256_maddubs_epi16(lo, a));
+                if (BITS != 4) hi16[r] = _mm256_add_epi16(hi16[r], _mm256_maddubs_epi16(hi, a));
+            }
+        }
+        const int64_t at = (tile * groups + g) * 16 + 8 * h;
+        const __m256 dv = half8(d + at);
+        const __m256 mv = m ? half8(m + at) : _mm256_mul_ps(dv, _mm256_set1_ps(-(float)(1 << (BITS - 1))));
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            __m256i s = _mm256_madd_epi16(lo16[r], ones);
+            if (BITS != 4) s = _mm256_add_epi32(s, _mm256_madd_epi16(hi16[r], sixteens));
+            const __m256 dxr = _mm256_set1_ps(dx[r * groups + g]), sxr = _mm256_set1_ps(sx[r * groups + g]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dv, dxr), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mv, sxr, acc[r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++) _mm256_storeu_ps(out + r * n + tile * 16 + 8 * h, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void tiles_of(const int8_t *xq, const float *dx, const float *sx,
+                                                           int64_t rows, int64_t k, const uint8_t *packed,
+                                                           const uint16_t *d, const uint16_t *m, int64_t n, float *out,
+                                                           const int BITS) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n / 16; t++) {
+        for (int h = 0; h < 2; h++) {
+            for (int64_t r0 = 0; r0 < rows; r0 += Q4_ROWS_AVX2) {
+                const int64_t left = rows - r0;
+                const row_block b = rows_from(xq, dx, sx, out, r0, k, n);
+                switch (left >= Q4_ROWS_AVX2 ? Q4_ROWS_AVX2 : left) {
+                    case 4: q4_half(packed, d, m, b.xq, b.dx, b.sx, k, n, t, h, b.out, 4, BITS); break;
+                    case 3: q4_half(packed, d, m, b.xq, b.dx, b.sx, k, n, t, h, b.out, 3, BITS); break;
+                    case 2: q4_half(packed, d, m, b.xq, b.dx, b.sx, k, n, t, h, b.out, 2, BITS); break;
+                    default: q4_half(packed, d, m, b.xq, b.dx, b.sx, k, n, t, h, b.out, 1, BITS); break;
+                }
+            }
+        }
+    }
+}
+#endif /* EMBER_HAVE_VNNI */
 
 /* (matmul.h) */
 void q4_tiles(const int8_t *xq, const float *dx, const float *sx, int64_t rows, int64_t k,

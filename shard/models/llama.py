@@ -564,7 +564,7 @@ class LlamaForCausalLM(torch.nn.Module):
             paths.append(
                 (
                     "lm head",
-                    "8-bit codes per 32 inputs on Ember's VNNI kernel" + rescored,
+                    f"8-bit codes per 32 inputs on Ember's int8 kernel ({kernels.q4_isa})" + rescored,
                     "--quantize w4a8: 1.25 bytes per weight, twice bf16's products per instruction",
                 )
             )
@@ -686,7 +686,7 @@ class FusedDecode:
         elif any(linear.weight.q4.bits != 4 for linear in linears):
             return "some linears hold 5- or 8-bit codes (a GGUF's 5- to 8-bit tensors): the fused step takes 4-bit ones"
         if not kernels.q4:
-            return "a CPU without AVX-512 VNNI (the fused step is built with the int8 kernels)"
+            return "a CPU without AVX2 or AVX-512 VNNI (the fused step is built with the int8 kernels)"
         if model.embed.dtype != torch.float32:
             return f"activations in {model.embed.dtype}: the fused step takes float32"
         if model.spec.hidden_act not in ("silu", "swish"):

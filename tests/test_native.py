@@ -759,7 +759,7 @@ def test_kv_store_writes_what_index_copy_writes(kernels, dtype):
 
 
 def test_portable_build_without_avx512(kernels, tmp_path):
-    """On CPUs without AVX-512 the same source builds plain C loops (and no w4a8): still the right numbers."""
+    """On CPUs without AVX2 the same source builds plain C loops (and no w4a8): still the right numbers."""
     import platform
 
     if platform.machine() != "x86_64":
@@ -774,6 +774,31 @@ def test_portable_build_without_avx512(kernels, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     x = torch.randn(3, 64, 2 * 96)
     torch.testing.assert_close(portable.silu_mul(x), kernels.silu_mul(x), atol=1e-6, rtol=1e-6)
+
+
+def test_the_avx2_build_multiplies_to_the_same_bits(q4, tmp_path):
+    """Built for AVX2 alone (x86-64-v3: no AVX-512), the int8 kernel sums the same integers with vpmaddubsw
+    and takes the same float steps: w4a8's outputs equal this machine's build (on an AVX-512 VNNI or AMX
+    CPU: the vpdpbusd and tile paths) to the bit, for 4-, 5- and 8-bit codes and any row count."""
+    import platform
+
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64-v3 is an x86-64 level")
+    flags = [f if not f.startswith("-march=") else "-march=x86-64-v3" for f in native.FLAGS]
+    avx2 = native.load(native.build(tmp_path / "avx2.so", flags))
+    assert avx2.q4_isa == "AVX2" and avx2.amx_min_rows == 0
+    n, k = 96, 192
+    for bits in (4, 5, 8):
+        gen = torch.Generator().manual_seed(bits)
+        codes = torch.randint(0, 2**bits, (n, k), generator=gen)
+        scale = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+        low = (-torch.rand(n, k // 32, generator=gen) * 0.05).half().float()
+        weight = native.Q4Weight.pack(codes, scale, low, bits=bits)
+        x = torch.randn(37, k, generator=gen) * 3
+        x[4] *= 1000  # a large row: the int8 scale per group differs from its neighbours'
+        for rows in (1, 3, 4, 5, 16, 37):
+            got, want = avx2.q4_linear(x[:rows].clone(), weight), q4.q4_linear(x[:rows].clone(), weight)
+            assert torch.equal(got, want), (bits, rows)
 
 
 @pytest.mark.parametrize("vocab", [1, 15, 49152, 1000 + 7])

@@ -62,6 +62,39 @@ static inline __attribute__((always_inline)) void axpy_row(float *a, float p, co
         _mm512_storeu_ps(a + i, _mm512_fmadd_ps(pv, load16(row, i, bf16), _mm512_loadu_ps(a + i)));
 }
 #define VECTOR_OK(dim) ((dim) % VEC == 0)
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VEC 8
+/* Eight elements of a cache row as floats (bf16 widened in registers). */
+static inline __attribute__((always_inline)) __m256 load8(const void *row, int64_t i, const int bf16) {
+    if (!bf16) return _mm256_loadu_ps((const float *)row + i);
+    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+static inline __attribute__((always_inline)) float dot_row(const float *q, const void *row, const int64_t dim,
+                                                           const int bf16) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 * VEC <= dim; i += 2 * VEC) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(row, i, bf16), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + VEC), load8(row, i + VEC, bf16), acc1);
+    }
+    if (i < dim) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(row, i, bf16), acc0);
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+static inline __attribute__((always_inline)) void axpy_row(float *a, float p, const void *row, const int64_t dim,
+                                                           const int bf16) {
+    const __m256 pv = _mm256_set1_ps(p);
+    for (int64_t i = 0; i < dim; i += VEC)
+        _mm256_storeu_ps(a + i, _mm256_fmadd_ps(pv, load8(row, i, bf16), _mm256_loadu_ps(a + i)));
+}
+#define VECTOR_OK(dim) ((dim) % VEC == 0)
 #else
 #define VECTOR_OK(dim) 0
 static inline float dot_row(const float *q, const void *row, int64_t dim, int bf16) { return 0.f; }

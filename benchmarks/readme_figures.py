@@ -40,7 +40,15 @@ def _level(server: dict, scenario: str, concurrency: int) -> dict | None:
 def _machine(machine: dict) -> str:
     """`2 logical CPUs of an Intel(R) Xeon(R) Processor (AMX)`: what the run recorded of its machine."""
     flags = set(machine.get("flags") or [])
-    units = "AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else None
+    units = (
+        "AMX"
+        if "amx_bf16" in flags
+        else "AVX-512 BF16"
+        if "avx512_bf16" in flags
+        else "AVX2, no AVX-512"
+        if "avx2" in flags and "avx512f" not in flags
+        else None
+    )
     return f"{machine['logical_cpus']} logical CPUs of an {machine['cpu_model']}" + (f" ({units})" if units else "")
 
 
@@ -89,6 +97,36 @@ def traffic_table(path: str = "traffic/comparison.json") -> list[str]:
     for name, label in TRAFFIC_SERVERS:
         cells = []
         for scenario, c in TRAFFIC:
+            level = _level(servers.get(name, {}), scenario, c)
+            cells.append(
+                "–"
+                if level is None
+                else f"{level['output_tokens_per_s']['median']:,.0f} tok/s, {level['ttft_p50_ms']['median']:,.0f} ms"
+            )
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+AVX2_LEVELS = (("short", 16), ("chat", 16), ("rag", 4), ("mix", 16))
+AVX2_SERVERS = (("ember-default", "`make run` (w4a8 on AVX2)"), ("vllm-cpu", "vLLM CPU, its defaults"))
+
+
+def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:
+    """The same commands on a CPU without AVX-512, where Ember's int8 kernel runs on AVX2."""
+    results = _load(path)
+    servers = results["servers"]
+    head = " | ".join(f"{scenario} c={c}" for scenario, c in AVX2_LEVELS)
+    lines = [
+        f"On {_machine(results['machine'])}, where Ember's int8 kernel runs on AVX2, beside vLLM CPU in one run "
+        f"(`benchmarks/results/{path.replace('.json', '.md')}`, command there): tokens/s and TTFT p50, medians of "
+        f"{results['config']['repeats']} repeats:",
+        "",
+        f"| server | {head} |",
+        "|---|" + "---:|" * len(AVX2_LEVELS),
+    ]
+    for name, label in AVX2_SERVERS:
+        cells = []
+        for scenario, c in AVX2_LEVELS:
             level = _level(servers.get(name, {}), scenario, c)
             cells.append(
                 "–"
@@ -156,6 +194,8 @@ def speculation(path: str = "speculate/comparison.json") -> str:
 
 def block() -> str:
     traffic = [*traffic_table(), ""] if (RESULTS / "traffic" / "comparison.json").exists() else []
+    if (RESULTS / "traffic_avx2" / "comparison.json").exists():
+        traffic += [*avx2_table(), ""]
     spec = [speculation()] if (RESULTS / "speculate" / "comparison.json").exists() else []
     return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), memory(), *spec, END])
 

@@ -116,8 +116,9 @@ def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:
     results = _load(path)
     servers = results["servers"]
     head = " | ".join(f"{scenario} c={c}" for scenario, c in AVX2_LEVELS)
+    beside = "beside vLLM CPU in one run" if "vllm-cpu" in servers else "Ember alone"
     lines = [
-        f"On {_machine(results['machine'])}, where Ember's int8 kernel runs on AVX2, beside vLLM CPU in one run "
+        f"On {_machine(results['machine'])}, where Ember's int8 kernel runs on AVX2, {beside} "
         f"(`benchmarks/results/{path.replace('.json', '.md')}`, command there): tokens/s and TTFT p50, medians of "
         f"{results['config']['repeats']} repeats:",
         "",
@@ -125,6 +126,8 @@ def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:
         "|---|" + "---:|" * len(AVX2_LEVELS),
     ]
     for name, label in AVX2_SERVERS:
+        if name not in servers:
+            continue
         cells = []
         for scenario, c in AVX2_LEVELS:
             level = _level(servers.get(name, {}), scenario, c)

@@ -34,8 +34,10 @@ def test_the_speed_figures_are_generated_from_the_results():
 
     block = readme_figures.block()
     # Short prompts: the header and four servers (make run's, w4a8, bf16, vLLM CPU); traffic that shares
-    # prefixes: the header and three (make run's, without prefix caching, vLLM CPU).
-    assert block.count("\n| ") == 5 + 4
+    # prefixes: the header and three (make run's, without prefix caching, vLLM CPU); the AVX2 run: the header
+    # and the servers it holds.
+    avx2 = readme_figures._load("traffic_avx2/comparison.json")["servers"]
+    assert block.count("\n| ") == 5 + 4 + 1 + sum(name in avx2 for name, _ in readme_figures.AVX2_SERVERS)
     assert readme_figures.readme_block(README.read_text()) == block, "run benchmarks/readme_figures.py --write"
 
 

@@ -46,7 +46,7 @@ PEERS: dict[str, Peer] = {
         "auto",
         version_probe=(None, "ember"),
         note="ember-launcher as `make run` starts it, no speed flags: the shard's automatic "
-        "precision (w4a8 for the Q4_1 GGUF on an AVX-512 VNNI CPU, else int4)",
+        "precision (w4a8 for the Q4_1 GGUF on an AVX2 or AVX-512 VNNI CPU, else int4)",
     ),
     "ember-nocache": Peer(
         "ember-nocache",
@@ -89,7 +89,7 @@ PEERS: dict[str, Peer] = {
         "auto",
         version_probe=(None, "ember"),
         note="ember-launcher: one shard + router; --quantize w4a8 (Q4_1 weights x int8 "
-        "activations on Ember's VNNI kernel, llama.cpp's scheme; less precise)",
+        "activations on Ember's int8 kernel, llama.cpp's scheme; less precise)",
     ),
     "ember-bf16": Peer(
         "ember-bf16",

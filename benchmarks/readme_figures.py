@@ -74,6 +74,19 @@ def comparison_table(path: str = "defaults/comparison.json", concurrency: int = 
     return lines
 
 
+def _row(label: str, server: dict, levels: tuple) -> str:
+    """A table row: the server's tokens/s and TTFT p50 at each (scenario, concurrency), `–` where not run."""
+    cells = []
+    for scenario, c in levels:
+        level = _level(server, scenario, c)
+        cells.append(
+            "–"
+            if level is None
+            else f"{level['output_tokens_per_s']['median']:,.0f} tok/s, {level['ttft_p50_ms']['median']:,.0f} ms"
+        )
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
 TRAFFIC = (("chat", 16), ("rag", 4), ("mix", 16))
 TRAFFIC_SERVERS = (
     ("ember-default", "`make run` (prefix caching on)"),
@@ -95,15 +108,7 @@ def traffic_table(path: str = "traffic/comparison.json") -> list[str]:
         "|---|" + "---:|" * len(TRAFFIC),
     ]
     for name, label in TRAFFIC_SERVERS:
-        cells = []
-        for scenario, c in TRAFFIC:
-            level = _level(servers.get(name, {}), scenario, c)
-            cells.append(
-                "–"
-                if level is None
-                else f"{level['output_tokens_per_s']['median']:,.0f} tok/s, {level['ttft_p50_ms']['median']:,.0f} ms"
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(_row(label, servers.get(name, {}), TRAFFIC))
     return lines
 
 
@@ -128,15 +133,7 @@ def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:
     for name, label in AVX2_SERVERS:
         if name not in servers:
             continue
-        cells = []
-        for scenario, c in AVX2_LEVELS:
-            level = _level(servers.get(name, {}), scenario, c)
-            cells.append(
-                "–"
-                if level is None
-                else f"{level['output_tokens_per_s']['median']:,.0f} tok/s, {level['ttft_p50_ms']['median']:,.0f} ms"
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(_row(label, servers[name], AVX2_LEVELS))
     return lines
 
 

@@ -65,11 +65,15 @@ static inline __attribute__((always_inline)) void axpy_row(float *a, float p, co
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VEC 8
+/* Eight bf16 values as floats (widen16's AVX2 form). */
+static inline __attribute__((always_inline)) __m256 widen8(__m128i half) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
 /* Eight elements of a cache row as floats (bf16 widened in registers). */
 static inline __attribute__((always_inline)) __m256 load8(const void *row, int64_t i, const int bf16) {
     if (!bf16) return _mm256_loadu_ps((const float *)row + i);
-    const __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    return widen8(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
 }
 
 static inline __attribute__((always_inline)) float dot_row(const float *q, const void *row, const int64_t dim,

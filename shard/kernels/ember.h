@@ -89,7 +89,7 @@ EMBER_INTERNAL void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_hea
 #define EMBER_STATUSES(X)                                                                                        \
     X(EMBER_OK, 0, "done")                                                                                       \
     X(EMBER_E_NO_MEMORY, -1, "a scratch buffer could not be allocated")                                          \
-    X(EMBER_E_NO_VNNI, -2, "this build has no int8 kernels (w4a8, 8-bit codes, the fused step): no AVX2")       \
+    X(EMBER_E_NO_INT8, -2, "this build has no int8 kernels (w4a8, 8-bit codes, the fused step): no AVX2")       \
     X(EMBER_E_NO_BF16, -3, "this build has no AVX-512 BF16 kernels (bf16 weights)")                             \
     X(EMBER_E_BITS, -4, "codes must be 4, 5 or 8 bits wide")                                                     \
     X(EMBER_E_IN_FEATURES, -5, "the input features (k) must be a multiple of 32")                                \

@@ -287,5 +287,5 @@ int decode_layers(const ember_decode_step *step) {
     return failed ? EMBER_E_NO_MEMORY : EMBER_OK;
 }
 #else
-int decode_layers(const ember_decode_step *step) { return EMBER_E_NO_VNNI; }
+int decode_layers(const ember_decode_step *step) { return EMBER_E_NO_INT8; }
 #endif

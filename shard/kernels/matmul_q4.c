@@ -523,6 +523,6 @@ int q4_amx(int64_t min_rows) {
 }
 int q4_linear(const float *x, int64_t rows, int64_t k, const uint8_t *packed, const uint16_t *d, const uint16_t *m,
               int64_t n, float *out, int bits, int threads) {
-    return EMBER_E_NO_VNNI;
+    return EMBER_E_NO_INT8;
 }
 #endif

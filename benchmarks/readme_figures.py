@@ -113,7 +113,11 @@ def traffic_table(path: str = "traffic/comparison.json") -> list[str]:
 
 
 AVX2_LEVELS = (("short", 16), ("chat", 16), ("rag", 4), ("mix", 16))
-AVX2_SERVERS = (("ember-default", "`make run` (w4a8 on AVX2)"), ("vllm-cpu", "vLLM CPU, its defaults"))
+AVX2_SERVERS = (
+    ("ember-default", "`make run` (w4a8 on AVX2)"),
+    ("vllm-cpu", "vLLM CPU, its defaults (bf16, emulated here)"),
+    ("vllm-cpu-fp32", "vLLM CPU, `--dtype float32`"),
+)
 
 
 def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:

@@ -365,6 +365,29 @@ def test_speculation_peers_start_ember_default_with_speculate(tmp_path):
     assert "--speculate 4" in lifecycle.PEERS["ember-speculate"].note
 
 
+def test_vllm_peers_differ_only_in_dtype(tmp_path):
+    """vllm-cpu-fp32 is start_vllm.sh with --dtype float32; vllm-cpu keeps bf16."""
+    from peers import lifecycle
+
+    bench = tmp_path / "bench"
+    python = bench / "vllm-cpu" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    python.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "EMBER_BENCH_DIR": str(bench)}
+    env["EMBER_BENCH_MODEL_DIR"] = str(tmp_path / "model")
+    argvs = {}
+    for name in ("vllm-cpu", "vllm-cpu-fp32"):
+        script = lifecycle.HERE / lifecycle.PEERS[name].start_script
+        out = subprocess.run([str(script), "4321"], env=env, capture_output=True, text=True, timeout=60, check=True)
+        argv = json.loads(out.stdout)
+        argvs[name] = argv
+        assert argv[argv.index("--model") + 1] == env["EMBER_BENCH_MODEL_DIR"] and "4321" in argv
+    dtypes = {name: argv[argv.index("--dtype") + 1] for name, argv in argvs.items()}
+    assert dtypes == {"vllm-cpu": "bfloat16", "vllm-cpu-fp32": "float32"}
+    assert [a for a in argvs["vllm-cpu"] if a != "bfloat16"] == [a for a in argvs["vllm-cpu-fp32"] if a != "float32"]
+
+
 def _level(scenario: str, repeat: int, tps: float) -> dict:
     ms = {"p50": 10.0, "p99": 20.0, "mean": 12.0}
     return {
@@ -442,6 +465,11 @@ def test_traffic_targets_compare_each_ember_setting_with_its_peer():
     assert "chat, c=16: output_tokens_per_s ≥ 1.5 × vllm-cpu | 300.0 vs 250.0 (1.20×) | no" in text
     assert "rag, c=4: ttft_p50_ms ≤ 1.0 × vllm-cpu" in text and "mix, c=" not in text  # only what ran
     assert report.traffic_section({**results, "config": {"scenarios": ["long"]}}) == []
+    # vLLM in float32 beside its default: the same targets against each
+    results["servers"]["vllm-cpu-fp32"] = {"status": "ok", "summary": summary(100.0, 300.0)}
+    text = "\n".join(report.traffic_section(results))
+    assert "chat, c=16: output_tokens_per_s ≥ 1.5 × vllm-cpu-fp32 | 300.0 vs 100.0 (3.00×) | yes" in text
+    assert "chat, c=16: output_tokens_per_s ≥ 1.5 × vllm-cpu | 300.0 vs 250.0 (1.20×) | no" in text
 
 
 def test_a_peer_that_cannot_start_is_an_error_with_its_log(tmp_path):

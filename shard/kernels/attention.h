@@ -187,7 +187,8 @@ typedef struct {
     const char *k, *v;
 } next_rows;
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define ATTEND64 1        /* attend64: 64-wide heads with their queries and accumulators in registers */
 #define ATTEND_PREFETCH 8 /* slots ahead */
 
 /* The cache is read in block-table order, which the hardware cannot guess at block boundaries: fetch a
@@ -207,7 +208,9 @@ static inline __attribute__((always_inline)) void next_rows_fetch(next_rows *nr)
     attend_prefetch(nr->k, nr->v, slot * nr->row_bytes, nr->row_bytes);
     nr->pos++;
 }
+#endif
 
+#ifdef __AVX512F__
 /* Key t of KV head h (64 wide) as four float vectors; the first head's pass also prefetches a later slot
  * (`fetch`). */
 static inline __attribute__((always_inline)) void key_row64(const void *k, const void *v, const int64_t *slots,
@@ -327,6 +330,117 @@ static inline __attribute__((always_inline)) void attend64(
             const __m512 inv = _mm512_set1_ps(1.f / sums[q0 + g]);
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++) _mm512_storeu_ps(out + (q0 + g) * 64 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+        }
+    }
+}
+#elif defined(ATTEND64)
+/* AVX2's reduce4: the horizontal sums of four 8-lane vectors, lane i of the result the i-th's. */
+static inline __attribute__((always_inline)) __m128 reduce4(__m256 x, __m256 y, __m256 z, __m256 w) {
+    /* per 128-bit half: [x0+x2, y0+y2, x1+x3, y1+y3], the same for z, w, then the half's sums of x, y, z, w */
+    const __m256 xy = _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y));
+    const __m256 zw = _mm256_add_ps(_mm256_unpacklo_ps(z, w), _mm256_unpackhi_ps(z, w));
+    const __m256 c = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(xy), _mm256_castps_pd(zw))),
+                                   _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(xy), _mm256_castps_pd(zw))));
+    return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
+/* One query's dot product with key row `kr` (64 wide), still to be summed across lanes. */
+static inline __attribute__((always_inline)) void dot64_8(const float *q, const __m256 *key, __m256 *acc) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(q), key[0]);
+#pragma GCC unroll 8
+    for (int c = 1; c < 8; c++) x = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), key[c], x);
+    *acc = x;
+}
+
+/* attend64 on 8-lane vectors (AVX2 + FMA): the AVX-512 form's steps. Each key row is widened once for the G
+ * queries, which come from L1 (G x 8 vectors do not fit the 16 registers); four keys' dot products are
+ * reduced together. The weighted sum runs over the keys twice, once per half of the dimensions, so that
+ * the G x 4 accumulators of a half stay in registers; each output element still sums its keys in order,
+ * as `attend` does. */
+static inline __attribute__((always_inline)) void attend64(
+    const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
+    int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *sums,
+    float *out, next_rows *next, const int G, const int bf16) {
+    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
+        slots[t] = table[block] * block_size + offset;
+        if (++offset == block_size) offset = 0, block++;
+    }
+    const int64_t row_bytes = kv_heads * 64 * (bf16 ? 2 : 4); /* one slot's keys (or values), every head */
+    for (int64_t h = h0; h < h1; h++) {
+        const int64_t q0 = (h - h0) * G;
+        const float *qh = qb + q0 * 64;
+        const __m128 scale4 = _mm_set1_ps(scale);
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {
+            __m256 a[4][4]; /* [query][key] */
+            if (h != h0) next_rows_fetch(next);
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; j++) {
+                if (h == h0 && t + j + ATTEND_PREFETCH < n)
+                    attend_prefetch(k, v, slots[t + j + ATTEND_PREFETCH] * row_bytes, row_bytes);
+                const void *kr = row_at(k, slots[t + j] * kv_heads + h, 64, bf16);
+                __m256 key[8];
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; c++) key[c] = load8(kr, 8 * c, bf16);
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) dot64_8(qh + g * 64, key, &a[g][j]);
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++)
+                _mm_storeu_ps(scores + (q0 + g) * n + t, _mm_mul_ps(reduce4(a[g][0], a[g][1], a[g][2], a[g][3]), scale4));
+        }
+        for (; t < n; t++) {
+            const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
+            __m256 key[8];
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) key[c] = load8(kr, 8 * c, bf16);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                __m256 a;
+                dot64_8(qh + g * 64, key, &a);
+                const __m256 z = _mm256_setzero_ps();
+                scores[(q0 + g) * n + t] = _mm_cvtss_f32(reduce4(a, z, z, z)) * scale;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            float *sc = scores + (q0 + g) * n;
+            float top = sc[0];
+            _Pragma("omp simd reduction(max : top)")
+            for (int64_t i = 1; i < n; i++) top = sc[i] > top ? sc[i] : top;
+            float total = 0.f;
+            _Pragma("omp simd reduction(+ : total)")
+            for (int64_t i = 0; i < n; i++) {
+                sc[i] = exp_neg(sc[i] - top);
+                total += sc[i];
+            }
+            sums[q0 + g] = total;
+        }
+        for (int half = 0; half < 2; half++) {
+            __m256 acc[4][4];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) acc[g][c] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < n; i++) {
+                if (half) next_rows_fetch(next);
+                const void *vr = row_at(v, slots[i] * kv_heads + h, 64, bf16);
+                __m256 val[4];
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) val[c] = load8(vr, 32 * half + 8 * c, bf16);
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    const __m256 p = _mm256_broadcast_ss(scores + (q0 + g) * n + i);
+#pragma GCC unroll 4
+                    for (int c = 0; c < 4; c++) acc[g][c] = _mm256_fmadd_ps(p, val[c], acc[g][c]);
+                }
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m256 inv = _mm256_set1_ps(1.f / sums[q0 + g]);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++)
+                    _mm256_storeu_ps(out + (q0 + g) * 64 + 32 * half + 8 * c, _mm256_mul_ps(acc[g][c], inv));
+            }
         }
     }
 }
@@ -614,7 +728,7 @@ static inline __attribute__((always_inline)) void decode_task(
         return;
     }
 #endif
-#ifdef __AVX512F__
+#ifdef ATTEND64
     if (dim == 64 && groups <= 4) {
         const int64_t n = len - start;
         switch (groups) {

@@ -141,6 +141,19 @@ def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:
     return lines
 
 
+def single_stream(path: str) -> str:
+    """One stream of short prompts: `make run` beside llama-cpp-python."""
+    results = _load(path)
+    servers = results["servers"]
+    ours, theirs = (_level(servers.get(name, {}), "short", 1) for name in ("ember-default", "llama-cpp"))
+    tps = ours["output_tokens_per_s"]["median"]
+    line = f"One stream of short prompts on {_machine(results['machine'])}: `make run` {tps:,.0f} tok/s"
+    if theirs:
+        peer = theirs["output_tokens_per_s"]["median"]
+        line += f", llama-cpp-python {peer:,.0f} ({tps / peer:.2f}×)"
+    return line + f" (`benchmarks/results/{path.replace('.json', '.md')}`, medians of {results['config']['repeats']})."
+
+
 def router_overhead() -> str:
     parts = []
     for path, setting in (("router_overhead_bf16.json", "bf16"), ("router_overhead.json", "w4a8")):
@@ -200,8 +213,14 @@ def block() -> str:
     traffic = [*traffic_table(), ""] if (RESULTS / "traffic" / "comparison.json").exists() else []
     if (RESULTS / "traffic_avx2" / "comparison.json").exists():
         traffic += [*avx2_table(), ""]
+    single = [single_stream(f"{d}/comparison.json") for d in SINGLE if (RESULTS / d / "comparison.json").exists()]
     spec = [speculation()] if (RESULTS / "speculate" / "comparison.json").exists() else []
-    return "\n".join([BEGIN, *comparison_table(), "", *traffic, router_overhead(), gpu(), memory(), *spec, END])
+    return "\n".join(
+        [BEGIN, *comparison_table(), "", *traffic, *single, router_overhead(), gpu(), memory(), *spec, END]
+    )
+
+
+SINGLE = ("single", "single_avx2")  # one-stream runs beside llama-cpp-python: the AVX-512 machine's, the AVX2 one's
 
 
 def readme_block(text: str) -> str:

@@ -105,6 +105,33 @@ static inline float dot_row(const float *q, const void *row, int64_t dim, int bf
 static inline void axpy_row(float *a, float p, const void *row, int64_t dim, int bf16) {}
 #endif
 
+/* The cache slots of positions start .. start+n-1 of a sequence with block table `table`, once for every
+ * pass over them (no division per token). */
+static inline __attribute__((always_inline)) void cache_slots(const int64_t *table, int64_t start, int64_t n,
+                                                              int64_t block_size, int64_t *slots) {
+    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
+        slots[t] = table[block] * block_size + offset;
+        if (++offset == block_size) offset = 0, block++;
+    }
+}
+
+/* Each of `rows` rows of n scores (n apart) replaced by exp(score - the row's max); sums[r] the row's sum. */
+static inline __attribute__((always_inline)) void softmax_rows(float *scores, int64_t rows, int64_t n, float *sums) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *s = scores + r * n;
+        float top = s[0];
+        _Pragma("omp simd reduction(max : top)")
+        for (int64_t t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
+        float total = 0.f;
+        _Pragma("omp simd reduction(+ : total)")
+        for (int64_t t = 0; t < n; t++) {
+            s[t] = exp_neg(s[t] - top);
+            total += s[t];
+        }
+        sums[r] = total;
+    }
+}
+
 /* One sequence's KV heads h0 .. h1-1 (their `groups` query heads each) over keys start .. start+n-1.
  * Each cached row is read whole (all its KV heads of the task in turn): a block's rows are contiguous,
  * so the reads stream. */
@@ -113,11 +140,7 @@ static inline __attribute__((always_inline)) void attend(
     int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *acc,
     float *sums, float *out, const int64_t groups, const int64_t dim, const int bf16) {
     const int64_t rows = (h1 - h0) * groups; /* query heads of the task */
-    /* the cache slots of positions start .. start+n-1, once for both passes (no division per token) */
-    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
-        slots[t] = table[block] * block_size + offset;
-        if (++offset == block_size) offset = 0, block++;
-    }
+    cache_slots(table, start, n, block_size, slots);
     const int64_t row_bytes = kv_heads * dim * (bf16 ? 2 : 4);
     for (int64_t t = 0; t < n; t++) {
         if (t + 8 < n) /* a later slot's keys and values ahead of use (see attend64) */
@@ -141,19 +164,7 @@ static inline __attribute__((always_inline)) void attend(
             }
         }
     }
-    for (int64_t qi = 0; qi < rows; qi++) {
-        float *s = scores + qi * n;
-        float top = s[0];
-        _Pragma("omp simd reduction(max : top)")
-        for (int64_t t = 1; t < n; t++) top = s[t] > top ? s[t] : top;
-        float total = 0.f;
-        _Pragma("omp simd reduction(+ : total)")
-        for (int64_t t = 0; t < n; t++) {
-            s[t] = exp_neg(s[t] - top);
-            total += s[t];
-        }
-        sums[qi] = total;
-    }
+    softmax_rows(scores, rows, n, sums);
     memset(acc, 0, sizeof(float) * (size_t)(rows * dim));
     for (int64_t t = 0; t < n; t++) {
         for (int64_t h = h0; h < h1; h++) {
@@ -254,10 +265,7 @@ static inline __attribute__((always_inline)) void attend64(
     const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
     int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *sums,
     float *out, next_rows *next, const int G, const int bf16) {
-    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
-        slots[t] = table[block] * block_size + offset;
-        if (++offset == block_size) offset = 0, block++;
-    }
+    cache_slots(table, start, n, block_size, slots);
     const int64_t row_bytes = kv_heads * 64 * (bf16 ? 2 : 4); /* one slot's keys (or values), every head */
     for (int64_t h = h0; h < h1; h++) {
         const int64_t q0 = (h - h0) * G;
@@ -293,19 +301,7 @@ static inline __attribute__((always_inline)) void attend64(
                 for (int g = 0; g < G; g++) scores[(q0 + g) * n + t] = _mm512_reduce_add_ps(dot64(qv[g], kv4)) * scale;
             }
         }
-        for (int g = 0; g < G; g++) {
-            float *sc = scores + (q0 + g) * n;
-            float top = sc[0];
-            _Pragma("omp simd reduction(max : top)")
-            for (int64_t t = 1; t < n; t++) top = sc[t] > top ? sc[t] : top;
-            float total = 0.f;
-            _Pragma("omp simd reduction(+ : total)")
-            for (int64_t t = 0; t < n; t++) {
-                sc[t] = exp_neg(sc[t] - top);
-                total += sc[t];
-            }
-            sums[q0 + g] = total;
-        }
+        softmax_rows(scores + q0 * n, G, n, sums + q0);
         __m512 acc[4][4];
 #pragma GCC unroll 4
         for (int g = 0; g < G; g++)
@@ -361,10 +357,7 @@ static inline __attribute__((always_inline)) void attend64(
     const float *qb, const void *k, const void *v, const int64_t *table, int64_t start, int64_t n, int64_t h0,
     int64_t h1, int64_t kv_heads, int64_t block_size, float scale, int64_t *slots, float *scores, float *sums,
     float *out, next_rows *next, const int G, const int bf16) {
-    for (int64_t t = 0, block = start / block_size, offset = start % block_size; t < n; t++) {
-        slots[t] = table[block] * block_size + offset;
-        if (++offset == block_size) offset = 0, block++;
-    }
+    cache_slots(table, start, n, block_size, slots);
     const int64_t row_bytes = kv_heads * 64 * (bf16 ? 2 : 4); /* one slot's keys (or values), every head */
     for (int64_t h = h0; h < h1; h++) {
         const int64_t q0 = (h - h0) * G;
@@ -402,19 +395,7 @@ static inline __attribute__((always_inline)) void attend64(
                 scores[(q0 + g) * n + t] = _mm_cvtss_f32(reduce4(a, z, z, z)) * scale;
             }
         }
-        for (int g = 0; g < G; g++) {
-            float *sc = scores + (q0 + g) * n;
-            float top = sc[0];
-            _Pragma("omp simd reduction(max : top)")
-            for (int64_t i = 1; i < n; i++) top = sc[i] > top ? sc[i] : top;
-            float total = 0.f;
-            _Pragma("omp simd reduction(+ : total)")
-            for (int64_t i = 0; i < n; i++) {
-                sc[i] = exp_neg(sc[i] - top);
-                total += sc[i];
-            }
-            sums[q0 + g] = total;
-        }
+        softmax_rows(scores + q0 * n, G, n, sums + q0);
         for (int half = 0; half < 2; half++) {
             __m256 acc[4][4];
 #pragma GCC unroll 4

@@ -95,21 +95,26 @@ TRAFFIC_SERVERS = (
 )
 
 
+def _levels_table(intro: str, results: dict, levels: tuple, names: tuple, skip_absent: bool) -> list[str]:
+    """`intro`, then a row per (server, label) of `names`: tokens/s and TTFT p50 at each level; servers absent
+    from the run are left out (`skip_absent`) or shown as `–`."""
+    servers = results["servers"]
+    head = " | ".join(f"{scenario} c={c}" for scenario, c in levels)
+    lines = [intro, "", f"| server | {head} |", "|---|" + "---:|" * len(levels)]
+    for name, label in names:
+        if name in servers or not skip_absent:
+            lines.append(_row(label, servers.get(name, {}), levels))
+    return lines
+
+
 def traffic_table(path: str = "traffic/comparison.json") -> list[str]:
     """Chat (a shared system prompt, whole histories resent), rag (shared documents) and the mix set."""
     results = _load(path)
-    servers = results["servers"]
-    head = " | ".join(f"{scenario} c={c}" for scenario, c in TRAFFIC)
-    lines = [
+    intro = (
         "Traffic that shares prefixes, same machine and run (`benchmarks/results/"
-        f"{path.replace('.json', '.md')}`): tokens/s and TTFT p50, medians of {results['config']['repeats']} repeats:",
-        "",
-        f"| server | {head} |",
-        "|---|" + "---:|" * len(TRAFFIC),
-    ]
-    for name, label in TRAFFIC_SERVERS:
-        lines.append(_row(label, servers.get(name, {}), TRAFFIC))
-    return lines
+        f"{path.replace('.json', '.md')}`): tokens/s and TTFT p50, medians of {results['config']['repeats']} repeats:"
+    )
+    return _levels_table(intro, results, TRAFFIC, TRAFFIC_SERVERS, skip_absent=False)
 
 
 AVX2_LEVELS = (("short", 16), ("chat", 16), ("rag", 4), ("mix", 16))
@@ -123,22 +128,13 @@ AVX2_SERVERS = (
 def avx2_table(path: str = "traffic_avx2/comparison.json") -> list[str]:
     """The same commands on a CPU without AVX-512, where Ember's int8 kernel runs on AVX2."""
     results = _load(path)
-    servers = results["servers"]
-    head = " | ".join(f"{scenario} c={c}" for scenario, c in AVX2_LEVELS)
-    beside = "beside vLLM CPU in one run" if "vllm-cpu" in servers else "Ember alone"
-    lines = [
+    beside = "beside vLLM CPU in one run" if "vllm-cpu" in results["servers"] else "Ember alone"
+    intro = (
         f"On {_machine(results['machine'])}, where Ember's int8 kernel runs on AVX2, {beside} "
         f"(`benchmarks/results/{path.replace('.json', '.md')}`, command there): tokens/s and TTFT p50, medians of "
-        f"{results['config']['repeats']} repeats:",
-        "",
-        f"| server | {head} |",
-        "|---|" + "---:|" * len(AVX2_LEVELS),
-    ]
-    for name, label in AVX2_SERVERS:
-        if name not in servers:
-            continue
-        lines.append(_row(label, servers[name], AVX2_LEVELS))
-    return lines
+        f"{results['config']['repeats']} repeats:"
+    )
+    return _levels_table(intro, results, AVX2_LEVELS, AVX2_SERVERS, skip_absent=True)
 
 
 def single_stream(path: str) -> str:

@@ -202,6 +202,11 @@ TRAFFIC_TARGETS = (
 )
 
 
+# A target set against a peer is checked against its variants in the run too (vLLM in float32 where its
+# default bf16 is emulated).
+PEER_VARIANTS = {"vllm-cpu": ("vllm-cpu", "vllm-cpu-fp32")}
+
+
 def traffic_section(results: dict) -> list[str]:
     """Issue 19's targets for the Ember settings of the run, where the run has the scenario, level and peer."""
     ran = set(results["config"]["scenarios"])
@@ -215,11 +220,6 @@ def traffic_section(results: dict) -> list[str]:
         return []
     head = ["## Targets (issue 19: chat, rag and mixed traffic, default settings)", ""]
     return head + ["| server | target | measured | met |", "|---|---|---|---|", *rows, ""]
-
-
-# A target set against a peer is checked against its variants in the run too (vLLM in float32 where its
-# default bf16 is emulated).
-PEER_VARIANTS = {"vllm-cpu": ("vllm-cpu", "vllm-cpu-fp32")}
 
 
 def _target_rows(results, embers, scenario, c, metric, peer, bound, sense) -> list[str]:

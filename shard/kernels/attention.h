@@ -340,7 +340,19 @@ static inline __attribute__((always_inline)) __m128 reduce4(__m256 x, __m256 y, 
     return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
 }
 
-/* One query's dot product with key row `kr` (64 wide), still to be summed across lanes. */
+/* Key t of KV head h (64 wide) as eight float vectors; the first head's pass also prefetches a later slot
+ * (`fetch`), as key_row64 does. */
+static inline __attribute__((always_inline)) void key_row8(const void *k, const void *v, const int64_t *slots,
+                                                           int64_t t, int64_t n, int64_t h, int fetch,
+                                                           int64_t kv_heads, int64_t row_bytes, const int bf16,
+                                                           __m256 *out) {
+    if (fetch && t + ATTEND_PREFETCH < n) attend_prefetch(k, v, slots[t + ATTEND_PREFETCH] * row_bytes, row_bytes);
+    const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
+#pragma GCC unroll 8
+    for (int c = 0; c < 8; c++) out[c] = load8(kr, 8 * c, bf16);
+}
+
+/* One query's dot product with a key (eight vectors), still to be summed across lanes. */
 static inline __attribute__((always_inline)) void dot64_8(const float *q, const __m256 *key, __m256 *acc) {
     __m256 x = _mm256_mul_ps(_mm256_loadu_ps(q), key[0]);
 #pragma GCC unroll 8
@@ -359,22 +371,18 @@ static inline __attribute__((always_inline)) void attend64(
     float *out, next_rows *next, const int G, const int bf16) {
     cache_slots(table, start, n, block_size, slots);
     const int64_t row_bytes = kv_heads * 64 * (bf16 ? 2 : 4); /* one slot's keys (or values), every head */
+    const __m128 scale4 = _mm_set1_ps(scale);
     for (int64_t h = h0; h < h1; h++) {
         const int64_t q0 = (h - h0) * G;
         const float *qh = qb + q0 * 64;
-        const __m128 scale4 = _mm_set1_ps(scale);
         int64_t t = 0;
         for (; t + 4 <= n; t += 4) {
             __m256 a[4][4]; /* [query][key] */
             if (h != h0) next_rows_fetch(next);
 #pragma GCC unroll 4
             for (int j = 0; j < 4; j++) {
-                if (h == h0 && t + j + ATTEND_PREFETCH < n)
-                    attend_prefetch(k, v, slots[t + j + ATTEND_PREFETCH] * row_bytes, row_bytes);
-                const void *kr = row_at(k, slots[t + j] * kv_heads + h, 64, bf16);
                 __m256 key[8];
-#pragma GCC unroll 8
-                for (int c = 0; c < 8; c++) key[c] = load8(kr, 8 * c, bf16);
+                key_row8(k, v, slots, t + j, n, h, h == h0, kv_heads, row_bytes, bf16, key);
 #pragma GCC unroll 4
                 for (int g = 0; g < G; g++) dot64_8(qh + g * 64, key, &a[g][j]);
             }
@@ -383,10 +391,8 @@ static inline __attribute__((always_inline)) void attend64(
                 _mm_storeu_ps(scores + (q0 + g) * n + t, _mm_mul_ps(reduce4(a[g][0], a[g][1], a[g][2], a[g][3]), scale4));
         }
         for (; t < n; t++) {
-            const void *kr = row_at(k, slots[t] * kv_heads + h, 64, bf16);
             __m256 key[8];
-#pragma GCC unroll 8
-            for (int c = 0; c < 8; c++) key[c] = load8(kr, 8 * c, bf16);
+            key_row8(k, v, slots, t, n, h, h == h0, kv_heads, row_bytes, bf16, key);
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++) {
                 __m256 a;

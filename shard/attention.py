@@ -250,7 +250,7 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None, scale: fl
     total, heads, dim = q.shape
     out = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
     kernels = native.kernels() if q.device.type == "cpu" and meta.block_table is not None else None
-    amx_chunks = kernels is not None and kv is not None and kernels.prefill_fits(kv[0].dtype, dim)
+    chunk_kernel = kernels is not None and kv is not None and kernels.prefill_fits(kv[0].dtype, dim)
     lead = meta.decode_rows
     if lead:
         out[:lead] = _decode(q[:lead], kv, meta.decode_part, window, scale).view(lead, heads, dim)
@@ -277,9 +277,9 @@ def _prefill(q, k, v, kv, meta: AttentionMetadata, window: int | None, scale: fl
         s, e = span.start, span.start + span.num_new
         queries, dtype = q[s:e], q.dtype
         over_context = span.num_cached and span.ctx_slots is not None
-        if over_context and amx_chunks:
-            # A chunk over a cached context in a bf16 cache: Ember's kernel on AMX bf16 tiles
-            # (prefill_amx.c), the cache read in place: SDPA's numbers, in less time.
+        if over_context and chunk_kernel:
+            # A chunk over a cached context in a bf16 cache: Ember's kernel, the cache read in place, on AMX
+            # bf16 tiles (prefill_amx.c: SDPA's bf16 numbers) or float32 FMAs (prefill_fma.c), in less time.
             o = kernels.paged_prefill(
                 queries,
                 kv[0],

@@ -24,9 +24,9 @@ Each path below is fixed at load (where a step's row count picks between two, th
 * Layer by layer, float32 on CPU: `rms_norm_f32` (with the residual add), `rotary_f32`, `silu_mul_f32`,
   `kv_store` (the step's K/V into the paged cache, float32 or bf16) and, for decode attention,
   `paged_decode_f32` / `_bf16` (attention.c: the cache read in place through the block table). A prompt
-  chunk over a cached context in a bf16 cache: `paged_prefill_bf16` (prefill_amx.c) on AMX bf16 tiles where
-  the CPU and Linux allow them (`prefill_fits`); other prefill attention is torch's SDPA; other dtypes and
-  devices take torch's ops.
+  chunk over a cached context in a bf16 cache: `paged_prefill_bf16` (prefill.c) on AMX bf16 tiles where
+  the CPU and Linux allow them (prefill_amx.c), else on AVX2 or AVX-512 FMAs (prefill_fma.c) (`prefill_fits`);
+  other prefill attention is torch's SDPA; other dtypes and devices take torch's ops.
 * LM head: w4a8: 8-bit codes on `q4_linear`; int4: torch's int4 kernel up to `llama.PACKED_HEAD_MAX_ROWS`
   rows, its bf16 copy beyond; `--matmul-dtype bfloat16`: a bf16 copy (bf16 kernel or oneDNN); each row's 16 best
   candidates (`topk_rows`, sampling.c) are then rescored in the model's dtype. Otherwise torch's F.linear.
@@ -172,7 +172,7 @@ class DecodeStep(ctypes.Structure):
         ("tables", _P),
         ("row_seq", _P),
         ("lens", _P),  # int64: [rows], [seqs, width], [rows]
-        ("chunk_rows", _I64),  # longer prompt runs over a cached context attend on AMX tiles; 0: none
+        ("chunk_rows", _I64),  # longer prompt runs attend as chunks (AMX tiles or FMAs); 0: none
         ("threads", ctypes.c_int32),
     ]
 
@@ -231,8 +231,9 @@ ENTRY_POINTS: dict[str, tuple[tuple[str, type], ...]] = {
     "paged_decode_f32": _PAGED_DECODE,
     "paged_decode_bf16": _PAGED_DECODE,
     "attention_amx": (("on", _INT),),
-    # prefill_amx.c
+    # prefill.c, prefill_amx.c
     "prefill_amx_supported": (),
+    "prefill_chunks_supported": (),
     "paged_prefill_bf16": (
         ("q", _P),
         ("q_stride", _I64),
@@ -376,6 +377,8 @@ class Kernels:
         self.use_amx(AMX_MIN_ROWS)  # sets amx_min_rows: 0 where AMX tiles are off (no AMX, or not granted)
         self.bf16 = bool(self._bf16_supported())  # built with AVX-512 BF16
         self.prefill_amx = bool(self._prefill_amx_supported())  # built with AMX bf16, and granted
+        # prompt chunks over a bf16 cache (paged_prefill_bf16, the fused step's chunks): AMX tiles, else FMAs
+        self.prefill_chunks = bool(self._prefill_chunks_supported())
         self.use_amx_attention(True)
 
     def use_amx_attention(self, on: bool) -> bool:
@@ -595,8 +598,9 @@ class Kernels:
         return out
 
     def prefill_fits(self, cache_dtype: torch.dtype, head_dim: int) -> bool:
-        """`paged_prefill` runs here: AMX bf16 tiles, a bf16 cache, heads of a multiple of 32 up to 128."""
-        return self.prefill_amx and cache_dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 128
+        """`paged_prefill` runs here: AMX bf16 tiles or AVX2 / AVX-512 FMAs, a bf16 cache, heads of a multiple
+        of 32 up to 128."""
+        return self.prefill_chunks and cache_dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 128
 
     def paged_prefill(
         self,
@@ -610,7 +614,8 @@ class Kernels:
         scale: float,
     ) -> torch.Tensor:
         """[rows, H * D] float32: one sequence's prompt chunk (positions cached .. cached + rows - 1, its K/V
-        already in the cache) attending causally over the cache, on AMX bf16 tiles (prefill_amx.c)."""
+        already in the cache) attending causally over the cache: on AMX bf16 tiles (prefill_amx.c; bf16 queries
+        and probabilities, as SDPA in bf16), else on float32 FMAs (prefill_fma.c; float32 throughout)."""
         rows, heads, dim = q.shape
         if q.stride(2) != 1 or q.stride(1) != dim:
             q = q.contiguous()

@@ -471,18 +471,18 @@ def _chunk_logits(runner, context: list[int], chunk: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture()
-def amx_prefill(kernels):
-    if not kernels.prefill_amx:
-        pytest.skip("no AMX bf16 tiles here (CPU, compiler or kernel): chunks over a context take SDPA")
+def chunk_prefill(kernels):
+    if not kernels.prefill_chunks:
+        pytest.skip("no chunk kernel here (neither AMX bf16 tiles nor AVX2 / AVX-512): chunks take SDPA")
     return kernels
 
 
-def _chunk_reference(q, keys, values, cached, window, scale):
-    """Float64 attention of a chunk (positions cached ..) over keys/values [len, KVH, D], causal, with bf16
-    queries: what the kernel computes before its own roundings (probabilities to bf16)."""
+def _chunk_reference(q, keys, values, cached, window, scale, bf16_queries):
+    """Float64 attention of a chunk (positions cached ..) over keys/values [len, KVH, D], causal: what the
+    kernel computes before its own roundings (on AMX tiles: queries and probabilities to bf16)."""
     rows, heads, dim = q.shape
     groups = heads // keys.shape[1]
-    qd, kd, vd = q.to(torch.bfloat16).double(), keys.double(), values.double()
+    qd, kd, vd = (q.to(torch.bfloat16) if bf16_queries else q).double(), keys.double(), values.double()
     out = torch.empty(rows, heads, dim, dtype=torch.float64)
     for r in range(rows):
         pos = cached + r
@@ -507,10 +507,11 @@ def _chunk_reference(q, keys, values, cached, window, scale):
         (600, 300, 9, 3, 64, 16, None),  # more keys than one online-softmax chunk, many tiles
     ],
 )
-def test_amx_prefill_attends_like_float64(amx_prefill, cached, rows, heads, kv_heads, dim, block_size, window):
-    """Ember's AMX kernel for a chunk over its cached context, read through a shuffled block table: within
-    bf16's rounding of the probabilities (seen: at most 0.003 on unit values) of float64 attention. A wrong
-    mask, window, head or block lookup is off by the size of the values."""
+def test_chunk_prefill_attends_like_float64(chunk_prefill, cached, rows, heads, kv_heads, dim, block_size, window):
+    """Ember's kernel for a chunk over its cached context, read through a shuffled block table, against
+    float64 attention: on AMX tiles within bf16's rounding of the probabilities (seen: at most 0.003 on unit
+    values), on FMAs within float32's (seen: 3e-6). A wrong mask, window, head or block lookup is off by the
+    size of the values."""
     gen = torch.Generator().manual_seed(cached + rows)
     length = cached + rows
     blocks = -(-length // block_size) + 3
@@ -520,13 +521,14 @@ def test_amx_prefill_attends_like_float64(amx_prefill, cached, rows, heads, kv_h
     q = torch.randn(rows, heads, dim, generator=gen) * 2
     slots = table[torch.arange(length) // block_size] * block_size + torch.arange(length) % block_size
     scale = dim**-0.5
-    got = amx_prefill.paged_prefill(q, k, v, table, cached, block_size, window, scale)
-    want = _chunk_reference(q, k[slots], v[slots], cached, window, scale)
+    got = chunk_prefill.paged_prefill(q, k, v, table, cached, block_size, window, scale)
+    amx = chunk_prefill.prefill_amx
+    want = _chunk_reference(q, k[slots], v[slots], cached, window, scale, bf16_queries=amx)
     assert got.shape == (rows, heads * dim) and got.dtype == torch.float32
-    assert (got.view(rows, heads, dim).double() - want).abs().max() < 0.01
+    assert (got.view(rows, heads, dim).double() - want).abs().max() < (0.01 if amx else 2e-5)
 
 
-def test_amx_prefill_takes_strided_queries_and_refuses_wide_heads(amx_prefill):
+def test_chunk_prefill_takes_strided_queries_and_refuses_wide_heads(chunk_prefill):
     """Queries as the fused qkv projection leaves them (a view, rows wider than the heads) give the same
     numbers as a contiguous copy; heads wider than 128 stay on SDPA (prefill_fits), and the kernel names
     why if called anyway."""
@@ -535,21 +537,21 @@ def test_amx_prefill_takes_strided_queries_and_refuses_wide_heads(amx_prefill):
     qkv = torch.randn(20, 8 * 64)
     q = qkv[:, : 4 * 64].view(20, 4, 64)
     table = torch.arange(4)
-    strided = amx_prefill.paged_prefill(q, k, v, table, 30, 16, None, 0.125)
-    assert torch.equal(strided, amx_prefill.paged_prefill(q.contiguous(), k, v, table, 30, 16, None, 0.125))
-    assert not amx_prefill.prefill_fits(torch.bfloat16, 256) and not amx_prefill.prefill_fits(torch.float32, 64)
+    strided = chunk_prefill.paged_prefill(q, k, v, table, 30, 16, None, 0.125)
+    assert torch.equal(strided, chunk_prefill.paged_prefill(q.contiguous(), k, v, table, 30, 16, None, 0.125))
+    assert not chunk_prefill.prefill_fits(torch.bfloat16, 256) and not chunk_prefill.prefill_fits(torch.float32, 64)
     wide = torch.randn(64, 1, 256).to(torch.bfloat16)
     with pytest.raises(native.NativeError, match="EMBER_E_HEAD_DIM"):
-        amx_prefill.paged_prefill(torch.randn(4, 1, 256), wide, wide, table, 30, 16, None, 0.0625)
+        chunk_prefill.paged_prefill(torch.randn(4, 1, 256), wide, wide, table, 30, 16, None, 0.0625)
 
 
-def test_amx_prefill_in_a_model_step_stays_close_to_bf16_sdpa(amx_prefill, tiny_model_factory, monkeypatch):
-    """A prompt chunk over a cached context through the modules: Ember's AMX kernel against torch's bf16
-    SDPA on the same cache (the path it replaces): the same numbers up to bf16 roundings."""
+def test_chunk_prefill_in_a_model_step_stays_close_to_bf16_sdpa(chunk_prefill, tiny_model_factory, monkeypatch):
+    """A prompt chunk over a cached context through the modules: Ember's kernel against torch's bf16 SDPA
+    on the same cache (the path it replaces): the same numbers up to bf16 roundings."""
 
     wide_heads = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
     runner = load_runner(wide_heads, dtype="float32", kv_cache_dtype="bfloat16")
-    calls = _counted(monkeypatch, amx_prefill, "paged_prefill")
+    calls = _counted(monkeypatch, chunk_prefill, "paged_prefill")
     context = [(7 * i) % 300 + 5 for i in range(150)]
     chunk = [(11 * i) % 300 + 5 for i in range(90)]
 
@@ -644,19 +646,20 @@ def test_chunks_over_a_long_cached_context_in_a_bf16_cache_leave_the_fused_step(
     assert (sdpa.argmax(-1) == fused.argmax(-1)).float().mean() > 0.9
 
 
-def test_fused_step_attends_chunks_over_a_context_on_amx_tiles(amx_prefill, tiny_model_factory, monkeypatch):
-    """Under w4a8 with AMX, a step with a long prompt chunk over a cached context stays in the fused call,
-    which attends the chunk on AMX tiles (prefill_amx.c) and the other rows (a running sequence's token, a
-    short chunk) by themselves: the logits of the modules, whose attention runs the same kernel per layer."""
+def test_fused_step_attends_chunks_over_a_context_on_its_chunk_kernel(chunk_prefill, tiny_model_factory, monkeypatch):
+    """Under w4a8, a step with a long prompt chunk over a cached context stays in the fused call, which
+    attends the chunk on the chunk kernel (AMX tiles or FMAs) and the other rows (a running sequence's
+    token, a short chunk) by themselves: the logits of the modules, whose attention runs the same kernel
+    per layer."""
     from ember.shard.models import llama
     from ember.shard.runner import Sequence
 
-    if not amx_prefill.q4:
+    if not chunk_prefill.q4:
         pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: no fused w4a8 step")
     model_dir = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
     runner = load_runner(model_dir, dtype="float32", quantize="w4a8")
-    calls = _counted(monkeypatch, amx_prefill, "decode_layers")
-    chunks = _counted(monkeypatch, amx_prefill, "paged_prefill")
+    calls = _counted(monkeypatch, chunk_prefill, "decode_layers")
+    chunks = _counted(monkeypatch, chunk_prefill, "paged_prefill")
     context = [(7 * i) % 300 + 5 for i in range(150)]
 
     def mixed_logits(fused: bool) -> torch.Tensor:
@@ -680,6 +683,38 @@ def test_fused_step_attends_chunks_over_a_context_on_amx_tiles(amx_prefill, tiny
     modules = mixed_logits(False)
     assert len(calls) == 5 and len(chunks) == 4  # the modules: both chunks, one call per layer each
     assert (fused - modules).abs().max() < 1e-4 * modules.std()  # (seen: equal)
+
+
+def test_fused_step_attends_fresh_prompts_as_chunks_on_fmas(chunk_prefill, tiny_model_factory, monkeypatch):
+    """On FMAs (prefill_fma.c) a fresh prompt's rows in the fused step attend as one chunk too, in float32
+    as the rows by themselves do: the same logits up to summation order, not the same bits. On AMX tiles
+    (bf16 roundings) a fresh prompt keeps the rows: the same bits."""
+    from ember.shard.runner import Sequence
+
+    if not chunk_prefill.q4:
+        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: no fused w4a8 step")
+    model_dir = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
+    runner = load_runner(model_dir, dtype="float32", quantize="w4a8")
+    calls = _counted(monkeypatch, chunk_prefill, "decode_layers")
+    prompt = [(13 * i) % 300 + 5 for i in range(70)]
+
+    def prompt_logits(chunks: bool) -> torch.Tensor:
+        monkeypatch.setattr(native.Kernels, "prefill_fits", lambda *a: chunks)
+        runner.model.fused._cache_key = None  # DecodeStep.chunk_rows is set when the cache is bound
+        seq = Sequence(0, list(prompt))
+        out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]
+        runner.free(seq)
+        return out
+
+    chunked, rows = prompt_logits(True), prompt_logits(False)
+    assert len(calls) == 2  # both fused
+    if chunk_prefill.prefill_amx:
+        assert torch.equal(chunked, rows)
+    else:
+        assert not torch.equal(chunked, rows)
+        assert (chunked - rows).abs().max() < 1e-4 * rows.std()  # (seen: 1.3e-6 std)
+    monkeypatch.undo()
+    runner.model.fused._cache_key = None
 
 
 def test_fused_decode_is_built_only_where_it_fits(q4, tiny_model_factory):

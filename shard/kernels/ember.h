@@ -5,7 +5,8 @@
  * which kernel runs when.
  *
  *   attention.h / attention.c   paged decode attention over the KV cache, read in place
- *   prefill_amx.c               a prompt chunk's attention over a bf16 cache, on AMX bf16 tiles
+ *   prefill.c                   a prompt chunk's attention over a bf16 cache (paged_prefill_bf16), from
+ *   prefill_amx.c / _fma.c      pieces on AMX bf16 tiles, or else on float32 FMAs (AVX2 or AVX-512)
  *   rows.h / elementwise.c      RMSNorm (+ residual add), silu * mul, rotary, K/V cache writes
  *   matmul.h, matmul_bf16.c     bf16 weights x bf16-rounded activations (AVX-512 BF16)
  *   matmul_q4.c                 int4 / int8 codes x int8 activations (AVX-512 VNNI or AVX2, w4a8)
@@ -55,9 +56,16 @@ typedef struct {
 } amx_tile_config;
 #endif
 
-/* A prompt chunk of one sequence attending over a bf16 cache on AMX tiles (prefill_amx.c), in pieces a
- * parallel region shares: `chunk_layout` (once the span's fields are set), `chunk_pack` for each of
- * pack_tasks, then `chunk_tile` for each of tile_tasks, with a scratch per thread. */
+/* A prompt chunk of one sequence attending over a bf16 cache, in pieces a parallel region shares:
+ * `chunk_layout` (once the span's fields are set), `chunk_pack` for each of pack_tasks, then `chunk_tile`
+ * for each of tile_tasks, with a scratch per thread. On AMX bf16 tiles (prefill_amx.c) where the build
+ * has them, else on float32 FMAs (prefill_fma.c); `chunks_permitted` says whether this process may. */
+#if defined(EMBER_HAVE_AMX_BF16)
+#define EMBER_HAVE_CHUNKS 1
+#elif defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define EMBER_HAVE_CHUNKS 1
+#define EMBER_CHUNKS_FMA 1
+#endif
 #define CHUNK_DIM_OK(dim) ((dim) % 32 == 0 && (dim) <= 128)
 typedef struct {
     const float *q;     /* [rows, heads, dim] float32, rows q_stride floats apart */
@@ -68,13 +76,14 @@ typedef struct {
     int64_t cached, rows, groups; /* positions cached .. cached+rows-1; query heads per KV head */
     /* chunk_layout's */
     int64_t base, span, key_words, value_words, pack_tasks, tile_tasks;
-    uint32_t *packed; /* chunk_words(...) words, 64-byte aligned */
+    uint32_t *packed; /* chunk_words(...) 32-bit words (bf16 pairs or floats), 64-byte aligned */
 } chunk_span;
 typedef struct {
     float *scores, *ot, *acc;
     uint16_t *probs, *qt;
 } chunk_scratch;
-#ifdef EMBER_HAVE_AMX_BF16
+#ifdef EMBER_HAVE_CHUNKS
+EMBER_INTERNAL int chunks_permitted(void);
 EMBER_INTERNAL void chunk_layout(chunk_span *c, int64_t kv_heads, int64_t dim, int64_t window);
 EMBER_INTERNAL int64_t chunk_words(const chunk_span *c, int64_t kv_heads);
 EMBER_INTERNAL void chunk_pack(const chunk_span *c, int64_t task, const uint16_t *k, const uint16_t *v,
@@ -96,7 +105,7 @@ EMBER_INTERNAL void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_hea
     X(EMBER_E_OUT_FEATURES, -6, "the output features (n) must be a multiple of 16")                              \
     X(EMBER_E_TOPK, -7, "k must be in 1 .. min(256, vocab)")                                                     \
     X(EMBER_E_LAYER_WIDTHS, -8, "hidden size, heads * head_dim and intermediate size must be multiples of 32") \
-    X(EMBER_E_NO_AMX, -9, "this build or process has no AMX bf16 tiles")                                      \
+    X(EMBER_E_NO_CHUNKS, -9, "this build or process has no prompt-chunk kernel (AMX bf16 tiles, AVX2 or AVX-512)") \
     X(EMBER_E_HEAD_DIM, -10, "the head dimension must be a multiple of 32, at most 128")
 
 enum ember_status {
@@ -145,7 +154,7 @@ typedef struct {
     const int64_t *slots;                           /* [rows] cache slot of each row's K and V */
     const int64_t *tables, *row_seq, *lens;         /* [sequences, table_width], [rows] or NULL, [rows] */
     int64_t chunk_rows; /* a sequence's run of more than this many prompt rows over a cached context attends
-                         * on AMX tiles (prefill_amx.c) where the cache is bf16; 0: every row by itself */
+                         * as one chunk (chunk_*) where the cache is bf16; 0: every row by itself */
     int32_t threads;
 } ember_decode_step;
 

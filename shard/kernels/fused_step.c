@@ -62,9 +62,10 @@ double *ember_phase_seconds(void) { return phase_seconds; }
 #define PHASE(i) ((void)0)
 #endif
 
-/* A step's prompt chunks that attend on AMX tiles: the runs of more than step->chunk_rows rows of one
- * sequence at consecutive positions over a cached context (none unless the cache is bf16 and AMX may be
- * used), their packed keys and values (one buffer, reused by every layer), and which rows they hold. */
+/* A step's prompt chunks that attend as chunks (chunk_*: AMX tiles or FMAs): the runs of more than
+ * step->chunk_rows rows of one sequence at consecutive positions (over a cached context, or on FMAs any;
+ * none unless the cache is bf16 and the build has chunk_*), their packed keys and values (one buffer, reused by every
+ * layer), and which rows they hold. */
 typedef struct {
     chunk_span *spans;
     int64_t count, pack_tasks, tile_tasks;
@@ -84,18 +85,28 @@ static void chunks_free(chunks_of_step *c) {
     memset(c, 0, sizeof *c);
 }
 
+/* The least context (keys of a run's first row) of a run that attends as a chunk. On float32 FMAs a fresh
+ * prompt's run too: its numbers are the row-by-row path's, in less time from a few dozen rows (512 new
+ * tokens of SmolLM2: 537 ms against 613). AMX tiles round queries and probabilities to bf16, so a fresh
+ * prompt keeps the float32 rows, whose numbers the modules' float32 SDPA gives too. */
+#ifdef EMBER_CHUNKS_FMA
+#define FIRST_CHUNK_LEN 1
+#else
+#define FIRST_CHUNK_LEN 2
+#endif
+
 /* Fill `c` for `step` (queries in `wide`, outputs in `attn`); 0 when memory ran out. */
 static int find_chunks(const ember_decode_step *step, const float *wide, int64_t qkv_width, float *attn,
                        int64_t q_width, chunks_of_step *c) {
-#ifdef EMBER_HAVE_AMX_BF16
+#ifdef EMBER_HAVE_CHUNKS
     const int64_t rows = step->rows, *row_seq = step->row_seq, *lens = step->lens;
-    if (step->chunk_rows <= 0 || !row_seq || !step->bf16_cache || !CHUNK_DIM_OK(step->head_dim) || !amx_permitted())
+    if (step->chunk_rows <= 0 || !row_seq || !step->bf16_cache || !CHUNK_DIM_OK(step->head_dim) || !chunks_permitted())
         return 1;
     int64_t words = 0;
     for (int64_t r = 0; r < rows;) {
         int64_t end = r + 1;
         while (end < rows && row_seq[end] == row_seq[r] && lens[end] == lens[end - 1] + 1) end++;
-        if (end - r > step->chunk_rows && lens[r] > 1) {
+        if (end - r > step->chunk_rows && lens[r] >= FIRST_CHUNK_LEN) {
             if (!c->spans && !(c->spans = calloc((size_t)rows, sizeof(chunk_span)))) return 0;
             if (!c->in_chunk && !(c->in_chunk = calloc((size_t)rows, 1))) return 0;
             chunk_span *s = c->spans + c->count++;
@@ -162,7 +173,7 @@ int decode_layers(const ember_decode_step *step) {
     {
         attend_scratch sc;
         const int ok = scratch_alloc(&sc, &plan, dim, &failed);
-#ifdef EMBER_HAVE_AMX_BF16
+#ifdef EMBER_HAVE_CHUNKS
         chunk_scratch csc = {0};
         const int chunk_ok = chunks.count == 0 || chunk_scratch_alloc(&csc, dim);
         if (!chunk_ok) {
@@ -218,10 +229,10 @@ int decode_layers(const ember_decode_step *step) {
                     kv_store_row(row + q_width, row + q_width + kv_width, slots[r], kv_width, (void *)kc,
                                  (void *)vc, bf16);
                 }
-#ifdef EMBER_HAVE_AMX_BF16
+#ifdef EMBER_HAVE_CHUNKS
                 if (chunks.count) {
                     /* prompt chunks over a cached context: their keys and values packed once, then tiles
-                     * of 16 query rows (the other rows' tasks follow without waiting) */
+                     * of query rows (the other rows' tasks follow without waiting) */
 #pragma omp single
                     {
                         chunks.pack_tasks = 0;
@@ -278,7 +289,7 @@ int decode_layers(const ember_decode_step *step) {
             PHASE(7);
         }
         scratch_free(&sc);
-#ifdef EMBER_HAVE_AMX_BF16
+#ifdef EMBER_HAVE_CHUNKS
         if (chunks.count) chunk_scratch_free(&csc);
 #endif
     }

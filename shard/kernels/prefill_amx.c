@@ -1,6 +1,6 @@
 /*
- * paged_prefill_bf16: the attention of one sequence's prompt chunk over its cached context (and itself),
- * read from a bf16 paged KV cache, on AMX bf16 tiles (Sapphire Rapids and later).
+ * ember.h's chunk_* pieces of a prompt chunk's attention over its cached context (prefill.c), read from a
+ * bf16 paged KV cache, on AMX bf16 tiles (Sapphire Rapids and later).
  *
  * A chunk of `rows` new tokens at positions cached .. cached+rows-1, each attending causally over the keys
  * before it (or the last `window` of them). Per KV head, its query heads' rows (token r, group g) are
@@ -291,44 +291,7 @@ void chunk_tile(const chunk_span *c, int64_t task, int64_t kv_heads, int64_t dim
     _tile_release();
 }
 
-int paged_prefill_bf16(const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *table,
-                       int64_t cached, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                       int64_t window, float scale, float *out, int64_t out_stride, int threads) {
-    if (!amx_permitted()) return EMBER_E_NO_AMX;
-    if (!CHUNK_DIM_OK(dim)) return EMBER_E_HEAD_DIM;
-    if (rows <= 0) return EMBER_OK;
-    chunk_span c = {.q = q, .q_stride = q_stride, .out = out, .out_stride = out_stride, .table = table,
-                    .cached = cached, .rows = rows, .groups = heads / kv_heads};
-    chunk_layout(&c, kv_heads, dim, window);
-    c.packed = aligned_alloc(64, sizeof(uint32_t) * (size_t)chunk_words(&c, kv_heads));
-    if (c.packed == NULL) return EMBER_E_NO_MEMORY;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < c.pack_tasks; task++) chunk_pack(&c, task, k, v, kv_heads, dim, block_size);
-        chunk_scratch sc;
-        const int ok = chunk_scratch_alloc(&sc, dim);
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < c.tile_tasks; task++)
-            if (ok) chunk_tile(&c, task, kv_heads, dim, window, scale, &sc);
-        chunk_scratch_free(&sc);
-    }
-    free(c.packed);
-    return failed ? EMBER_E_NO_MEMORY : EMBER_OK;
-}
-
 int prefill_amx_supported(void) { return amx_permitted(); }
 #else
-int paged_prefill_bf16(const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *table,
-                       int64_t cached, int64_t rows, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                       int64_t window, float scale, float *out, int64_t out_stride, int threads) {
-    return EMBER_E_NO_AMX;
-}
-
 int prefill_amx_supported(void) { return 0; }
 #endif

@@ -61,10 +61,11 @@ FUSED_MAX_NEW_TOKENS = 2048
 # whole context once per row. On SmolLM2 (w4a8, 2 cores) 64 new tokens over 1,300 cached ones took 63 ms
 # through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
 FUSED_MAX_ATTENTION_PAIRS = 65_536
-# Where the CPU has AMX, the fused call attends such chunks (runs of more than FUSED_SHORT_SPAN rows over a
-# cached context) on AMX tiles itself (prefill_amx.c, as `native.Kernels.paged_prefill`) and keeps them:
-# 64 new tokens over 1,300 cached took 43 ms against 56 through the modules (their per-op calls), 24: 24
-# against 32, 128: 77 against 90.
+# Where the library has a chunk kernel (`native.Kernels.prefill_fits`), the fused call attends such chunks
+# (runs of more than FUSED_SHORT_SPAN rows over a cached context; on FMAs fresh prompts' too) itself and
+# keeps them. On AMX tiles (prefill_amx.c): 64 new tokens over 1,300 cached took 43 ms against 56 through the
+# modules (their per-op calls), 24: 24 against 32, 128: 77 against 90. On AVX2 FMAs (prefill_fma.c; a Zen 3
+# EPYC): 64 took 114 ms against 166 row by row, 128: 250 against 273 through the modules, 256: 472 against 540.
 FUSED_SHORT_SPAN = 16  # 16 new tokens over 1,300 cached: about even either way
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.

@@ -1,13 +1,14 @@
 """Where chat-like traffic spends a step, in process: prompt chunks over a cached context and decode steps
 at long contexts, against the same work without the context.
 
-    .venv/bin/python benchmarks/context_profile.py [--model-id smollm2] [--context 1300] [--repeats 5]
+    .venv/bin/python benchmarks/context_profile.py [--model-id smollm2] [--context 1300] [--repeats 5] [--out DIR]
 
 Loads the model as the shard does with no precision flags (for the default model: w4a8), caches one
 `--context`-token prompt, then times (best of `--repeats`, random tokens each time so nothing else is
 cached): a chunk of N new tokens taking the context from the prefix cache, the same N tokens fresh,
 and a decode step of 16 sequences sharing the context against 16 sequences of 64 tokens. Writes
-benchmarks/results/traffic/context_profile.json and .md.
+context_profile.json and .md into `--out` (benchmarks/results/traffic: the Xeon's run; traffic_avx2: the
+AVX2 machine's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "benchmarks" / "results" / "traffic"
+OUT = ROOT / "benchmarks" / "results" / "traffic"  # the default --out
 
 
 def best(fn, repeats: int) -> float:
@@ -32,11 +33,25 @@ def best(fn, repeats: int) -> float:
     return min(times) * 1e3
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its ISA of note (the chunk kernels differ: AMX tiles, AVX-512 or AVX2)."""
+    name, flags = "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == "unknown":
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    isa = next((n for f, n in (("amx_bf16", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), "")
+    return f"{name} ({isa})" if isa else name
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-id", default="smollm2")
     p.add_argument("--context", type=int, default=1300)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(OUT), help="folder of context_profile.json and .md")
     args = p.parse_args()
 
     import torch
@@ -108,14 +123,17 @@ def main() -> None:
         "model": args.model_id,
         "precision": precision.summary,
         "context_tokens": args.context,
+        "cpu": cpu_name(),
         "rows": rows,
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "context_profile.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "context_profile.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Where chat-like steps spend their time",
         "",
-        f"`{result['command']}` — {args.model_id} at {precision.summary}, one shard, best of {args.repeats}.",
+        f"`{result['command']}` — {args.model_id} at {precision.summary}, one shard, best of {args.repeats}; "
+        f"CPU: {result['cpu']}, {torch.get_num_threads()} threads.",
         "",
         f"| step | new tokens | over a cached {args.context}-token context | without it | the context's share |",
         "|---|---:|---:|---:|---:|",
@@ -125,7 +143,7 @@ def main() -> None:
         lines.append(
             f"| {r['kind']} | {r['tokens']} | {r['with_context_ms']:.1f} ms | {r['fresh_ms']:.1f} ms | {share:.0%} |"
         )
-    (OUT / "context_profile.md").write_text("\n".join(lines) + "\n")
+    (out / "context_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

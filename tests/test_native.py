@@ -685,38 +685,6 @@ def test_fused_step_attends_chunks_over_a_context_on_its_chunk_kernel(chunk_pref
     assert (fused - modules).abs().max() < 1e-4 * modules.std()  # (seen: equal)
 
 
-def test_fused_step_attends_fresh_prompts_as_chunks_on_fmas(chunk_prefill, tiny_model_factory, monkeypatch):
-    """On FMAs (prefill_fma.c) a fresh prompt's rows in the fused step attend as one chunk too, in float32
-    as the rows by themselves do: the same logits up to summation order, not the same bits. On AMX tiles
-    (bf16 roundings) a fresh prompt keeps the rows: the same bits."""
-    from ember.shard.runner import Sequence
-
-    if not chunk_prefill.q4:
-        pytest.skip("this CPU has neither AVX2 nor AVX-512 VNNI: no fused w4a8 step")
-    model_dir = tiny_model_factory("llama", num_attention_heads=2, num_key_value_heads=1)  # 32-wide heads
-    runner = load_runner(model_dir, dtype="float32", quantize="w4a8")
-    calls = _counted(monkeypatch, chunk_prefill, "decode_layers")
-    prompt = [(13 * i) % 300 + 5 for i in range(70)]
-
-    def prompt_logits(chunks: bool) -> torch.Tensor:
-        monkeypatch.setattr(native.Kernels, "prefill_fits", lambda *a: chunks)
-        runner.model.fused._cache_key = None  # DecodeStep.chunk_rows is set when the cache is bound
-        seq = Sequence(0, list(prompt))
-        out = runner.step([seq], want_prompt_logits=True).prompt_logits[0]
-        runner.free(seq)
-        return out
-
-    chunked, rows = prompt_logits(True), prompt_logits(False)
-    assert len(calls) == 2  # both fused
-    if chunk_prefill.prefill_amx:
-        assert torch.equal(chunked, rows)
-    else:
-        assert not torch.equal(chunked, rows)
-        assert (chunked - rows).abs().max() < 1e-4 * rows.std()  # (seen: 1.3e-6 std)
-    monkeypatch.undo()
-    runner.model.fused._cache_key = None
-
-
 def test_fused_decode_is_built_only_where_it_fits(q4, tiny_model_factory):
     """Qwen2's qkv bias keeps the per-layer modules (the fused kernel has no bias); int4 never fuses. The
     model says why."""

@@ -63,8 +63,8 @@ double *ember_phase_seconds(void) { return phase_seconds; }
 #endif
 
 /* A step's prompt chunks that attend as chunks (chunk_*: AMX tiles or FMAs): the runs of more than
- * step->chunk_rows rows of one sequence at consecutive positions (over a cached context, or on FMAs any;
- * none unless the cache is bf16 and the build has chunk_*), their packed keys and values (one buffer, reused by every
+ * step->chunk_rows rows of one sequence at consecutive positions over a cached context (none unless the
+ * cache is bf16 and the build has chunk_*), their packed keys and values (one buffer, reused by every
  * layer), and which rows they hold. */
 typedef struct {
     chunk_span *spans;
@@ -85,16 +85,6 @@ static void chunks_free(chunks_of_step *c) {
     memset(c, 0, sizeof *c);
 }
 
-/* The least context (keys of a run's first row) of a run that attends as a chunk. On float32 FMAs a fresh
- * prompt's run too: its numbers are the row-by-row path's, in less time from a few dozen rows (512 new
- * tokens of SmolLM2: 537 ms against 613). AMX tiles round queries and probabilities to bf16, so a fresh
- * prompt keeps the float32 rows, whose numbers the modules' float32 SDPA gives too. */
-#ifdef EMBER_CHUNKS_FMA
-#define FIRST_CHUNK_LEN 1
-#else
-#define FIRST_CHUNK_LEN 2
-#endif
-
 /* Fill `c` for `step` (queries in `wide`, outputs in `attn`); 0 when memory ran out. */
 static int find_chunks(const ember_decode_step *step, const float *wide, int64_t qkv_width, float *attn,
                        int64_t q_width, chunks_of_step *c) {
@@ -106,7 +96,7 @@ static int find_chunks(const ember_decode_step *step, const float *wide, int64_t
     for (int64_t r = 0; r < rows;) {
         int64_t end = r + 1;
         while (end < rows && row_seq[end] == row_seq[r] && lens[end] == lens[end - 1] + 1) end++;
-        if (end - r > step->chunk_rows && lens[r] >= FIRST_CHUNK_LEN) {
+        if (end - r > step->chunk_rows && lens[r] > 1) {
             if (!c->spans && !(c->spans = calloc((size_t)rows, sizeof(chunk_span)))) return 0;
             if (!c->in_chunk && !(c->in_chunk = calloc((size_t)rows, 1))) return 0;
             chunk_span *s = c->spans + c->count++;

@@ -62,10 +62,10 @@ FUSED_MAX_NEW_TOKENS = 2048
 # through the modules against 87 ms fused, 256 over 1,300: 198 against 322; 16 over 1,300 about even.
 FUSED_MAX_ATTENTION_PAIRS = 65_536
 # Where the library has a chunk kernel (`native.Kernels.prefill_fits`), the fused call attends such chunks
-# (runs of more than FUSED_SHORT_SPAN rows over a cached context; on FMAs fresh prompts' too) itself and
-# keeps them. On AMX tiles (prefill_amx.c): 64 new tokens over 1,300 cached took 43 ms against 56 through the
-# modules (their per-op calls), 24: 24 against 32, 128: 77 against 90. On AVX2 FMAs (prefill_fma.c; a Zen 3
-# EPYC): 64 took 114 ms against 166 row by row, 128: 250 against 273 through the modules, 256: 472 against 540.
+# (runs of more than FUSED_SHORT_SPAN rows over a cached context) itself and keeps them. On AMX tiles
+# (prefill_amx.c): 64 new tokens over 1,300 cached took 43 ms against 56 through the modules (their per-op
+# calls), 24: 24 against 32, 128: 77 against 90. On AVX2 FMAs (prefill_fma.c; a Zen 3 EPYC): 64 took 114 ms
+# against 166 row by row, 128: 250 against 273 through the modules, 256: 472 against 540.
 FUSED_SHORT_SPAN = 16  # 16 new tokens over 1,300 cached: about even either way
 # Under --quantize, steps of at most this many rows project with an int4 copy of the head: at a few
 # rows the head is bound by reading its weights (a quarter of bf16's bytes); beyond, bf16 is faster.
@@ -536,9 +536,12 @@ class LlamaForCausalLM(torch.nn.Module):
 
         if kernels is not None and kernels.supports_decode(kv_dtype):
             prefill, why = "torch SDPA", f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}"
-            if kernels.prefill_fits(kv_dtype, self.spec.head_dim):
+            if kernels.prefill_fits(kv_dtype, self.spec.head_dim) and kernels.prefill_amx:
                 prefill = "torch SDPA for fresh prompts, Ember's AMX bf16 kernel for chunks over a cached context"
                 why += ", AMX bf16 tiles"
+            elif kernels.prefill_fits(kv_dtype, self.spec.head_dim):
+                prefill = "torch SDPA for fresh prompts, Ember's float32 FMA kernel for chunks over a cached context"
+                why += ", no AMX"
             decode = "decode: Ember's paged kernel, the cache read in place"
             paths.append(("attention", f"{decode}; prefill: {prefill}", why))
         else:
@@ -718,8 +721,8 @@ class FusedDecode:
                 entry.k_cache, entry.v_cache = k.data_ptr(), v.data_ptr()
             self.step.bf16_cache = int(cache.dtype == torch.bfloat16)
             self.step.block_size = cache.block_size
-            # chunks over a cached context attend on AMX tiles in the fused call itself, or leave it for the
-            # modules beyond FUSED_MAX_ATTENTION_PAIRS
+            # chunks over a cached context attend on the chunk kernel (AMX tiles or FMAs) in the fused call
+            # itself; without one they leave it for the modules beyond FUSED_MAX_ATTENTION_PAIRS
             chunked = self.kernels.prefill_fits(cache.dtype, self.step.head_dim)
             self.step.chunk_rows = FUSED_SHORT_SPAN if chunked else 0
             self._cache_key = key

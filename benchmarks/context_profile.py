@@ -35,14 +35,12 @@ def best(fn, repeats: int) -> float:
 
 def cpu_name() -> str:
     """The CPU's model name and its ISA of note (the chunk kernels differ: AMX tiles, AVX-512 or AVX2)."""
-    name, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == "unknown":
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
+    import run_all
+
+    machine = run_all.machine_info()
+    flags = set(machine.get("flags", ()))
     isa = next((n for f, n in (("amx_bf16", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), "")
+    name = machine.get("cpu_model") or "unknown"
     return f"{name} ({isa})" if isa else name
 
 

@@ -16,8 +16,8 @@
  *      of keys per dimension); each row's softmax over its own keys; then the output of OUT_ROWS rows x
  *      OUT_DIMS dimensions in registers, rescaled to the rows' new maxima once and summed over the keys.
  *
- * Every product, sum and probability is float32, as in the decode path (whose order of summation
- * differs), so a chunk's numbers do not depend on which of the two attends it.
+ * Every product, sum and probability is float32, as in the decode path, so a chunk's numbers differ
+ * from that path's only by the order of summation.
  *
  * Layouts as in prefill_amx.c: q [rows, heads, dim] float32 (rows q_stride floats apart), the cache's
  * flat [slots, kv_heads, dim] bf16 K and V, the sequence's block table, out [rows, heads, dim] float32.
@@ -27,8 +27,8 @@
 #ifdef EMBER_CHUNKS_FMA
 #include <immintrin.h>
 
+/* One vector of VEC floats (attention.h: 16 on AVX-512, 8 on AVX2); vf_widen: VEC bf16 values as floats. */
 #ifdef __AVX512F__
-#define W 16 /* floats per vector */
 typedef __m512 vf;
 #define vf_load _mm512_loadu_ps
 #define vf_store _mm512_storeu_ps
@@ -36,11 +36,8 @@ typedef __m512 vf;
 #define vf_mul _mm512_mul_ps
 #define vf_set1 _mm512_set1_ps
 #define vf_zero _mm512_setzero_ps
-static inline __attribute__((always_inline)) vf vf_widen(const uint16_t *p) {
-    return widen16(_mm256_loadu_si256((const __m256i *)p));
-}
+#define vf_widen(p) load16(p, 0, 1)
 #else
-#define W 8
 typedef __m256 vf;
 #define vf_load _mm256_loadu_ps
 #define vf_store _mm256_storeu_ps
@@ -48,15 +45,13 @@ typedef __m256 vf;
 #define vf_mul _mm256_mul_ps
 #define vf_set1 _mm256_set1_ps
 #define vf_zero _mm256_setzero_ps
-static inline __attribute__((always_inline)) vf vf_widen(const uint16_t *p) {
-    return widen8(_mm_loadu_si128((const __m128i *)p));
-}
+#define vf_widen(p) load8(p, 0, 1)
 #endif
 
-#define KEYS_PER_BLOCK (2 * W) /* a score micro-tile's keys: two vectors */
+#define KEYS_PER_BLOCK (2 * VEC) /* a score micro-tile's keys: two vectors */
 #define SCORE_ROWS 6           /* a score micro-tile's rows: 6 x 2 accumulators */
 #define OUT_DIMS 32            /* an output micro-tile's dimensions (CHUNK_DIM_OK: heads are multiples) */
-#define OUT_VECS (OUT_DIMS / W)
+#define OUT_VECS (OUT_DIMS / VEC)
 #define OUT_ROWS (12 / OUT_VECS) /* 12 accumulators: 3 rows on AVX2, 6 on AVX-512 */
 #define TILE_ROWS 12             /* query rows per task: a multiple of SCORE_ROWS and OUT_ROWS */
 #define CHUNK 256                /* keys per step of the online softmax */
@@ -95,7 +90,7 @@ void chunk_pack(const chunk_span *c, int64_t task, const uint16_t *k, const uint
             }
             const int64_t at = (slot_of(c->table, pos, block_size) * kv_heads + h) * dim;
             for (int64_t d = 0; d < dim; d++) kt[d * KEYS_PER_BLOCK + n] = elem(k + at, d, 1);
-            for (int64_t d = 0; d < dim; d += W) vf_store(vr + n * dim + d, vf_widen(v + at + d));
+            for (int64_t d = 0; d < dim; d += VEC) vf_store(vr + n * dim + d, vf_widen(v + at + d));
         }
     }
 }
@@ -121,7 +116,7 @@ static inline void score_rows(const float *const *q, const float *kt, int64_t bl
 #pragma GCC unroll 6
         for (int r = 0; r < SCORE_ROWS; r++) a0[r] = vf_zero(), a1[r] = vf_zero();
         for (int64_t d = 0; d < dim; d++) {
-            const vf k0 = vf_load(kt + d * KEYS_PER_BLOCK), k1 = vf_load(kt + d * KEYS_PER_BLOCK + W);
+            const vf k0 = vf_load(kt + d * KEYS_PER_BLOCK), k1 = vf_load(kt + d * KEYS_PER_BLOCK + VEC);
 #pragma GCC unroll 6
             for (int r = 0; r < SCORE_ROWS; r++) {
                 const vf x = vf_set1(q[r][d]);
@@ -132,7 +127,7 @@ static inline void score_rows(const float *const *q, const float *kt, int64_t bl
 #pragma GCC unroll 6
         for (int r = 0; r < SCORE_ROWS; r++) {
             vf_store(s + r * CHUNK + j * KEYS_PER_BLOCK, a0[r]);
-            vf_store(s + r * CHUNK + j * KEYS_PER_BLOCK + W, a1[r]);
+            vf_store(s + r * CHUNK + j * KEYS_PER_BLOCK + VEC, a1[r]);
         }
     }
 }
@@ -146,13 +141,13 @@ static inline void out_rows(const float *p, const float *rescale, const float *v
     for (int r = 0; r < OUT_ROWS; r++) {
         const vf f = vf_set1(rescale[r]);
 #pragma GCC unroll 4
-        for (int c = 0; c < OUT_VECS; c++) o[r][c] = vf_mul(vf_load(acc + r * dim + d0 + c * W), f);
+        for (int c = 0; c < OUT_VECS; c++) o[r][c] = vf_mul(vf_load(acc + r * dim + d0 + c * VEC), f);
     }
     for (int64_t t = 0; t < keys; t++) {
         const float *row = vr + t * dim + d0;
         vf x[OUT_VECS];
 #pragma GCC unroll 4
-        for (int c = 0; c < OUT_VECS; c++) x[c] = vf_load(row + c * W);
+        for (int c = 0; c < OUT_VECS; c++) x[c] = vf_load(row + c * VEC);
 #pragma GCC unroll 6
         for (int r = 0; r < OUT_ROWS; r++) {
             const vf pr = vf_set1(p[r * CHUNK + t]);
@@ -163,7 +158,7 @@ static inline void out_rows(const float *p, const float *rescale, const float *v
 #pragma GCC unroll 6
     for (int r = 0; r < OUT_ROWS; r++)
 #pragma GCC unroll 4
-        for (int c = 0; c < OUT_VECS; c++) vf_store(acc + r * dim + d0 + c * W, o[r][c]);
+        for (int c = 0; c < OUT_VECS; c++) vf_store(acc + r * dim + d0 + c * VEC, o[r][c]);
 }
 
 /* One row of a key chunk (online softmax): the scores s[a .. b) of `keys` (float32 dots, unscaled) raise

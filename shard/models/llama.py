@@ -536,12 +536,10 @@ class LlamaForCausalLM(torch.nn.Module):
 
         if kernels is not None and kernels.supports_decode(kv_dtype):
             prefill, why = "torch SDPA", f"CPU, KV cache in {str(kv_dtype).removeprefix('torch.')}"
-            if kernels.prefill_fits(kv_dtype, self.spec.head_dim) and kernels.prefill_amx:
-                prefill = "torch SDPA for fresh prompts, Ember's AMX bf16 kernel for chunks over a cached context"
-                why += ", AMX bf16 tiles"
-            elif kernels.prefill_fits(kv_dtype, self.spec.head_dim):
-                prefill = "torch SDPA for fresh prompts, Ember's float32 FMA kernel for chunks over a cached context"
-                why += ", no AMX"
+            if kernels.prefill_fits(kv_dtype, self.spec.head_dim):
+                kind, how = ("AMX bf16", "AMX bf16 tiles") if kernels.prefill_amx else ("float32 FMA", "no AMX")
+                prefill = f"torch SDPA for fresh prompts, Ember's {kind} kernel for chunks over a cached context"
+                why += f", {how}"
             decode = "decode: Ember's paged kernel, the cache read in place"
             paths.append(("attention", f"{decode}; prefill: {prefill}", why))
         else:
